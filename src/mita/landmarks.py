@@ -1,0 +1,98 @@
+"""Landmark builders: the m query summaries that MiTA routes with (SPEC §2.1).
+
+All builders take ``x`` with the sequence on dimension -2 (``[..., N, d]``), so they work both on
+head-split queries ``[B, H, N, d]`` and on full-channel queries ``[B, N, C]`` (average pooling is
+linear, so pooling before or after the head split gives the same landmarks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["pool_1d", "pool_2d", "official_pool"]
+
+
+def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
+    if isinstance(size, int):
+        size = (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {size}")
+    return size  # type: ignore[return-value]
+
+
+def _check_seq(x: torch.Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"landmark input must have shape [..., N, d], got {tuple(x.shape)}")
+
+
+def _pool_grid(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Adaptive 2-D average pooling of ``[..., h*w, d]`` tokens (raster order) to ``[..., mh*mw, d]``."""
+    *lead, n, d = tokens.shape
+    h, w = grid
+    mh, mw = size
+    img = tokens.reshape(-1, h, w, d).permute(0, 3, 1, 2)
+    pooled = F.adaptive_avg_pool2d(img, (mh, mw))
+    return pooled.permute(0, 2, 3, 1).reshape(*lead, mh * mw, d)
+
+
+def pool_1d(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Adaptive average pooling over the sequence: ``[..., N, d] -> [..., m, d]``.
+
+    Window ``j`` covers tokens ``floor(j*N/m) .. ceil((j+1)*N/m) - 1`` (PyTorch's adaptive pooling).
+    """
+    _check_seq(x)
+    n = x.shape[-2]
+    if not 1 <= m <= n:
+        raise ValueError(f"pool_1d: number of landmarks m={m} must be in 1..N={n}")
+    *lead, _, d = x.shape
+    flat = x.reshape(-1, n, d).transpose(1, 2)
+    return F.adaptive_avg_pool1d(flat, m).transpose(1, 2).reshape(*lead, m, d)
+
+
+def pool_2d(
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    size: int | tuple[int, int],
+    prefix: int = 0,
+    suffix: int = 0,
+) -> torch.Tensor:
+    """Adaptive 2-D average pooling of the patch grid to ``mh x mw`` landmarks.
+
+    ``x`` is ``[..., N, d]`` with ``N = prefix + h*w + suffix``: ``prefix`` leading tokens (cls,
+    registers) and ``suffix`` trailing tokens are left out of the pooling (they remain queries, keys
+    and values for the attention). Returns ``[..., mh*mw, d]`` in raster order.
+    """
+    _check_seq(x)
+    h, w = _pair(grid, "grid")
+    mh, mw = _pair(size, "size")
+    n = x.shape[-2]
+    if prefix < 0 or suffix < 0 or prefix + h * w + suffix != n:
+        raise ValueError(
+            f"pool_2d: N={n} must equal prefix ({prefix}) + h*w ({h}x{w}={h * w}) + suffix ({suffix})"
+        )
+    if mh > h or mw > w:
+        raise ValueError(f"pool_2d: landmark grid {mh}x{mw} is larger than the token grid {h}x{w}")
+    return _pool_grid(x[..., prefix : prefix + h * w, :], (h, w), (mh, mw))
+
+
+def official_pool(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Landmarks exactly as the published DeiT/Segmenter code builds them (SPEC §2.1).
+
+    The first ``N - 1`` tokens (the cls token followed by all patches but the last) are laid out as a
+    ``side x side`` grid with ``side = int(sqrt(N))`` and pooled; the last patch is never pooled.
+    """
+    _check_seq(x)
+    mh, mw = _pair(size, "size")
+    n = x.shape[-2]
+    side = int(math.isqrt(n))
+    if side * side != n - 1:
+        raise ValueError(
+            f"official_pool: needs N = side*side + 1 (cls + square patch grid), got N={n}"
+        )
+    if mh > side or mw > side:
+        raise ValueError(f"official_pool: landmark grid {mh}x{mw} is larger than the grid {side}x{side}")
+    return _pool_grid(x[..., : n - 1, :], (side, side), (mh, mw))

@@ -1,0 +1,157 @@
+"""Fast pure-PyTorch backend (CPU and GPU fallback), expert-major.
+
+The routed part is computed tile by tile: every (query, expert) pair is sorted by expert and packed
+into fixed-size tiles of ``T`` pairs that share one expert, so each tile is one small dense attention
+``[T, d] x [k, d]^T`` over its expert's keys (gathered once per tile, never per query). The number of
+tiles has a static upper bound, so nothing here syncs with the host or has a data-dependent shape.
+Each tile returns a normalised partial output and its log-sum-exp; these are merged with the shared
+expert (computed in query order from the routing logits it shares) by one log-sum-exp combine, which
+equals the single softmax of SPEC §2.4. Memory: O(N (m + s k) d) plus the m x N landmark scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import Problem
+from .routing import Routing, landmark_side, query_side
+
+
+def default_tile_size(pairs_per_row: int, num_experts: int) -> int:
+    """Tile of about half the mean expert load, as a power of two in 8..64 (bounds padding waste)."""
+    mean_load = max(1, pairs_per_row // num_experts)
+    t = 8
+    while t < 64 and 2 * t <= mean_load:
+        t *= 2
+    return t
+
+
+class _Tiles:
+    """Static-size packing of G (query, expert) pairs into tiles of T pairs sharing one expert."""
+
+    def __init__(self, expert_of_pair: torch.Tensor, num_experts: int, tile: int) -> None:
+        g = expert_of_pair.numel()
+        dev = expert_of_pair.device
+        order = torch.argsort(expert_of_pair, stable=True)
+        counts = torch.zeros(num_experts, dtype=torch.long, device=dev)
+        counts.index_add_(0, expert_of_pair, torch.ones_like(expert_of_pair))
+        tiles_per = (counts + tile - 1) // tile
+        tile_end = tiles_per.cumsum(0)
+        tile_start = tile_end - tiles_per
+        pair_start = counts.cumsum(0) - counts
+        # sum_e ceil(c_e / T) <= (G + E (T - 1)) / T: a static bound on the number of tiles.
+        n_tiles = (g + num_experts * (tile - 1)) // tile
+        t = torch.arange(n_tiles, device=dev)
+        self.expert = torch.searchsorted(tile_end, t, right=True).clamp_max(num_experts - 1)
+        rank = (t - tile_start[self.expert]).unsqueeze(1) * tile + torch.arange(tile, device=dev)
+        self.valid = rank < counts[self.expert].unsqueeze(1)  # [n_tiles, T]
+        sorted_pos = (pair_start[self.expert].unsqueeze(1) + rank).clamp_max(g - 1)
+        self.pair = order[sorted_pos]  # [n_tiles, T]: which pair sits in each slot
+        # Inverse map: the flat slot of every pair, to read results back in pair order.
+        rank_of_pair = torch.empty_like(order)
+        rank_of_pair[order] = torch.arange(g, device=dev)
+        local = rank_of_pair - pair_start[expert_of_pair]
+        self.slot_of_pair = (tile_start[expert_of_pair] + local // tile) * tile + local % tile
+        self.n_tiles, self.tile = n_tiles, tile
+
+
+def _dedup_mask(p: Problem, key_index: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, s, k]: True where the key was already offered by one of the query's earlier experts."""
+    b, h, n, s = expert_index.shape
+    m, n_kv = p.num_landmarks, p.kv_len
+    member = torch.zeros(b, h, m, n_kv, dtype=torch.bool, device=key_index.device)
+    member.scatter_(3, key_index, True)
+    # pair[e', e, j] = key j of expert e is also selected by expert e'.
+    pair = member.gather(3, key_index.reshape(b, h, 1, m * p.topk).expand(-1, -1, m, -1))
+    pair = pair.reshape(b, h, m, m, p.topk)
+    dup = torch.zeros(b, h, n, s, p.topk, dtype=torch.bool, device=key_index.device)
+    for r in range(1, s):
+        cur = expert_index[..., r]  # [B, H, N]
+        for r0 in range(r):
+            prev = expert_index[..., r0]
+            flat = (prev * m + cur).reshape(b, h, n, 1).expand(-1, -1, -1, p.topk)
+            dup[..., r, :] |= pair.reshape(b, h, m * m, p.topk).gather(2, flat)
+    return dup
+
+
+def _routed_part(
+    p: Problem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_index: torch.Tensor,
+    expert_index: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    tile: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed experts, expert-major. Returns log-sum-exp [B, H, N, s] and normalised output [B, H, N, s, dv]."""
+    b, h, n, d = q.shape
+    s, m, kk, dv = p.experts_per_query, p.num_landmarks, p.topk, p.value_dim
+    bh = b * h
+    dev = q.device
+    experts = (torch.arange(bh, device=dev).reshape(b, h, 1, 1) * m + expert_index).reshape(-1)
+    tiles = _Tiles(experts, bh * m, tile or default_tile_size(n * s, m))
+
+    # Global row of every selected key in the flattened [B * Hkv * N_kv] key/value tables.
+    kv_row = (torch.arange(b, device=dev).reshape(b, 1) * p.kv_heads + torch.arange(h, device=dev) // p.group)
+    key_rows = (kv_row.reshape(b, h, 1, 1) * p.kv_len + key_index).reshape(bh * m, kk)
+    tile_keys = key_rows.index_select(0, tiles.expert).reshape(-1)  # [n_tiles * k]
+    kt = k.reshape(-1, d).index_select(0, tile_keys).reshape(tiles.n_tiles, kk, d)
+    vt = v.reshape(-1, dv).index_select(0, tile_keys).reshape(tiles.n_tiles, kk, dv)
+    queries = tiles.pair.reshape(-1) // s  # pair = ((b*H + h)*N + n)*s + r
+    qt = q.reshape(-1, d).index_select(0, queries).reshape(tiles.n_tiles, tiles.tile, d)
+
+    logits = torch.bmm(qt, kt.transpose(1, 2)) * p.scale  # [n_tiles, T, k]
+    drop = None
+    if key_padding_mask is not None:
+        pad_rows = (torch.arange(b, device=dev).reshape(b, 1, 1, 1) * p.kv_len + key_index).reshape(bh * m, kk)
+        drop = key_padding_mask.reshape(-1)[pad_rows.index_select(0, tiles.expert)].unsqueeze(1)
+    if p.dedup and s > 1:
+        dup = _dedup_mask(p, key_index, expert_index).reshape(-1, kk)
+        dup = dup.index_select(0, tiles.pair.reshape(-1)).reshape(tiles.n_tiles, tiles.tile, kk)
+        drop = dup if drop is None else (drop | dup)
+    if drop is not None:
+        logits = logits.masked_fill(drop, float("-inf"))
+
+    # Per-tile softmax pieces; the clamps keep fully masked rows finite (weight 0) with no NaN gradients.
+    mx = logits.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
+    e = torch.exp(logits - mx)
+    z = e.sum(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
+    out_t = torch.bmm(e, vt) / z
+    lse_t = (mx + torch.log(z)).squeeze(-1)
+    slot = tiles.slot_of_pair
+    out = out_t.reshape(-1, dv).index_select(0, slot).reshape(b, h, n, s, dv)
+    lse = lse_t.reshape(-1).index_select(0, slot).reshape(b, h, n, s)
+    return lse, out
+
+
+def torch_forward(
+    p: Problem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    landmarks: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    tile: int | None = None,
+) -> tuple[torch.Tensor, Routing]:
+    out_dtype = q.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        # Softmax statistics in float32: half-precision exp/log-sum-exp lose too much.
+        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    key_index, values = landmark_side(p, k, v, landmarks, key_padding_mask)
+    qr, expert_index = query_side(p, q, landmarks)
+    lses, outs = [], []
+    if p.shared:
+        shared_logits = qr * p.landmark_scale
+        lses.append(torch.logsumexp(shared_logits, dim=-1, keepdim=True))
+        outs.append((torch.softmax(shared_logits, dim=-1) @ values).unsqueeze(-2))
+    if p.routed:
+        lse_r, out_r = _routed_part(p, q, k, v, key_index, expert_index, key_padding_mask, tile)
+        lses.append(lse_r)
+        outs.append(out_r)
+    if len(outs) == 1 and outs[0].shape[-2] == 1:
+        out = outs[0].squeeze(-2)
+    else:
+        weights = torch.softmax(torch.cat(lses, dim=-1), dim=-1)  # [B, H, N, parts]
+        out = (weights.unsqueeze(-1) * torch.cat(outs, dim=-2)).sum(-2)
+    return out.to(out_dtype), Routing(expert_index, key_index)
