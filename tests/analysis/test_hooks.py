@@ -1,0 +1,75 @@
+"""RoutingRecorder: records exactly what mita_attention routes, per layer, and restores the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mita
+from mita.analysis import RoutingRecorder, routing_layers
+
+
+class ToyMiTA(nn.Module):
+    """The smallest layer that honours the recording contract of ``mita.nn.MiTAAttention``."""
+
+    def __init__(self, dim: int, heads: int, m: int, k: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads, self.m, self.k = heads, m, k
+        self.record_routing = False
+        self.last_routing = None
+        self.last_layout = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        lm = mita.landmarks.pool_1d(q, self.m)
+        out, routing = mita.mita_attention(q, k, v, lm, topk=self.k, return_routing=True)
+        if self.record_routing:
+            self.last_routing = mita.Routing(*(t.detach() for t in routing))
+            self.last_layout = {"layout": "seq", "grid": None, "prefix_tokens": 1, "num_landmarks": self.m}
+        return x + out.transpose(1, 2).reshape(b, n, c)
+
+
+class ToyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(ToyMiTA(8, 2, 3, 4), nn.GELU(), ToyMiTA(8, 2, 3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def test_recorder_matches_the_op_and_restores_the_model():
+    torch.manual_seed(0)
+    net = ToyNet()
+    assert [name for name, _ in routing_layers(net)] == ["blocks.0", "blocks.2"]
+    x1, x2 = torch.randn(3, 10, 8), torch.randn(2, 10, 8)
+    with RoutingRecorder(net) as rec:
+        assert all(mod.record_routing for _, mod in routing_layers(net))
+        rec.run([(x1, None), x2])
+    assert not any(mod.record_routing for _, mod in routing_layers(net))
+    assert not net.blocks[0]._forward_hooks  # hooks removed
+
+    # recompute layer 0's routing directly with the op
+    first = net.blocks[0]
+    q, k, v = first.qkv(torch.cat([x1, x2])).reshape(5, 10, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    _, want = mita.mita_attention(q, k, v, mita.landmarks.pool_1d(q, 3), topk=4, return_routing=True)
+    got = rec.layers[0].routing()
+    assert got.expert_index.shape == (5, 2, 10, 1) and got.key_index.shape == (5, 2, 3, 4)
+    assert torch.equal(got.expert_index.long(), want.expert_index)
+    assert torch.equal(got.key_index.long().sort(-1).values, want.key_index.sort(-1).values)
+    assert rec.layers[1].prefix_tokens == 1 and rec.layers[1].layout["layout"] == "seq"
+
+    stats = rec.stats()
+    assert len(stats) == 2 and stats[0].num_tokens == 10 and stats[0].prefix_tokens == 1
+    assert stats[0].load_mean == pytest.approx(10 / 3)
+    rec.clear()
+    with pytest.raises(ValueError, match="recorded no forward"):
+        rec.layers[0].routing()
+
+
+def test_recorder_rejects_models_without_mita():
+    with pytest.raises(ValueError, match="no MiTA attention layer"):
+        RoutingRecorder(nn.Linear(3, 3))
