@@ -90,9 +90,7 @@ def official_pool(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     n = x.shape[-2]
     side = int(math.isqrt(n))
     if side * side != n - 1:
-        raise ValueError(
-            f"official_pool: needs N = side*side + 1 (cls + square patch grid), got N={n}"
-        )
+        raise ValueError(f"official_pool: needs N = side*side + 1 (cls + square patch grid), got N={n}")
     if mh > side or mw > side:
         raise ValueError(f"official_pool: landmark grid {mh}x{mw} is larger than the grid {side}x{side}")
     return _pool_grid(x[..., : n - 1, :], (side, side), (mh, mw))

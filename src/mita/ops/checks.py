@@ -68,16 +68,16 @@ def validate(
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; all inputs must match")
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device"
+            )
     b, h, nq, d = q.shape
     bk, hkv, nk, dk = k.shape
     m = landmarks.shape[2]
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v shape {_shape(v)} must match k shape {_shape(k)} in [B, heads, len]")
     if bk != b or landmarks.shape[0] != b:
-        raise ValueError(
-            f"batch sizes differ: q {b}, k {bk}, v {v.shape[0]}, landmarks {landmarks.shape[0]}"
-        )
+        raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {v.shape[0]}, landmarks {landmarks.shape[0]}")
     if dk != d or landmarks.shape[3] != d:
         raise ValueError(
             f"head dims differ: q {d}, k {dk}, landmarks {landmarks.shape[3]} (q, k and landmarks must agree)"

@@ -34,7 +34,6 @@ def landmark_side(
     ``values`` A = softmax(R K^T c) V as [B, H, m, dv].
     """
     b, h, m, d = landmarks.shape
-    n = k.shape[2]
     # GQA: the g query heads of one kv head are stacked so one matmul serves them all.
     r = landmarks.reshape(b, p.kv_heads, p.group * m, d)
     scores = (r @ k.transpose(-1, -2)) * p.scale  # [B, Hkv, g*m, N]

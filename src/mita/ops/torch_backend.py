@@ -84,7 +84,7 @@ def _routed_part(
     key_padding_mask: torch.Tensor | None,
     tile: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routed experts, expert-major. Returns log-sum-exp [B, H, N, s] and normalised output [B, H, N, s, dv]."""
+    """Routed experts, expert-major: log-sum-exp [B, H, N, s] and normalised output [B, H, N, s, dv]."""
     b, h, n, d = q.shape
     s, m, kk, dv = p.experts_per_query, p.num_landmarks, p.topk, p.value_dim
     bh = b * h
@@ -93,7 +93,7 @@ def _routed_part(
     tiles = _Tiles(experts, bh * m, tile or default_tile_size(n * s, m))
 
     # Global row of every selected key in the flattened [B * Hkv * N_kv] key/value tables.
-    kv_row = (torch.arange(b, device=dev).reshape(b, 1) * p.kv_heads + torch.arange(h, device=dev) // p.group)
+    kv_row = torch.arange(b, device=dev).reshape(b, 1) * p.kv_heads + torch.arange(h, device=dev) // p.group
     key_rows = (kv_row.reshape(b, h, 1, 1) * p.kv_len + key_index).reshape(bh * m, kk)
     tile_keys = key_rows.index_select(0, tiles.expert).reshape(-1)  # [n_tiles * k]
     kt = k.reshape(-1, d).index_select(0, tile_keys).reshape(tiles.n_tiles, kk, d)
@@ -104,7 +104,9 @@ def _routed_part(
     logits = torch.bmm(qt, kt.transpose(1, 2)) * p.scale  # [n_tiles, T, k]
     drop = None
     if key_padding_mask is not None:
-        pad_rows = (torch.arange(b, device=dev).reshape(b, 1, 1, 1) * p.kv_len + key_index).reshape(bh * m, kk)
+        pad_rows = (torch.arange(b, device=dev).reshape(b, 1, 1, 1) * p.kv_len + key_index).reshape(
+            bh * m, kk
+        )
         drop = key_padding_mask.reshape(-1)[pad_rows.index_select(0, tiles.expert)].unsqueeze(1)
     if p.dedup and s > 1:
         dup = _dedup_mask(p, key_index, expert_index).reshape(-1, kk)
