@@ -1,0 +1,197 @@
+"""The shared shell of every attention module: timm-compatible projections plus the SPEC §2.2 variants.
+
+Parameter names and shapes follow timm's ``Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``norm``,
+``proj``), so a timm state dict loads unchanged. Subclasses implement only :meth:`AttentionBase.attend`,
+the token mixing of head-split ``q, k, v``; the shell handles the projections, padding masks, QK norm,
+RoPE, the depth-wise conv on V (``dwc``) and the SiLU gate (``gate``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import TokenLayout, check_layout, resolve_layout
+from .rope import apply_rope, grid_positions, rope_angles
+
+
+def check_padding_mask(attn_mask: torch.Tensor | None, b: int, n: int) -> torch.Tensor | None:
+    """Accept ``None`` or a ``[B, N]`` bool key padding mask (True = padding); ValueError otherwise."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.shape != (b, n):
+        got = (
+            (attn_mask.dtype, tuple(attn_mask.shape))
+            if isinstance(attn_mask, torch.Tensor)
+            else type(attn_mask)
+        )
+        raise ValueError(
+            f"attn_mask must be a [B, N] = [{b}, {n}] bool key padding mask (True = padding), got {got}"
+        )
+    return attn_mask
+
+
+def config_of(init_locals: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of a module, from ``locals()`` taken first thing in ``__init__``."""
+    cfg = {k: v for k, v in init_locals.items() if k not in ("self", "__class__", "device", "dtype", "kw")}
+    cfg.update({k: v for k, v in init_locals.get("kw", {}).items() if k not in ("device", "dtype")})
+    return cfg
+
+
+class AttentionBase(nn.Module):
+    """Multi-head self-attention shell; see the module docstring. Subclasses override :meth:`attend`.
+
+    Args:
+        dim: model width; must be divisible by ``num_heads``.
+        num_heads: attention heads.
+        qkv_bias, proj_bias: biases of the ``qkv`` and ``proj`` linear layers.
+        qk_norm: normalise q and k per head with ``norm_layer(head_dim)`` (timm's ``q_norm``/``k_norm``).
+        scale_norm: normalise the attention output with ``norm_layer(dim)`` before ``proj`` (timm).
+        attn_drop, proj_drop: dropout on attention weights (where the kind computes them) and output.
+        norm_layer: normalisation class used by ``qk_norm`` / ``scale_norm``.
+        layout, grid, prefix_tokens: token layout (see :mod:`mita.nn.layout`).
+        dwc: add a depth-wise conv of V over the patch grid (3x3) or sequence (3) before ``proj``.
+        gate: widen ``qkv`` to ``4 * dim`` and multiply the output by ``SiLU(g)`` before ``proj``.
+        rope: None, or RoPE on q and k of the body tokens: ``True`` (theta 10000) or a float theta;
+            2-D axial on a grid, 1-D on a sequence; prefix/suffix tokens are not rotated.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = nn.LayerNorm,
+        scale_norm: bool = False,
+        layout: str = "grid",
+        grid: tuple[int, int] | None = None,
+        prefix_tokens: int = 1,
+        dwc: bool = False,
+        gate: bool = False,
+        rope: bool | float | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim < 1:
+            raise ValueError(
+                f"dim and num_heads must be positive ints, got dim={dim!r}, num_heads={num_heads!r}"
+            )
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.layout, self.prefix_tokens = layout, prefix_tokens
+        self.grid = check_layout(layout, grid, prefix_tokens)
+        self.use_gate = bool(gate)
+        self.rope_theta = self._rope_theta(rope)
+        norm_layer = norm_layer or nn.LayerNorm  # timm passes None for its default
+        dd = {"device": device, "dtype": dtype}
+        self.qkv = nn.Linear(dim, (4 if gate else 3) * dim, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc: nn.Module | None = None
+        if dwc:
+            conv = nn.Conv2d if layout == "grid" else nn.Conv1d
+            self.dwc = conv(dim, dim, 3, padding=1, groups=dim, **dd)
+
+    def _rope_theta(self, rope: bool | float | None) -> float | None:
+        if rope is None or rope is False:
+            return None
+        theta = 10000.0 if rope is True else float(rope)
+        if theta <= 0:
+            raise ValueError(f"rope theta must be positive, got {rope!r}")
+        axes = 2 if self.layout == "grid" else 1
+        if self.head_dim % (2 * axes):
+            raise ValueError(
+                f"rope on layout={self.layout!r} needs head_dim divisible by {2 * axes}, got {self.head_dim}"
+            )
+        return theta
+
+    @classmethod
+    def accepted_kwargs(cls) -> set[str]:
+        """Constructor keyword names of this class (used by :func:`mita.convert` to carry settings over)."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            if klass is nn.Module or not issubclass(klass, nn.Module):
+                continue
+            names |= set(inspect.signature(klass.__init__).parameters) - {"self", "args", "kwargs"}
+        return names
+
+    def layout_of(self, n: int) -> TokenLayout:
+        """Resolve this module's layout for ``n`` tokens (ValueError naming the sizes if impossible)."""
+        return resolve_layout(self.layout, self.grid, self.prefix_tokens, n)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x`` [B, N, dim] -> q, k, v (and g with ``gate``) as [B, H, N, head_dim]."""
+        b, n, _ = x.shape
+        parts = 4 if self.use_gate else 3
+        qkv = self.qkv(x).reshape(b, n, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, tl: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        if tl.kind == "grid":
+            pos = grid_positions(*tl.grid, device=q.device)
+        else:
+            pos = torch.arange(tl.body, device=q.device).unsqueeze(1)
+        angles = rope_angles(pos, self.head_dim, self.rope_theta)
+        return apply_rope(q, angles, tl.prefix), apply_rope(k, angles, tl.prefix)
+
+    def _dwc(self, v: torch.Tensor, tl: TokenLayout) -> torch.Tensor:
+        """Depth-wise conv of V over the body tokens, as [B, N, dim]; prefix/suffix tokens get zero."""
+        b, h, n, d = v.shape
+        body = v[:, :, tl.prefix : tl.prefix + tl.body].transpose(1, 2).reshape(b, tl.body, h * d)
+        body = body.transpose(1, 2)
+        if tl.kind == "grid":
+            body = self.dwc(body.reshape(b, h * d, *tl.grid)).flatten(2)
+        else:
+            body = self.dwc(body)
+        return F.pad(body.transpose(1, 2), (0, 0, tl.prefix, tl.suffix))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
+    ) -> torch.Tensor:
+        """Token mixing of ``[B, H, N, d]`` inputs -> ``[B, H, N, d]``; ``mask`` is [B, N], True = padding."""
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """``x`` [B, N, dim] -> [B, N, dim]; ``attn_mask`` an optional [B, N] bool key padding mask."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected input [B, N, {self.dim}], got {tuple(x.shape)}")
+        if is_causal:
+            raise ValueError(f"{type(self).__name__} is non-causal; is_causal=True is not supported")
+        b, n, _ = x.shape
+        mask = check_padding_mask(attn_mask, b, n)
+        tl = self.layout_of(n)
+        q, k, v, *g = self.split_heads(x)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:
+            q, k = self._rope(q, k, tl)
+        out = self.attend(q, k, v, mask, tl).transpose(1, 2).reshape(b, n, self.dim)
+        if self.dwc is not None:
+            out = out + self._dwc(v, tl)
+        out = self.norm(out)
+        if g:
+            out = out * F.silu(g[0].transpose(1, 2).reshape(b, n, self.dim))
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, layout={self.layout!r}, "
+            f"prefix_tokens={self.prefix_tokens}"
+        )

@@ -1,0 +1,122 @@
+"""``MiTAAttention``: a drop-in replacement for timm's ``Attention`` that mixes tokens with MiTA (SPEC §2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ops import Routing, mita_attention
+from .base import AttentionBase, config_of
+from .landmark_modes import LandmarkBuilder
+from .layout import TokenLayout
+
+
+class MiTAAttention(AttentionBase):
+    """Mixture-of-Top-k attention with timm's parameter names (``qkv``, ``proj``, ``q_norm``, ``k_norm``).
+
+    Each query attends, in one softmax, to the m landmarks (shared expert) and to the ``topk`` keys of
+    its ``experts_per_query`` best landmarks (routed experts); see :func:`mita.mita_attention`.
+
+    Args (beyond :class:`mita.nn.base.AttentionBase`):
+        num_landmarks: m; on a grid a square number or ``(mh, mw)``.
+        topk: k, keys per routed expert.
+        experts_per_query: s, routed experts per query.
+        landmarks: ``"pool"`` | ``"official"`` | ``"random"`` | ``"learned"`` | ``"conv"``
+            (see :mod:`mita.nn.landmark_modes`).
+        shared, routed: keep the shared / routed experts (SPEC §2.5 ablations).
+        landmark_scale: lambda of the landmark logits (default ``1 / head_dim``).
+        backend: op backend, ``"auto"`` | ``"torch"`` | ``"reference"`` | ``"triton"``.
+        conv_kernel, landmark_seed: options of the ``"conv"`` and ``"random"`` landmark modes.
+
+    Attention-weight dropout is not available in the op: ``attn_drop > 0`` raises ValueError.
+    Set ``record_routing = True`` to keep the last forward's :class:`mita.Routing` in ``last_routing``
+    (detached) and its layout in ``last_layout``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        num_landmarks: int | tuple[int, int] = 25,
+        topk: int = 25,
+        experts_per_query: int = 1,
+        landmarks: str = "pool",
+        layout: str = "grid",
+        grid: tuple[int, int] | None = None,
+        prefix_tokens: int = 1,
+        dwc: bool = False,
+        gate: bool = False,
+        rope: bool | float | None = None,
+        shared: bool = True,
+        routed: bool = True,
+        landmark_scale: float | None = None,
+        backend: str = "auto",
+        conv_kernel: int | tuple[int, int] | None = None,
+        landmark_seed: int = 0,
+        scale_norm: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        cfg = config_of(locals())
+        if attn_drop:
+            raise ValueError(f"MiTAAttention has no attention-weight dropout; got attn_drop={attn_drop}")
+        super().__init__(
+            dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias, attn_drop=0.0,
+            proj_drop=proj_drop, norm_layer=norm_layer, scale_norm=scale_norm, layout=layout, grid=grid,
+            prefix_tokens=prefix_tokens, dwc=dwc, gate=gate, rope=rope, device=device, dtype=dtype,
+        )  # fmt: skip
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        if not shared and not routed:
+            raise ValueError("shared=False and routed=False leaves no expert; enable at least one")
+        self.landmark = LandmarkBuilder(
+            dim, num_heads, num_landmarks, landmarks, layout, self.grid, conv_kernel, landmark_seed
+        )
+        self.landmark.to(device=device, dtype=dtype)
+        if not 1 <= experts_per_query <= self.landmark.m:
+            raise ValueError(f"experts_per_query must be in 1..m={self.landmark.m}, got {experts_per_query}")
+        self.num_landmarks, self.topk, self.experts_per_query = self.landmark.m, topk, experts_per_query
+        self.landmarks_mode = landmarks
+        self.shared, self.routed = shared, routed
+        self.landmark_scale, self.backend = landmark_scale, backend
+        self.config = cfg
+        self.record_routing = False
+        self.last_routing: Routing | None = None
+        self.last_layout: dict | None = None
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
+    ) -> torch.Tensor:
+        n = q.shape[2]
+        if self.topk > n:
+            raise ValueError(f"topk={self.topk} exceeds the sequence length N={n}")
+        if self.num_landmarks > n:
+            raise ValueError(f"num_landmarks={self.num_landmarks} exceeds the sequence length N={n}")
+        r = self.landmark(q, tl, mask)
+        res = mita_attention(
+            q, k, v, r, topk=self.topk, experts_per_query=self.experts_per_query,
+            landmark_scale=self.landmark_scale, shared=self.shared, routed=self.routed,
+            key_padding_mask=mask, backend=self.backend, return_routing=self.record_routing,
+        )  # fmt: skip
+        if not self.record_routing:
+            return res
+        out, routing = res
+        self.last_routing = Routing(routing.expert_index.detach(), routing.key_index.detach())
+        self.last_layout = {"layout": tl.kind, "grid": tl.grid, "prefix_tokens": tl.prefix}
+        self.last_layout["num_landmarks"] = self.num_landmarks
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, topk={self.topk}, "
+            f"experts_per_query={self.experts_per_query}, landmarks={self.landmarks_mode!r}"
+        )
