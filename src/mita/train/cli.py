@@ -1,0 +1,131 @@
+"""``mita train``: train a model on a task with a chosen attention; see ``mita train --help``.
+
+Multi-process / multi-GPU: ``torchrun --nproc_per_node=N -m mita train ...`` (DDP; gloo on CPU, nccl
+on CUDA; rank 0 logs and writes checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import TrainConfig
+from .presets import ATTENTIONS, PRESETS
+
+TASK_NAMES = ("fmnist", "listops", "pathfinder", "image", "text", "retrieval")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when possible (numbers, true/false, lists), else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mita train`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="mita train",
+        description="Train a classifier on a task with MiTA or a baseline attention. "
+        "Multi-GPU/multi-process: torchrun --nproc_per_node=N -m mita train ...",
+    )
+    p.add_argument("--task", required=True, choices=TASK_NAMES)
+    p.add_argument("--attention", default="mita", choices=ATTENTIONS)
+    p.add_argument("--model", help=f"model preset (default: the task's); one of {', '.join(PRESETS)}")
+    p.add_argument("--num-landmarks", type=_positive, help="m: landmarks (MiTA, Agent)")
+    p.add_argument("--topk", type=_positive, help="k: keys per routed expert (MiTA) / per query (top-k)")
+    p.add_argument("--epochs", type=_positive, help="epochs (default: the preset's epochs or steps)")
+    p.add_argument(
+        "--max-steps", type=_positive, help="stop after N optimizer steps (the schedule ends there)"
+    )
+    p.add_argument("--batch-size", type=_positive, help="per-process batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup", type=float, dest="warmup_frac", help="warm-up as a fraction of all steps")
+    p.add_argument("--clip", type=float, help="gradient-norm clip (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default runs/TASK-ATTENTION-sSEED)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16, or fp16 + grad scaling)")
+    p.add_argument("--data-root", help="data directory (Fashion-MNIST files; default: the data module's)")
+    p.add_argument("--cache-dir", help="cache of generated tasks (default $MITA_CACHE or ~/.cache/mita)")
+    p.add_argument("--train-size", type=_positive, help="use only N training samples")
+    p.add_argument("--test-size", type=_positive, help="evaluate on only N test samples")
+    p.add_argument(
+        "--data-arg",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra build_dataset keyword (repeatable), e.g. seq_len=512",
+    )
+    p.add_argument(
+        "--model-arg",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset's model keyword (repeatable), e.g. depth=2",
+    )
+    p.add_argument("--eval-every", type=_positive, help="evaluate every N steps (default: each epoch)")
+    p.add_argument("--save-every", type=_positive, help="checkpoint every N steps (default: each epoch)")
+    p.add_argument("--log-every", type=_positive, default=50, help="log metrics every N steps")
+    p.add_argument("--eval-batch-size", type=_positive, default=256)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        dest="num_workers",
+        help="data-loader workers (0: exact resume even with augmentation)",
+    )
+    p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed arguments."""
+    values = vars(args).copy()
+    values["data_kwargs"] = dict(values.pop("data_arg"))
+    values["model_kwargs"] = dict(values.pop("model_arg"))
+    if values["out"] is None:
+        values["out"] = f"runs/{args.task}-{args.attention}-s{args.seed}"
+    return TrainConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mita train``: returns 0 on success, 2 on bad input (with a one-line error on stderr)."""
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    from .checkpoint import CheckpointError
+    from .loop import TrainError, format_summary, train
+
+    try:
+        summary = train(config)
+    except (TrainError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
+        print(f"mita train: error: {err}", file=sys.stderr)
+        return 2
+    if summary.get("world_size", 1) == 1 or _is_rank0():
+        print(format_summary(summary))
+        print(f"summary: {config.out}/summary.json")
+    return 0
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

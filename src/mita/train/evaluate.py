@@ -1,0 +1,200 @@
+"""Accuracy and throughput of a model on a task's split; the ``mita eval`` command.
+
+``mita eval --checkpoint PATH [--attention KIND] [--num-landmarks M] [--topk K] [--json PATH]`` rebuilds
+the checkpoint's model, optionally swaps its attention (``mita.convert``, keeping the weights: SPEC §3
+"checkpoint swap") or changes MiTA's m and k at inference (the m x k robustness grid), and prints
+test accuracy and samples per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .batches import batch_size_of, forward, to_device
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def count_correct(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, int, float]:
+    """``(correct, n, seconds)`` over ``dataset``: correct is a 0-d tensor on ``device`` (no host sync
+    per batch), seconds is the wall time of the forward passes and data loading together."""
+    device = _device(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    n = 0
+    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = to_device(x, device), y.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            logits = forward(model, x)
+        correct += (logits.argmax(-1) == y).sum()
+        n += batch_size_of(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    return correct, n, seconds
+
+
+def evaluate(
+    model: nn.Module,
+    task_or_dataset: str | Dataset,
+    *,
+    split: str = "test",
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    max_samples: int | None = None,
+    amp: bool = False,
+    data_kwargs: dict[str, Any] | None = None,
+) -> dict[str, float | int]:
+    """Accuracy of ``model`` on a task's split (built with :func:`mita.data.build_dataset`) or a dataset.
+
+    Args:
+        model: a classifier taking a batch ``x`` (or ``*x`` for pair tasks) and returning ``[B, C]`` logits.
+        task_or_dataset: a task name (``mita.data.TASKS``) or a dataset of ``(x, label)``.
+        split: which split to build when a task name is given.
+        batch_size: evaluation batch size.
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``...; the model is moved there.
+        max_samples: evaluate the first ``max_samples`` samples only.
+        amp: autocast (bfloat16, or float16 on GPUs without bf16).
+        data_kwargs: extra keyword arguments for ``build_dataset`` (``root``, ``cache_dir``, ``seed``...).
+
+    Returns:
+        ``{"test_accuracy": float in [0, 1], "samples_per_s": float, "n": int, "seconds": float}``.
+    """
+    if isinstance(task_or_dataset, str):
+        from mita.data import build_dataset
+
+        dataset = build_dataset(task_or_dataset, split, augment=False, **(data_kwargs or {}))
+    else:
+        dataset = task_or_dataset
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        dataset = Subset(dataset, range(min(max_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    dev = _device(device)
+    model = model.to(dev)
+    correct, n, seconds = count_correct(model, dataset, batch_size=batch_size, device=dev, amp=amp)
+    return {
+        "test_accuracy": int(correct) / n,
+        "samples_per_s": n / seconds if seconds > 0 else float("inf"),
+        "n": n,
+        "seconds": seconds,
+    }
+
+
+def swap_attention(
+    model: nn.Module, meta: dict, attention: str | None, num_landmarks: int | None, topk: int | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` with its attention converted (``mita.convert``) to ``attention`` and/or new m, k.
+
+    Returns the model and the attention settings actually used (for reports).
+    """
+    trained = meta.get("attention")
+    kind = attention or trained
+    kwargs: dict[str, Any] = {}
+    if num_landmarks is not None:
+        kwargs["num_landmarks"] = num_landmarks
+    if topk is not None:
+        kwargs["topk"] = topk
+    if kind == trained and not kwargs:
+        return model, {"attention": kind}
+    from mita import convert
+
+    return convert(model, kind, **kwargs), {"attention": kind, **kwargs}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mita eval", description=__doc__.split("\n\n")[1])
+    p.add_argument(
+        "--checkpoint", required=True, help="model.safetensors, a checkpoint file, or a run directory"
+    )
+    p.add_argument("--attention", help="evaluate with this attention kind instead of the trained one")
+    p.add_argument("--num-landmarks", type=int, help="m at inference (MiTA / Agent)")
+    p.add_argument("--topk", type=int, help="k at inference (MiTA / top-k)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-samples", type=int, help="evaluate on the first N samples only")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
+    p.add_argument("--amp", action="store_true", help="autocast to bfloat16/float16")
+    p.add_argument("--data-root", help="data directory (default: the data module's default)")
+    p.add_argument("--cache-dir", help="cache for generated tasks")
+    p.add_argument("--json", help="also write the result as JSON to this path")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mita eval``: print (and optionally write) accuracy and throughput of a checkpoint."""
+    args = _parser().parse_args(argv)
+    from .checkpoint import CheckpointError, load_model
+
+    try:
+        model, meta = load_model(args.checkpoint)
+        model, used = swap_attention(model, meta, args.attention, args.num_landmarks, args.topk)
+    except (CheckpointError, ValueError, ImportError) as err:
+        print(f"mita eval: error: {err}", file=sys.stderr)
+        return 2
+    data_kwargs = dict(meta.get("data_kwargs", {}))
+    data_kwargs.pop("size", None)  # training-set cut; the evaluation split has its own
+    data_kwargs.update({k: v for k, v in (("root", args.data_root), ("cache_dir", args.cache_dir)) if v})
+    try:
+        result = evaluate(
+            model,
+            meta["task"],
+            split=args.split,
+            batch_size=args.batch_size,
+            device=args.device,
+            max_samples=args.max_samples,
+            amp=args.amp,
+            data_kwargs=data_kwargs,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mita eval: error: {err}", file=sys.stderr)
+        return 2
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "task": meta["task"],
+        "split": args.split,
+        "trained_attention": meta.get("attention"),
+        **used,
+        **result,
+    }
+    print(
+        f"{meta['task']} {args.split}: accuracy {100 * result['test_accuracy']:.2f}% "
+        f"on {result['n']} samples, "
+        f"{result['samples_per_s']:.1f} samples/s (trained with {meta.get('attention')}, evaluated with "
+        f"{', '.join(f'{k}={v}' for k, v in used.items())})"
+    )
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
