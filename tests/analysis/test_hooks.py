@@ -9,33 +9,13 @@ from torch import nn
 import mita
 from mita.analysis import RoutingRecorder, routing_layers
 
-
-class ToyMiTA(nn.Module):
-    """The smallest layer that honours the recording contract of ``mita.nn.MiTAAttention``."""
-
-    def __init__(self, dim: int, heads: int, m: int, k: int) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.heads, self.m, self.k = heads, m, k
-        self.record_routing = False
-        self.last_routing = None
-        self.last_layout = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        lm = mita.landmarks.pool_1d(q, self.m)
-        out, routing = mita.mita_attention(q, k, v, lm, topk=self.k, return_routing=True)
-        if self.record_routing:
-            self.last_routing = mita.Routing(*(t.detach() for t in routing))
-            self.last_layout = {"layout": "seq", "grid": None, "prefix_tokens": 1, "num_landmarks": self.m}
-        return x + out.transpose(1, 2).reshape(b, n, c)
+from .toys import ToyMiTA
 
 
 class ToyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(ToyMiTA(8, 2, 3, 4), nn.GELU(), ToyMiTA(8, 2, 3, 4))
+        self.blocks = nn.Sequential(ToyMiTA(8, 2, 3, 4, prefix=1), nn.GELU(), ToyMiTA(8, 2, 3, 4, prefix=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
@@ -55,7 +35,9 @@ def test_recorder_matches_the_op_and_restores_the_model():
     # recompute layer 0's routing directly with the op
     first = net.blocks[0]
     q, k, v = first.qkv(torch.cat([x1, x2])).reshape(5, 10, 3, 2, 4).permute(2, 0, 3, 1, 4)
-    _, want = mita.mita_attention(q, k, v, mita.landmarks.pool_1d(q, 3), topk=4, return_routing=True)
+    _, want = mita.mita_attention(
+        q, k, v, mita.landmarks.pool_1d(q[:, :, 1:], 3), topk=4, return_routing=True
+    )
     got = rec.layers[0].routing()
     assert got.expert_index.shape == (5, 2, 10, 1) and got.key_index.shape == (5, 2, 3, 4)
     assert torch.equal(got.expert_index.long(), want.expert_index)

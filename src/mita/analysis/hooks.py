@@ -133,14 +133,18 @@ class RoutingRecorder:
 
     def run(self, batches: Iterable[Any], *, device: str | torch.device = "cpu") -> RoutingRecorder:
         """Run ``model`` (in eval mode, without gradients) on each batch; a batch may be a tensor or a
-        ``(inputs, labels, ...)`` tuple/list whose first item is the model input."""
+        ``(inputs, labels, ...)`` tuple/list whose first item is the model input (itself a tuple of
+        tensors for pair tasks, passed as separate arguments)."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
                 for batch in batches:
                     x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    self.model(x.to(device))
+                    if isinstance(x, (tuple, list)):  # pair tasks: two token tensors, two arguments
+                        self.model(*(t.to(device) for t in x))
+                    else:
+                        self.model(x.to(device))
         finally:
             self.model.train(was_training)
         return self

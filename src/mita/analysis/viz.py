@@ -1,0 +1,234 @@
+"""``mita viz``: routing figures and statistics of a trained MiTA checkpoint.
+
+``mita viz --checkpoint PATH --out DIR [--samples N] [--stats-samples M]`` writes to DIR:
+
+- ``pruning_maps.png``: per layer, the tokens selected as keys by any landmark of any head, over the
+  first N test inputs (2-D over the image for grid models, layers x positions for sequence models);
+- ``expert_maps.png``: for a few layers of the first input and one head, the most-loaded experts:
+  landmark window, selected keys and routed queries;
+- ``layer_curves.png``: per layer, the pruned fraction, the key/query IoU and the load balance;
+- ``stats.json``: the per-layer :class:`mita.analysis.LayerStats` over M test inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .hooks import LayerRecord, RoutingRecorder
+from .stats import expert_iou, expert_load, selection_counts
+from .windows import landmark_grid, landmark_windows_1d, landmark_windows_2d
+
+__all__ = ["visualize", "main"]
+
+
+def _record(model: nn.Module, dataset: Dataset, n: int, batch_size: int, device: str) -> RoutingRecorder:
+    loader = DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=batch_size, shuffle=False)
+    with RoutingRecorder(model) as rec:
+        rec.run(loader, device=device)
+    return rec
+
+
+def _display_image(x: Any, grid: tuple[int, int] | None) -> np.ndarray | None:
+    """A grayscale picture of one input to draw under grid maps (None when the input is not an image)."""
+    if grid is None or not isinstance(x, torch.Tensor):
+        return None
+    if x.is_floating_point() and x.dim() == 3:  # [C, H, W] image
+        return x.float().mean(0).numpy()
+    if x.dim() == 1:  # pixel-token sequence (token = value + 1): draw it as its square raster
+        side = math.isqrt(x.numel())
+        if side * side == x.numel():
+            return x.float().reshape(side, side).numpy()
+    return None
+
+
+def _padding_mask(dataset: Dataset, count: int, n: int, prefix: int) -> torch.Tensor | None:
+    """``[count, N]`` True at padding tokens (id ``mita.data.PAD_ID``) of 1-D token inputs, else None."""
+    first = dataset[0][0]
+    if not isinstance(first, torch.Tensor) or first.dim() != 1 or first.is_floating_point():
+        return None
+    if first.numel() + prefix != n:  # the model does not map input tokens 1:1 to positions
+        return None
+    from mita.data.tasks import PAD_ID
+
+    tokens = torch.stack([dataset[i][0] for i in range(count)])
+    mask = torch.cat([torch.zeros(count, prefix, dtype=torch.bool), tokens == PAD_ID], dim=1)
+    return mask if bool(mask.any()) else None
+
+
+def _windows(layout: dict[str, Any], n: int, m: int) -> list[list[int]]:
+    prefix = int(layout.get("prefix_tokens", 0) or 0)
+    grid = layout.get("grid")
+    if layout.get("landmarks") == "official":  # cls + patches but the last, as a side x side grid
+        side = math.isqrt(n)
+        return landmark_windows_2d((side, side), landmark_grid(m, (side, side)))
+    if layout.get("layout") == "grid" and grid:
+        grid = tuple(grid)
+        size = tuple(layout.get("landmark_grid") or landmark_grid(m, grid))
+        return landmark_windows_2d(grid, size, prefix=prefix)
+    return landmark_windows_1d(n, m, prefix=prefix)
+
+
+def _pick_layers(count: int, most: int = 4) -> list[int]:
+    if count <= most:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
+def _expert_panels(
+    layers: Sequence[LayerRecord], picks: Sequence[int], head: int, experts: int
+) -> list[list[dict[str, Any]]]:
+    """For each picked layer: the ``experts`` most-loaded experts of sample 0, head ``head``."""
+    rows = []
+    for li in picks:
+        r = layers[li].routing()
+        ei, ki = r.expert_index[:1, head : head + 1].long(), r.key_index[:1, head : head + 1].long()
+        n, m = ei.shape[2], ki.shape[2]
+        load = expert_load(ei, m)[0, 0]
+        iou = expert_iou(ei, ki)[0, 0]
+        windows = _windows(layers[li].layout, n, m)
+        row = []
+        for j in load.argsort(descending=True)[:experts].tolist():
+            queries = (ei[0, 0] == j).any(-1).nonzero().flatten().tolist()
+            row.append(
+                {
+                    "window": windows[j],
+                    "keys": ki[0, 0, j].tolist(),
+                    "queries": queries,
+                    "title": f"expert {j}: {len(queries)} q, IoU {float(iou[j]):.2f}",
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def visualize(
+    model: nn.Module,
+    dataset: Dataset,
+    out: str | Path,
+    *,
+    samples: int = 4,
+    stats_samples: int = 256,
+    head: int = 0,
+    experts: int = 4,
+    batch_size: int = 64,
+    device: str = "cpu",
+    title: str = "",
+) -> dict[str, Any]:
+    """Write the figures and ``stats.json`` for ``model`` on the first inputs of ``dataset``.
+
+    Returns the JSON report (per-layer statistics and the files written).
+    """
+    from . import plots
+    from .loading import write_json
+
+    if samples < 1 or stats_samples < 1:
+        raise ValueError(f"samples ({samples}) and stats_samples ({stats_samples}) must be >= 1")
+    out = Path(out)
+    model = model.to(device)
+    rec = _record(model, dataset, max(samples, stats_samples), batch_size, device)
+    if not rec.layers[0].routings:
+        raise ValueError("the model ran but no MiTA layer recorded a routing (is its attention MiTA?)")
+    layout = rec.layers[0].layout
+    prefix = rec.layers[0].prefix_tokens
+    n = rec.layers[0].routings[0].expert_index.shape[2]
+    stats = rec.stats(padding_mask=_padding_mask(dataset, min(stats_samples, len(dataset)), n, prefix))
+    grid = tuple(layout["grid"]) if layout.get("layout") == "grid" and layout.get("grid") else None
+    names = [f"layer {i + 1}" for i in range(len(rec.layers))]
+    heads = rec.layers[0].routings[0].key_index.shape[1]
+    if not 0 <= head < heads:
+        raise ValueError(f"head={head} must be in 0..{heads - 1}")
+
+    shown = min(samples, len(dataset))
+    counts = np.stack(
+        [selection_counts(layer.routing().key_index[:shown], n).sum(1).numpy() for layer in rec.layers]
+    )
+    images = [_display_image(dataset[i][0], grid) for i in range(shown)]
+    files = [
+        plots.plot_pruning_maps(
+            out / "pruning_maps.png", counts, images=images, grid=grid, prefix=prefix, layer_names=names
+        )
+    ]
+    picks = _pick_layers(len(rec.layers))
+    panels = _expert_panels(rec.layers, picks, head, experts)
+    files.append(
+        plots.plot_expert_maps(
+            out / "expert_maps.png",
+            panels,
+            num_tokens=n,
+            image=images[0],
+            grid=grid,
+            prefix=prefix,
+            row_names=[f"{names[i]}, head {head}" for i in picks],
+        )
+    )
+    files.append(plots.plot_layer_curves(out / "layer_curves.png", stats, title=title))
+    report = {
+        "samples_for_stats": min(stats_samples, len(dataset)),
+        "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()},
+        "layers": [{"name": rec.layers[i].name, **s.to_dict()} for i, s in enumerate(stats)],
+        "files": [p.name for p in files] + ["stats.json"],
+    }
+    write_json(out / "stats.json", report)
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mita viz", description="Routing figures and statistics of a checkpoint."
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="model.safetensors, a checkpoint file, or a run directory"
+    )
+    p.add_argument("--out", required=True, help="directory for the PNG figures and stats.json")
+    p.add_argument("--samples", type=int, default=4, help="test inputs drawn in the maps (default 4)")
+    p.add_argument("--stats-samples", type=int, default=256, help="test inputs for the statistics")
+    p.add_argument("--head", type=int, default=0, help="head shown in the expert maps")
+    p.add_argument("--experts", type=int, default=4, help="experts per layer in the expert maps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-root", help="data directory (default: the data module's default)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mita viz``: see the module docstring."""
+    args = _parser().parse_args(argv)
+    from .loading import eval_dataset, load_checkpoint
+
+    try:
+        model, meta = load_checkpoint(args.checkpoint)
+        dataset = eval_dataset(meta, root=args.data_root)
+        report = visualize(
+            model,
+            dataset,
+            args.out,
+            samples=args.samples,
+            stats_samples=args.stats_samples,
+            head=args.head,
+            experts=args.experts,
+            batch_size=args.batch_size,
+            device=args.device,
+            title=f"{meta.get('task')} / {meta.get('attention')} ({Path(args.checkpoint).name})",
+        )
+    except (ValueError, ImportError, FileNotFoundError) as err:
+        print(f"mita viz: error: {err}", file=sys.stderr)
+        return 2
+    for layer in report["layers"]:
+        print(
+            f"{layer['name']}: pruned {100 * layer['pruned']:.1f}% "
+            f"(by all heads {100 * layer['pruned_all_heads']:.1f}%), IoU {layer['iou_mean']:.3f}, "
+            f"load entropy {layer['load_entropy_norm']:.2f}, "
+            f"empty experts {100 * layer['empty_experts']:.1f}%"
+        )
+    print(f"wrote {', '.join(report['files'])} to {args.out}")
+    return 0
