@@ -1,0 +1,44 @@
+"""Model builders: timm-compatible ViTs and a 1-D sequence classifier, with any attention kind.
+
+``build_model(name, **kw)`` builds any of ``MODEL_NAMES``; every built model carries ``model.config``
+(``{"name": ..., "attention": ..., **settings}``) so ``build_model(**model.config)`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .sequence import SequenceClassifier, build_sequence, sinusoidal_positions
+from .vit import VIT_PRESETS, VisionTransformer, build_vit, vit_base, vit_fmnist, vit_small, vit_tiny
+
+MODEL_NAMES = (*VIT_PRESETS, "seq")
+
+
+def build_model(name: str, **kw: Any) -> nn.Module:
+    """Build model ``name`` (one of :data:`MODEL_NAMES`) with settings ``kw`` (``attention=`` any kind).
+
+    ViT presets take model settings (``embed_dim``, ``depth``, ``num_classes``, ...) and pass any other
+    keyword to the attention; ``"seq"`` takes :class:`SequenceClassifier`'s arguments.
+    """
+    if name == "seq":
+        return build_sequence(**kw)
+    if name in VIT_PRESETS:
+        return build_vit(name, **kw)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "build_model",
+    "VisionTransformer",
+    "SequenceClassifier",
+    "build_vit",
+    "build_sequence",
+    "vit_fmnist",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+    "sinusoidal_positions",
+]
