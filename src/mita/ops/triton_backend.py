@@ -12,8 +12,9 @@ Backward: the routed part (dQ per tile; dK/dV scattered atomically, or determini
 ``torch.are_deterministic_algorithms_enabled()``) runs in Triton; the shared logits and the landmark
 side (gradients into A, R, K, V) are small ``m x N`` matmuls done with torch ops in float32.
 
-Only ``s = 1`` runs in the kernels; ``experts_per_query > 1`` falls back to the torch backend with a
-one-time warning. ``import triton`` happens only when this backend is used.
+Only ``s = 1`` and float32/float16/bfloat16 run in the kernels; ``experts_per_query > 1`` (with or
+without ``dedup``) and float64 fall back to the torch backend with a one-time warning.
+``import triton`` happens only when this backend is used.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from .checks import Problem
 from .routing import Routing
 from .torch_backend import _Tiles, default_tile_size, torch_forward
 
-_fallback_warned = False
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned: set[str] = set()
+
+
+def _warn_fallback(kind: str, why: str) -> None:
+    """Warn once per kind of reason that a call runs on the torch backend instead of the kernels."""
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(f"backend='triton' uses the torch backend for {why}; warned once", stacklevel=4)
 
 
 def _interpreter_requested() -> bool:
@@ -68,7 +77,7 @@ def _check_device(t: torch.Tensor) -> None:
             "backend='triton' got CPU tensors but the kernels were not built for the Triton interpreter; "
             "set TRITON_INTERPRET=1 before mita's Triton kernels are first imported"
         )
-    raise RuntimeError(f"backend='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {t.device}")
+    raise RuntimeError(f"backend='triton' needs CUDA tensors (or CPU and TRITON_INTERPRET=1), got {t.device}")
 
 
 def _tiling(p: Problem, expert_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -174,15 +183,11 @@ def triton_forward(
     dK/dV of the routed keys are summed deterministically when
     ``torch.are_deterministic_algorithms_enabled()``, else with atomics.
     """
-    global _fallback_warned
     if p.experts_per_query > 1:
-        if not _fallback_warned:
-            warnings.warn(
-                f"backend='triton' runs s = 1 only; experts_per_query={p.experts_per_query} uses the torch "
-                "backend (warned once)",
-                stacklevel=3,
-            )
-            _fallback_warned = True
+        _warn_fallback("s", f"experts_per_query={p.experts_per_query} (the kernels run s = 1 only)")
+        return torch_forward(p, q, k, v, landmarks, key_padding_mask)
+    if q.dtype not in _KERNEL_DTYPES:
+        _warn_fallback("dtype", f"dtype {q.dtype} (the kernels run float32, float16 and bfloat16)")
         return torch_forward(p, q, k, v, landmarks, key_padding_mask)
     _check_device(q)
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()

@@ -1,0 +1,231 @@
+"""The Triton backend against the dense reference: forward, routing and every gradient.
+
+CPU (CI): the kernels run in the Triton interpreter. ``triton.jit`` chooses between compiling and
+interpreting when a function is *defined*, and ``import triton`` already defines its standard library
+that way, so ``TRITON_INTERPRET=1`` must be set before triton is first imported in the process.
+Setting it here at import time would leak into the rest of the suite (``triton_available()`` would
+turn True on CPU) and would silently fail whenever something imported triton earlier (torch.compile
+does). So :func:`test_kernels_in_the_interpreter` runs :class:`TestInterpreter` in a child pytest with
+the variable set; its output is shown on failure. ``TRITON_INTERPRET=1 pytest tests/ops/test_triton.py``
+runs those tests directly, one by one. Interpreter sizes are small (N <= 64, d <= 32): every program
+runs in numpy. On a GPU, :class:`TestGPU` compares the compiled kernels at bf16/fp16/fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from mita import mita_attention
+from mita.ops import triton_backend
+
+from .helpers import make_inputs, padding_mask
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'mita[triton]')")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def test_kernels_in_the_interpreter():
+    if INTERPRETED:
+        pytest.skip("already under TRITON_INTERPRET=1: TestInterpreter runs in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "TestInterpreter", "-q", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-8000:]}\n{done.stderr[-2000:]}"
+    assert " passed" in done.stdout
+
+
+@pytest.fixture
+def deterministic(request):
+    """Run a test with torch's deterministic mode on or off (it picks the dK/dV scatter)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield request.param
+    torch.use_deterministic_algorithms(before)
+
+
+def _grads(out, inputs, weight):
+    grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def _same_keys(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Top-k index sets agree (``topk(sorted=False)`` may list them in any order)."""
+    return torch.equal(a.sort(-1).values, b.sort(-1).values)
+
+
+def _check(q, k, v, r, *, atol, rtol, ref_inputs=None, **kw):
+    """Compare forward, routing and the four gradients of backend='triton' with backend='reference'.
+
+    ``ref_inputs`` (float32 copies of half inputs) lets the reference run at full precision.
+    """
+    out, rt = mita_attention(q, k, v, r, backend="triton", return_routing=True, **kw)
+    rq, rk, rv, rr = ref_inputs if ref_inputs is not None else (q, k, v, r)
+    ref, rt_ref = mita_attention(rq, rk, rv, rr, backend="reference", return_routing=True, **kw)
+    assert out.dtype == q.dtype and out.shape == ref.shape
+    assert torch.equal(rt.expert_index, rt_ref.expert_index)
+    assert _same_keys(rt.key_index, rt_ref.key_index)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    got = _grads(out, [q, k, v, r], weight.to(out.dtype))
+    want = _grads(ref, [rq, rk, rv, rr], weight.to(ref.dtype))
+    for name, a, e in zip(("q", "k", "v", "landmarks"), got, want):
+        assert a.dtype == e.dtype or ref_inputs is not None
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(
+            a.float(), e.float(), atol=atol, rtol=rtol, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
+
+
+# (B, H, Hkv, N, d, m, k, pad): N is not a multiple of m, of the tile (16) or of the key block.
+CASES = {
+    "basic": (2, 2, 2, 37, 16, 4, 7, None),
+    "m1": (1, 2, 2, 29, 16, 1, 6, None),
+    "k_eq_n": (1, 2, 2, 23, 16, 3, 23, None),
+    "gqa": (1, 4, 2, 30, 16, 3, 6, None),
+    "mqa": (2, 4, 1, 20, 16, 2, 5, None),
+    "padding": (3, 2, 2, 26, 16, 4, 5, [0, 4, 11]),
+    "padding_fewer_valid_than_k": (2, 2, 1, 20, 16, 3, 9, [2, 15]),
+    "d32_many_tiles": (1, 1, 1, 64, 32, 2, 8, None),
+}
+
+F32 = dict(atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in a TRITON_INTERPRET=1 child (test_kernels_in_the_interpreter)")
+class TestInterpreter:
+    @pytest.mark.parametrize("case", sorted(CASES))
+    def test_matches_reference_float32(self, case):
+        b, h, hkv, n, d, m, k, pad = CASES[case]
+        q, kk, v, r = make_inputs(b, h, hkv, n, d, m, dtype=torch.float32, seed=len(case))
+        mask = padding_mask(b, n, pad) if pad else None
+        _check(q, kk, v, r, topk=k, key_padding_mask=mask, **F32)
+
+    @pytest.mark.parametrize("deterministic", [True, False], indirect=True, ids=["deterministic", "atomic"])
+    @pytest.mark.parametrize("case", ["gqa", "padding"])
+    def test_both_scatter_modes_match_reference(self, case, deterministic):
+        b, h, hkv, n, d, m, k, pad = CASES[case]
+        q, kk, v, r = make_inputs(b, h, hkv, n, d, m, dtype=torch.float32, seed=7)
+        mask = padding_mask(b, n, pad) if pad else None
+        _check(q, kk, v, r, topk=k, key_padding_mask=mask, **F32)
+
+    @pytest.mark.parametrize("deterministic", [True], indirect=True)
+    def test_deterministic_mode_is_bitwise_reproducible(self, deterministic):
+        # MQA with many landmarks: the same key is picked by several experts and heads.
+        q, k, v, r = make_inputs(1, 4, 1, 24, 16, 4, dtype=torch.float32, seed=3)
+        weight = torch.randn(1, 4, 24, 16)
+        runs = [_grads(mita_attention(q, k, v, r, topk=12, backend="triton"), [q, k, v, r], weight) for _ in "ab"]
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+
+    @pytest.mark.parametrize("which", ["shared_only", "routed_only"])
+    def test_ablations_match_reference(self, which):
+        q, k, v, r = make_inputs(2, 2, 1, 27, 16, 3, dtype=torch.float32, seed=5)
+        mask = padding_mask(2, 27, [0, 6])
+        shared = which == "shared_only"
+        _check(q, k, v, r, topk=6, key_padding_mask=mask, shared=shared, routed=not shared, **F32)
+
+    def test_scales_value_dim_and_cross_length(self):
+        # dv != d, N_q != N_kv, and both scale options set explicitly (the paper's d^-1/2 for lambda).
+        g = torch.Generator().manual_seed(11)
+        q = torch.randn(2, 2, 19, 16, generator=g).requires_grad_()
+        k = torch.randn(2, 1, 33, 16, generator=g).requires_grad_()
+        v = torch.randn(2, 1, 33, 24, generator=g).requires_grad_()
+        r = torch.randn(2, 2, 3, 16, generator=g).requires_grad_()
+        _check(q, k, v, r, topk=5, scale=0.3, landmark_scale=16**-0.5, **F32)
+
+    def test_float16_matches_float32_reference(self):
+        q, k, v, r = make_inputs(2, 2, 2, 32, 16, 4, dtype=torch.float32, seed=9, requires_grad=False)
+        half = [t.half().requires_grad_() for t in (q, k, v, r)]
+        full = [t.detach().float().requires_grad_() for t in half]  # same values, float32 reference
+        _check(*half, topk=6, ref_inputs=full, atol=2e-3, rtol=1e-2)
+
+    def test_bfloat16_is_skipped_in_the_interpreter(self):
+        pytest.skip("bfloat16 is not emulated faithfully by the Triton interpreter (numpy has no bf16); GPU only")
+
+    def test_two_experts_per_query_falls_back_to_torch_once(self, monkeypatch):
+        monkeypatch.setattr(triton_backend, "_warned", set())
+        q, k, v, r = make_inputs(1, 2, 2, 20, 16, 4, dtype=torch.float32, seed=2, requires_grad=False)
+        with pytest.warns(UserWarning, match="experts_per_query=2"):
+            out = mita_attention(q, k, v, r, topk=5, experts_per_query=2, dedup=True, backend="triton")
+        want = mita_attention(q, k, v, r, topk=5, experts_per_query=2, dedup=True, backend="torch")
+        assert torch.equal(out, want)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call must not warn again
+            mita_attention(q, k, v, r, topk=5, experts_per_query=2, backend="triton")
+
+    def test_float64_falls_back_to_torch(self, monkeypatch):
+        monkeypatch.setattr(triton_backend, "_warned", set())
+        q, k, v, r = make_inputs(1, 1, 1, 16, 16, 2, dtype=torch.float64, seed=4, requires_grad=False)
+        with pytest.warns(UserWarning, match="float64"):
+            out = mita_attention(q, k, v, r, topk=4, backend="triton")
+        assert torch.equal(out, mita_attention(q, k, v, r, topk=4, backend="torch"))
+
+    def test_available_under_the_interpreter(self):
+        ok, why = triton_backend.availability()
+        assert ok and why
+
+
+class TestAvailability:
+    def test_no_cuda_and_no_interpreter_says_why(self, monkeypatch):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        ok, why = triton_backend.availability()
+        assert not ok and "no CUDA device" in why and "TRITON_INTERPRET=1" in why
+
+    def test_missing_triton_says_how_to_install(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+        ok, why = triton_backend.availability()
+        assert not ok and "pip install" in why and "triton" in why
+
+    @pytest.mark.skipif(INTERPRETED, reason="the kernels are interpreted in this process")
+    def test_cpu_tensors_without_interpreter_raise(self, monkeypatch):
+        monkeypatch.setattr(triton_backend, "availability", lambda: (True, "forced for the test"))
+        q, k, v, r = make_inputs(1, 1, 1, 16, 16, 2, dtype=torch.float32, requires_grad=False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            mita_attention(q, k, v, r, topk=4, backend="triton")
+
+
+GPU_CASES = {
+    "gqa_pad": (2, 4, 2, 300, 4, 16, [0, 37]),
+    "mqa": (1, 8, 1, 513, 7, 33, None),
+    "wide": (1, 2, 2, 1000, 64, 64, [100]),
+}
+GPU_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(INTERPRETED, reason="the kernels are interpreted in this process")
+class TestGPU:
+    @pytest.mark.parametrize("deterministic", [True, False], indirect=True, ids=["deterministic", "atomic"])
+    @pytest.mark.parametrize("case", sorted(GPU_CASES))
+    @pytest.mark.parametrize("d", [32, 64, 128])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+    def test_matches_reference(self, dtype, d, case, deterministic):
+        b, h, hkv, n, m, k, pad = GPU_CASES[case]
+        q, kk, v, r = make_inputs(b, h, hkv, n, d, m, dtype=torch.float32, seed=d, requires_grad=False)
+        low = [t.cuda().to(dtype).requires_grad_() for t in (q, kk, v, r)]
+        full = [t.detach().float().requires_grad_() for t in low]
+        mask = padding_mask(b, n, pad).cuda() if pad else None
+        atol, rtol = GPU_TOL[dtype]
+        _check(*low, topk=k, key_padding_mask=mask, ref_inputs=full, atol=atol, rtol=rtol)
+
+    @pytest.mark.parametrize("n", [8192, 32768])
+    def test_large_n_matches_torch_backend(self, n):
+        q, k, v, r = (t.cuda() for t in make_inputs(1, 4, 4, n, 128, 64, dtype=torch.float32, requires_grad=False))
+        lows = [t.bfloat16().requires_grad_() for t in (q, k, v, r)]
+        out = mita_attention(*lows, topk=64, backend="triton")
+        want = mita_attention(*lows, topk=64, backend="torch")
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=5e-2)
+        weight = torch.randn_like(out)
+        g_t = torch.autograd.grad((out * weight).sum(), lows)
+        g_r = torch.autograd.grad((want * weight).sum(), lows)
+        for a, e in zip(g_t, g_r):
+            torch.testing.assert_close(a.float(), e.float(), atol=5e-2, rtol=5e-2)
