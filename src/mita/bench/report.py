@@ -1,0 +1,92 @@
+"""Tables, JSON and plots for benchmark results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _key(r: dict) -> tuple:
+    return (r.get("label", ""), r["n"], r["mode"])
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Attach ``speedup_vs_sdpa`` (SDPA time / method time, same shape and mode, same run)."""
+    sdpa = {_key(r): r for r in rows if r["method"] == "sdpa" and "time_s" in r}
+    for r in rows:
+        base = sdpa.get(_key(r))
+        if base is not None and "time_s" in r and r["method"] != "sdpa":
+            r["speedup_vs_sdpa"] = base["time_s"] / r["time_s"]
+            r["memory_ratio_vs_sdpa"] = r["peak_mem_rise_bytes"] / max(1, base["peak_mem_rise_bytes"])
+    return rows
+
+
+def _mb(x: float) -> str:
+    return f"{x / 2**20:,.0f}"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """One row per (shape, N, mode, method): time, peak memory rise and speed-up over SDPA."""
+    head = "| shape | N | mode | method | time (ms) | peak mem rise (MiB) | speed-up vs SDPA |\n"
+    head += "|---|---:|---|---|---:|---:|---:|\n"
+    lines = []
+    for r in rows:
+        if "error" in r:
+            cells = [r.get("label", ""), str(r["n"]), r["mode"], r["method"], "—", "—", r["error"]]
+        else:
+            ratio = f"{r['speedup_vs_sdpa']:.2f}x" if "speedup_vs_sdpa" in r else "1.00x"
+            cells = [
+                r.get("label", ""),
+                str(r["n"]),
+                r["mode"],
+                r["method"],
+                f"{1000 * r['time_s']:,.1f}",
+                _mb(r["peak_mem_rise_bytes"]),
+                ratio,
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_json(rows: Sequence[dict], meta: dict, path: Path) -> None:
+    path.write_text(json.dumps({"meta": meta, "results": list(rows)}, indent=2))
+
+
+def write_plot(rows: Sequence[dict], path: Path, title: str) -> bool:
+    """Time vs N (log-log) per method and mode, and speed-up vs N. False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    seq = [r for r in rows if r.get("label") == "seq" and "time_s" in r]
+    if not seq:
+        return False
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"fwd": "--", "fwdbwd": "-"}
+    for method in sorted({r["method"] for r in seq}):
+        for mode in ("fwd", "fwdbwd"):
+            pts = sorted((r["n"], r) for r in seq if r["method"] == method and r["mode"] == mode)
+            if not pts:
+                continue
+            ns = [n for n, _ in pts]
+            ax_t.plot(ns, [1000 * r["time_s"] for _, r in pts], styles[mode], marker="o", label=f"{method} {mode}")
+            if method != "sdpa":
+                sp = [(n, r["speedup_vs_sdpa"]) for n, r in pts if "speedup_vs_sdpa" in r]
+                if sp:
+                    ax_s.plot(*zip(*sp), styles[mode], marker="o", label=f"{method} {mode}")
+    ax_t.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="time (ms)", title="time")
+    ax_s.axhline(1.0, color="gray", lw=0.8)
+    ax_s.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="SDPA time / MiTA time")
+    ax_s.set_title("speed-up over SDPA (same run)")
+    for ax in (ax_t, ax_s):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
