@@ -43,7 +43,7 @@ def accuracy_grid(
     Returns ``{"m": ms, "k": ks, "accuracy": [[acc or None]] (rows m, columns k, in [0, 1]),
     "errors": {"m=..,k=..": reason}, "n": samples evaluated}``.
     """
-    from mita import convert
+    from mita.convert import convert
     from mita.train.evaluate import evaluate
 
     acc = np.full((len(ms), len(ks)), np.nan)

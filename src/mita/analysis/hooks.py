@@ -106,7 +106,13 @@ class RoutingRecorder:
                 return
             # small ints keep many recorded batches cheap; positions fit easily in int32
             record.routings.append(Routing(*(t.detach().to(self.device, torch.int32) for t in routing)))
-            record.layout = dict(getattr(module, "last_layout", None) or {})
+            layout = dict(getattr(module, "last_layout", None) or {})
+            # how landmarks are built decides where their windows are (drawn by ``mita viz``)
+            layout.setdefault("landmarks", getattr(module, "landmarks_mode", "pool"))
+            size = getattr(getattr(module, "landmark", None), "size", None)
+            if size is not None:
+                layout.setdefault("landmark_grid", tuple(size))
+            record.layout = layout
 
         return hook
 

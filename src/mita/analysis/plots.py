@@ -57,6 +57,7 @@ def plot_pruning_maps(
     grid: tuple[int, int] | None = None,
     prefix: int = 0,
     layer_names: Sequence[str] | None = None,
+    padding: np.ndarray | None = None,
 ) -> Path:
     """Per-layer maps of how often each token is selected as a key (summed over landmarks and heads).
 
@@ -65,6 +66,7 @@ def plot_pruning_maps(
         images: ``S`` grayscale images drawn under the maps (grid layout only).
         grid: the ``(h, w)`` token grid; None draws 1-D maps (layers x positions, one panel per sample).
         prefix: leading tokens not on the grid (left out of the maps).
+        padding: ``[S, N]`` bool, True at padding tokens (1-D maps: drawn grey, not counted as pruned).
     """
     counts = np.asarray(counts)
     n_layers, n_samples, n_tokens = counts.shape
@@ -73,17 +75,21 @@ def plot_pruning_maps(
         fig = figure(10, 0.8 + (0.6 + 0.22 * n_layers) * n_samples)
         axes = fig.subplots(n_samples, 1, squeeze=False)[:, 0]
         for s, ax in enumerate(axes):
-            im = ax.imshow(counts[:, s], aspect="auto", cmap="magma", interpolation="nearest")
+            real = np.ones(n_tokens, dtype=bool) if padding is None else ~np.asarray(padding[s], dtype=bool)
+            real[:prefix] = False
+            ax.set_facecolor("0.8")
+            shown = np.ma.masked_where(np.broadcast_to(~real, counts[:, s].shape), counts[:, s])
+            im = ax.imshow(shown, aspect="auto", cmap="magma", interpolation="nearest")
             ax.set_yticks(range(n_layers))
             ax.set_yticklabels([str(i + 1) for i in range(n_layers)], fontsize=7)
             ax.set_ylabel(f"sample {s}\nlayer", fontsize=8)
-            pruned = (counts[:, s, prefix:] == 0).mean(-1)
+            pruned = (counts[:, s, real] == 0).mean(-1)
             ax.set_title(
                 "pruned per layer: " + " ".join(f"{100 * p:.0f}%" for p in pruned), fontsize=8, loc="left"
             )
             fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01, label="times selected")
         axes[-1].set_xlabel("token position")
-        fig.suptitle("Keys selected by any landmark (all heads); black = pruned")
+        fig.suptitle("Keys selected by any landmark (all heads); black = pruned, grey = prefix/padding")
         return _save(fig, path)
     fig = figure(1.6 * (n_layers + 1), 1.7 * n_samples + 0.6)
     axes = fig.subplots(n_samples, n_layers + 1, squeeze=False)
@@ -143,7 +149,8 @@ def plot_expert_maps(
                 ax.scatter(qx, qy, s=9, c="tab:blue", marker="o", label="routed queries")
                 ax.scatter(kx, ky, s=16, c="tab:red", marker="s", alpha=0.8, label="selected keys")
             else:
-                ax.axvspan(min(p["window"]) - 0.5, max(p["window"]) + 0.5, color="tab:green", alpha=0.3)
+                for lo, hi in _runs(p["window"]):
+                    ax.axvspan(lo - 0.5, hi + 0.5, color="tab:green", alpha=0.3)
                 ax.vlines(p["keys"], 1.1, 1.9, color="tab:red", lw=0.8)
                 ax.vlines(p["queries"], 0.1, 0.9, color="tab:blue", lw=0.8)
                 ax.set_xlim(-0.5, num_tokens - 0.5)
@@ -156,9 +163,20 @@ def plot_expert_maps(
             axes[ri, 0].set_ylabel(row_names[ri], fontsize=8)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("Experts: landmark window (green), selected keys (red), routed queries (blue)", fontsize=10)
     return _save(fig, path)
+
+
+def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted positions as inclusive runs of consecutive values ([1, 2, 3, 7] -> [(1, 3), (7, 7)])."""
+    runs: list[tuple[int, int]] = []
+    for t in sorted(positions):
+        if runs and t == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], t)
+        else:
+            runs.append((t, t))
+    return runs
 
 
 def _cells(pos: Sequence[int], grid: tuple[int, int], prefix: int) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,7 @@ def swap_column(
     ``convert_kwargs`` (e.g. ``num_landmarks``, ``topk``) are passed to :func:`mita.convert` for kinds
     other than the trained one. Returns ``(accuracies, errors by kind, samples evaluated)``.
     """
-    from mita import convert
+    from mita.convert import convert
     from mita.train.evaluate import evaluate
 
     accs, errors, n = [], {}, 0

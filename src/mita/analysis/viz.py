@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .hooks import LayerRecord, RoutingRecorder
-from .stats import expert_iou, expert_load, selection_counts
-from .windows import landmark_grid, landmark_windows_1d, landmark_windows_2d
+from .stats import expert_iou, expert_load, layer_stats, selection_counts
+from .windows import adaptive_span, landmark_grid, landmark_windows_1d, landmark_windows_2d
 
 __all__ = ["visualize", "main"]
 
@@ -65,16 +65,26 @@ def _padding_mask(dataset: Dataset, count: int, n: int, prefix: int) -> torch.Te
     return mask if bool(mask.any()) else None
 
 
-def _windows(layout: dict[str, Any], n: int, m: int) -> list[list[int]]:
+def _windows(layout: dict[str, Any], n: int, m: int, padding: torch.Tensor | None = None) -> list[list[int]]:
+    """Token positions each landmark is pooled from (empty lists for landmarks that are not pooled).
+
+    ``padding`` ([N] bool) matters for 1-D pooling, which averages over the valid tokens only.
+    """
     prefix = int(layout.get("prefix_tokens", 0) or 0)
     grid = layout.get("grid")
-    if layout.get("landmarks") == "official":  # cls + patches but the last, as a side x side grid
+    mode = layout.get("landmarks", "pool")
+    size = layout.get("landmark_grid")
+    if mode == "official":  # cls + patches but the last, as a side x side grid
         side = math.isqrt(n)
-        return landmark_windows_2d((side, side), landmark_grid(m, (side, side)))
+        return landmark_windows_2d((side, side), tuple(size or landmark_grid(m, (side, side))))
+    if mode != "pool":  # learned / random / conv landmarks have no pooling window
+        return [[] for _ in range(m)]
     if layout.get("layout") == "grid" and grid:
         grid = tuple(grid)
-        size = tuple(layout.get("landmark_grid") or landmark_grid(m, grid))
-        return landmark_windows_2d(grid, size, prefix=prefix)
+        return landmark_windows_2d(grid, tuple(size or landmark_grid(m, grid)), prefix=prefix)
+    if padding is not None:
+        valid = [t for t in range(prefix, n) if not bool(padding[t])]
+        return [[valid[i] for i in adaptive_span(j, len(valid), m)] for j in range(m)]
     return landmark_windows_1d(n, m, prefix=prefix)
 
 
@@ -85,20 +95,28 @@ def _pick_layers(count: int, most: int = 4) -> list[int]:
 
 
 def _expert_panels(
-    layers: Sequence[LayerRecord], picks: Sequence[int], head: int, experts: int
+    layers: Sequence[LayerRecord],
+    picks: Sequence[int],
+    head: int,
+    experts: int,
+    padding: torch.Tensor | None,
 ) -> list[list[dict[str, Any]]]:
-    """For each picked layer: the ``experts`` most-loaded experts of sample 0, head ``head``."""
+    """For each picked layer: the ``experts`` most-loaded experts of sample 0, head ``head``.
+
+    ``padding`` ([1, N] bool or None) keeps padded queries out of the panels and the IoU.
+    """
     rows = []
     for li in picks:
         r = layers[li].routing()
         ei, ki = r.expert_index[:1, head : head + 1].long(), r.key_index[:1, head : head + 1].long()
         n, m = ei.shape[2], ki.shape[2]
-        load = expert_load(ei, m)[0, 0]
-        iou = expert_iou(ei, ki)[0, 0]
-        windows = _windows(layers[li].layout, n, m)
+        load = expert_load(ei, m, padding_mask=padding)[0, 0]
+        iou = expert_iou(ei, ki, padding_mask=padding)[0, 0]
+        windows = _windows(layers[li].layout, n, m, None if padding is None else padding[0])
+        real = torch.ones(n, dtype=torch.bool) if padding is None else ~padding[0]
         row = []
         for j in load.argsort(descending=True)[:experts].tolist():
-            queries = (ei[0, 0] == j).any(-1).nonzero().flatten().tolist()
+            queries = ((ei[0, 0] == j).any(-1) & real).nonzero().flatten().tolist()
             row.append(
                 {
                     "window": windows[j],
@@ -141,7 +159,20 @@ def visualize(
     layout = rec.layers[0].layout
     prefix = rec.layers[0].prefix_tokens
     n = rec.layers[0].routings[0].expert_index.shape[2]
-    stats = rec.stats(padding_mask=_padding_mask(dataset, min(stats_samples, len(dataset)), n, prefix))
+    recorded = min(max(samples, stats_samples), len(dataset))
+    padding = _padding_mask(dataset, recorded, n, prefix)
+    ns = min(stats_samples, len(dataset))
+    stats = []
+    for layer in rec.layers:
+        r = layer.routing()
+        stats.append(
+            layer_stats(
+                r.expert_index[:ns],
+                r.key_index[:ns],
+                prefix_tokens=prefix,
+                padding_mask=None if padding is None else padding[:ns],
+            )
+        )
     grid = tuple(layout["grid"]) if layout.get("layout") == "grid" and layout.get("grid") else None
     names = [f"layer {i + 1}" for i in range(len(rec.layers))]
     heads = rec.layers[0].routings[0].key_index.shape[1]
@@ -155,11 +186,17 @@ def visualize(
     images = [_display_image(dataset[i][0], grid) for i in range(shown)]
     files = [
         plots.plot_pruning_maps(
-            out / "pruning_maps.png", counts, images=images, grid=grid, prefix=prefix, layer_names=names
+            out / "pruning_maps.png",
+            counts,
+            images=images,
+            grid=grid,
+            prefix=prefix,
+            layer_names=names,
+            padding=None if padding is None else padding[:shown].numpy(),
         )
     ]
     picks = _pick_layers(len(rec.layers))
-    panels = _expert_panels(rec.layers, picks, head, experts)
+    panels = _expert_panels(rec.layers, picks, head, experts, None if padding is None else padding[:1])
     files.append(
         plots.plot_expert_maps(
             out / "expert_maps.png",
@@ -173,7 +210,7 @@ def visualize(
     )
     files.append(plots.plot_layer_curves(out / "layer_curves.png", stats, title=title))
     report = {
-        "samples_for_stats": min(stats_samples, len(dataset)),
+        "samples_for_stats": ns,
         "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()},
         "layers": [{"name": rec.layers[i].name, **s.to_dict()} for i, s in enumerate(stats)],
         "files": [p.name for p in files] + ["stats.json"],
