@@ -1,0 +1,1 @@
+"""Integrations with optional libraries, imported lazily: see :mod:`mita.integrations.hf`."""
