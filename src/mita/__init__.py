@@ -1,11 +1,31 @@
 """mita: Mixture-of-Top-k Attention for PyTorch.
 
 ``mita_attention`` is the functional op (see ``mita.ops``); landmark builders live in
-``mita.landmarks``. Everything here imports on a CPU-only machine with only the core dependencies.
+``mita.landmarks``; modules in ``mita.nn``; models in ``mita.models``; ``mita.convert`` swaps the
+attention of any model. Everything here imports on a CPU-only machine with only the core dependencies;
+subpackages load on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from . import landmarks
 from .ops import Routing, mita_attention
 
 __version__ = "0.1.0"
-__all__ = ["mita_attention", "Routing", "landmarks", "__version__"]
+__all__ = ["mita_attention", "Routing", "landmarks", "convert", "__version__"]
+
+_SUBPACKAGES = ("nn", "models", "data", "train", "analysis", "bench", "integrations", "ops")
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: keeps `import mita` light and free of optional dependencies.
+    if name == "convert":
+        from .convert import convert
+
+        return convert
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mita' has no attribute {name!r}")
