@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", help="data directory (default: the data module's default)")
+    p.add_argument("--cache-dir", help="cache of generated tasks (default: the data module's default)")
     return p
 
 
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ms, ks = parse_int_list(args.m, "--m"), parse_int_list(args.k, "--k")
         model, meta = load_checkpoint(args.checkpoint)
-        dataset = eval_dataset(meta, root=args.data_root)
+        dataset = eval_dataset(meta, root=args.data_root, cache_dir=args.cache_dir, size=args.max_samples)
         result = accuracy_grid(
             model,
             dataset,

@@ -19,14 +19,28 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return load_model(path)
 
 
-def eval_dataset(meta: dict[str, Any], *, split: str = "test", root: str | None = None) -> Dataset:
-    """The evaluation split of a checkpoint's task, built with the data options it was trained with."""
+def eval_dataset(
+    meta: dict[str, Any],
+    *,
+    split: str = "test",
+    root: str | None = None,
+    cache_dir: str | None = None,
+    size: int | None = None,
+) -> Dataset:
+    """The evaluation split of a checkpoint's task, built with the data options it was trained with.
+
+    ``size`` keeps the first ``size`` examples (generated tasks then generate only those).
+    """
     from mita.data import build_dataset
 
     kwargs = dict(meta.get("data_kwargs", {}))
     kwargs.pop("size", None)  # the training-set cut does not apply to the evaluation split
     if root is not None:
         kwargs["root"] = root
+    if cache_dir is not None:
+        kwargs["cache_dir"] = cache_dir
+    if size is not None:
+        kwargs["size"] = size
     return build_dataset(meta["task"], split, augment=False, **kwargs)
 
 

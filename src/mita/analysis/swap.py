@@ -38,17 +38,18 @@ def swap_column(
     """Accuracy of one trained ``model`` evaluated with each of ``kinds`` (NaN where it cannot convert).
 
     ``convert_kwargs`` (e.g. ``num_landmarks``, ``topk``) are passed to :func:`mita.convert` for kinds
-    other than the trained one. Returns ``(accuracies, errors by kind, samples evaluated)``.
+    other than the trained one, each kind getting those it takes (full attention takes neither).
+    Returns ``(accuracies, errors by kind, samples evaluated)``.
     """
     from mita.convert import convert
+    from mita.nn.registry import filter_kwargs
     from mita.train.evaluate import evaluate
 
     accs, errors, n = [], {}, 0
     for kind in kinds:
         try:
-            variant = (
-                model if kind == trained else convert(copy.deepcopy(model), kind, **(convert_kwargs or {}))
-            )
+            kw = filter_kwargs(kind, convert_kwargs or {})
+            variant = model if kind == trained else convert(copy.deepcopy(model), kind, **kw)
             result = evaluate(variant, dataset, batch_size=batch_size, device=device, max_samples=max_samples)
         except ValueError as err:
             accs.append(float("nan"))
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", help="data directory (default: the data module's default)")
+    p.add_argument("--cache-dir", help="cache of generated tasks (default: the data module's default)")
     return p
 
 
@@ -95,12 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not kinds:
             raise ValueError(f"--kinds needs at least one attention kind, got {args.kinds!r}")
+        from mita.nn.registry import attention_class
+
+        for kind in kinds:
+            attention_class(kind)  # an unknown kind fails here, naming the valid ones
         for path in args.checkpoints:
             model, meta = load_checkpoint(path)
             if task is not None and meta.get("task") != task:
                 raise ValueError(f"{path} was trained on {meta.get('task')!r}, the others on {task!r}")
             task = meta.get("task")
-            dataset = eval_dataset(meta, root=args.data_root)
+            dataset = eval_dataset(meta, root=args.data_root, cache_dir=args.cache_dir, size=args.max_samples)
             accs, errors, n = swap_column(
                 model,
                 meta.get("attention"),

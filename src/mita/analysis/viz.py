@@ -234,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", help="data directory (default: the data module's default)")
+    p.add_argument("--cache-dir", help="cache of generated tasks (default: the data module's default)")
     return p
 
 
@@ -244,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model, meta = load_checkpoint(args.checkpoint)
-        dataset = eval_dataset(meta, root=args.data_root)
+        dataset = eval_dataset(
+            meta, root=args.data_root, cache_dir=args.cache_dir, size=max(args.samples, args.stats_samples)
+        )
         report = visualize(
             model,
             dataset,
