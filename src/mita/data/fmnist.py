@@ -7,6 +7,7 @@ and ``image`` (zero-padded to 32x32 and flattened to 1,024 pixel tokens, the gra
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
 
@@ -43,12 +44,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path}: not an unsigned-byte idx file (header {raw[:4].hex()})")
     ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4).astype(np.int64)
+    dims = tuple(int(v) for v in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     start = 4 + 4 * ndim
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)
     if len(raw) - start != expected:
-        raise ValueError(f"{path}: header says {tuple(dims)} = {expected} bytes, file has {len(raw) - start}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(tuple(dims)).copy()
+        raise ValueError(f"{path}: header says {dims} = {expected} bytes, file has {len(raw) - start}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(dims).copy()
 
 
 def load_fmnist(split: str, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -106,10 +107,11 @@ class PixelSequences(Dataset):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, info: TaskInfo):
         n = len(images)
-        self.tokens = torch.from_numpy(images.reshape(n, -1).astype(np.int64) + 1)
-        if self.tokens.shape[1] != info.seq_len:
+        # kept as uint8 (1 byte per pixel); shifted to token ids on access
+        self.pixels = torch.from_numpy(np.ascontiguousarray(images.reshape(n, -1), dtype=np.uint8))
+        if self.pixels.shape[1] != info.seq_len:
             raise ValueError(
-                f"{info.name}: images give {self.tokens.shape[1]} tokens, expected {info.seq_len}"
+                f"{info.name}: images give {self.pixels.shape[1]} tokens, expected {info.seq_len}"
             )
         assert PAD_ID == 0  # the +1 shift above relies on padding being 0
         self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
@@ -119,7 +121,7 @@ class PixelSequences(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.tokens[i], int(self.labels[i])
+        return self.pixels[i].long() + 1, int(self.labels[i])
 
 
 def pad_to_32(images: np.ndarray) -> np.ndarray:

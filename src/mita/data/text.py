@@ -27,16 +27,22 @@ SPLIT_SIZES = {
 _SPLIT_IDS = {"train": 0, "test": 2}
 
 
-def doc_end(play: Play, start: int, target: int) -> int:
-    """End (exclusive byte offset) of the document starting at ``start``: the last line boundary at most
-    ``target`` bytes on; a single over-long first line is cut at ``target`` bytes."""
+def doc_end(play: Play, start: int, target: int, lo: int, hi: int) -> int:
+    """End (exclusive byte offset) of the document starting at ``start``.
+
+    The last line boundary at most ``target`` bytes on; if that leaves fewer than ``lo`` bytes, the
+    first boundary at least ``lo`` bytes on (if within ``hi``); failing both, a cut at ``target``.
+    """
     n = len(play.text)
-    limit = min(start + target, n)
-    if limit == n:
+    if start + target >= n:
         return n
-    k = int(np.searchsorted(play.line_starts, limit, side="right")) - 1
-    end = int(play.line_starts[k])
-    return end if end > start else limit
+    starts = play.line_starts
+    end = int(starts[int(np.searchsorted(starts, start + target, side="right")) - 1])
+    if end - start >= lo:
+        return end
+    k = int(np.searchsorted(starts, start + lo, side="left"))
+    longer = int(starts[k]) if k < len(starts) else n
+    return longer if longer - start <= hi else start + target
 
 
 def pack_play(play: Play, rng: np.random.Generator, seq_len: int) -> list[tuple[int, int]]:
@@ -44,7 +50,7 @@ def pack_play(play: Play, rng: np.random.Generator, seq_len: int) -> list[tuple[
     lo = seq_len // 4
     docs, pos, n = [], 0, len(play.text)
     while n - pos >= lo:
-        end = doc_end(play, pos, int(rng.integers(lo, seq_len + 1)))
+        end = doc_end(play, pos, int(rng.integers(lo, seq_len + 1)), lo, seq_len)
         docs.append((pos, end))
         pos = end
     return docs
@@ -54,7 +60,7 @@ def _random_doc(play: Play, rng: np.random.Generator, seq_len: int) -> tuple[int
     lo = seq_len // 4
     last = int(np.searchsorted(play.line_starts, len(play.text) - lo, side="right"))  # starts leaving >= lo
     start = int(play.line_starts[rng.integers(0, max(last, 1))])
-    return start, doc_end(play, start, int(rng.integers(lo, seq_len + 1)))
+    return start, doc_end(play, start, int(rng.integers(lo, seq_len + 1)), lo, seq_len)
 
 
 def _corpus(pool: list[Play]) -> tuple[np.ndarray, dict[str, int]]:
