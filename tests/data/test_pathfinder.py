@@ -82,3 +82,12 @@ def test_config_validation():
         PathfinderConfig(paddles=0)
     with pytest.raises(ValueError, match="need n >= 1"):
         generate_pathfinder(0, 0, "train")
+
+
+def test_dot_distance_is_a_weak_cue():
+    # negatives take the pair of ends whose distance best matches a positive's, so a threshold on the
+    # distance between the dots (the obvious shortcut) stays near chance on the default difficulty
+    _, labels, _, dots = generate_pathfinder(2000, 2, "train", return_full=True)
+    dist = np.linalg.norm(dots[:, 0] - dots[:, 1], axis=1)
+    best = max(max(((dist < t) == labels).mean(), ((dist >= t) == labels).mean()) for t in np.unique(dist))
+    assert best < 0.6

@@ -155,14 +155,18 @@ def _chunk(rng: np.random.Generator, n: int, cfg: PathfinderConfig):
         have += len(part[0])
     drawn, full, a, b = (np.concatenate([p[k] for p in parts]) for k in range(4))
     labels = rng.permutation(np.arange(n) % 2)
-    # positive: dots on both ends of path A; negative: one (random) end of A and one of B
-    end_a = rng.integers(0, 2, n)
-    end_b = rng.integers(0, 2, n)
-    first = np.where((labels == 1)[:, None], a[:, 0], a[np.arange(n), -end_a])
-    second = np.where((labels == 1)[:, None], a[:, -1], b[np.arange(n), -end_b])
+    # positive: dots on both ends of path A. negative: one end of A and one of B, the pair of ends whose
+    # distance is closest to A's own end-to-end distance, so that dot distance is a weak cue to the label
+    ends_a = np.stack([a[:, 0], a[:, -1]], axis=1)  # [n, 2, 2]
+    ends_b = np.stack([b[:, 0], b[:, -1]], axis=1)
+    target = np.linalg.norm(ends_a[:, 0] - ends_a[:, 1], axis=-1)
+    cross = np.linalg.norm(ends_a[:, :, None] - ends_b[:, None, :], axis=-1).reshape(n, 4)
+    pick = np.abs(cross - target[:, None]).argmin(axis=1)
+    rows = np.arange(n)
+    first = np.where((labels == 1)[:, None], ends_a[:, 0], ends_a[rows, pick // 2])
+    second = np.where((labels == 1)[:, None], ends_a[:, 1], ends_b[rows, pick % 2])
     dots = np.stack([first, second], axis=1)  # [n, 2, 2]
     blocks = np.clip(dots[:, :, None, :] + _BLOCK[None, None], 0, cfg.size - 1).reshape(n, -1, 2)
-    rows = np.arange(n)
     _paint(drawn, rows, blocks)
     _paint(full, rows, blocks)
     return (drawn.astype(np.uint8) * 255), labels.astype(np.int64), full, dots

@@ -1,0 +1,158 @@
+"""``python -m mita.data.report``: sizes, class balance and lengths of every task, plus rendered examples.
+
+Prints a markdown table (the one in ``docs/data.md``) and writes ``data_fmnist.png``, ``data_image.png``
+and ``data_pathfinder.png`` to ``--img-dir``. Building the full generated sets fills the cache, so the
+first run takes a few minutes; ``--size N`` caps every split for a quick look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .build import SPLITS, build_dataset
+from .pathfinder import DIFFICULTIES
+from .tasks import TASKS
+
+__all__ = ["task_stats", "render_examples", "main"]
+
+
+def _lengths(ds) -> np.ndarray | None:
+    if hasattr(ds, "left"):
+        lengths = ds.lengths()
+        return np.concatenate([lengths[ds.left], lengths[ds.right]])
+    if hasattr(ds, "lengths"):
+        return ds.lengths()
+    return None
+
+
+def task_stats(name: str, split: str, **kwargs) -> dict:
+    """Size, per-class counts, unpadded lengths (sequence/pair tasks) and build time of one split."""
+    t0 = time.perf_counter()
+    ds = build_dataset(name, split, **kwargs)
+    seconds = time.perf_counter() - t0
+    labels = np.asarray(ds.labels)
+    counts = np.bincount(labels, minlength=ds.info.num_classes)
+    lengths = _lengths(ds)
+    return {
+        "task": name,
+        "split": split,
+        "n": len(ds),
+        "class_counts": counts.tolist(),
+        "majority": float(counts.max() / max(len(ds), 1)),
+        "length_mean": None if lengths is None else float(lengths.mean()),
+        "length_min": None if lengths is None else int(lengths.min()),
+        "length_max": None if lengths is None else int(lengths.max()),
+        "seconds": seconds,
+    }
+
+
+def _markdown(rows: list[dict]) -> str:
+    out = [
+        "| task | split | examples | per-class counts | majority class | length mean (min-max) | build s |",
+        "|---|---|---:|---|---:|---|---:|",
+    ]
+    for r in rows:
+        length = (
+            "-"
+            if r["length_mean"] is None
+            else f"{r['length_mean']:.0f} ({r['length_min']}-{r['length_max']})"
+        )
+        counts = " / ".join(str(c) for c in r["class_counts"])
+        out.append(
+            f"| {r['task']} | {r['split']} | {r['n']:,} | {counts} | {100 * r['majority']:.1f}% | {length} "
+            f"| {r['seconds']:.1f} |"
+        )
+    return "\n".join(out)
+
+
+def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path]:
+    """Write one figure per image task; returns the paths. Needs matplotlib (``pip install mita[plot]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("rendering examples needs matplotlib: pip install 'mita[plot]'") from e
+    img_dir = Path(img_dir)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    classes = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+    paths = []
+
+    fm = build_dataset("fmnist", "train", root=root, size=64)
+    fig, axes = plt.subplots(1, 3, figsize=(6.6, 2.5))
+    for ax, (title, x) in zip(
+        axes, [("original", fm.images[0].float() / 255), ("augmented", None), ("augmented", None)]
+    ):
+        if x is None:
+            x = fm[0][0][0]
+        ax.imshow(x, cmap="gray")
+        ax.set_title(f"{title}: {classes[int(fm.labels[0])]}", fontsize=9)
+        ax.axis("off")
+    paths.append(_save(fig, img_dir / "data_fmnist.png", plt))
+
+    im = build_dataset("image", "test", root=root, size=8)
+    fig, axes = plt.subplots(1, 4, figsize=(8, 2.4))
+    for ax, i in zip(axes, range(4)):
+        x, y = im[i]
+        ax.imshow((x - 1).reshape(32, 32), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{classes[y]} (1,024 tokens)", fontsize=8)
+        ax.axis("off")
+    paths.append(_save(fig, img_dir / "data_image.png", plt))
+
+    fig, axes = plt.subplots(len(DIFFICULTIES), 4, figsize=(8, 6.4))
+    for row, level in enumerate(DIFFICULTIES):
+        ds = build_dataset("pathfinder", "test", difficulty=level, size=16, cache_dir=cache_dir)
+        pos = [i for i in range(len(ds)) if ds[i][1] == 1][:2]
+        neg = [i for i in range(len(ds)) if ds[i][1] == 0][:2]
+        for ax, i in zip(axes[row], pos + neg):
+            ax.imshow((ds[i][0] - 1).reshape(32, 32), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{level}: {'connected' if ds[i][1] else 'not connected'}", fontsize=8)
+            ax.axis("off")
+    paths.append(_save(fig, img_dir / "data_pathfinder.png", plt))
+    return paths
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mita.data.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS), help="tasks to describe")
+    p.add_argument("--size", type=int, default=None, help="cap every split at N examples (quick look)")
+    p.add_argument("--cache-dir", default=None, help="data cache (default $MITA_CACHE or ~/.cache/mita)")
+    p.add_argument("--img-dir", default="docs/img", help="where the example images go")
+    p.add_argument("--no-images", action="store_true", help="skip rendering the examples")
+    p.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = p.parse_args(argv)
+
+    rows = []
+    for name in args.tasks:
+        for split in SPLITS[name]:
+            kwargs = {"cache_dir": args.cache_dir, "size": args.size}
+            if name == "fmnist":
+                kwargs["augment"] = False
+            rows.append(task_stats(name, split, **kwargs))
+            print(
+                f"# built {name}/{split}: {rows[-1]['n']} examples in {rows[-1]['seconds']:.1f}s", flush=True
+            )
+    table = _markdown(rows)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if not args.no_images:
+        for path in render_examples(args.img_dir, cache_dir=args.cache_dir):
+            print(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
