@@ -1,0 +1,81 @@
+"""Hugging Face integration: MiTA as an attn_implementation of a tiny random BERT encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import BertConfig, BertModel  # noqa: E402
+
+from mita.integrations import hf  # noqa: E402
+
+
+def _bert() -> BertModel:
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0, max_position_embeddings=64,
+    )  # fmt: skip
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return BertModel(cfg).eval()
+
+
+def _inputs():
+    torch.manual_seed(1)
+    ids = torch.randint(1, 50, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 15:] = 0
+    return ids, mask
+
+
+def test_routed_only_with_k_equal_n_is_full_attention_including_padding():
+    """shared=False and k = N: each query's one expert holds every key, i.e. exact softmax attention."""
+    model = _bert()
+    ids, mask = _inputs()
+    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model.set_attn_implementation(hf.register("mita_full_equiv", shared=False, topk=24, num_landmarks=4))
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_mita_ignores_padding():
+    model = _bert()
+    model.set_attn_implementation(hf.register("mita_default", num_landmarks=4, topk=6))
+    ids, mask = _inputs()
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    alone = model(input_ids=ids[1:, :15]).last_hidden_state
+    torch.testing.assert_close(out[1:, :15], alone, rtol=1e-5, atol=1e-5)
+    # without the mask the padded tokens are attended and the real tokens change
+    unmasked = model(input_ids=ids).last_hidden_state
+    assert not torch.allclose(unmasked[1:, :15], alone, atol=1e-4)
+
+
+def test_gqa_heads_arrive_unexpanded():
+    torch.manual_seed(2)
+    fn = hf.make_attention_function(num_landmarks=3, topk=4)
+    q = torch.randn(2, 4, 12, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 12, 8, dtype=torch.float64), torch.randn(2, 2, 12, 8, dtype=torch.float64)
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[0, 9:] = False
+    module = torch.nn.Module()
+    out, weights = fn(module, q, k, v, keep, scaling=8**-0.5)
+    expanded, _ = fn(module, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), keep, scaling=8**-0.5)
+    assert out.shape == (2, 12, 4, 8) and weights is None
+    torch.testing.assert_close(out, expanded)
+
+
+def test_refuses_causal_dropout_and_foreign_masks():
+    fn = hf.make_attention_function(num_landmarks=2, topk=2)
+    q = torch.randn(1, 2, 8, 4)
+    causal = torch.nn.Module()
+    causal.is_causal = True
+    with pytest.raises(ValueError, match="non-causal"):
+        fn(causal, q, q, q, None)
+    with pytest.raises(ValueError, match="dropout"):
+        fn(torch.nn.Module(), q, q, q, None, dropout=0.1)
+    with pytest.raises(ValueError, match="mask function"):
+        fn(torch.nn.Module(), q, q, q, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="'pool' or 'official'"):
+        hf.make_attention_function(landmarks="learned")

@@ -1,0 +1,72 @@
+"""mita.convert: timm ViTs and our models, to MiTA and back, weights and outputs preserved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mita.convert import convert
+from mita.models import vit_fmnist
+from mita.nn import FullAttention, MiTAAttention, build_attention
+
+TIMM_KW = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+
+
+def test_timm_vit_to_mita_and_back():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_KW).eval()
+    x = torch.randn(2, 1, 28, 28)
+    ref = model(x)
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    convert(model, "full")
+    assert all(isinstance(b.attn, FullAttention) for b in model.blocks)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    convert(model, "mita", num_landmarks=9, topk=16)
+    attn = model.blocks[0].attn
+    assert isinstance(attn, MiTAAttention) and attn.grid == (14, 14) and attn.prefix_tokens == 1
+    assert set(model.state_dict()) == set(keys)  # state-dict names identical to timm's
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, keys[k])
+    mita_out = model(x)
+    assert not torch.allclose(mita_out, ref, atol=1e-4)  # MiTA is a different attention
+    convert(model, "full")
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_own_model_round_trip_and_inference_mk_change():
+    torch.manual_seed(1)
+    model = vit_fmnist(embed_dim=32, depth=2, num_heads=2, num_landmarks=16, topk=9).eval()
+    x = torch.randn(2, 1, 28, 28)
+    ref = model(x)
+    convert(model, "full")
+    convert(model, "mita", num_landmarks=16, topk=9)
+    torch.testing.assert_close(model(x), ref)
+    convert(model, "mita", topk=25)  # only k changes; m and the layout are kept
+    attn = model.blocks[0].attn
+    assert (attn.num_landmarks, attn.topk, attn.grid) == (16, 25, (14, 14))
+    assert model.training is False and attn.training is False
+
+
+def test_variant_weights_survive_conversion():
+    torch.manual_seed(2)
+    src = build_attention("mita", 32, 2, dwc=True, gate=True, qk_norm=True, num_landmarks=4, topk=5).double()
+    dst = convert(src, "full")
+    assert isinstance(dst, FullAttention) and dst.use_gate and dst.dwc is not None
+    for name, tensor in dst.state_dict().items():
+        torch.testing.assert_close(tensor, src.state_dict()[name])
+    assert dst.qkv.weight.dtype == torch.float64
+    back = convert(dst, "mita", num_landmarks=4, topk=5)
+    x = torch.randn(2, 17, 32, dtype=torch.float64)
+    torch.testing.assert_close(back(x), src(x))
+
+
+def test_convert_rejects_bad_requests():
+    with pytest.raises(ValueError, match="unknown attention kind"):
+        convert(torch.nn.Linear(2, 2), "flash")
+    with pytest.raises(ValueError, match=r"does not take \['topk'\]"):
+        convert(vit_fmnist(embed_dim=32, depth=1, num_heads=2), "full", topk=3)
+    with pytest.raises(ValueError, match="cannot convert Linear"):
+        from mita.convert import convert_module
+
+        convert_module(torch.nn.Linear(2, 2), "full")
