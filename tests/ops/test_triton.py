@@ -126,19 +126,30 @@ class TestInterpreter:
         for a, b in zip(*runs):
             assert torch.equal(a, b)
 
-    @pytest.mark.parametrize("splits", [1, 3])
-    def test_landmark_kernel_matches_formula(self, splits):
-        from mita.ops.triton.landmark import landmark_forward
+    @pytest.mark.parametrize("splits,score_bytes", [(1, 1 << 28), (3, 1)], ids=["whole", "split_chunked"])
+    def test_landmark_kernels_match_formula(self, splits, score_bytes):
+        from mita.ops.triton.landmark import landmark_backward, landmark_forward
 
-        # GQA (4 query heads on 2 kv heads); padding covers the whole last key chunk when split in 3.
-        q, k, v, r = make_inputs(2, 4, 2, 150, 16, 3, dtype=torch.float32, seed=8, requires_grad=False)
+        # GQA (4 query heads on 2 kv heads); padding covers the whole last key chunk when split in 3;
+        # score_bytes=1 forces one head per pass through the score buffer.
+        g = torch.Generator().manual_seed(8)
+        q, k, v, r = make_inputs(2, 4, 2, 150, 16, 3, dtype=torch.float32, seed=8)
         mask = padding_mask(2, 150, [0, 86])
-        scores, values, lse = landmark_forward(r, k, v, mask.to(torch.uint8), 0.25, splits=splits)
+        u8 = mask.to(torch.uint8)
+        with torch.no_grad():
+            keys, values, lse = landmark_forward(r, k, v, u8, 0.25, 9, splits=splits, score_bytes=score_bytes)
         kh, vh = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-        want = (r @ kh.transpose(-1, -2) * 0.25).masked_fill(mask[:, None, None, :], float("-inf"))
-        torch.testing.assert_close(scores, want, **F32)
-        torch.testing.assert_close(lse, torch.logsumexp(want, -1), **F32)
-        torch.testing.assert_close(values, torch.softmax(want, -1) @ vh, **F32)
+        scores = (r @ kh.transpose(-1, -2) * 0.25).masked_fill(mask[:, None, None, :], float("-inf"))
+        want = torch.softmax(scores, -1) @ vh
+        assert _same_keys(keys, scores.topk(9, dim=-1).indices)
+        torch.testing.assert_close(lse, torch.logsumexp(scores, -1).detach(), **F32)
+        torch.testing.assert_close(values, want.detach(), **F32)
+        # Backward given dA: compare with autograd through the formula above.
+        d_values = torch.randn(values.shape, generator=g)
+        dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+        dr = landmark_backward(r, k, v, u8, 0.25, values, lse, d_values, dk, dv, splits=splits)
+        for name, got, exp in zip("rkv", (dr, dk, dv), torch.autograd.grad(want, (r, k, v), d_values)):
+            torch.testing.assert_close(got, exp, msg=lambda m, name=name: f"d{name}: {m}", **F32)
 
     def test_segment_sum_adds_rows_by_target(self):
         from mita.ops.triton.scatter import segment_sum

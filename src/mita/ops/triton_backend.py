@@ -1,16 +1,18 @@
 """The ``"triton"`` backend: fused Triton kernels for MiTA forward and backward (design in docs/triton.md).
 
 Forward, per call:
-1. landmark kernel: one pass over K and V gives the scores ``R K^T c`` (then ``torch.topk`` picks each
-   landmark's keys) and the shared values ``A = softmax(R K^T c) V``;
-2. routing: ``Q R^T`` once (float32), used for the argmax expert and, later, the shared logits;
+1. landmark kernel: one pass over K and V per head computes the scores ``R K^T c`` once; they feed
+   ``torch.topk`` (each landmark's keys) and an online softmax giving ``A = softmax(R K^T c) V``;
+2. routing kernel: ``argmax_j q . r_j`` per query (``Q R^T`` is never stored);
 3. queries are packed into fixed-size tiles sharing one expert (device sort, static tile count, no
    host sync) and the attention kernel runs one online softmax per tile over the ``m`` shared entries
-   and the expert's ``k`` keys, loaded by index.
+   (logits recomputed from R) and the expert's ``k`` keys, loaded by index; O and the row
+   log-sum-exp are written in token order.
 
-Backward: the routed part (dQ per tile; dK/dV scattered atomically, or deterministically when
-``torch.are_deterministic_algorithms_enabled()``) runs in Triton; the shared logits and the landmark
-side (gradients into A, R, K, V) are small ``m x N`` matmuls done with torch ops in float32.
+Backward, all in Triton: the tile kernel gives dQ (no atomics) and the routed dK/dV (atomics, or a
+deterministic per-tile buffer + segmented sum when ``torch.are_deterministic_algorithms_enabled()``);
+a query-major kernel gives dA and the shared-logit part of dR; two landmark kernels give dR, dK, dV
+through ``A``. Nothing of size ``N x m`` is saved for backward.
 
 Only ``s = 1`` and float32/float16/bfloat16 run in the kernels; ``experts_per_query > 1`` (with or
 without ``dedup``) and float64 fall back to the torch backend with a one-time warning.
@@ -58,9 +60,9 @@ def availability() -> tuple[bool, str]:
 
 def _kernels():
     """Import the kernel modules (and triton) on first use."""
-    from .triton import attention, landmark
+    from .triton import attention, landmark, routing, shared
 
-    return landmark, attention
+    return landmark, routing, attention, shared
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -90,83 +92,39 @@ def _tiling(p: Problem, expert_index: torch.Tensor) -> tuple[torch.Tensor, torch
     return tiles.expert.contiguous(), tiles.pair.contiguous(), tiles.valid.to(torch.uint8).contiguous()
 
 
-def _landmark_backward(
-    p: Problem,
-    r: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    values: torch.Tensor,
-    d_values: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``A = softmax(R K^T c) V`` given dA, in float32: (dR, dK, dV)."""
-    b, h, m, d = r.shape
-    g, hkv, dv = p.group, p.kv_heads, v.shape[3]
-    rg = r.float().reshape(b, hkv, g * m, d)
-    kf, vf = k.float(), v.float()
-    scores = (rg @ kf.transpose(-1, -2)) * p.scale
-    if mask is not None:
-        scores = scores.masked_fill(mask.bool()[:, None, None, :], float("-inf"))
-    prob = torch.softmax(scores, dim=-1)  # [B, Hkv, g*m, N]
-    d_a = d_values.reshape(b, hkv, g * m, dv)
-    a = values.reshape(b, hkv, g * m, dv)
-    dv_l = prob.transpose(-1, -2) @ d_a
-    ds = prob * (d_a @ vf.transpose(-1, -2) - (d_a * a).sum(-1, keepdim=True))
-    dr = ((ds @ kf) * p.scale).reshape(b, h, m, d)
-    dk = (ds.transpose(-1, -2) @ rg) * p.scale
-    return dr, dk, dv_l
-
-
 class _MitaTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, r, mask, p: Problem, deterministic: bool):  # noqa: D102
-        landmark, attention = _kernels()
-        scores, values, _ = landmark.landmark_forward(r, k, v, mask, p.scale)
-        key_index = scores.topk(p.topk, dim=-1, sorted=False).indices.contiguous()
-        del scores
-        if q.dtype == torch.float32:
-            qr = q @ r.transpose(-1, -2)  # the very op of routing.query_side: identical argmax
-        else:
-            qr = q.float() @ r.float().transpose(-1, -2)  # half types: route on float32 logits
-        qr = qr.contiguous()
-        expert_index = qr.topk(1, dim=-1).indices
-        tile_expert, tile_rows, tile_ok = _tiling(p, expert_index)
+        landmark, routing, attention, _ = _kernels()
+        key_index, values, lse_l = landmark.landmark_forward(r, k, v, mask, p.scale, p.topk)
+        expert_index = routing.route(q, r)
+        tiles = _tiling(p, expert_index)
         out, lse = attention.attention_forward(
-            q, k, v, qr, values, key_index, mask, tile_expert, tile_rows, tile_ok,
+            q, k, v, r, values, key_index, mask, tiles,
             scale=p.scale, lam=p.landmark_scale, shared=p.shared, routed=p.routed,
         )  # fmt: skip
-        tiling = (tile_expert, tile_rows, tile_ok)
-        ctx.save_for_backward(q, k, v, r, mask, values, qr, key_index, *tiling, out, lse)
+        ctx.save_for_backward(q, k, v, r, mask, values, lse_l, key_index, *tiles, out, lse)
         ctx.p, ctx.deterministic = p, deterministic
         ctx.mark_non_differentiable(expert_index, key_index)
         return out, expert_index, key_index
 
     @staticmethod
     def backward(ctx, d_out, _d_expert, _d_keys):  # noqa: D102
-        q, k, v, r, mask, values, qr, key_index, tile_expert, tile_rows, tile_ok, out, lse = ctx.saved_tensors
+        q, k, v, r, mask, values, lse_l, key_index, *tiles, out, lse = ctx.saved_tensors
         p: Problem = ctx.p
-        _, attention = _kernels()
+        landmark, _, attention, shared = _kernels()
         do = d_out.contiguous()
         delta = (do.float() * out.float()).sum(-1)  # [B, H, N]: rowsum(dO * O) of the one softmax
-        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
-        dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
-        dr = torch.zeros(r.shape, device=q.device, dtype=torch.float32)
-        if p.routed:
-            dq, dk, dv = attention.attention_backward(
-                q, k, v, do, lse, delta, key_index, mask, tile_expert, tile_rows, tile_ok,
-                scale=p.scale, deterministic=ctx.deterministic,
-            )  # fmt: skip
+        dq, dk, dv = attention.attention_backward(
+            q, k, v, r, values, do, lse, delta, key_index, mask, tuple(tiles),
+            scale=p.scale, lam=p.landmark_scale, shared=p.shared, routed=p.routed,
+            deterministic=ctx.deterministic,
+        )  # fmt: skip
         if p.shared:
-            # Shared logits qr * lambda share the softmax normaliser lse with the routed keys.
-            prob = torch.exp(qr * p.landmark_scale - lse.unsqueeze(-1))  # [B, H, N, m]
-            dof = do.float()
-            d_values = prob.transpose(-1, -2) @ dof  # [B, H, m, dv]
-            d_qr = prob * (dof @ values.transpose(-1, -2) - delta.unsqueeze(-1)) * p.landmark_scale
-            dq = dq + d_qr @ r.float()
-            dr = dr + d_qr.transpose(-1, -2) @ q.float()
-            dr_l, dk_l, dv_l = _landmark_backward(p, r, k, v, mask, values, d_values)
-            dr, dk, dv = dr + dr_l, dk + dk_l, dv + dv_l
+            d_values, dr = shared.shared_backward(q, r, values, do, lse, delta, p.landmark_scale)
+            dr += landmark.landmark_backward(r, k, v, mask, p.scale, values, lse_l, d_values, dk, dv)
+        else:
+            dr = torch.zeros(r.shape, device=r.device, dtype=torch.float32)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dr.to(r.dtype), None, None, None
 
 

@@ -1,8 +1,11 @@
-"""Landmark side in one pass over K and V: scores ``S = R K^T c`` and shared values ``A = softmax(S) V``.
+"""Landmark side: scores ``S = R K^T c``, per-landmark top-k keys and shared values ``A = softmax(S) V``.
 
-The scores are written once (float32, padding = -inf) so that the per-landmark top-k can run on them
-with ``torch.topk``; the same scores feed an online softmax that accumulates ``A`` and its
-log-sum-exp without a second read of K.
+Forward: one pass over K and V per head computes S once; it is written (float32, padding = -inf) for
+``torch.topk`` and feeds an online softmax that accumulates A and its log-sum-exp. Long key ranges
+are split over programs and merged by log-sum-exp; heads go in groups so the score buffer stays
+bounded. Backward: two kernels recompute the probabilities block by block (nothing ``m x N`` is
+kept): a key-major one adds dK/dV per key row (no atomics, GQA heads looped inside) and a
+landmark-major one produces dR per key chunk, summed in a fixed order.
 """
 
 from __future__ import annotations
@@ -11,18 +14,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, pow2
+from .blocks import load_cols, load_rows, store_rows
+from .common import chunking, default_splits, dot_precision, pow2
 
 
 @triton.jit
 def _landmark_fwd_kernel(
     R, K, V, MASK, S, A, LSE,
-    n_kv, m, heads, kv_heads, group, scale, chunk, splits,
+    n_kv, m, heads, kv_heads, group, scale, chunk, splits, bh0,
     HAS_MASK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    # Heads bh0 .. bh0 + grid[0] - 1; S holds only these heads (bounded score buffer).
+    bh = bh0 + tl.program_id(0)
     mb = tl.program_id(1)
     sp = tl.program_id(2)  # which chunk of the keys this program reduces (split over N for long inputs)
     b = bh // heads
@@ -52,7 +57,8 @@ def _landmark_fwd_kernel(
             pad = tl.load(MASK + b.to(tl.int64) * n_kv + offs_n, mask=n_ok, other=1)
             valid = valid & (pad == 0)
         s = tl.where(valid[None, :], s, float("-inf"))
-        tl.store(S + lrow[:, None] * n_kv + offs_n[None, :], s, mask=m_ok[:, None] & n_ok[None, :])
+        srow = tl.program_id(0).to(tl.int64) * m + offs_m
+        tl.store(S + srow[:, None] * n_kv + offs_n[None, :], s, mask=m_ok[:, None] & n_ok[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A block of only padding leaves m_new = -inf; subtract 0 instead so exp gives 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -72,54 +78,180 @@ def _landmark_fwd_kernel(
     tl.store(LSE + prow, tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf")), mask=m_ok)
 
 
-def default_splits(bh: int, m_blocks: int, n: int, device: torch.device) -> int:
-    """Chunks of the keys reduced in parallel: enough programs to fill a GPU (about 4 per SM), but
-    at least 1024 keys per chunk; 1 on CPU (the interpreter gains nothing from splitting)."""
-    if device.type != "cuda":
-        return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(target, bh * m_blocks), triton.cdiv(n, 1024)))
-
-
 def landmark_forward(
     r: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    topk: int,
     splits: int | None = None,
+    score_bytes: int = 1 << 28,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores, shared values and their log-sum-exp.
+    """Top-k keys per landmark, shared values and their log-sum-exp.
 
     Args:
         r: landmarks ``[B, H, m, d]``; k, v: ``[B, Hkv, N, d]`` / ``[B, Hkv, N, dv]`` (contiguous).
         mask: ``[B, N]`` uint8 (1 = padding) or None.
         scale: ``c`` applied to the scores.
+        topk: keys kept per landmark (``torch.topk`` on the float32 scores; padding scores -inf).
         splits: key chunks reduced by separate programs and merged by log-sum-exp
-            (default :func:`default_splits`).
+            (default: enough programs to fill the GPU).
+        score_bytes: cap on the float32 score buffer; heads are processed in groups that fit in it,
+            so the ``m x N`` scores never exist for all heads at once.
 
     Returns:
-        ``S`` [B, H, m, N] float32 (padding = -inf), ``A`` [B, H, m, dv] float32, ``lse`` [B, H, m] float32.
+        ``key_index`` [B, H, m, topk] int64, ``A`` [B, H, m, dv] float32, ``lse`` [B, H, m] float32.
     """
     b, h, m, d = r.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[3]
+    bh = b * h
     block_m = min(64, pow2(m))
     block_n = 64 if n >= 64 else pow2(n)
     m_blocks = triton.cdiv(m, block_m)
-    splits = splits or default_splits(b * h, m_blocks, n, r.device)
-    chunk = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n  # whole key blocks per chunk
-    splits = triton.cdiv(n, chunk)
-    scores = torch.empty(b, h, m, n, device=r.device, dtype=torch.float32)
+    chunk, splits = chunking(n, splits or default_splits(bh * m_blocks, n, r.device), block_n)
+    heads_per_pass = max(1, min(bh, score_bytes // (4 * m * n)))
+    scores = torch.empty(heads_per_pass, m, n, device=r.device, dtype=torch.float32)
+    key_index = torch.empty(bh, m, topk, device=r.device, dtype=torch.int64)
     part = torch.empty(b, h, m, splits, dv, device=r.device, dtype=torch.float32)
     part_lse = torch.empty(b, h, m, splits, device=r.device, dtype=torch.float32)
-    _landmark_fwd_kernel[(b * h, m_blocks, splits)](
-        r, k, v, mask if mask is not None else r, scores, part, part_lse,
-        n, m, h, hkv, h // hkv, scale, chunk, splits,
-        HAS_MASK=mask is not None, D=d, DV=dv, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv),
-        BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(r.dtype),
-    )  # fmt: skip
+    for bh0 in range(0, bh, heads_per_pass):  # static loop: sizes only, no host sync
+        count = min(heads_per_pass, bh - bh0)
+        _landmark_fwd_kernel[(count, m_blocks, splits)](
+            r, k, v, mask if mask is not None else r, scores, part, part_lse,
+            n, m, h, hkv, h // hkv, scale, chunk, splits, bh0,
+            HAS_MASK=mask is not None, D=d, DV=dv, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv),
+            BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(r.dtype),
+        )  # fmt: skip
+        key_index[bh0 : bh0 + count] = scores[:count].topk(topk, dim=-1, sorted=False).indices
+    key_index = key_index.reshape(b, h, m, topk)
     if splits == 1:
-        return scores, part.squeeze(3), part_lse.squeeze(3)
+        return key_index, part.squeeze(3), part_lse.squeeze(3)
     lse = torch.logsumexp(part_lse, dim=-1)  # finite: every batch row has a real key
     weight = torch.exp(part_lse - lse.unsqueeze(-1))
-    return scores, (weight.unsqueeze(-1) * part).sum(-2), lse
+    return key_index, (weight.unsqueeze(-1) * part).sum(-2), lse
+
+
+@triton.jit
+def _landmark_bwd_kv_kernel(
+    R, K, V, MASK, LSE, DA, DL, DK, DV_,
+    n_kv, m, heads, kv_heads, group, scale,
+    HAS_MASK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Key-major: a program owns a block of key rows of one kv head and loops over the landmarks of
+    # all query heads sharing it, so it adds into its dK/dV rows without atomics.
+    kvh = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = kvh // kv_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    n_ok = offs_n < n_kv
+    valid = n_ok
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK + b * n_kv + offs_n, mask=n_ok, other=1) == 0)
+    krow = kvh * n_kv + offs_n
+    k = load_rows(K, krow, offs_d, D, n_ok, d_ok)
+    v = load_rows(V, krow, offs_dv, DV, n_ok, dv_ok).to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for gi in range(group):
+        bh = b * heads + (kvh % kv_heads) * group + gi
+        for start in range(0, m, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < m
+            lrow = bh * m + offs_m
+            r = load_rows(R, lrow, offs_d, D, m_ok, d_ok)
+            lse = tl.load(LSE + lrow, mask=m_ok, other=0.0)
+            dl = tl.load(DL + lrow, mask=m_ok, other=0.0)
+            d_a = load_rows(DA, lrow, offs_dv, DV, m_ok, dv_ok)
+            s = tl.dot(r, tl.trans(k), input_precision=PREC) * scale  # [BLOCK_M, BLOCK_N]
+            p = tl.where(m_ok[:, None] & valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+            ds = p * (tl.dot(d_a, tl.trans(v), input_precision=PREC) - dl[:, None])
+            dv += tl.dot(tl.trans(p), d_a, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(r.dtype)), r, input_precision=PREC)
+    store_rows(DK, krow, offs_d, D, n_ok, d_ok, load_rows(DK, krow, offs_d, D, n_ok, d_ok) + dk * scale)
+    store_rows(DV_, krow, offs_dv, DV, n_ok, dv_ok, load_rows(DV_, krow, offs_dv, DV, n_ok, dv_ok) + dv)
+
+
+@triton.jit
+def _landmark_bwd_r_kernel(
+    R, K, V, MASK, LSE, DA, DL, DR,
+    n_kv, m, heads, kv_heads, group, scale, chunk, splits,
+    HAS_MASK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Landmark-major: a program owns a block of landmarks and one chunk of the keys; chunks are
+    # summed afterwards in a fixed order.
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sp = tl.program_id(2)
+    b = bh // heads
+    kvh = b * kv_heads + (bh % heads) // group
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    m_ok = offs_m < m
+    lrow = bh * m + offs_m
+    r = load_rows(R, lrow, offs_d, D, m_ok, d_ok)
+    lse = tl.load(LSE + lrow, mask=m_ok, other=0.0)
+    dl = tl.load(DL + lrow, mask=m_ok, other=0.0)
+    d_a = load_rows(DA, lrow, offs_dv, DV, m_ok, dv_ok)
+    dr = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(sp * chunk, tl.minimum(sp * chunk + chunk, n_kv), BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_kv
+        valid = n_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + b * n_kv + offs_n, mask=n_ok, other=1) == 0)
+        krow = kvh * n_kv + offs_n
+        kt = load_cols(K, krow, offs_d, D, n_ok, d_ok)
+        v = load_rows(V, krow, offs_dv, DV, n_ok, dv_ok).to(tl.float32)
+        s = tl.dot(r, kt, input_precision=PREC) * scale
+        p = tl.where(m_ok[:, None] & valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(d_a, tl.trans(v), input_precision=PREC) - dl[:, None])
+        dr += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    store_rows(DR, lrow * splits + sp, offs_d, D, m_ok, d_ok, dr * scale)
+
+
+def landmark_backward(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    values: torch.Tensor,
+    lse: torch.Tensor,
+    d_values: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Backward of ``A = softmax(R K^T c) V`` given dA: adds into ``dk``/``dv`` (float32, in place) and
+    returns dR ``[B, H, m, d]`` float32. ``lse`` is the landmark log-sum-exp from :func:`landmark_forward`.
+
+    Nothing of size ``m x N`` is stored: both kernels recompute the probabilities block by block.
+    """
+    b, h, m, d = r.shape
+    hkv, n, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    d_l = (d_values * values).sum(-1)  # rowsum(dA * A): the softmax-backward correction per landmark
+    block_m = min(64, pow2(m))
+    block_n = 64 if n >= 64 else pow2(n)
+    consts = dict(
+        HAS_MASK=mask is not None, D=d, DV=dv_dim, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(r.dtype),
+    )  # fmt: skip
+    mask_arg = mask if mask is not None else r
+    _landmark_bwd_kv_kernel[(b * hkv, triton.cdiv(n, block_n))](
+        r, k, v, mask_arg, lse, d_values, d_l, dk, dv, n, m, h, hkv, h // hkv, scale, **consts
+    )
+    m_blocks = triton.cdiv(m, block_m)
+    chunk, splits = chunking(n, splits or default_splits(b * h * m_blocks, n, r.device), block_n)
+    d_r = torch.empty(b, h, m, splits, d, device=r.device, dtype=torch.float32)
+    _landmark_bwd_r_kernel[(b * h, m_blocks, splits)](
+        r, k, v, mask_arg, lse, d_values, d_l, d_r, n, m, h, hkv, h // hkv, scale, chunk, splits, **consts
+    )
+    return d_r.sum(3)
