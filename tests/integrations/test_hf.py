@@ -79,3 +79,28 @@ def test_refuses_causal_dropout_and_foreign_masks():
         fn(torch.nn.Module(), q, q, q, torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="'pool' or 'official'"):
         hf.make_attention_function(landmarks="learned")
+
+
+def test_vit_encoder_with_grid_landmarks():
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(
+        image_size=12, patch_size=3, num_channels=1, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64,
+        attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+    )  # fmt: skip
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(3)
+    model = ViTModel(cfg, add_pooling_layer=False).eval()
+    x = torch.randn(2, 1, 12, 12)
+    ref = model(pixel_values=x).last_hidden_state  # 1 cls + 4x4 patches
+    model.set_attn_implementation(
+        hf.register("mita_vit_full", layout="grid", prefix_tokens=1, num_landmarks=4, topk=17, shared=False)
+    )
+    torch.testing.assert_close(model(pixel_values=x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+    model.set_attn_implementation(
+        hf.register("mita_vit", layout="grid", prefix_tokens=1, num_landmarks=4, topk=5)
+    )
+    out = model(pixel_values=x).last_hidden_state
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, ref, atol=1e-4)
