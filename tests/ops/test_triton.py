@@ -107,9 +107,11 @@ class TestInterpreter:
         mask = padding_mask(b, n, pad) if pad else None
         _check(q, kk, v, r, topk=k, key_padding_mask=mask, **F32)
 
-    @pytest.mark.parametrize("deterministic", [True, False], indirect=True, ids=["deterministic", "atomic"])
-    @pytest.mark.parametrize("case", ["gqa", "padding"])
-    def test_both_scatter_modes_match_reference(self, case, deterministic):
+    # The grid above runs the default atomic dK/dV scatter; these run the deterministic one where keys
+    # collect contributions from many tiles (MQA) and where padded keys are selected.
+    @pytest.mark.parametrize("deterministic", [True], indirect=True)
+    @pytest.mark.parametrize("case", ["mqa", "padding_fewer_valid_than_k"])
+    def test_deterministic_scatter_matches_reference(self, case, deterministic):
         b, h, hkv, n, d, m, k, pad = CASES[case]
         q, kk, v, r = make_inputs(b, h, hkv, n, d, m, dtype=torch.float32, seed=7)
         mask = padding_mask(b, n, pad) if pad else None
@@ -118,8 +120,8 @@ class TestInterpreter:
     @pytest.mark.parametrize("deterministic", [True], indirect=True)
     def test_deterministic_mode_is_bitwise_reproducible(self, deterministic):
         # MQA with many landmarks: the same key is picked by several experts and heads.
-        q, k, v, r = make_inputs(1, 4, 1, 24, 16, 4, dtype=torch.float32, seed=3)
-        weight = torch.randn(1, 4, 24, 16)
+        q, k, v, r = make_inputs(1, 2, 1, 24, 16, 4, dtype=torch.float32, seed=3)
+        weight = torch.randn(1, 2, 24, 16)
         runs = [
             _grads(mita_attention(q, k, v, r, topk=12, backend="triton"), [q, k, v, r], weight) for _ in "ab"
         ]

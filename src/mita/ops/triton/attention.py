@@ -40,8 +40,10 @@ def _attn_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
-    row = tl.load(TILE_ROWS + t * BLOCK_T + offs_t)  # global query rows (b * H + h) * N + n
     ok = tl.load(TILE_OK + t * BLOCK_T + offs_t) != 0
+    if tl.max(ok.to(tl.int32), 0) == 0:
+        return  # one of the empty tiles left over by the static tile-count bound
+    row = tl.load(TILE_ROWS + t * BLOCK_T + offs_t)  # global query rows (b * H + h) * N + n
     q = load_rows(Q, row, offs_d, D, ok, d_ok)
 
     m_i = tl.full([BLOCK_T], float("-inf"), tl.float32)
@@ -107,8 +109,10 @@ def _attn_bwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
-    row = tl.load(TILE_ROWS + t * BLOCK_T + offs_t)
     ok = tl.load(TILE_OK + t * BLOCK_T + offs_t) != 0
+    if tl.max(ok.to(tl.int32), 0) == 0:
+        return
+    row = tl.load(TILE_ROWS + t * BLOCK_T + offs_t)
     q = load_rows(Q, row, offs_d, D, ok, d_ok)
     do = load_rows(DO, row, offs_dv, DV, ok, dv_ok)
     lse = tl.load(LSE + row, mask=ok, other=0.0)
@@ -266,8 +270,11 @@ def attention_backward(
     # Target row of every per-tile slot: the global key row its expert selected.
     bh = tile_expert // m
     kv_base = ((bh // h) * hkv + (bh % h) // (h // hkv)) * n_kv
-    target = (kv_base.unsqueeze(1) + key_index.reshape(-1, topk).index_select(0, tile_expert)).reshape(-1)
+    target = kv_base.unsqueeze(1) + key_index.reshape(-1, topk).index_select(0, tile_expert)
     rows = b * hkv * n_kv
-    dk = segment_sum(dk_buf, target, rows).reshape(b, hkv, n_kv, d)
-    dvv = segment_sum(dv_buf, target, rows).reshape(b, hkv, n_kv, dv)
+    # Empty tiles (from the static tile-count bound) exit early and leave their slots unwritten:
+    # send those slots to a spare row that is dropped.
+    target = torch.where(tile_ok.bool().any(1, keepdim=True), target, rows).reshape(-1)
+    dk = segment_sum(dk_buf, target, rows + 1)[:rows].reshape(b, hkv, n_kv, d)
+    dvv = segment_sum(dv_buf, target, rows + 1)[:rows].reshape(b, hkv, n_kv, dv)
     return dq, dk, dvv
