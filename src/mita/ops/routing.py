@@ -50,5 +50,9 @@ def query_side(p: Problem, q: torch.Tensor, landmarks: torch.Tensor) -> tuple[to
     Returns ``qr`` = Q R^T [B, H, N, m] (unscaled) and ``expert_index`` [B, H, N, s].
     """
     qr = q @ landmarks.transpose(-1, -2)
-    expert_index = qr.detach().topk(p.experts_per_query, dim=-1).indices
+    scores = qr.detach()
+    if p.experts_per_query == 1:
+        expert_index = scores.argmax(dim=-1, keepdim=True)  # cheaper than topk(1)
+    else:
+        expert_index = scores.topk(p.experts_per_query, dim=-1).indices
     return qr, expert_index

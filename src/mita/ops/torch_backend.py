@@ -18,10 +18,13 @@ from .routing import Routing, landmark_side, query_side
 
 
 def default_tile_size(pairs_per_row: int, num_experts: int) -> int:
-    """Tile of about half the mean expert load, as a power of two in 8..64 (bounds padding waste)."""
-    mean_load = max(1, pairs_per_row // num_experts)
+    """Largest power of two <= half the mean expert load, clamped to 8..64.
+
+    Half the mean load bounds the padding of partly filled tiles (measured best on CPU at loads 8-256).
+    """
+    half_load = max(1, pairs_per_row // num_experts // 2)
     t = 8
-    while t < 64 and 2 * t <= mean_load:
+    while t < 64 and 2 * t <= half_load:
         t *= 2
     return t
 
@@ -96,12 +99,7 @@ def _routed_part(
     kv_row = torch.arange(b, device=dev).reshape(b, 1) * p.kv_heads + torch.arange(h, device=dev) // p.group
     key_rows = (kv_row.reshape(b, h, 1, 1) * p.kv_len + key_index).reshape(bh * m, kk)
     tile_keys = key_rows.index_select(0, tiles.expert).reshape(-1)  # [n_tiles * k]
-    kt = k.reshape(-1, d).index_select(0, tile_keys).reshape(tiles.n_tiles, kk, d)
-    vt = v.reshape(-1, dv).index_select(0, tile_keys).reshape(tiles.n_tiles, kk, dv)
     queries = tiles.pair.reshape(-1) // s  # pair = ((b*H + h)*N + n)*s + r
-    qt = q.reshape(-1, d).index_select(0, queries).reshape(tiles.n_tiles, tiles.tile, d)
-
-    logits = torch.bmm(qt, kt.transpose(1, 2)) * p.scale  # [n_tiles, T, k]
     drop = None
     if key_padding_mask is not None:
         pad_rows = (torch.arange(b, device=dev).reshape(b, 1, 1, 1) * p.kv_len + key_index).reshape(
@@ -112,9 +110,12 @@ def _routed_part(
         dup = _dedup_mask(p, key_index, expert_index).reshape(-1, kk)
         dup = dup.index_select(0, tiles.pair.reshape(-1)).reshape(tiles.n_tiles, tiles.tile, kk)
         drop = dup if drop is None else (drop | dup)
+    kt = k.reshape(-1, d).index_select(0, tile_keys).reshape(tiles.n_tiles, kk, d)
+    vt = v.reshape(-1, dv).index_select(0, tile_keys).reshape(tiles.n_tiles, kk, dv)
+    qt = q.reshape(-1, d).index_select(0, queries).reshape(tiles.n_tiles, tiles.tile, d)
+    logits = torch.bmm(qt, kt.transpose(1, 2)) * p.scale  # [n_tiles, T, k]
     if drop is not None:
         logits = logits.masked_fill(drop, float("-inf"))
-
     # Per-tile softmax pieces; the clamps keep fully masked rows finite (weight 0) with no NaN gradients.
     mx = logits.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
     e = torch.exp(logits - mx)
