@@ -107,6 +107,15 @@ class TestInterpreter:
         mask = padding_mask(b, n, pad) if pad else None
         _check(q, kk, v, r, topk=k, key_padding_mask=mask, **F32)
 
+    def test_multi_block_loops_match_reference(self, monkeypatch):
+        from mita.ops.triton import common
+
+        # Blocks capped at 16: 2 landmark blocks (m = 18), 3 routed-key blocks (k = 33), 3 key/query
+        # blocks in the landmark, routing and shared kernels; padding on top.
+        monkeypatch.setattr(common, "BLOCK_CAP", 16)
+        q, k, v, r = make_inputs(1, 1, 1, 36, 16, 18, dtype=torch.float32, seed=12)
+        _check(q, k, v, r, topk=33, key_padding_mask=padding_mask(1, 36, [2]), **F32)
+
     # The grid above runs the default atomic dK/dV scatter; these run the deterministic one where keys
     # collect contributions from many tiles (MQA) and where padded keys are selected.
     @pytest.mark.parametrize("deterministic", [True], indirect=True)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .blocks import add_rows, load_cols, load_rows, store_rows
-from .common import dot_precision, pow2
+from .common import block, dot_precision, pow2
 
 
 @triton.jit
@@ -171,8 +171,8 @@ def _consts(q: torch.Tensor, m: int, topk: int, dv: int, block_t: int) -> dict:
         "BLOCK_D": pow2(d),
         "BLOCK_DV": pow2(dv),
         "BLOCK_T": block_t,
-        "BLOCK_M": min(64, pow2(m)),
-        "BLOCK_K": min(64, pow2(topk)),
+        "BLOCK_M": block(m),
+        "BLOCK_K": block(topk),
         "PREC": dot_precision(q.dtype),
         "num_warps": 4 if max(d, dv) <= 64 else 8,
     }

@@ -13,6 +13,16 @@ def pow2(x: int, floor: int = 16) -> int:
     return p
 
 
+# Largest block along landmarks, routed keys and key/query sequences. Tests lower it to exercise the
+# multi-block loops at interpreter-sized inputs.
+BLOCK_CAP = 64
+
+
+def block(x: int) -> int:
+    """Block side for an extent of ``x``: a power of two in ``16 .. BLOCK_CAP``."""
+    return min(max(16, BLOCK_CAP), pow2(x))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .blocks import load_cols, load_rows, store_rows
-from .common import chunking, default_splits, dot_precision, pow2
+from .common import block, chunking, default_splits, dot_precision, pow2
 
 
 @triton.jit
@@ -106,8 +106,7 @@ def landmark_forward(
     b, h, m, d = r.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[3]
     bh = b * h
-    block_m = min(64, pow2(m))
-    block_n = 64 if n >= 64 else pow2(n)
+    block_m, block_n = block(m), block(n)
     m_blocks = triton.cdiv(m, block_m)
     chunk, splits = chunking(n, splits or default_splits(bh * m_blocks, n, r.device), block_n)
     heads_per_pass = max(1, min(bh, score_bytes // (4 * m * n)))
@@ -238,8 +237,7 @@ def landmark_backward(
     b, h, m, d = r.shape
     hkv, n, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     d_l = (d_values * values).sum(-1)  # rowsum(dA * A): the softmax-backward correction per landmark
-    block_m = min(64, pow2(m))
-    block_n = 64 if n >= 64 else pow2(n)
+    block_m, block_n = block(m), block(n)
     consts = dict(
         HAS_MASK=mask is not None, D=d, DV=dv_dim, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(r.dtype),

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .blocks import load_cols, load_rows
-from .common import dot_precision, pow2
+from .common import block, dot_precision, pow2
 
 
 @triton.jit
@@ -44,9 +44,9 @@ def route(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     b, h, n, d = q.shape
     m = r.shape[2]
     expert = torch.empty(b, h, n, 1, device=q.device, dtype=torch.int64)
-    block_n = 64
+    block_n = block(n)
     _route_kernel[(b * h, triton.cdiv(n, block_n))](
         q, r, expert, n, m,
-        D=d, BLOCK_D=pow2(d), BLOCK_N=block_n, BLOCK_M=min(64, pow2(m)), PREC=dot_precision(q.dtype),
+        D=d, BLOCK_D=pow2(d), BLOCK_N=block_n, BLOCK_M=block(m), PREC=dot_precision(q.dtype),
     )  # fmt: skip
     return expert

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .blocks import load_cols, load_rows, store_rows
-from .common import chunking, default_splits, dot_precision, pow2
+from .common import block, chunking, default_splits, dot_precision, pow2
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def shared_backward(
     """
     b, h, n, d = q.shape
     m, dv = r.shape[2], values.shape[3]
-    block_m, block_n = min(64, pow2(m)), 64
+    block_m, block_n = block(m), block(n)
     m_blocks = triton.cdiv(m, block_m)
     chunk, splits = chunking(n, splits or default_splits(b * h * m_blocks, n, q.device), block_n)
     d_a = torch.empty(b, h, m, splits, dv, device=q.device, dtype=torch.float32)
