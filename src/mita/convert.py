@@ -8,6 +8,7 @@ trained with one attention can be evaluated with another (SPEC §3 checkpoint sw
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 from torch import nn
@@ -73,6 +74,7 @@ def _own_settings(mod: AttentionBase) -> dict[str, Any]:
         dwc=mod.dwc is not None,
         gate=mod.use_gate,
         rope=mod.rope_theta,
+        num_kv_heads=mod.num_kv_heads,
     )
     if out["qk_norm"] or out["scale_norm"]:
         out["norm_layer"] = _norm_layer(mod.q_norm if out["qk_norm"] else mod.norm)
@@ -124,6 +126,9 @@ def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
         if src_sd[name].shape != dst_sd[name].shape:
             raise ValueError(f"{name}: source {tuple(src_sd[name].shape)} vs new {tuple(dst_sd[name].shape)}")
     shared = {k: v for k, v in src_sd.items() if k in dst_sd and dst_sd[k].shape == v.shape}
+    skipped = sorted(k for k in src_sd if k in dst_sd and k not in shared)
+    if skipped:  # e.g. learned landmarks when m changes: the new module keeps its fresh initialisation
+        warnings.warn(f"convert: shapes differ, not copied: {skipped}", stacklevel=3)
     dst.load_state_dict(shared, strict=False)
 
 

@@ -79,4 +79,9 @@ def test_timm_checkpoint_loads_and_gives_timms_outputs():
     ours.load_state_dict(ref.state_dict())  # strict: identical names and shapes
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-    ref.load_state_dict(build_model("vit_tiny", attention="mita", **kw).state_dict())  # and back
+    # and back: our weights (trained with any kind) load into timm and give the same outputs under full
+    ours = build_model("vit_tiny", attention="mita", **kw).eval()
+    ref.load_state_dict(ours.state_dict())
+    from mita.convert import convert
+
+    torch.testing.assert_close(convert(ours, "full")(x), ref(x), rtol=1e-5, atol=1e-5)

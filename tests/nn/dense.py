@@ -31,7 +31,7 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> 
     return torch.stack(out)
 
 
-def mita_head(q, k, v, r, topk, s=1, lam=None, c=None, pad=None, shared=True, routed=True):
+def mita_head(q, k, v, r, topk, s=1, lam=None, c=None, pad=None, shared=True, routed=True, dedup=False):
     """SPEC §2 for one (batch, head): q, k, v [N, d], landmarks r [m, d]; pad [N] bool or None."""
     n, d = q.shape
     lam = 1.0 / d if lam is None else lam
@@ -49,10 +49,14 @@ def mita_head(q, k, v, r, topk, s=1, lam=None, c=None, pad=None, shared=True, ro
             logits.append(q[i] @ r.T * lam)
             vals.append(a)
         if routed:
+            seen: set[int] = set()
             for e in experts[i]:
                 idx = chosen[e]
                 lg = q[i] @ k[idx].T * c
                 lg[pad[idx]] = -math.inf
+                if dedup:  # a key already offered by an earlier expert counts once
+                    lg[torch.tensor([j in seen for j in idx.tolist()], dtype=torch.bool)] = -math.inf
+                    seen.update(idx.tolist())
                 logits.append(lg)
                 vals.append(v[idx])
         w = torch.softmax(torch.cat(logits), dim=0)

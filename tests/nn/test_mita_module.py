@@ -15,28 +15,30 @@ from .dense import merge, mita_head, pool_grid, pool_seq, split
 torch.set_default_dtype(torch.float32)
 
 
-def _dense_module(mod: MiTAAttention, x, landmarks_of, pad=None, s=1):
+def _dense_module(mod: MiTAAttention, x, landmarks_of, pad=None, s=1, dedup=False):
     """Dense forward of a plain MiTAAttention (no variants) given a per-head landmark function."""
     out = []
     for b in range(x.shape[0]):
         q, k, v = split(x[b], mod.qkv.weight, mod.qkv.bias, mod.num_heads)
         p = None if pad is None else pad[b]
         heads = [
-            mita_head(q[h], k[h], v[h], landmarks_of(q[h], p), mod.topk, s=s, pad=p) for h in range(len(q))
+            mita_head(q[h], k[h], v[h], landmarks_of(q[h], p), mod.topk, s=s, pad=p, dedup=dedup)
+            for h in range(len(q))
         ]
         out.append(merge(torch.stack(heads)) @ mod.proj.weight.T + mod.proj.bias)
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("s", [1, 2])
-def test_grid_layout_matches_dense_formula(s):
+@pytest.mark.parametrize("s,dedup", [(1, False), (2, False), (3, True)])
+def test_grid_layout_matches_dense_formula(s, dedup):
     torch.manual_seed(0)
     # 1 cls + 6x6 patches + 2 trailing registers; landmarks pool the 6x6 grid to 2x3.
-    mod = MiTAAttention(24, 3, qkv_bias=True, num_landmarks=(2, 3), topk=5, experts_per_query=s, grid=(6, 6))
-    mod = mod.double()
+    mod = MiTAAttention(
+        24, 3, qkv_bias=True, num_landmarks=(2, 3), topk=5, experts_per_query=s, dedup=dedup, grid=(6, 6)
+    ).double()
     x = torch.randn(2, 39, 24, dtype=torch.float64)
     got = mod(x)
-    want = _dense_module(mod, x, lambda q, p: pool_grid(q[1:37], (6, 6), (2, 3)), s=s)
+    want = _dense_module(mod, x, lambda q, p: pool_grid(q[1:37], (6, 6), (2, 3)), s=s, dedup=dedup)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 

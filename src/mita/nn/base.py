@@ -58,7 +58,13 @@ class AttentionBase(nn.Module):
         gate: widen ``qkv`` to ``4 * dim`` and multiply the output by ``SiLU(g)`` before ``proj``.
         rope: None, or RoPE on q and k of the body tokens: ``True`` (theta 10000) or a float theta;
             2-D axial on a grid, 1-D on a sequence; prefix/suffix tokens are not rotated.
+        num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``; then ``qkv`` is
+            timm's ``3 * dim`` wide). Query head ``h`` reads key/value head ``h // group``,
+            ``group = num_heads // num_kv_heads``.
     """
+
+    #: Whether :meth:`attend` takes key/value with fewer heads than queries (else they are repeated).
+    native_gqa = False
 
     def __init__(
         self,
@@ -78,6 +84,7 @@ class AttentionBase(nn.Module):
         dwc: bool = False,
         gate: bool = False,
         rope: bool | float | None = None,
+        num_kv_heads: int | None = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -89,6 +96,10 @@ class AttentionBase(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        kv = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or num_heads % kv:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads!r}")
+        self.num_kv_heads, self.kv_dim = kv, kv * self.head_dim
         self.scale = self.head_dim**-0.5
         self.layout, self.prefix_tokens = layout, prefix_tokens
         self.grid = check_layout(layout, grid, prefix_tokens)
@@ -96,7 +107,8 @@ class AttentionBase(nn.Module):
         self.rope_theta = self._rope_theta(rope)
         norm_layer = norm_layer or nn.LayerNorm  # timm passes None for its default
         dd = {"device": device, "dtype": dtype}
-        self.qkv = nn.Linear(dim, (4 if gate else 3) * dim, bias=qkv_bias, **dd)
+        width = dim + 2 * self.kv_dim + (dim if gate else 0)
+        self.qkv = nn.Linear(dim, width, bias=qkv_bias, **dd)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
@@ -106,7 +118,7 @@ class AttentionBase(nn.Module):
         self.dwc: nn.Module | None = None
         if dwc:
             conv = nn.Conv2d if layout == "grid" else nn.Conv1d
-            self.dwc = conv(dim, dim, 3, padding=1, groups=dim, **dd)
+            self.dwc = conv(self.kv_dim, self.kv_dim, 3, padding=1, groups=self.kv_dim, **dd)
 
     def _rope_theta(self, rope: bool | float | None) -> float | None:
         if rope is None or rope is False:
@@ -136,11 +148,14 @@ class AttentionBase(nn.Module):
         return resolve_layout(self.layout, self.grid, self.prefix_tokens, n)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``x`` [B, N, dim] -> q, k, v (and g with ``gate``) as [B, H, N, head_dim]."""
+        """``x`` [B, N, dim] -> q [B, H, N, d], k and v [B, Hkv, N, d] (and g [B, H, N, d] with ``gate``).
+
+        Channel layout of ``qkv``'s output: q, k, v(, g), each head-major (timm's when Hkv = H).
+        """
         b, n, _ = x.shape
-        parts = 4 if self.use_gate else 3
-        qkv = self.qkv(x).reshape(b, n, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)
+        sizes = [self.dim, self.kv_dim, self.kv_dim] + ([self.dim] if self.use_gate else [])
+        parts = self.qkv(x).split(sizes, dim=-1)
+        return tuple(t.reshape(b, n, -1, self.head_dim).transpose(1, 2) for t in parts)
 
     def _rope(self, q: torch.Tensor, k: torch.Tensor, tl: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         if tl.kind == "grid":
@@ -151,7 +166,10 @@ class AttentionBase(nn.Module):
         return apply_rope(q, angles, tl.prefix), apply_rope(k, angles, tl.prefix)
 
     def _dwc(self, v: torch.Tensor, tl: TokenLayout) -> torch.Tensor:
-        """Depth-wise conv of V over the body tokens, as [B, N, dim]; prefix/suffix tokens get zero."""
+        """Depth-wise conv of V over the body tokens, as [B, N, dim]; prefix/suffix tokens get zero.
+
+        With GQA the conv runs on the ``kv_dim`` value channels and each query head gets its kv head's.
+        """
         b, h, n, d = v.shape
         body = v[:, :, tl.prefix : tl.prefix + tl.body].transpose(1, 2).reshape(b, tl.body, h * d)
         body = body.transpose(1, 2)
@@ -159,7 +177,12 @@ class AttentionBase(nn.Module):
             body = self.dwc(body.reshape(b, h * d, *tl.grid)).flatten(2)
         else:
             body = self.dwc(body)
-        return F.pad(body.transpose(1, 2), (0, 0, tl.prefix, tl.suffix))
+        out = F.pad(body.transpose(1, 2), (0, 0, tl.prefix, tl.suffix))  # [B, N, kv_dim]
+        if h != self.num_heads:
+            out = (
+                out.reshape(b, n, h, d).repeat_interleave(self.num_heads // h, dim=2).reshape(b, n, self.dim)
+            )
+        return out
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
@@ -182,7 +205,11 @@ class AttentionBase(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
             q, k = self._rope(q, k, tl)
-        out = self.attend(q, k, v, mask, tl).transpose(1, 2).reshape(b, n, self.dim)
+        kk, vv = k, v
+        if self.num_kv_heads != self.num_heads and not self.native_gqa:
+            group = self.num_heads // self.num_kv_heads
+            kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = self.attend(q, kk, vv, mask, tl).transpose(1, 2).reshape(b, n, self.dim)
         if self.dwc is not None:
             out = out + self._dwc(v, tl)
         out = self.norm(out)

@@ -29,11 +29,18 @@ class MiTAAttention(AttentionBase):
         landmark_scale: lambda of the landmark logits (default ``1 / head_dim``).
         backend: op backend, ``"auto"`` | ``"torch"`` | ``"reference"`` | ``"triton"``.
         conv_kernel, landmark_seed: options of the ``"conv"`` and ``"random"`` landmark modes.
+        dedup: with ``experts_per_query > 1``, count a key offered by several experts once.
+        num_kv_heads: grouped-query attention (passed to the op unexpanded).
+
+    Landmarks pool the real tokens only when a padding mask is given in the ``"seq"`` layout (a padded
+    sequence then gets the landmarks of the unpadded one); on a grid, padding is not expected.
 
     Attention-weight dropout is not available in the op: ``attn_drop > 0`` raises ValueError.
     Set ``record_routing = True`` to keep the last forward's :class:`mita.Routing` in ``last_routing``
     (detached) and its layout in ``last_layout``.
     """
+
+    native_gqa = True
 
     def __init__(
         self,
@@ -62,6 +69,8 @@ class MiTAAttention(AttentionBase):
         backend: str = "auto",
         conv_kernel: int | tuple[int, int] | None = None,
         landmark_seed: int = 0,
+        dedup: bool = False,
+        num_kv_heads: int | None = None,
         scale_norm: bool = False,
         device: Any = None,
         dtype: Any = None,
@@ -72,7 +81,8 @@ class MiTAAttention(AttentionBase):
         super().__init__(
             dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias, attn_drop=0.0,
             proj_drop=proj_drop, norm_layer=norm_layer, scale_norm=scale_norm, layout=layout, grid=grid,
-            prefix_tokens=prefix_tokens, dwc=dwc, gate=gate, rope=rope, device=device, dtype=dtype,
+            prefix_tokens=prefix_tokens, dwc=dwc, gate=gate, rope=rope, num_kv_heads=num_kv_heads,
+            device=device, dtype=dtype,
         )  # fmt: skip
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
@@ -87,7 +97,7 @@ class MiTAAttention(AttentionBase):
         self.num_landmarks, self.topk, self.experts_per_query = self.landmark.m, topk, experts_per_query
         self.landmarks_mode = landmarks
         self.shared, self.routed = shared, routed
-        self.landmark_scale, self.backend = landmark_scale, backend
+        self.landmark_scale, self.backend, self.dedup = landmark_scale, backend, dedup
         self.config = cfg
         self.record_routing = False
         self.last_routing: Routing | None = None
@@ -104,7 +114,7 @@ class MiTAAttention(AttentionBase):
         r = self.landmark(q, tl, mask)
         res = mita_attention(
             q, k, v, r, topk=self.topk, experts_per_query=self.experts_per_query,
-            landmark_scale=self.landmark_scale, shared=self.shared, routed=self.routed,
+            landmark_scale=self.landmark_scale, shared=self.shared, routed=self.routed, dedup=self.dedup,
             key_padding_mask=mask, backend=self.backend, return_routing=self.record_routing,
         )  # fmt: skip
         if not self.record_routing:
