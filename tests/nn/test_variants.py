@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mita.nn import build_attention
 from mita.nn.rope import apply_rope, grid_positions, rope_angles
 
-from .dense import merge, mita_head, pool_grid, softmax_attention, split
+from .dense import merge, mita_head, pool_grid, pool_seq, softmax_attention, split
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -25,9 +25,18 @@ def grid_angles(h: int, w: int, d: int, theta: float) -> torch.Tensor:
     return torch.cat((rows[:, None] * f, cols[:, None] * f), dim=1)
 
 
+def seq_angles(length: int, d: int, theta: float) -> torch.Tensor:
+    f = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    return torch.arange(length, dtype=torch.float64)[:, None] * f
+
+
 def _dense_shell(mod, x, grid, prefix, head_fn):
-    """qkv(g) -> qk_norm -> RoPE on the grid tokens -> attention -> + DWC(V) -> norm -> * SiLU(g) -> proj."""
-    h, w = grid
+    """qkv(g) -> qk_norm -> RoPE on the body tokens -> attention -> + DWC(V) -> norm -> * SiLU(g) -> proj.
+
+    ``grid=None`` means the 1-D layout: every token after the prefix is the body.
+    """
+    body = x.shape[1] - prefix if grid is None else grid[0] * grid[1]
+    end = prefix + body
     parts = 4 if mod.use_gate else 3
     out = []
     for b in range(x.shape[0]):
@@ -36,22 +45,26 @@ def _dense_shell(mod, x, grid, prefix, head_fn):
             q = F.layer_norm(q, q.shape[-1:], mod.q_norm.weight, mod.q_norm.bias, mod.q_norm.eps)
             k = F.layer_norm(k, k.shape[-1:], mod.k_norm.weight, mod.k_norm.bias, mod.k_norm.eps)
         if mod.rope_theta is not None:
-            ang = grid_angles(h, w, mod.head_dim, mod.rope_theta)
+            if grid is None:
+                ang = seq_angles(body, mod.head_dim, mod.rope_theta)
+            else:
+                ang = grid_angles(*grid, mod.head_dim, mod.rope_theta)
             q, k = q.clone(), k.clone()
             for hh in range(mod.num_heads):
-                q[hh, prefix : prefix + h * w] = rotate(q[hh, prefix : prefix + h * w], ang)
-                k[hh, prefix : prefix + h * w] = rotate(k[hh, prefix : prefix + h * w], ang)
+                q[hh, prefix:end] = rotate(q[hh, prefix:end], ang)
+                k[hh, prefix:end] = rotate(k[hh, prefix:end], ang)
         o = merge(torch.stack([head_fn(q[i], k[i], v[i]) for i in range(mod.num_heads)]))
         if mod.dwc is not None:
-            vb = merge(v)[prefix : prefix + h * w].T.reshape(1, -1, h, w)
-            conv = (
-                F.conv2d(vb, mod.dwc.weight, mod.dwc.bias, padding=1, groups=mod.dim)[0]
-                .reshape(mod.dim, -1)
-                .T
-            )
-            o = o + torch.cat(
-                (o.new_zeros(prefix, mod.dim), conv, o.new_zeros(o.shape[0] - prefix - h * w, mod.dim))
-            )
+            vb = merge(v)[prefix:end].T.unsqueeze(0)  # [1, C, body]
+            if grid is None:
+                conv = F.conv1d(vb, mod.dwc.weight, mod.dwc.bias, padding=1, groups=mod.dim)
+            else:
+                conv = F.conv2d(
+                    vb.reshape(1, -1, *grid), mod.dwc.weight, mod.dwc.bias, padding=1, groups=mod.dim
+                )
+            conv = conv[0].reshape(mod.dim, -1).T
+            zeros = o.new_zeros
+            o = o + torch.cat((zeros(prefix, mod.dim), conv, zeros(o.shape[0] - end, mod.dim)))
         if isinstance(mod.norm, torch.nn.LayerNorm):
             o = F.layer_norm(o, (mod.dim,), mod.norm.weight, mod.norm.bias, mod.norm.eps)
         if g:
@@ -86,6 +99,39 @@ def test_variants_match_dense_shell(kind, variant):
     else:
         head_fn = lambda q, k, v: mita_head(q, k, v, pool_grid(q[1:17], (4, 4), (2, 2)), 5)  # noqa: E731
     torch.testing.assert_close(mod(x), _dense_shell(mod, x, (4, 4), 1, head_fn), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["full", "mita"])
+def test_variants_in_seq_layout_match_dense_shell(kind):
+    torch.manual_seed(3)
+    variant = dict(dwc=True, gate=True, rope=30.0, qk_norm=True)
+    extra = dict(num_landmarks=3, topk=4) if kind == "mita" else {}
+    mod = build_attention(kind, 16, 2, qkv_bias=True, layout="seq", prefix_tokens=2, **variant, **extra)
+    mod = mod.double()
+    for p in mod.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 14, 16, dtype=torch.float64)
+    if kind == "full":
+        head_fn = softmax_attention
+    else:
+        head_fn = lambda q, k, v: mita_head(q, k, v, pool_seq(q[2:], 3), 4)  # noqa: E731
+    torch.testing.assert_close(mod(x), _dense_shell(mod, x, None, 2, head_fn), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["grid", "seq"])
+@pytest.mark.parametrize("kind", ["full", "mita", "agent", "linear"])
+def test_variant_parameters_all_get_gradients(kind, layout):
+    torch.manual_seed(4)
+    extra = {"mita": dict(num_landmarks=4, topk=4), "agent": dict(num_landmarks=4)}.get(kind, {})
+    mod = build_attention(
+        kind, 32, 4, qkv_bias=True, layout=layout, dwc=True, gate=True, rope=True, qk_norm=True,
+        scale_norm=True, **extra,
+    )  # fmt: skip
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    mod(x).square().sum().backward()
+    for name, p in mod.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
 
 
 def test_gate_widens_qkv_and_dwc_is_depthwise():
