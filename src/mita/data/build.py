@@ -29,7 +29,8 @@ SPLITS: dict[str, tuple[str, ...]] = {
 }
 _VARIABLE_LENGTH = ("listops", "text", "retrieval")  # tasks whose seq_len may be overridden
 _MIN_SEQ_LEN = 16
-_FORMAT = 1  # bump when generated data changes, so that old caches are not reused
+# per task: bump when that task's generated data changes, so that old cache files are not reused
+_FORMAT = {"listops": 1, "pathfinder": 1, "text": 1, "retrieval": 1}
 
 
 def build_dataset(
@@ -107,7 +108,7 @@ def _listops_ds(*, info: TaskInfo, split, cache_dir, seed, size, **_) -> Dataset
     # the LRA keeps 500..2000 tokens; shorter runs keep the same ratio
     cfg = _listops.ListOpsConfig(max_length=length, min_length=max(1, length // 4))
     n = size or _listops.SPLIT_SIZES[split]
-    params = {"format": _FORMAT, "seed": seed, "n": n, **dataclasses.asdict(cfg)}
+    params = {"format": _FORMAT["listops"], "seed": seed, "n": n, **dataclasses.asdict(cfg)}
     workers = min(os.cpu_count() or 1, 8) if n >= 2000 else 1
 
     arrays = cached_arrays(
@@ -133,7 +134,7 @@ def _pathfinder_ds(*, info: TaskInfo, split, cache_dir, seed, size, difficulty, 
     if cfg.size * cfg.size != info.seq_len:
         raise ValueError(f"pathfinder images of {cfg.size}x{cfg.size} do not give {info.seq_len} tokens")
     n = size or _pathfinder.SPLIT_SIZES[split]
-    params = {"format": _FORMAT, "seed": seed, "n": n, **dataclasses.asdict(cfg)}
+    params = {"format": _FORMAT["pathfinder"], "seed": seed, "n": n, **dataclasses.asdict(cfg)}
 
     def build() -> dict[str, np.ndarray]:
         images, labels = _pathfinder.generate_pathfinder(n, seed, split, cfg)
@@ -151,42 +152,31 @@ def _corpus_key(root) -> list:
     return sorted((str(p.relative_to(base)), p.stat().st_size) for p in Path(base).glob("*/*.md"))
 
 
-def _text_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Dataset:
-    from .corpus import load_plays
-
-    params = {
-        "format": _FORMAT,
+def _text_params(task: str, seed: int, size: int | None, info: TaskInfo, root) -> dict:
+    return {
+        "format": _FORMAT[task],
         "seed": seed,
         "n": size,
         "seq_len": info.seq_len,
         "corpus": _corpus_key(root),
     }
-    arrays = cached_arrays(
-        "text",
-        split,
-        params,
-        lambda: _text.build_text(load_plays(root), split, seed, info.seq_len, size),
-        cache_dir,
-    )
-    return SpanSequences(arrays["tokens"], arrays["starts"], arrays["ends"], arrays["labels"], info, shift=1)
+
+
+def _text_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Dataset:
+    from .corpus import load_plays
+
+    def build() -> dict[str, np.ndarray]:
+        return _text.build_text(load_plays(root), split, seed, info.seq_len, size)
+
+    a = cached_arrays("text", split, _text_params("text", seed, size, info, root), build, cache_dir)
+    return SpanSequences(a["tokens"], a["starts"], a["ends"], a["labels"], info, shift=1)
 
 
 def _retrieval_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Dataset:
     from .corpus import load_plays
 
-    params = {
-        "format": _FORMAT,
-        "seed": seed,
-        "n": size,
-        "seq_len": info.seq_len,
-        "corpus": _corpus_key(root),
-    }
-    arrays = cached_arrays(
-        "retrieval",
-        split,
-        params,
-        lambda: _text.build_retrieval(load_plays(root), split, seed, info.seq_len, size),
-        cache_dir,
-    )
-    a = arrays
+    def build() -> dict[str, np.ndarray]:
+        return _text.build_retrieval(load_plays(root), split, seed, info.seq_len, size)
+
+    a = cached_arrays("retrieval", split, _text_params("retrieval", seed, size, info, root), build, cache_dir)
     return SpanPairs(a["tokens"], a["starts"], a["ends"], a["left"], a["right"], a["labels"], info, shift=1)

@@ -37,6 +37,7 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared cache should be readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
