@@ -82,6 +82,8 @@ def test_config_validation():
         PathfinderConfig(paddles=0)
     with pytest.raises(ValueError, match="need n >= 1"):
         generate_pathfinder(0, 0, "train")
+    with pytest.raises(ValueError, match="no room for two main paths"):
+        generate_pathfinder(2, 0, "train", PathfinderConfig(size=8, paddles=40, tries=2))
 
 
 def test_dot_distance_is_a_weak_cue():

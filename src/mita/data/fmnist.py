@@ -17,7 +17,15 @@ from torch.utils.data import Dataset
 
 from .tasks import PAD_ID, TaskInfo, get_task
 
-__all__ = ["DEFAULT_FMNIST_DIR", "fmnist_dir", "read_idx", "load_fmnist", "FashionMNIST", "PixelSequences"]
+__all__ = [
+    "DEFAULT_FMNIST_DIR",
+    "fmnist_dir",
+    "read_idx",
+    "load_fmnist",
+    "pad_to_32",
+    "FashionMNIST",
+    "PixelSequences",
+]
 
 DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 MEAN, STD = 0.2860, 0.3530  # training-set pixel statistics of Fashion-MNIST (in [0, 1])

@@ -151,6 +151,8 @@ def _chunk(rng: np.random.Generator, n: int, cfg: PathfinderConfig):
     have = 0
     while have < n:
         part = _scenes(rng, n - have, cfg)
+        if len(part[0]) == 0:  # not one image had room for both main paths: retrying will not help
+            raise ValueError(f"Pathfinder config {cfg} leaves no room for two main paths")
         parts.append(part)
         have += len(part[0])
     drawn, full, a, b = (np.concatenate([p[k] for p in parts]) for k in range(4))

@@ -90,7 +90,7 @@ def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path
     ):
         if x is None:
             x = fm[0][0][0]
-        ax.imshow(x, cmap="gray")
+        ax.imshow(x.numpy(), cmap="gray")
         ax.set_title(f"{title}: {classes[int(fm.labels[0])]}", fontsize=9)
         ax.axis("off")
     paths.append(_save(fig, img_dir / "data_fmnist.png", plt))
@@ -99,7 +99,7 @@ def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path
     fig, axes = plt.subplots(1, 4, figsize=(8, 2.4))
     for ax, i in zip(axes, range(4)):
         x, y = im[i]
-        ax.imshow((x - 1).reshape(32, 32), cmap="gray", vmin=0, vmax=255)
+        ax.imshow((x - 1).reshape(32, 32).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{classes[y]} (1,024 tokens)", fontsize=8)
         ax.axis("off")
     paths.append(_save(fig, img_dir / "data_image.png", plt))
@@ -110,7 +110,7 @@ def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path
         pos = [i for i in range(len(ds)) if ds[i][1] == 1][:2]
         neg = [i for i in range(len(ds)) if ds[i][1] == 0][:2]
         for ax, i in zip(axes[row], pos + neg):
-            ax.imshow((ds[i][0] - 1).reshape(32, 32), cmap="gray", vmin=0, vmax=255)
+            ax.imshow((ds[i][0] - 1).reshape(32, 32).numpy(), cmap="gray", vmin=0, vmax=255)
             ax.set_title(f"{level}: {'connected' if ds[i][1] else 'not connected'}", fontsize=8)
             ax.axis("off")
     paths.append(_save(fig, img_dir / "data_pathfinder.png", plt))
