@@ -160,3 +160,14 @@ def test_commands_fail_cleanly(listops_runs, tmp_path, capsys):
     assert mita_main(["swap", "--checkpoints", str(listops_runs["mita"]), "--kinds", "mita,fast",
                       "--out", str(tmp_path)]) == 2  # fmt: skip
     assert "unknown attention kind 'fast'" in capsys.readouterr().err
+
+
+def test_eval_dataset_drops_training_only_options(fmnist_run):
+    from mita.analysis.loading import eval_dataset
+    from mita.data import build_dataset
+
+    meta = {"task": "fmnist", "data_kwargs": {"augment": True, "size": 5}}
+    data = eval_dataset(meta, size=3)
+    plain = build_dataset("fmnist", "test", augment=False, size=3)
+    assert len(data) == 3
+    assert all(torch.equal(data[i][0], plain[i][0]) for i in range(3))  # no random crop/flip

@@ -35,6 +35,7 @@ def eval_dataset(
 
     kwargs = dict(meta.get("data_kwargs", {}))
     kwargs.pop("size", None)  # the training-set cut does not apply to the evaluation split
+    kwargs.pop("augment", None)  # evaluation never augments
     if root is not None:
         kwargs["root"] = root
     if cache_dir is not None:
