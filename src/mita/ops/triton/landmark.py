@@ -103,8 +103,12 @@ def landmark_forward(
     Returns:
         ``key_index`` [B, H, m, topk] int64, ``A`` [B, H, m, dv] float32, ``lse`` [B, H, m] float32.
     """
-    b, h, m, d = r.shape
+    b, h, m0, d = r.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[3]
+    # GQA: the g query heads of a kv head are adjacent, so their landmarks form one block of g*m rows
+    # scored against the same keys; the kernels then run per kv head and read K and V once for all g.
+    h, m = hkv, (h // hkv) * m0
+    r = r.reshape(b, h, m, d)
     bh = b * h
     block_m, block_n = block(m), block(n)
     m_blocks = triton.cdiv(m, block_m)
@@ -118,17 +122,18 @@ def landmark_forward(
         count = min(heads_per_pass, bh - bh0)
         _landmark_fwd_kernel[(count, m_blocks, splits)](
             r, k, v, mask if mask is not None else r, scores, part, part_lse,
-            n, m, h, hkv, h // hkv, scale, chunk, splits, bh0,
+            n, m, h, hkv, 1, scale, chunk, splits, bh0,
             HAS_MASK=mask is not None, D=d, DV=dv, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv),
             BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(r.dtype),
         )  # fmt: skip
         key_index[bh0 : bh0 + count] = scores[:count].topk(topk, dim=-1, sorted=False).indices
-    key_index = key_index.reshape(b, h, m, topk)
+    shape = (b, hkv * m // m0, m0)  # back to [B, H, m]
+    key_index = key_index.reshape(*shape, topk)
     if splits == 1:
-        return key_index, part.squeeze(3), part_lse.squeeze(3)
+        return key_index, part.reshape(*shape, dv), part_lse.reshape(shape)
     lse = torch.logsumexp(part_lse, dim=-1)  # finite: every batch row has a real key
     weight = torch.exp(part_lse - lse.unsqueeze(-1))
-    return key_index, (weight.unsqueeze(-1) * part).sum(-2), lse
+    return key_index, (weight.unsqueeze(-1) * part).sum(-2).reshape(*shape, dv), lse.reshape(shape)
 
 
 @triton.jit
@@ -234,8 +239,10 @@ def landmark_backward(
 
     Nothing of size ``m x N`` is stored: both kernels recompute the probabilities block by block.
     """
-    b, h, m, d = r.shape
+    b, h0, m0, d = r.shape
     hkv, n, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    h, m = hkv, (h0 // hkv) * m0  # GQA folded into g*m landmark rows per kv head, as in the forward
+    r, values, d_values, lse = (t.reshape(b, h, m, *t.shape[3:]) for t in (r, values, d_values, lse))
     d_l = (d_values * values).sum(-1)  # rowsum(dA * A): the softmax-backward correction per landmark
     block_m, block_n = block(m), block(n)
     consts = dict(
@@ -244,12 +251,12 @@ def landmark_backward(
     )  # fmt: skip
     mask_arg = mask if mask is not None else r
     _landmark_bwd_kv_kernel[(b * hkv, triton.cdiv(n, block_n))](
-        r, k, v, mask_arg, lse, d_values, d_l, dk, dv, n, m, h, hkv, h // hkv, scale, **consts
+        r, k, v, mask_arg, lse, d_values, d_l, dk, dv, n, m, h, hkv, 1, scale, **consts
     )
     m_blocks = triton.cdiv(m, block_m)
     chunk, splits = chunking(n, splits or default_splits(b * h * m_blocks, n, r.device), block_n)
     d_r = torch.empty(b, h, m, splits, d, device=r.device, dtype=torch.float32)
     _landmark_bwd_r_kernel[(b * h, m_blocks, splits)](
-        r, k, v, mask_arg, lse, d_values, d_l, d_r, n, m, h, hkv, h // hkv, scale, chunk, splits, **consts
+        r, k, v, mask_arg, lse, d_values, d_l, d_r, n, m, h, hkv, 1, scale, chunk, splits, **consts
     )
-    return d_r.sum(3)
+    return d_r.sum(3).reshape(b, h0, m0, d)
