@@ -70,3 +70,19 @@ def test_convert_rejects_bad_requests():
         from mita.convert import convert_module
 
         convert_module(torch.nn.Linear(2, 2), "full")
+
+
+def test_timm_qk_norm_and_scale_norm_convert_exactly():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, qk_norm=True, scale_attn_norm=True, **TIMM_KW
+    ).eval()
+    for p in model.parameters():  # non-trivial norm weights
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 1, 28, 28)
+    ref = model(x)
+    convert(model, "full")
+    attn = model.blocks[0].attn
+    assert isinstance(attn.q_norm, torch.nn.LayerNorm) and isinstance(attn.norm, torch.nn.LayerNorm)
+    torch.testing.assert_close(model(x), ref)
