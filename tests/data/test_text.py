@@ -11,9 +11,12 @@ import torch
 from mita.data import build_dataset
 from mita.data.corpus import CLASSES, TEST_PLAYS, clean_markdown, load_plays
 
-# (folder, name): test plays by name come from TEST_PLAYS; cymbeline/troilus are Folio tragedies
+# (folder, name): test plays by name come from TEST_PLAYS, two per genre in each split;
+# cymbeline/troilus are Folio tragedies
 FAKE = [
     ("comedies", "twelfth-night"),
+    ("romances", "the-tempest"),
+    ("histories", "richard-iii"),
     ("comedies", "much-ado-about-nothing"),
     ("problems", "all-s-well-that-ends-well"),
     ("histories", "henry-v"),
@@ -24,7 +27,14 @@ FAKE = [
     ("romances", "cymbeline"),
     ("problems", "troilus-and-cressida"),
 ]
-GENRE = {"twelfth-night": 0, "much-ado-about-nothing": 0, "all-s-well-that-ends-well": 0, "henry-v": 1}
+GENRE = {
+    "the-tempest": 0,
+    "richard-iii": 1,
+    "twelfth-night": 0,
+    "much-ado-about-nothing": 0,
+    "all-s-well-that-ends-well": 0,
+    "henry-v": 1,
+}
 GENRE |= {"henry-iv-part-1": 1, "richard-ii": 1, "hamlet": 2, "macbeth": 2, "cymbeline": 2}
 GENRE |= {"troilus-and-cressida": 2}
 SEQ = 256
@@ -38,9 +48,9 @@ def corpus(tmp_path_factory):
     for k, (folder, name) in enumerate(FAKE):
         lines = [f"# {name.title()}", "", "## ACT I", ""]
         for s in range(150):
-            lines += [f"**SPEAKER{s % 3}**  "] + [
-                f"play{k:02d} " + "la " * int(rng.integers(2, 25)) + " " for _ in range(2)
-            ]
+            # "s.j" makes every line unique, so a passage is found at exactly one place in its play
+            lines += [f"**SPEAKER{s % 3}**  "]
+            lines += [f"play{k:02d} {s}.{j} " + "la " * int(rng.integers(2, 25)) + " " for j in range(2)]
             lines.append("")
         (root / folder).mkdir(exist_ok=True)
         (root / folder / f"{name}.md").write_text("\n".join(lines))
@@ -159,3 +169,10 @@ def test_real_corpus_documents(tmp_path):
         assert 1000 <= len(doc) <= 4000
         owners = [p for p in plays if doc in p.text]
         assert len(owners) == 1 and owners[0].label == y and owners[0].test
+
+
+def test_retrieval_asking_for_too_many_pairs_fails_clearly(corpus, tmp_path):
+    root, _ = corpus
+    # 1-4 kB documents: the 6 fake test plays give a few dozen, and 5,000 distinct pairs do not exist
+    with pytest.raises(ValueError, match=r"could not draw pair \d+ of 5000 .* distinct pairs"):
+        build_dataset("retrieval", "test", root=root, seq_len=4000, size=5000, cache_dir=tmp_path)

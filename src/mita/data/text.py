@@ -25,6 +25,7 @@ SPLIT_SIZES = {
     "retrieval": {"train": 40_000, "test": 4_000},
 }
 _SPLIT_IDS = {"train": 0, "test": 2}
+_MAX_DRAWS = 10_000
 
 
 def doc_end(play: Play, start: int, target: int, lo: int, hi: int) -> int:
@@ -159,27 +160,34 @@ def build_retrieval(
         seen: set[tuple[int, int]] = set()
     for k in range(n):
         label = k % 2  # alternate: exactly balanced, and any prefix is too
-        i = sample(rng)
-        if label:
-            j = i
-        else:
-            group = partners[i][int(rng.integers(0, 2))]  # other genre or same genre, half each
-            j = group[int(rng.integers(0, len(group)))]
-        if split == "train":
-            a = _random_doc(pool[i], rng, seq_len)
-            b = _random_doc(pool[j], rng, seq_len)
-            while label and b[0] < a[1] and a[0] < b[1]:  # same play: the two passages must not overlap
+        for _ in range(_MAX_DRAWS):  # redraw plays and passages until the pair is admissible
+            i = sample(rng)
+            if label:
+                j = i
+            else:
+                group = partners[i][int(rng.integers(0, 2))]  # other genre or same genre, half each
+                j = group[int(rng.integers(0, len(group)))]
+            if split == "train":
+                a = _random_doc(pool[i], rng, seq_len)
                 b = _random_doc(pool[j], rng, seq_len)
+                if not (label and b[0] < a[1] and a[0] < b[1]):  # same play: passages must not overlap
+                    break
+            else:
+                x = int(doc_ids[i][rng.integers(0, len(doc_ids[i]))])
+                y = int(doc_ids[j][rng.integers(0, len(doc_ids[j]))])
+                if x != y and (min(x, y), max(x, y)) not in seen:  # distinct documents, no pair twice
+                    break
+        else:
+            raise ValueError(
+                f"retrieval/{split}: could not draw pair {k} of {n} in {_MAX_DRAWS} tries; "
+                f"the {len(pool)} plays are too short for seq_len={seq_len} or for {n} distinct pairs"
+            )
+        if split == "train":
             left.append(len(spans))
             right.append(len(spans) + 1)
             spans += [(base[pool[i].name] + a[0], base[pool[i].name] + a[1])]
             spans += [(base[pool[j].name] + b[0], base[pool[j].name] + b[1])]
         else:
-            while True:  # distinct documents, and no pair drawn twice
-                x = int(doc_ids[i][rng.integers(0, len(doc_ids[i]))])
-                y = int(doc_ids[j][rng.integers(0, len(doc_ids[j]))])
-                if x != y and (min(x, y), max(x, y)) not in seen:
-                    break
             seen.add((min(x, y), max(x, y)))
             left.append(x)
             right.append(y)
