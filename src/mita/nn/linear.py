@@ -35,9 +35,12 @@ class LinearAttention(AttentionBase):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
     ) -> torch.Tensor:
+        out_dtype = q.dtype
+        if out_dtype in (torch.float16, torch.bfloat16):  # sums over N lose too much in half precision
+            q, k, v = q.float(), k.float(), v.float()
         fq, fk = elu_feature(q), elu_feature(k)
         if mask is not None:
             fk = fk.masked_fill(mask[:, None, :, None], 0.0)
         kv = fk.transpose(-1, -2) @ v  # [B, H, d, dv]
         norm = fq @ fk.sum(2, keepdim=True).transpose(-1, -2)  # [B, H, N, 1]
-        return (fq @ kv) / norm.clamp_min(torch.finfo(q.dtype).tiny)
+        return ((fq @ kv) / norm.clamp_min(torch.finfo(q.dtype).tiny)).to(out_dtype)
