@@ -25,7 +25,7 @@ class MiTAAttention(AttentionBase):
         experts_per_query: s, routed experts per query.
         landmarks: ``"pool"`` | ``"official"`` | ``"random"`` | ``"learned"`` | ``"conv"``
             (see :mod:`mita.nn.landmark_modes`).
-        shared, routed: keep the shared / routed experts (SPEC §2.5 ablations).
+        shared, routed: keep the shared / routed experts (SPEC §2 item 5 ablations).
         landmark_scale: lambda of the landmark logits (default ``1 / head_dim``).
         backend: op backend, ``"auto"`` | ``"torch"`` | ``"reference"`` | ``"triton"``.
         conv_kernel, landmark_seed: options of the ``"conv"`` and ``"random"`` landmark modes.
@@ -52,7 +52,7 @@ class MiTAAttention(AttentionBase):
         proj_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_layer: type[nn.Module] | None = nn.LayerNorm,
         num_landmarks: int | tuple[int, int] = 25,
         topk: int = 25,
         experts_per_query: int = 1,
