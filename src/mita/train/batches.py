@@ -18,10 +18,8 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 def forward(model: nn.Module, x: Any) -> torch.Tensor:
-    """Logits ``[B, C]``: pair tasks pass their two token tensors as two arguments."""
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
+    """Logits ``[B, C]``; pair tasks pass their ``(tokens_a, tokens_b)`` tuple as the one argument."""
+    return model(tuple(x) if isinstance(x, list) else x)
 
 
 def batch_size_of(x: Any) -> int:

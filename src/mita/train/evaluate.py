@@ -126,7 +126,7 @@ def swap_attention(
         kwargs["topk"] = topk
     if kind == trained and not kwargs:
         return model, {"attention": kind}
-    from mita import convert
+    from mita.convert import convert  # the function; `mita.convert` may resolve to the module
 
     return convert(model, kind, **kwargs), {"attention": kind, **kwargs}
 

@@ -117,15 +117,16 @@ class Trainer:
         from mita.data import build_dataset, get_task
 
         cfg = self.cfg
-        kw = dict(cfg.data_kwargs)
+        # the data set's own seed stays at its canonical value unless given (--data-arg seed=N)
+        kw = {**self.preset.data_kwargs, **cfg.data_kwargs}
         if cfg.data_root:
             kw["root"] = cfg.data_root
         if cfg.cache_dir:
             kw["cache_dir"] = cfg.cache_dir
-        kw.setdefault("seed", cfg.seed)
-        self.data_kwargs = kw
+        self.data_kwargs = {k: v for k, v in kw.items() if k != "augment"}
         train = build_dataset(cfg.task, "train", size=cfg.train_size, **kw)
-        test = build_dataset(cfg.task, "test", augment=False, size=cfg.test_size, **kw)
+        kw["augment"] = False
+        test = build_dataset(cfg.task, "test", size=cfg.test_size, **kw)
         info = getattr(train, "info", None) or get_task(cfg.task)
         return train, test, info
 

@@ -1,0 +1,43 @@
+"""Helpers for the ``results/`` scripts: run a set of trainings and write markdown + JSON tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table (cells converted with ``str``)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(x: float | None) -> str:
+    """``0.8734 -> '87.34'``; missing -> an em dash."""
+    return "—" if x is None or x != x else f"{100 * x:.2f}"
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Pretty JSON, atomically."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def attention_label(summary: dict[str, Any]) -> str:
+    """``mita (m=25, k=25)``-style label from a run summary's model kwargs."""
+    kw = summary.get("model_kwargs", {})
+    parts = [f"{k}={kw[k]}" for k, short in (("num_landmarks", "m"), ("topk", "k")) if k in kw]
+    parts = [p.replace("num_landmarks", "m").replace("topk", "k") for p in parts]
+    return summary["attention"] + (f" ({', '.join(parts)})" if parts else "")
