@@ -34,7 +34,8 @@ def test_torchrun_two_cpu_processes(tmp_path, cache_dir):
     assert evals[-1]["test_accuracy"] == summary["test_accuracy"]
     # test accuracy is a multiple of 1/16: both ranks' shards (8 + 8 samples) were counted once
     assert (summary["test_accuracy"] * 16) == pytest.approx(round(summary["test_accuracy"] * 16))
-    assert res.stdout.count("test accuracy") == 1  # one final summary, from rank 0
+    assert res.stdout.count("summary:") == 1  # one final summary, from rank 0
+    assert res.stderr.count("step 8: test accuracy") == 1  # progress lines from rank 0 only
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["latest.json", "step-00000008.pt", "step-00000008.safetensors"]
     from mita.train.checkpoint import load_model

@@ -91,3 +91,17 @@ def test_evaluate_counts_against_a_known_model():
     assert first3["n"] == 3 and first3["test_accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="max_samples"):
         evaluate.evaluate(torch.nn.Identity(), data, max_samples=0)
+
+
+def test_fmnist_vit_smoke(tmp_path):
+    from mita.data.fmnist import fmnist_dir
+
+    if not (fmnist_dir() / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    out = tmp_path / "vit"
+    args = ["--task", "fmnist", "--model", "tiny", "--train-size", "32", "--test-size", "16", "--batch-size", "8",
+            "--max-steps", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    model, meta = load_model(out)
+    assert meta["model"] == "vit_fmnist" and meta["model_kwargs"]["embed_dim"] == 16
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

@@ -476,7 +476,7 @@ class Trainer:
                     if do_eval:
                         self._evaluate()
                         if self.main:
-                            bar.write(f"step {self.step}: test accuracy {100 * self.last_acc:.2f}%")
+                            bar.write(f"step {self.step}: test accuracy {100 * self.last_acc:.2f}%", file=sys.stderr)
                     if do_save:
                         self._save()
                     self.t0 = time.perf_counter()
