@@ -107,3 +107,5 @@ def test_bad_config_and_split():
         ListOpsConfig(min_length=100, max_length=50)
     with pytest.raises(ValueError, match="splits"):
         generate_listops(2, 0, "dev")
+    with pytest.raises(ValueError, match="no ListOps tree of 30..30 tokens"):
+        generate_example(0, "train", 0, ListOpsConfig(min_length=30, max_length=30, max_depth=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from pathlib import Path
 
@@ -31,6 +32,10 @@ _VARIABLE_LENGTH = ("listops", "text", "retrieval")  # tasks whose seq_len may b
 _MIN_SEQ_LEN = 16
 # per task: bump when that task's generated data changes, so that old cache files are not reused
 _FORMAT = {"listops": 1, "pathfinder": 1, "text": 1, "retrieval": 2}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def build_dataset(
@@ -64,9 +69,9 @@ def build_dataset(
     info = get_task(name)
     if split not in SPLITS[name]:
         raise ValueError(f"task {name!r} has splits {', '.join(SPLITS[name])}; got {split!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+    if size is not None and (not _is_int(size) or size < 1):
         raise ValueError(f"size must be a positive int or None, got {size!r}")
     if augment and name != "fmnist":
         raise ValueError(f"augmentation is only defined for 'fmnist', not {name!r}")
@@ -77,9 +82,10 @@ def build_dataset(
             raise ValueError(
                 f"task {name!r} has fixed length {info.seq_len}; seq_len={seq_len} is not possible"
             )
-        if not isinstance(seq_len, int) or seq_len < _MIN_SEQ_LEN:
+        if not _is_int(seq_len) or seq_len < _MIN_SEQ_LEN:
             raise ValueError(f"seq_len must be an int >= {_MIN_SEQ_LEN}, got {seq_len!r}")
-        info = dataclasses.replace(info, seq_len=seq_len)
+        info = dataclasses.replace(info, seq_len=int(seq_len))
+    seed, size = int(seed), None if size is None else int(size)
     builder = {
         "fmnist": _fmnist,
         "image": _image,

@@ -37,6 +37,7 @@ _OP_IDS = [VOCAB[o] for o in OPS]
 _END_ID = VOCAB[END]
 SPLIT_SIZES = {"train": 96_000, "val": 2_000, "test": 2_000}  # the LRA's sizes
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+_MAX_TRIES = 100_000  # trees drawn for one example before the length bounds are declared unreachable
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def generate_example(
 ) -> tuple[list[int], int]:
     """Token ids and label of example ``index`` of ``split``; a pure function of its arguments."""
     rng = random.Random(f"listops/{seed}/{_SPLIT_IDS[split]}/{index}")
-    while True:
+    for _ in range(_MAX_TRIES):
         out: list[int] = []
         try:
             label = _tree(rng, 1, cfg, out, True)
@@ -102,6 +103,9 @@ def generate_example(
             continue
         if cfg.min_length <= len(out) <= cfg.max_length:
             return out, label
+    raise ValueError(
+        f"no ListOps tree of {cfg.min_length}..{cfg.max_length} tokens in {_MAX_TRIES} draws ({cfg})"
+    )
 
 
 def generate_listops(
