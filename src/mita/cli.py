@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "viz": ("mita.analysis.viz", "routing/pruning/expert figures for a checkpoint"),
     "grid": ("mita.analysis.grid", "accuracy over inference m x k"),
     "swap": ("mita.analysis.swap", "train-attention x eval-attention accuracy matrix"),
+    "data": ("mita.data.report", "build the datasets and report their sizes and class balance"),
 }
 
 
