@@ -241,6 +241,46 @@ class TestAvailability:
             mita_attention(q, k, v, r, topk=4, backend="triton")
 
 
+class TestLaunchFallback:
+    def test_retries_lighter_configs_on_out_of_resources_and_remembers(self):
+        from triton.runtime.errors import OutOfResources
+
+        from mita.ops.triton import launch as launch_mod
+
+        calls = []
+
+        class FakeKernel:  # needs <= 1 pipeline stage and BLOCK_K <= 32 to "fit"
+            def __getitem__(self, grid):
+                def run(*args, **kw):
+                    calls.append(kw)
+                    if kw.get("num_stages", 3) > 1 or kw["BLOCK_K"] > 32:
+                        raise OutOfResources(300_000, 232_448, "shared memory")
+
+                return run
+
+        kernel = FakeKernel()
+        consts = {"BLOCK_K": 64, "BLOCK_T": 64}
+        launch_mod.launch(kernel, (1,), (), consts, loop_blocks=("BLOCK_K",))
+        assert calls == [consts, {**consts, "num_stages": 1}, {"BLOCK_K": 32, "BLOCK_T": 64, "num_stages": 1}]
+        launch_mod.launch(kernel, (1,), (), consts, loop_blocks=("BLOCK_K",))
+        assert len(calls) == 4 and calls[-1] == calls[2]  # the working config is reused directly
+
+    def test_gives_up_after_the_last_config(self):
+        from triton.runtime.errors import OutOfResources
+
+        from mita.ops.triton.launch import launch
+
+        class NeverFits:
+            def __getitem__(self, grid):
+                def run(*args, **kw):
+                    raise OutOfResources(1, 0, "shared memory")
+
+                return run
+
+        with pytest.raises(OutOfResources):
+            launch(NeverFits(), (1,), (), {"BLOCK_K": 16})
+
+
 GPU_CASES = {
     "gqa_pad": (2, 4, 2, 300, 4, 16, [0, 37]),
     "mqa": (1, 8, 1, 513, 7, 33, None),

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .blocks import add_rows, load_cols, load_rows, store_rows
 from .common import block, dot_precision, pow2
+from .launch import launch
 
 
 @triton.jit
@@ -209,13 +210,15 @@ def attention_forward(
     tile_expert, tile_rows, tile_ok = tiles
     out = torch.empty(b, h, n, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    _attn_fwd_kernel[(tile_rows.shape[0],)](
+    args = (
         q, k, v, r, values, key_index, mask if mask is not None else tile_ok, tile_expert, tile_rows,
         tile_ok, out, lse,
         n_kv, m, topk, h, hkv, h // hkv, scale, lam,
-        HAS_MASK=mask is not None, SHARED=shared, ROUTED=routed,
-        **_consts(q, m, topk, dv, tile_rows.shape[1]),
     )  # fmt: skip
+    consts = dict(
+        HAS_MASK=mask is not None, SHARED=shared, ROUTED=routed, **_consts(q, m, topk, dv, tile_rows.shape[1])
+    )
+    launch(_attn_fwd_kernel, (tile_rows.shape[0],), args, consts, loop_blocks=("BLOCK_M", "BLOCK_K"))
     return out, lse
 
 
@@ -256,13 +259,16 @@ def attention_backward(
     else:
         dk_buf = torch.zeros(b, hkv, n_kv, d, device=q.device, dtype=torch.float32)
         dv_buf = torch.zeros(b, hkv, n_kv, dv, device=q.device, dtype=torch.float32)
-    _attn_bwd_kernel[(n_tiles,)](
+    args = (
         q, k, v, r, values, do, lse, delta, key_index, mask if mask is not None else tile_ok, tile_expert,
         tile_rows, tile_ok, dq, dk_buf, dv_buf,
         n_kv, m, topk, h, hkv, h // hkv, scale, lam,
+    )  # fmt: skip
+    consts = dict(
         HAS_MASK=mask is not None, SHARED=shared, ROUTED=routed, ATOMIC=not deterministic,
         **_consts(q, m, topk, dv, tile_rows.shape[1]),
-    )  # fmt: skip
+    )
+    launch(_attn_bwd_kernel, (n_tiles,), args, consts, loop_blocks=("BLOCK_M", "BLOCK_K"))
     if not (deterministic and routed):
         return dq, dk_buf, dv_buf
     from .scatter import segment_sum

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .blocks import load_cols, load_rows, store_rows
 from .common import block, chunking, default_splits, dot_precision, pow2
+from .launch import launch
 
 
 @triton.jit
@@ -120,12 +121,15 @@ def landmark_forward(
     part_lse = torch.empty(b, h, m, splits, device=r.device, dtype=torch.float32)
     for bh0 in range(0, bh, heads_per_pass):  # static loop: sizes only, no host sync
         count = min(heads_per_pass, bh - bh0)
-        _landmark_fwd_kernel[(count, m_blocks, splits)](
+        args = (
             r, k, v, mask if mask is not None else r, scores, part, part_lse,
             n, m, h, hkv, 1, scale, chunk, splits, bh0,
+        )  # fmt: skip
+        consts = dict(
             HAS_MASK=mask is not None, D=d, DV=dv, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv),
             BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(r.dtype),
         )  # fmt: skip
+        launch(_landmark_fwd_kernel, (count, m_blocks, splits), args, consts, loop_blocks=("BLOCK_N",))
         key_index[bh0 : bh0 + count] = scores[:count].topk(topk, dim=-1, sorted=False).indices
     shape = (b, hkv * m // m0, m0)  # back to [B, H, m]
     key_index = key_index.reshape(*shape, topk)
@@ -250,13 +254,12 @@ def landmark_backward(
         BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(r.dtype),
     )  # fmt: skip
     mask_arg = mask if mask is not None else r
-    _landmark_bwd_kv_kernel[(b * hkv, triton.cdiv(n, block_n))](
-        r, k, v, mask_arg, lse, d_values, d_l, dk, dv, n, m, h, hkv, 1, scale, **consts
-    )
+    args = (r, k, v, mask_arg, lse, d_values, d_l, dk, dv, n, m, h, hkv, 1, scale)
+    grid = (b * hkv, triton.cdiv(n, block_n))
+    launch(_landmark_bwd_kv_kernel, grid, args, consts, loop_blocks=("BLOCK_M",))
     m_blocks = triton.cdiv(m, block_m)
     chunk, splits = chunking(n, splits or default_splits(b * h * m_blocks, n, r.device), block_n)
     d_r = torch.empty(b, h, m, splits, d, device=r.device, dtype=torch.float32)
-    _landmark_bwd_r_kernel[(b * h, m_blocks, splits)](
-        r, k, v, mask_arg, lse, d_values, d_l, d_r, n, m, h, hkv, 1, scale, chunk, splits, **consts
-    )
+    args = (r, k, v, mask_arg, lse, d_values, d_l, d_r, n, m, h, hkv, 1, scale, chunk, splits)
+    launch(_landmark_bwd_r_kernel, (b * h, m_blocks, splits), args, consts, loop_blocks=("BLOCK_N",))
     return d_r.sum(3).reshape(b, h0, m0, d)

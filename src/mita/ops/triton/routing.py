@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .blocks import load_cols, load_rows
 from .common import block, dot_precision, pow2
+from .launch import launch
 
 
 @triton.jit
@@ -45,8 +46,7 @@ def route(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     m = r.shape[2]
     expert = torch.empty(b, h, n, 1, device=q.device, dtype=torch.int64)
     block_n = block(n)
-    _route_kernel[(b * h, triton.cdiv(n, block_n))](
-        q, r, expert, n, m,
-        D=d, BLOCK_D=pow2(d), BLOCK_N=block_n, BLOCK_M=block(m), PREC=dot_precision(q.dtype),
-    )  # fmt: skip
+    consts = dict(D=d, BLOCK_D=pow2(d), BLOCK_N=block_n, BLOCK_M=block(m), PREC=dot_precision(q.dtype))
+    grid = (b * h, triton.cdiv(n, block_n))
+    launch(_route_kernel, grid, (q, r, expert, n, m), consts, loop_blocks=("BLOCK_M",))
     return expert

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .blocks import load_cols, load_rows, store_rows
 from .common import block, chunking, default_splits, dot_precision, pow2
+from .launch import launch
 
 
 @triton.jit
@@ -79,10 +80,10 @@ def shared_backward(
     chunk, splits = chunking(n, splits or default_splits(b * h * m_blocks, n, q.device), block_n)
     d_a = torch.empty(b, h, m, splits, dv, device=q.device, dtype=torch.float32)
     d_r = torch.empty(b, h, m, splits, d, device=q.device, dtype=torch.float32)
-    _shared_bwd_kernel[(b * h, m_blocks, splits)](
-        q, r, values, do, lse, delta, d_a, d_r,
-        n, m, lam, chunk, splits,
+    args = (q, r, values, do, lse, delta, d_a, d_r, n, m, lam, chunk, splits)
+    consts = dict(
         D=d, DV=dv, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), BLOCK_M=block_m, BLOCK_N=block_n,
         PREC=dot_precision(q.dtype),
     )  # fmt: skip
+    launch(_shared_bwd_kernel, (b * h, m_blocks, splits), args, consts, loop_blocks=("BLOCK_N",))
     return d_a.sum(3), d_r.sum(3)
