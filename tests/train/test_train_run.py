@@ -60,6 +60,9 @@ def test_saved_model_reloads_and_reproduces_accuracy(run_dir, cache_dir):
         preds = torch.stack([model(x.unsqueeze(0)).argmax(-1)[0] for x, _ in test])
     labels = torch.tensor([y for _, y in test])
     assert result["test_accuracy"] == (preds == labels).float().mean().item()
+    # by task name: the data settings the model was trained with (seq_len=64) come from its metadata
+    by_name = evaluate.evaluate(model, "listops", max_samples=16)
+    assert by_name["n"] == 16 and by_name["test_accuracy"] == result["test_accuracy"]
 
 
 def test_eval_cli_with_json_and_swap(run_dir, tmp_path, capsys):

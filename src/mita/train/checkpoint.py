@@ -135,7 +135,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     Returns:
         ``(model, meta)``; the model is in eval mode. ``meta`` holds ``task``, ``attention``, ``model``
         (builder name), ``model_kwargs`` (everything needed to rebuild it), ``preset``, ``step`` and the
-        task description (``task_info``).
+        task description (``task_info``) and the data settings (``data_kwargs``, e.g. a cut ``seq_len``);
+        it is also attached to the model as ``model.mita_meta``.
     """
     from .presets import build_model_from_meta
 
@@ -146,6 +147,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{file}: metadata does not describe a buildable model ({err})") from err
     load_weights(model, file)
+    model.mita_meta = meta  # lets evaluate(model, task) rebuild the data the way it was trained
     return model.to(device).eval(), meta
 
 

@@ -82,7 +82,9 @@ def evaluate(
         device: ``"cpu"``, ``"cuda"``, ``"auto"``...; the model is moved there.
         max_samples: evaluate the first ``max_samples`` samples only.
         amp: autocast (bfloat16, or float16 on GPUs without bf16).
-        data_kwargs: extra keyword arguments for ``build_dataset`` (``root``, ``cache_dir``, ``seed``...).
+        data_kwargs: extra keyword arguments for ``build_dataset`` (``root``, ``cache_dir``, ``seq_len``...);
+            default: those the model was trained with when it came from
+            :func:`mita.train.checkpoint.load_model` for the same task, else none.
 
     Returns:
         ``{"test_accuracy": float in [0, 1], "samples_per_s": float, "n": int, "seconds": float}``.
@@ -90,7 +92,10 @@ def evaluate(
     if isinstance(task_or_dataset, str):
         from mita.data import build_dataset
 
-        dataset = build_dataset(task_or_dataset, split, augment=False, **(data_kwargs or {}))
+        if data_kwargs is None:
+            meta = getattr(model, "mita_meta", None) or {}
+            data_kwargs = meta.get("data_kwargs", {}) if meta.get("task") == task_or_dataset else {}
+        dataset = build_dataset(task_or_dataset, split, augment=False, **data_kwargs)
     else:
         dataset = task_or_dataset
     if max_samples is not None:
@@ -162,7 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mita eval: error: {err}", file=sys.stderr)
         return 2
     data_kwargs = dict(meta.get("data_kwargs", {}))
-    data_kwargs.pop("size", None)  # training-set cut; the evaluation split has its own
     data_kwargs.update({k: v for k, v in (("root", args.data_root), ("cache_dir", args.cache_dir)) if v})
     try:
         result = evaluate(

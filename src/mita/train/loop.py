@@ -476,7 +476,8 @@ class Trainer:
                     if do_eval:
                         self._evaluate()
                         if self.main:
-                            bar.write(f"step {self.step}: test accuracy {100 * self.last_acc:.2f}%", file=sys.stderr)
+                            msg = f"step {self.step}: test accuracy {100 * self.last_acc:.2f}%"
+                            bar.write(msg, file=sys.stderr)
                     if do_save:
                         self._save()
                     self.t0 = time.perf_counter()
