@@ -281,6 +281,55 @@ class TestLaunchFallback:
             launch(NeverFits(), (1,), (), {"BLOCK_K": 16})
 
 
+def _aot_jobs(dt: str, d: int) -> list:
+    """(kernel, signature, constexprs, num_warps) for every kernel at head dim d and input dtype dt."""
+    from mita.ops.triton import attention, landmark, routing, scatter, shared
+
+    x, prec = "*" + dt, "ieee" if dt == "fp32" else "tf32"
+    types = dict.fromkeys(["Q", "K", "V", "R", "O", "DO"], x)
+    types.update(dict.fromkeys(["KEYS", "TILE_EXPERT", "TILE_ROWS", "EXPERT", "ORDER", "OFFSETS"], "*i64"))
+    types.update(MASK="*u8", TILE_OK="*u8", scale="fp32", lam="fp32")
+    f32 = ["A", "LSE", "S", "DELTA", "DQ", "DK", "DV_", "DA", "DL", "DR", "SRC", "OUT"]
+    types.update(dict.fromkeys(f32, "*fp32"))
+    dims = dict(D=d, DV=d, BLOCK_D=d, BLOCK_DV=d, PREC=prec, HAS_MASK=True, SHARED=True, ROUTED=True)
+    blocks = dict(BLOCK_T=64, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, BLOCK_R=16, BLOCK_W=d, ATOMIC=True)
+    kernels = [
+        (attention._attn_fwd_kernel, 8), (attention._attn_bwd_kernel, 8),
+        (landmark._landmark_fwd_kernel, 4), (landmark._landmark_bwd_kv_kernel, 4),
+        (landmark._landmark_bwd_r_kernel, 4), (routing._route_kernel, 4),
+        (shared._shared_bwd_kernel, 4), (scatter._segment_sum_kernel, 4),
+    ]  # fmt: skip
+    jobs = []
+    for kernel, warps in kernels:
+        consts = {a: v for a, v in {**dims, **blocks}.items() if a in kernel.arg_names}
+        sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in kernel.arg_names}
+        jobs.append((kernel, sig, consts, warps))
+    return jobs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the kernels are interpreted in this process")
+@pytest.mark.parametrize("dt,d", [("bf16", 128), ("fp16", 64), ("fp32", 32)])
+def test_kernels_compile_for_h100_without_a_gpu(dt, d):
+    """Ahead-of-time compile every kernel for sm_90 (triton ships ptxas; no driver needed): catches
+    what the interpreter cannot (type rules of the compiler, layouts, shared-memory size)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    h100_shared = 232_448  # bytes of shared memory one block may use on an H100
+    for kernel, sig, consts, warps in _aot_jobs(dt, d):
+        try:
+            compiled = triton.compile(
+                ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": warps},
+            )  # fmt: skip
+        except RuntimeError as err:  # e.g. no ptxas for this platform in the triton wheel
+            if "ptxas" in str(err):
+                pytest.skip(f"triton cannot assemble for sm_90 here: {err}")
+            raise
+        assert compiled.metadata.shared <= h100_shared, (kernel.fn.__name__, compiled.metadata.shared)
+
+
 GPU_CASES = {
     "gqa_pad": (2, 4, 2, 300, 4, 16, [0, 37]),
     "mqa": (1, 8, 1, 513, 7, 33, None),
