@@ -73,8 +73,8 @@ def _check(q, k, v, r, *, atol, rtol, ref_inputs=None, **kw):
     assert _same_keys(rt.key_index, rt_ref.key_index)
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
-    got = _grads(out, [q, k, v, r], weight.to(out.dtype))
-    want = _grads(ref, [rq, rk, rv, rr], weight.to(ref.dtype))
+    got = _grads(out, [q, k, v, r], weight.to(out.device, out.dtype))
+    want = _grads(ref, [rq, rk, rv, rr], weight.to(ref.device, ref.dtype))
     for name, a, e in zip(("q", "k", "v", "landmarks"), got, want):
         assert a.dtype == e.dtype or ref_inputs is not None
         assert torch.isfinite(a).all(), name
