@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .batches import batch_size_of, forward, to_device
+from .presets import ATTENTIONS
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -141,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", required=True, help="model.safetensors, a checkpoint file, or a run directory"
     )
-    p.add_argument("--attention", help="evaluate with this attention kind instead of the trained one")
+    p.add_argument("--attention", choices=ATTENTIONS, help="evaluate with this kind, not the trained one")
     p.add_argument("--num-landmarks", type=int, help="m at inference (MiTA / Agent)")
     p.add_argument("--topk", type=int, help="k at inference (MiTA / top-k)")
     p.add_argument("--split", default="test")
