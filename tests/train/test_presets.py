@@ -1,0 +1,47 @@
+"""Presets: the paper's settings per task (m = k = 16 long-range, Agent m = 32; 197-token ViT, m = k = 25)."""
+
+import pytest
+import torch
+
+from mita.data import get_task
+from mita.train.presets import DEFAULT_PRESET, PRESETS, build, get_preset, model_spec
+
+LRA = ("listops", "text", "retrieval", "image", "pathfinder")
+
+
+@pytest.mark.parametrize("task", LRA)
+def test_long_range_presets_follow_the_paper(task):
+    preset = get_preset(task)
+    assert preset.name == f"lra-{task}"
+    info = get_task(task)
+    _, mita = model_spec(preset, info, "mita")
+    assert (mita["num_landmarks"], mita["topk"]) == (16, 16)
+    _, agent = model_spec(preset, info, "agent")
+    assert agent["num_landmarks"] == 32 and "topk" not in agent
+    _, full = model_spec(preset, info, "full")
+    assert "num_landmarks" not in full and full["attention"] == "full"
+    assert (mita["dim"], mita["depth"], mita["num_heads"]) == (64, 2, 2)
+    assert mita["max_len"] == info.seq_len and mita["pair"] == (task == "retrieval")
+
+
+def test_fmnist_preset_is_a_197_token_vit_with_m_k_25():
+    preset = get_preset("fmnist")
+    builder, kw = model_spec(preset, get_task("fmnist"), "mita")
+    assert builder == "vit_fmnist" and (kw["num_landmarks"], kw["topk"]) == (25, 25)
+    model = build(builder, kw)
+    assert model.pos_embed.shape[1] == 197  # 14 x 14 patches + cls
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_command_line_overrides_win():
+    preset = get_preset("listops")
+    _, kw = model_spec(preset, get_task("listops"), "mita", {"num_landmarks": 8, "topk": None}, {"depth": 1})
+    assert kw["num_landmarks"] == 8 and kw["topk"] == 16 and kw["depth"] == 1
+
+
+def test_every_task_has_a_default_and_bad_names_fail():
+    assert set(DEFAULT_PRESET) == {"fmnist", *LRA} and set(DEFAULT_PRESET.values()) <= set(PRESETS)
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        model_spec(get_preset("listops"), get_task("listops"), "flash")
+    with pytest.raises(ValueError, match="for task"):
+        get_preset("fmnist", "lra-image")
