@@ -29,7 +29,7 @@ def default_tile_size(pairs_per_row: int, num_experts: int) -> int:
     return t
 
 
-class _Tiles:
+class ExpertTiles:
     """Static-size packing of G (query, expert) pairs into tiles of T pairs sharing one expert."""
 
     def __init__(self, expert_of_pair: torch.Tensor, num_experts: int, tile: int) -> None:
@@ -93,7 +93,7 @@ def _routed_part(
     bh = b * h
     dev = q.device
     experts = (torch.arange(bh, device=dev).reshape(b, h, 1, 1) * m + expert_index).reshape(-1)
-    tiles = _Tiles(experts, bh * m, tile or default_tile_size(n * s, m))
+    tiles = ExpertTiles(experts, bh * m, tile or default_tile_size(n * s, m))
 
     # Global row of every selected key in the flattened [B * Hkv * N_kv] key/value tables.
     kv_row = torch.arange(b, device=dev).reshape(b, 1) * p.kv_heads + torch.arange(h, device=dev) // p.group

@@ -28,7 +28,7 @@ import torch
 
 from .checks import Problem
 from .routing import Routing
-from .torch_backend import _Tiles, default_tile_size, torch_forward
+from .torch_backend import ExpertTiles, default_tile_size, torch_forward
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
@@ -88,7 +88,7 @@ def _tiling(p: Problem, expert_index: torch.Tensor) -> tuple[torch.Tensor, torch
     base = torch.arange(bh, device=expert_index.device).reshape(p.batch, p.heads, 1) * m
     experts = (base + expert_index[..., 0]).reshape(-1)  # s = 1: pair index == global query row
     tile = max(16, default_tile_size(p.q_len, m))  # tl.dot needs >= 16 rows
-    tiles = _Tiles(experts, bh * m, tile)
+    tiles = ExpertTiles(experts, bh * m, tile)
     return tiles.expert.contiguous(), tiles.pair.contiguous(), tiles.valid.to(torch.uint8).contiguous()
 
 
