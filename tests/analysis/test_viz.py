@@ -69,3 +69,15 @@ def test_viz_rejects_bad_options(tmp_path):
         visualize(ToyViT(), data, tmp_path, samples=1, stats_samples=2, head=5)
     with pytest.raises(ValueError, match="samples"):
         visualize(ToyViT(), data, tmp_path, samples=0)
+
+
+def test_viz_draws_experts_without_windows(tmp_path):
+    # layers that report non-pooled landmarks (learned/random/conv) get expert maps without a window
+    torch.manual_seed(2)
+    model = ToySeq()
+    for block in model.blocks:
+        block.landmarks_mode = "learned"
+    data = TensorDataset(torch.randint(1, 16, (2, 24)), torch.zeros(2, dtype=torch.long))
+    visualize(model, data, tmp_path, samples=1, stats_samples=2)
+    assert_png(tmp_path / "expert_maps.png")
+    assert json.loads((tmp_path / "stats.json").read_text())["layout"]["landmarks"] == "learned"
