@@ -163,8 +163,8 @@ class LayerStats:
     over samples of the fraction selected by no head. ``load_*`` are per (sample, head) min/mean/max over
     experts, then averaged; ``load_entropy_norm`` divides by ``log m`` (1 = balanced). ``iou_mean`` averages
     over the experts of each (sample, head), then over heads and samples; ``iou_min``/``iou_max`` are the
-    extremes over single experts, ``iou_head_min``/``iou_head_max`` those of the per-head means (the
-    paper's Fig. 5 band). ``empty_experts`` is the mean fraction of experts that serve no query.
+    extremes over single experts, ``iou_head_min``/``iou_head_max`` those of the per-(sample, head)
+    means (the paper's Fig. 5 band). ``empty_experts`` is the mean fraction of experts that serve no query.
     """
 
     num_tokens: int
