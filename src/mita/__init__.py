@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from . import landmarks
+from .convert import convert  # eager: a lazy name would be shadowed by the submodule once imported
 from .ops import Routing, mita_attention
 
 __version__ = "0.1.0"
@@ -22,10 +23,6 @@ _SUBPACKAGES = ("nn", "models", "data", "train", "analysis", "bench", "integrati
 
 def __getattr__(name: str) -> Any:
     # Lazy: keeps `import mita` light and free of optional dependencies.
-    if name == "convert":
-        from .convert import convert
-
-        return convert
     if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mita' has no attribute {name!r}")

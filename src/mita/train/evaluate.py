@@ -132,7 +132,7 @@ def swap_attention(
         kwargs["topk"] = topk
     if kind == trained and not kwargs:
         return model, {"attention": kind}
-    from mita.convert import convert  # the function; `mita.convert` may resolve to the module
+    from mita.convert import convert
 
     return convert(model, kind, **kwargs), {"attention": kind, **kwargs}
 
