@@ -41,3 +41,20 @@ def attention_label(summary: dict[str, Any]) -> str:
     parts = [f"{k}={kw[k]}" for k, short in (("num_landmarks", "m"), ("topk", "k")) if k in kw]
     parts = [p.replace("num_landmarks", "m").replace("topk", "k") for p in parts]
     return summary["attention"] + (f" ({', '.join(parts)})" if parts else "")
+
+
+def run_training(args: Sequence[str]) -> dict[str, Any]:
+    """Run ``python -m mita train ARGS`` in a fresh process and return its ``summary.json``.
+
+    A separate process per run keeps each run's peak memory (RSS on CPU) its own.
+    ``ARGS`` must contain ``--out DIR``.
+    """
+    import subprocess
+    import sys
+
+    args = list(args)
+    out = Path(args[args.index("--out") + 1])
+    res = subprocess.run([sys.executable, "-m", "mita", "train", *args])
+    if res.returncode != 0:
+        raise RuntimeError(f"mita train {' '.join(args)} failed with exit code {res.returncode}")
+    return json.loads((out / "summary.json").read_text())
