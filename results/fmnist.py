@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 
 from mita.train.checkpoint import load_model
-from mita.train.config import TrainConfig
 from mita.train.evaluate import evaluate
-from mita.train.loop import train
-from mita.train.report import attention_label, markdown_table, pct, write_atomic, write_json
+from mita.train.report import attention_label, markdown_table, pct, run_training, write_atomic, write_json
 from mita.train.runinfo import hardware
 
 HERE = Path(__file__).resolve().parent
@@ -34,6 +32,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="epochs per run (default: the preset's)")
     p.add_argument("--max-steps", type=int, help="cap on optimizer steps per run")
     p.add_argument("--train-size", type=int, help="train on the first N images only (budget cut)")
+    p.add_argument("--test-size", type=int, help="evaluate on the first N test images only (quick checks)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
@@ -54,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     rows, records = [], []
     for attention in [a.strip() for a in args.attentions.split(",") if a.strip()]:
         out = Path(args.runs) / f"{attention}-s{args.seed}"
-        cfg = TrainConfig(
-            task="fmnist", attention=attention, epochs=args.epochs, max_steps=args.max_steps,
-            batch_size=args.batch_size, lr=args.lr, train_size=args.train_size, seed=args.seed, out=str(out),
-            resume=args.resume,
-            device=args.device, amp=args.amp, data_root=args.data_root, progress=not args.no_progress,
-        )
-        summary = train(cfg)
+        flags = {"--epochs": args.epochs, "--max-steps": args.max_steps, "--batch-size": args.batch_size,
+                 "--lr": args.lr, "--train-size": args.train_size, "--test-size": args.test_size,
+                 "--data-root": args.data_root}
+        cmd = ["--task", "fmnist", "--attention", attention, "--seed", str(args.seed), "--out", str(out),
+               "--device", args.device]
+        cmd += [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
+        cmd += [f for f, on in (("--resume", args.resume), ("--amp", args.amp),
+                                ("--no-progress", args.no_progress)) if on]
+        summary = run_training(cmd)
         device = summary["hardware"]["device"]
         ev = {"test_accuracy": summary["test_accuracy"], "samples_per_s": summary["eval_samples_per_s"]}
         if args.reeval:  # evaluate the saved weights again (checks the checkpoint; costs one more pass)
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         cuts.append(f"--max-steps {args.max_steps}")
     if args.train_size is not None:
         cuts.append(f"--train-size {args.train_size}")
+    if args.test_size is not None:
+        cuts.append(f"--test-size {args.test_size}")
     gpu = f", GPU {hw['gpu']}" if "gpu" in hw else ""
     md = "\n".join([
         "# Fashion-MNIST: MiTA ViT vs. full attention",
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "Model: preset `vit-fmnist` (28x28, patch 2, 196 patches + cls = 197 tokens); the same weight shapes",
         "for every attention kind. `test acc`: the final weights on the 10,000 test images;",
         "`best acc`: the best evaluation during training. Throughputs were measured on a shared machine",
-        "(other jobs running), so they are pessimistic; peak memory is the process's peak RSS on CPU.",
+        "(other jobs running), so they are pessimistic; peak memory is each run's peak RSS on CPU.",
         "",
         table,
         "",
