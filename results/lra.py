@@ -19,9 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mita.train.config import TrainConfig
-from mita.train.loop import train
-from mita.train.report import markdown_table, pct, write_atomic, write_json
+from mita.train.report import markdown_table, pct, run_training, write_atomic, write_json
 from mita.train.runinfo import hardware
 
 HERE = Path(__file__).resolve().parent
@@ -73,15 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict]] = {a: {} for a in attentions}
     for task in tasks:
         for attention in attentions:
-            data = {"seq_len": args.seq_len} if args.seq_len and task in SEQ_LEN_TASKS else {}
-            cfg = TrainConfig(
-                task=task, attention=attention, max_steps=args.max_steps, batch_size=args.batch_size,
-                seed=args.seed, out=str(Path(args.runs) / f"{task}-{attention}-s{args.seed}"),
-                resume=args.resume, device=args.device, amp=args.amp, cache_dir=args.cache_dir,
-                train_size=args.train_size, test_size=args.test_size, data_kwargs=data,
-                eval_every=args.eval_every, progress=not args.no_progress,
-            )
-            summary = train(cfg)
+            out = Path(args.runs) / f"{task}-{attention}-s{args.seed}"
+            cmd = ["--task", task, "--attention", attention, "--seed", str(args.seed), "--out", str(out),
+                   "--device", args.device]
+            flags = {"--max-steps": args.max_steps, "--batch-size": args.batch_size,
+                     "--cache-dir": args.cache_dir, "--train-size": args.train_size,
+                     "--test-size": args.test_size, "--eval-every": args.eval_every}
+            cmd += [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
+            if args.seq_len and task in SEQ_LEN_TASKS:
+                cmd += ["--data-arg", f"seq_len={args.seq_len}"]
+            cmd += [f for f, on in (("--resume", args.resume), ("--amp", args.amp),
+                                    ("--no-progress", args.no_progress)) if on]
+            summary = run_training(cmd)  # one process per run: its own peak memory
             results[attention][task] = summary
             print(f"{task}/{attention}: test accuracy {pct(summary['test_accuracy'])}%", file=sys.stderr)
     hw = hardware(torch.device(next(iter(next(iter(results.values())).values()))["hardware"]["device"]))
