@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--sdpa-max-n", type=int, default=None, help="skip SDPA above this N (then no ratio)")
     p.add_argument("--no-vision", action="store_true", help="skip the vision shape (B=64, H=3, d=64, N=197)")
-    p.add_argument("--in-process", action="store_true", help="no subprocess per case (memory is then cumulative)")
+    p.add_argument(
+        "--in-process", action="store_true", help="no subprocess per case (memory is then cumulative)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per isolated case")
     p.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and bench.png")
     return p
@@ -57,7 +59,9 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, Case]]:
             for method in methods:
                 if method == "sdpa" and args.sdpa_max_n is not None and n > args.sdpa_max_n:
                     continue
-                shape = dict(batch=args.batch, heads=args.heads, dim=args.dim, landmarks=args.landmarks, topk=args.topk)
+                shape = dict(
+                    batch=args.batch, heads=args.heads, dim=args.dim, landmarks=args.landmarks, topk=args.topk
+                )
                 out.append(("seq", Case(method=method, mode=mode, n=n, **shape, **common)))
     if not args.no_vision:
         for mode in modes:
@@ -139,5 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.dtype} on {meta.get('gpu', meta['processor'])} ({args.device})"
     )
     plotted = write_plot(rows, out_dir / "bench.png", title)
-    print(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}" + (f", {out_dir / 'bench.png'}" if plotted else ""))
+    print(
+        f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
+        + (f", {out_dir / 'bench.png'}" if plotted else "")
+    )
     return 0

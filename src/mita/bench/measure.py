@@ -112,7 +112,12 @@ def run_case(c: Case) -> dict:
             _sync(c.device)
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes()
-    return {**asdict(c), "time_s": min(times), "reps_timed": len(times), "peak_mem_rise_bytes": max(0, peak - base)}
+    return {
+        **asdict(c),
+        "time_s": min(times),
+        "reps_timed": len(times),
+        "peak_mem_rise_bytes": max(0, peak - base),
+    }
 
 
 def run_isolated(c: Case, timeout_s: float | None = None) -> dict:

@@ -73,7 +73,9 @@ def write_plot(rows: Sequence[dict], path: Path, title: str) -> bool:
             if not pts:
                 continue
             ns = [n for n, _ in pts]
-            ax_t.plot(ns, [1000 * r["time_s"] for _, r in pts], styles[mode], marker="o", label=f"{method} {mode}")
+            ax_t.plot(
+                ns, [1000 * r["time_s"] for _, r in pts], styles[mode], marker="o", label=f"{method} {mode}"
+            )
             if method != "sdpa":
                 sp = [(n, r["speedup_vs_sdpa"]) for n, r in pts if "speedup_vs_sdpa" in r]
                 if sp:
