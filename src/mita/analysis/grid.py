@@ -20,6 +20,8 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from .loading import add_eval_args
+
 __all__ = ["accuracy_grid", "main"]
 
 
@@ -73,10 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1,4,9,16,25,36,49", help="comma-separated top-k values")
     p.add_argument("--out", required=True, help="directory for grid.json and grid.png")
     p.add_argument("--max-samples", type=int, help="evaluate on the first N test samples only")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-root", help="data directory (default: the data module's default)")
-    p.add_argument("--cache-dir", help="cache of generated tasks (default: the data module's default)")
+    add_eval_args(p, batch_size=256)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 __all__ = ["load_checkpoint", "eval_dataset", "parse_int_list", "write_json"]
+
+
+def add_eval_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """The evaluation options every analysis command shares (batch size, device, data locations)."""
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", help="data directory (default: the data module's default)")
+    parser.add_argument("--cache-dir", help="cache of generated tasks (default: the data module's default)")
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

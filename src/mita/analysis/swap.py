@@ -19,6 +19,8 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from .loading import add_eval_args
+
 __all__ = ["swap_column", "main"]
 
 KINDS = ("full", "agent", "mita")
@@ -70,10 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-landmarks", type=int, help="m for converted MiTA/Agent (default: mita.convert's)")
     p.add_argument("--topk", type=int, help="k for converted MiTA (default: mita.convert's)")
     p.add_argument("--max-samples", type=int, help="evaluate on the first N test samples only")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-root", help="data directory (default: the data module's default)")
-    p.add_argument("--cache-dir", help="cache of generated tasks (default: the data module's default)")
+    add_eval_args(p, batch_size=256)
     return p
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .hooks import LayerRecord, RoutingRecorder
+from .loading import add_eval_args
 from .stats import expert_iou, expert_load, layer_stats, selection_counts
 from .windows import adaptive_span, landmark_grid, landmark_windows_1d, landmark_windows_2d
 
@@ -231,10 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-samples", type=int, default=256, help="test inputs for the statistics")
     p.add_argument("--head", type=int, default=0, help="head shown in the expert maps")
     p.add_argument("--experts", type=int, default=4, help="experts per layer in the expert maps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-root", help="data directory (default: the data module's default)")
-    p.add_argument("--cache-dir", help="cache of generated tasks (default: the data module's default)")
+    add_eval_args(p, batch_size=64)
     return p
 
 
