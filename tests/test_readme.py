@@ -17,7 +17,7 @@ def _python_blocks() -> list[str]:
 def test_readme_has_the_two_commands_first():
     text = README.read_text()
     first = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1).splitlines()
-    assert first[0].startswith("bash scripts/setup.sh && python results/fmnist.py --epochs 1")
+    assert first[0].startswith("bash scripts/setup.sh && python3 results/fmnist.py --epochs 1")
     assert first[1].startswith("python3 -m pytest -q")
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == "python3 -m pytest -q", "CI must run exactly the README's test command"
