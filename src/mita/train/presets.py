@@ -45,6 +45,15 @@ class Preset:
 _LRA_ATTN = {"mita": {"num_landmarks": 16, "topk": 16}, "agent": {"num_landmarks": 32}, "topk": {"topk": 32}}
 _LRA_MODEL = {"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
 
+
+def _lra(task: str, batch_size: int, steps: int, warmup_frac: float, description: str) -> Preset:
+    """A long-range preset: the shared LRA model and attention settings, lr 1e-4, no weight decay."""
+    return Preset(
+        f"lra-{task}", "seq", _LRA_MODEL, _LRA_ATTN, batch_size, 1e-4, 0.0,
+        steps=steps, warmup_frac=warmup_frac, tasks=(task,), description=description,
+    )  # fmt: skip
+
+
 PRESETS: dict[str, Preset] = {
     "vit-fmnist": Preset(
         name="vit-fmnist",
@@ -68,71 +77,16 @@ PRESETS: dict[str, Preset] = {
         "m = k = 25 as the paper's DeiT",
         tasks=("fmnist",),
     ),
-    "lra-listops": Preset(
-        "lra-listops",
-        "seq",
-        _LRA_MODEL,
-        _LRA_ATTN,
-        32,
-        1e-4,
-        0.0,
-        steps=5000,
-        warmup_frac=0.2,
-        tasks=("listops",),
-        description="LRA ListOps, 2K tokens",
-    ),
-    "lra-text": Preset(
-        "lra-text",
-        "seq",
-        _LRA_MODEL,
-        _LRA_ATTN,
-        32,
-        1e-4,
-        0.0,
-        steps=20000,
-        warmup_frac=0.4,
-        tasks=("text",),
-        description="LRA-style byte-level text, 4K bytes",
-    ),
-    "lra-retrieval": Preset(
-        "lra-retrieval",
-        "seq",
-        _LRA_MODEL,
-        _LRA_ATTN,
-        32,
-        1e-4,
-        0.0,
-        steps=30000,
-        warmup_frac=800 / 30000,
-        tasks=("retrieval",),
-        description="LRA-style byte-level retrieval, 2 x 4K bytes",
-    ),
-    "lra-image": Preset(
-        "lra-image",
-        "seq",
-        _LRA_MODEL,
-        _LRA_ATTN,
-        256,
-        1e-4,
-        0.0,
-        steps=35000,
-        warmup_frac=175 / 35000,
-        tasks=("image",),
-        description="pixel sequences, 1K tokens",
-    ),
-    "lra-pathfinder": Preset(
-        "lra-pathfinder",
-        "seq",
-        _LRA_MODEL,
-        _LRA_ATTN,
-        256,
-        1e-4,
-        0.0,
-        steps=62400,
-        warmup_frac=312 / 62400,
-        tasks=("pathfinder",),
-        description="Pathfinder-32, 1K pixels",
-    ),
+    **{
+        f"lra-{task}": _lra(task, batch, steps, warmup, text)
+        for task, batch, steps, warmup, text in (
+            ("listops", 32, 5000, 0.2, "LRA ListOps, 2K tokens"),
+            ("text", 32, 20000, 0.4, "LRA-style byte-level text, 4K bytes"),
+            ("retrieval", 32, 30000, 800 / 30000, "LRA-style byte-level retrieval, 2 x 4K bytes"),
+            ("image", 256, 35000, 175 / 35000, "pixel sequences, 1K tokens"),
+            ("pathfinder", 256, 62400, 312 / 62400, "Pathfinder-32, 1K pixels"),
+        )
+    },
     "tiny": Preset(
         name="tiny",
         builder="auto",
