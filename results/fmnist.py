@@ -12,8 +12,10 @@ saved weights, evaluates them on the 10k test images, and writes ``results/fmnis
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,14 +46,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue interrupted runs in --runs")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--reeval", action="store_true", help="re-evaluate the reloaded checkpoints")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many attention kinds at once, CPU threads split evenly between them")
     return p.parse_args(argv)
+
+
+def run_all(cmds: dict[str, list[str]], jobs: int) -> dict[str, dict]:
+    """Summaries of ``mita train`` runs, ``jobs`` at a time (each then gets cores / jobs CPU threads)."""
+    if jobs <= 1:
+        return {name: run_training(cmd) for name, cmd in cmds.items()}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {name: pool.submit(run_training, cmd, threads) for name, cmd in cmds.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     t_start = time.perf_counter()
     rows, records = [], []
-    for attention in [a.strip() for a in args.attentions.split(",") if a.strip()]:
+    attentions = [a.strip() for a in args.attentions.split(",") if a.strip()]
+    cmds = {}
+    for attention in attentions:
         out = Path(args.runs) / f"{attention}-s{args.seed}"
         flags = {"--epochs": args.epochs, "--max-steps": args.max_steps, "--batch-size": args.batch_size,
                  "--lr": args.lr, "--train-size": args.train_size, "--test-size": args.test_size,
@@ -61,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd += [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
         cmd += [f for f, on in (("--resume", args.resume), ("--amp", args.amp),
                                 ("--no-progress", args.no_progress)) if on]
-        summary = run_training(cmd)
+        cmds[attention] = cmd
+    summaries = run_all(cmds, args.jobs)
+    for attention in attentions:
+        summary, out = summaries[attention], Path(args.runs) / f"{attention}-s{args.seed}"
         device = summary["hardware"]["device"]
         ev = {"test_accuracy": summary["test_accuracy"], "samples_per_s": summary["eval_samples_per_s"]}
         if args.reeval:  # evaluate the saved weights again (checks the checkpoint; costs one more pass)
@@ -103,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table,
         "",
-        f"Run length: {', '.join(cuts) or 'preset default'}; total wall time {total_min:.1f} min.",
+        f"Run length: {', '.join(cuts) or 'preset default'}; total wall time {total_min:.1f} min"
+        + (f"; {args.jobs} runs trained at a time, {records[0]['hardware'].get('torch_threads', '?')} torch "
+           "threads each (throughputs compare the kinds at equal threads)." if args.jobs > 1 else "."),
         f"Hardware: {hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} CPUs, "
         f"{hw.get('torch_threads', '?')} torch threads){gpu}; torch {torch.__version__}; "
         f"{hw.get('platform', '')}.",

@@ -43,18 +43,22 @@ def attention_label(summary: dict[str, Any]) -> str:
     return summary["attention"] + (f" ({', '.join(parts)})" if parts else "")
 
 
-def run_training(args: Sequence[str]) -> dict[str, Any]:
+def run_training(args: Sequence[str], threads: int | None = None) -> dict[str, Any]:
     """Run ``python -m mita train ARGS`` in a fresh process and return its ``summary.json``.
 
     A separate process per run keeps each run's peak memory (RSS on CPU) its own.
-    ``ARGS`` must contain ``--out DIR``.
+    ``ARGS`` must contain ``--out DIR``. ``threads`` caps the process's intra-op CPU threads
+    (for runs that share the machine).
     """
     import subprocess
     import sys
 
     args = list(args)
     out = Path(args[args.index("--out") + 1])
-    res = subprocess.run([sys.executable, "-m", "mita", "train", *args])
+    env = None
+    if threads is not None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    res = subprocess.run([sys.executable, "-m", "mita", "train", *args], env=env)
     if res.returncode != 0:
         raise RuntimeError(f"mita train {' '.join(args)} failed with exit code {res.returncode}")
     return json.loads((out / "summary.json").read_text())

@@ -1,0 +1,48 @@
+"""``mita.train.report``: the helpers the results/ scripts use to launch runs and write tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mita.train import report
+
+
+def _fake_run(calls: list, summary: dict, returncode: int = 0):
+    def run(cmd, env=None, **_):
+        out = cmd[cmd.index("--out") + 1]
+        calls.append((cmd, env))
+        (Path(out) / "summary.json").write_text(json.dumps(summary))
+        return subprocess.CompletedProcess(cmd, returncode)
+
+    return run
+
+
+def test_run_training_caps_threads_only_when_asked(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(subprocess, "run", _fake_run(calls, {"test_accuracy": 0.5}))
+    args = ["--task", "fmnist", "--out", str(tmp_path)]
+    assert report.run_training(args) == {"test_accuracy": 0.5}
+    assert report.run_training(args, threads=3) == {"test_accuracy": 0.5}
+    (cmd0, env0), (cmd1, env1) = calls
+    assert cmd0[-len(args) :] == args and cmd0[1:4] == ["-m", "mita", "train"]
+    assert env0 is None  # inherits the parent's environment untouched
+    assert env1["OMP_NUM_THREADS"] == "3" and env1["MKL_NUM_THREADS"] == "3"
+
+
+def test_run_training_raises_on_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", _fake_run([], {}, returncode=2))
+    with pytest.raises(RuntimeError, match="exit code 2"):
+        report.run_training(["--out", str(tmp_path)])
+
+
+def test_tables_and_percentages():
+    assert report.pct(0.87345) == "87.34" and report.pct(None) == "—" and report.pct(float("nan")) == "—"
+    table = report.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
+    label = report.attention_label({"attention": "mita", "model_kwargs": {"num_landmarks": 25, "topk": 16}})
+    assert label == "mita (m=25, k=16)"
+    assert report.attention_label({"attention": "full", "model_kwargs": {}}) == "full"
