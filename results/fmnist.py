@@ -12,17 +12,15 @@ saved weights, evaluates them on the 10k test images, and writes ``results/fmnis
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from mita.train.checkpoint import load_model
 from mita.train.evaluate import evaluate
-from mita.train.report import attention_label, markdown_table, pct, run_training, write_atomic, write_json
+from mita.train.report import attention_label, markdown_table, pct, run_all, write_atomic, write_json
 from mita.train.runinfo import hardware
 
 HERE = Path(__file__).resolve().parent
@@ -49,16 +47,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="train this many attention kinds at once, CPU threads split evenly between them")
     return p.parse_args(argv)
-
-
-def run_all(cmds: dict[str, list[str]], jobs: int) -> dict[str, dict]:
-    """Summaries of ``mita train`` runs, ``jobs`` at a time (each then gets cores / jobs CPU threads)."""
-    if jobs <= 1:
-        return {name: run_training(cmd) for name, cmd in cmds.items()}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {name: pool.submit(run_training, cmd, threads) for name, cmd in cmds.items()}
-        return {name: f.result() for name, f in futures.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

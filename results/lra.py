@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mita.train.report import markdown_table, pct, run_training, write_atomic, write_json
+from mita.train.report import markdown_table, pct, run_all, write_atomic, write_json
 from mita.train.runinfo import hardware
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +51,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "lra"), help="output stem: writes STEM.md and STEM.json")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many runs at once, CPU threads split evenly between them")
     return p.parse_args(argv)
 
 
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {TASKS}")
     t0 = time.perf_counter()
     results: dict[str, dict[str, dict]] = {a: {} for a in attentions}
+    cmds: dict[tuple[str, str], list[str]] = {}
     for task in tasks:
         for attention in attentions:
             out = Path(args.runs) / f"{task}-{attention}-s{args.seed}"
@@ -82,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--data-arg", f"seq_len={args.seq_len}"]
             cmd += [f for f, on in (("--resume", args.resume), ("--amp", args.amp),
                                     ("--no-progress", args.no_progress)) if on]
-            summary = run_training(cmd)  # one process per run: its own peak memory
-            results[attention][task] = summary
-            print(f"{task}/{attention}: test accuracy {pct(summary['test_accuracy'])}%", file=sys.stderr)
+            cmds[task, attention] = cmd
+    # one process per run: its own peak memory
+    for (task, attention), summary in run_all(cmds, args.jobs).items():
+        results[attention][task] = summary
+        print(f"{task}/{attention}: test accuracy {pct(summary['test_accuracy'])}%", file=sys.stderr)
     hw = hardware(torch.device(next(iter(next(iter(results.values())).values()))["hardware"]["device"]))
+    threads = next(iter(next(iter(results.values())).values()))["hardware"].get("torch_threads", "?")
     acc_rows, speed_rows = [], []
     for attention in attentions:
         accs = [results[attention][t]["test_accuracy"] for t in tasks]
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Cuts from the paper's settings: {', '.join(cuts) if cuts else 'none'}."
         + (" With these cuts the numbers test the pipeline; they are not a reproduction." if cuts else ""),
         f"Total wall time {total_min:.1f} min on {hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} CPUs"
-        + (f", GPU {hw['gpu']}" if "gpu" in hw else "") + f"), torch {torch.__version__}.",
+        + (f", GPU {hw['gpu']}" if "gpu" in hw else "") + f"), torch {torch.__version__}"
+        + (f"; {args.jobs} runs at a time, {threads} torch threads each." if args.jobs > 1 else "."),
         "",
     ])
     write_atomic(f"{args.out}.md", md)

@@ -46,3 +46,19 @@ def test_tables_and_percentages():
     label = report.attention_label({"attention": "mita", "model_kwargs": {"num_landmarks": 25, "topk": 16}})
     assert label == "mita (m=25, k=16)"
     assert report.attention_label({"attention": "full", "model_kwargs": {}}) == "full"
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_run_all_keeps_names_and_splits_threads(monkeypatch, jobs):
+    seen = []
+
+    def fake(args, threads=None):
+        seen.append(threads)
+        return {"args": list(args)}
+
+    monkeypatch.setattr(report, "run_training", fake)
+    monkeypatch.setattr(report.os, "cpu_count", lambda: 8)
+    runs = {("image", "mita"): ["a"], ("image", "full"): ["b"], ("text", "mita"): ["c"]}
+    out = report.run_all(runs, jobs)
+    assert list(out) == list(runs) and [v["args"] for v in out.values()] == [["a"], ["b"], ["c"]]
+    assert seen == ([None] * 3 if jobs == 1 else [4] * 3)

@@ -62,3 +62,19 @@ def run_training(args: Sequence[str], threads: int | None = None) -> dict[str, A
     if res.returncode != 0:
         raise RuntimeError(f"mita train {' '.join(args)} failed with exit code {res.returncode}")
     return json.loads((out / "summary.json").read_text())
+
+
+def run_all(runs: dict[Any, Sequence[str]], jobs: int = 1) -> dict[Any, dict[str, Any]]:
+    """:func:`run_training` for every ``name -> ARGS``, ``jobs`` at a time; summaries keyed like ``runs``.
+
+    With ``jobs > 1`` each run gets ``cpu_count // jobs`` intra-op threads, so runs sharing a CPU
+    compare at equal threads instead of fighting over all cores.
+    """
+    if jobs <= 1:
+        return {name: run_training(args) for name, args in runs.items()}
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {name: pool.submit(run_training, args, threads) for name, args in runs.items()}
+        return {name: f.result() for name, f in futures.items()}
