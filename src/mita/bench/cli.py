@@ -28,7 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--sdpa-max-n", type=int, default=None, help="skip SDPA above this N (then no ratio)")
-    p.add_argument("--no-vision", action="store_true", help="skip the vision shape (B=64, H=3, d=64, N=197)")
+    p.add_argument(
+        "--vision",
+        default="64,3,64",
+        help="batch,heads,head-dim of the vision shape (N = 197, m = k = 25; default %(default)s)",
+    )
+    p.add_argument("--no-vision", action="store_true", help="skip the vision shape")
     p.add_argument(
         "--in-process", action="store_true", help="no subprocess per case (memory is then cumulative)"
     )
@@ -66,12 +71,26 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, Case]]:
     if not args.no_vision:
         for mode in modes:
             for method in methods:
-                vis = dict(batch=64, heads=3, dim=64, landmarks=25, topk=25, grid=(14, 14))
+                b, h, d = _vision_shape(args.vision)
+                vis = dict(batch=b, heads=h, dim=d, landmarks=25, topk=25, grid=(14, 14))
                 out.append(("vision", Case(method=method, mode=mode, n=197, **vis, **common)))
     return out
 
 
+def _vision_shape(text: str) -> tuple[int, int, int]:
+    try:
+        b, h, d = (int(x) for x in text.split(","))
+    except ValueError:
+        msg = f"mita bench: --vision must be batch,heads,head-dim (three integers), got {text!r}"
+        raise SystemExit(msg) from None
+    if min(b, h, d) < 1:
+        raise SystemExit(f"mita bench: --vision sizes must be positive, got {text!r}")
+    return b, h, d
+
+
 def _validate(args: argparse.Namespace) -> None:
+    if not args.no_vision:
+        _vision_shape(args.vision)
     try:
         ns = [int(x) for x in args.n.split(",")]
     except ValueError:

@@ -34,6 +34,22 @@ class Case:
     grid: tuple[int, int] | None = None  # vision layout: cls + h x w patches pooled in 2-D
 
 
+def useful_flops(c: Case) -> float:
+    """Matmul FLOPs the method needs for ``c`` (its own work, not a dense equivalent).
+
+    Per batch and head, forward: SDPA 2 N^2 (d + dv); MiTA 2 N (d + dv) (2m + k), counting R K^T and
+    A = P V (landmark side), Q R^T and its shared output, and Q K_t^T and P V_t over each query's k
+    routed keys. Forward+backward counts the backward as twice the forward (its matmuls, without
+    the recomputation some kernels do), for every method alike.
+    """
+    d2 = 2 * c.dim  # d + dv, with dv = d here
+    if c.method == "sdpa":
+        fwd = 2.0 * c.n * c.n * d2
+    else:
+        fwd = 2.0 * c.n * d2 * (2 * c.landmarks + c.topk)
+    return fwd * c.batch * c.heads * (3 if c.mode == "fwdbwd" else 1)
+
+
 def _inputs(c: Case) -> tuple[torch.Tensor, ...]:
     g = torch.Generator(device="cpu").manual_seed(0)
     dtype = getattr(torch, c.dtype)
@@ -115,6 +131,7 @@ def run_case(c: Case) -> dict:
     return {
         **asdict(c),
         "time_s": min(times),
+        "tflops": useful_flops(c) / min(times) / 1e12,
         "reps_timed": len(times),
         "peak_mem_rise_bytes": max(0, peak - base),
     }

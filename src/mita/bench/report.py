@@ -27,13 +27,14 @@ def _mb(x: float) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """One row per (shape, N, mode, method): time, peak memory rise and speed-up over SDPA."""
-    head = "| shape | N | mode | method | time (ms) | peak mem rise (MiB) | speed-up vs SDPA |\n"
-    head += "|---|---:|---|---|---:|---:|---:|\n"
+    """One row per (shape, N, mode, method): time, achieved TFLOP/s of the method's own FLOPs
+    (:func:`mita.bench.measure.useful_flops`), peak memory rise and speed-up over SDPA."""
+    head = "| shape | N | mode | method | time (ms) | TFLOP/s | peak mem rise (MiB) | speed-up vs SDPA |\n"
+    head += "|---|---:|---|---|---:|---:|---:|---:|\n"
     lines = []
     for r in rows:
         if "error" in r:
-            cells = [r.get("label", ""), str(r["n"]), r["mode"], r["method"], "—", "—", r["error"]]
+            cells = [r.get("label", ""), str(r["n"]), r["mode"], r["method"], "—", "—", "—", r["error"]]
         else:
             ratio = f"{r['speedup_vs_sdpa']:.2f}x" if "speedup_vs_sdpa" in r else "1.00x"
             cells = [
@@ -42,6 +43,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
                 r["mode"],
                 r["method"],
                 f"{1000 * r['time_s']:,.1f}",
+                f"{r['tflops']:.3g}" if "tflops" in r else "—",
                 _mb(r["peak_mem_rise_bytes"]),
                 ratio,
             ]

@@ -1,0 +1,83 @@
+"""``mita bench``: the table, JSON and ratios it writes, its FLOP count, and its errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mita.bench import cli
+from mita.bench.measure import Case, run_case, useful_flops
+from mita.bench.report import add_ratios, markdown_table
+
+
+def _case(**kw) -> Case:
+    base = dict(method="mita-torch", mode="fwd", n=256, batch=2, heads=3, dim=16, landmarks=8, topk=4,
+                dtype="float32", device="cpu")  # fmt: skip
+    return Case(**{**base, **kw})
+
+
+def test_flops_follow_the_formulas():
+    # SDPA: 2 N^2 (d + dv) per batch and head; MiTA: 2 N (d + dv) (2m + k)
+    assert useful_flops(_case(method="sdpa")) == 2 * 256**2 * 32 * 2 * 3
+    assert useful_flops(_case()) == 2 * 256 * 32 * (2 * 8 + 4) * 2 * 3
+    assert useful_flops(_case(mode="fwdbwd")) == 3 * useful_flops(_case())
+    # MiTA's count grows linearly in N, SDPA's quadratically
+    assert useful_flops(_case(n=512)) == 2 * useful_flops(_case())
+    assert useful_flops(_case(method="sdpa", n=512)) == 4 * useful_flops(_case(method="sdpa"))
+
+
+def test_run_case_reports_time_and_tflops():
+    row = run_case(_case(mode="fwdbwd", reps=1))
+    assert row["time_s"] > 0 and row["reps_timed"] == 1
+    assert row["tflops"] == pytest.approx(useful_flops(_case(mode="fwdbwd")) / row["time_s"] / 1e12)
+
+
+def test_ratios_pair_rows_of_the_same_shape_and_mode():
+    rows = [
+        {"label": "seq", "n": 64, "mode": "fwd", "method": "sdpa", "time_s": 2.0, "peak_mem_rise_bytes": 100},
+        {"label": "seq", "n": 64, "mode": "fwd", "method": "mita-torch", "time_s": 0.5,
+         "peak_mem_rise_bytes": 50},
+        {"label": "seq", "n": 64, "mode": "fwdbwd", "method": "mita-torch", "time_s": 1.0,
+         "peak_mem_rise_bytes": 10},
+        {"label": "vision", "n": 64, "mode": "fwd", "method": "mita-torch", "error": "boom"},
+    ]  # fmt: skip
+    add_ratios(rows)
+    assert rows[1]["speedup_vs_sdpa"] == 4.0 and rows[1]["memory_ratio_vs_sdpa"] == 0.5
+    assert "speedup_vs_sdpa" not in rows[2]  # no SDPA row in fwdbwd: no ratio
+    table = markdown_table(rows)
+    assert "| seq | 64 | fwd | mita-torch | 500.0 | — | 0 | 4.00x |" in table
+    assert "boom" in table
+
+
+def test_command_writes_table_json_and_vision_shape(tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["--n", "64", "--batch", "1", "--heads", "2", "--dim", "8", "--landmarks", "4", "--topk", "4",
+            "--device", "cpu", "--reps", "1", "--in-process", "--vision", "2,1,8",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    data = json.loads((out / "bench.json").read_text())
+    rows = data["results"]
+    # seq and vision shapes x fwd, fwdbwd x sdpa, mita-torch (no CUDA here, so no triton)
+    assert len(rows) == 8 and {r["method"] for r in rows} == {"sdpa", "mita-torch"}
+    vision = [r for r in rows if r["label"] == "vision"]
+    assert {(r["batch"], r["heads"], r["dim"], r["n"]) for r in vision} == {(2, 1, 8, 197)}
+    assert all("speedup_vs_sdpa" in r for r in rows if r["method"] != "sdpa")
+    assert all(r["tflops"] > 0 for r in rows)
+    assert "TFLOP/s" in (out / "bench.md").read_text()
+    assert data["meta"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n", "64,abc"], "--n must be comma-separated integers"),
+        (["--n", "16", "--landmarks", "32"], "every N must be >= m"),
+        (["--modes", "fwd,back"], "unknown mode"),
+        (["--vision", "2,3"], "--vision must be batch,heads,head-dim"),
+        (["--vision", "2,0,8"], "--vision sizes must be positive"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main([*argv, "--device", "cpu", "--out", str(tmp_path)])
