@@ -21,7 +21,15 @@ import torch
 
 from mita.train.checkpoint import load_model
 from mita.train.evaluate import evaluate
-from mita.train.report import attention_label, markdown_table, pct, run_all, write_atomic, write_json
+from mita.train.report import (
+    attention_label,
+    markdown_table,
+    pct,
+    run_all,
+    train_args,
+    write_atomic,
+    write_json,
+)
 from mita.train.runinfo import hardware
 
 HERE = Path(__file__).resolve().parent
@@ -68,21 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     rows, records = [], []
     attentions = [a.strip() for a in args.attentions.split(",") if a.strip()]
-    cmds = {}
-    for attention in attentions:
-        out = Path(args.runs) / f"{attention}-s{args.seed}"
-        flags = {"--epochs": args.epochs, "--max-steps": args.max_steps, "--batch-size": args.batch_size,
-                 "--lr": args.lr, "--train-size": args.train_size, "--test-size": args.test_size,
-                 "--data-root": args.data_root}
-        cmd = ["--task", "fmnist", "--attention", attention, "--seed", str(args.seed), "--out", str(out),
-               "--device", args.device]
-        cmd += [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
-        cmd += [f for f, on in (("--resume", args.resume), ("--amp", args.amp),
-                                ("--no-progress", args.no_progress)) if on]
-        cmds[attention] = cmd
+    outs = {a: Path(args.runs) / f"{a}-s{args.seed}" for a in attentions}
+    switches = {"--resume": args.resume, "--amp": args.amp, "--no-progress": args.no_progress}
+    cmds = {
+        attention: train_args(
+            {"--task": "fmnist", "--attention": attention, "--seed": args.seed, "--out": outs[attention],
+             "--device": args.device, "--epochs": args.epochs, "--max-steps": args.max_steps,
+             "--batch-size": args.batch_size, "--lr": args.lr, "--train-size": args.train_size,
+             "--test-size": args.test_size, "--data-root": args.data_root},
+            switches,
+        )  # fmt: skip
+        for attention in attentions
+    }
     summaries = run_all(cmds, args.jobs)
     for attention in attentions:
-        summary, out = summaries[attention], Path(args.runs) / f"{attention}-s{args.seed}"
+        summary, out = summaries[attention], outs[attention]
         device = summary["hardware"]["device"]
         ev = {"test_accuracy": summary["test_accuracy"], "samples_per_s": summary["eval_samples_per_s"]}
         if args.reeval:  # evaluate the saved weights again (checks the checkpoint; costs one more pass)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mita.train.report import markdown_table, pct, run_all, write_atomic, write_json
+from mita.train.report import markdown_table, pct, run_all, train_args, write_atomic, write_json
 from mita.train.runinfo import hardware
 
 HERE = Path(__file__).resolve().parent
@@ -74,24 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     cmds: dict[tuple[str, str], list[str]] = {}
     for task in tasks:
         for attention in attentions:
-            out = Path(args.runs) / f"{task}-{attention}-s{args.seed}"
-            cmd = ["--task", task, "--attention", attention, "--seed", str(args.seed), "--out", str(out),
-                   "--device", args.device]
-            flags = {"--max-steps": args.max_steps, "--batch-size": args.batch_size,
-                     "--cache-dir": args.cache_dir, "--train-size": args.train_size,
-                     "--test-size": args.test_size, "--eval-every": args.eval_every}
-            cmd += [str(x) for k, v in flags.items() if v is not None for x in (k, v)]
+            cmd = train_args(
+                {"--task": task, "--attention": attention, "--seed": args.seed,
+                 "--out": Path(args.runs) / f"{task}-{attention}-s{args.seed}", "--device": args.device,
+                 "--max-steps": args.max_steps, "--batch-size": args.batch_size,
+                 "--cache-dir": args.cache_dir, "--train-size": args.train_size,
+                 "--test-size": args.test_size, "--eval-every": args.eval_every},
+                {"--resume": args.resume, "--amp": args.amp, "--no-progress": args.no_progress},
+            )  # fmt: skip
             if args.seq_len and task in SEQ_LEN_TASKS:
                 cmd += ["--data-arg", f"seq_len={args.seq_len}"]
-            cmd += [f for f, on in (("--resume", args.resume), ("--amp", args.amp),
-                                    ("--no-progress", args.no_progress)) if on]
             cmds[task, attention] = cmd
     # one process per run: its own peak memory
     for (task, attention), summary in run_all(cmds, args.jobs).items():
         results[attention][task] = summary
         print(f"{task}/{attention}: test accuracy {pct(summary['test_accuracy'])}%", file=sys.stderr)
-    hw = hardware(torch.device(next(iter(next(iter(results.values())).values()))["hardware"]["device"]))
-    threads = next(iter(next(iter(results.values())).values()))["hardware"].get("torch_threads", "?")
+    run_hw = results[attentions[0]][tasks[0]]["hardware"]
+    hw = hardware(torch.device(run_hw["device"]))
+    threads = run_hw.get("torch_threads", "?")
     acc_rows, speed_rows = [], []
     for attention in attentions:
         accs = [results[attention][t]["test_accuracy"] for t in tasks]

@@ -62,3 +62,12 @@ def test_run_all_keeps_names_and_splits_threads(monkeypatch, jobs):
     out = report.run_all(runs, jobs)
     assert list(out) == list(runs) and [v["args"] for v in out.values()] == [["a"], ["b"], ["c"]]
     assert seen == ([None] * 3 if jobs == 1 else [4] * 3)
+
+
+def test_train_args_drop_unset_options_and_off_switches():
+    args = report.train_args(
+        {"--task": "image", "--seed": 0, "--out": Path("runs/x"), "--lr": None, "--max-steps": 5},
+        {"--resume": False, "--amp": True},
+    )
+    assert args == ["--task", "image", "--seed", "0", "--out", "runs/x", "--max-steps", "5", "--amp"]
+    assert report.train_args({"--lr": None}) == []

@@ -69,10 +69,10 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, Case]]:
                 )
                 out.append(("seq", Case(method=method, mode=mode, n=n, **shape, **common)))
     if not args.no_vision:
+        b, h, d = _vision_shape(args.vision)
+        vis = dict(batch=b, heads=h, dim=d, landmarks=25, topk=25, grid=(14, 14))
         for mode in modes:
             for method in methods:
-                b, h, d = _vision_shape(args.vision)
-                vis = dict(batch=b, heads=h, dim=d, landmarks=25, topk=25, grid=(14, 14))
                 out.append(("vision", Case(method=method, mode=mode, n=197, **vis, **common)))
     return out
 

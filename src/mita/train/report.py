@@ -43,6 +43,12 @@ def attention_label(summary: dict[str, Any]) -> str:
     return summary["attention"] + (f" ({', '.join(parts)})" if parts else "")
 
 
+def train_args(options: dict[str, Any], switches: dict[str, bool] | None = None) -> list[str]:
+    """``mita train`` arguments: ``--name value`` per option that is not None, then each switch that is on."""
+    args = [str(x) for name, value in options.items() if value is not None for x in (name, value)]
+    return args + [name for name, on in (switches or {}).items() if on]
+
+
 def run_training(args: Sequence[str], threads: int | None = None) -> dict[str, Any]:
     """Run ``python -m mita train ARGS`` in a fresh process and return its ``summary.json``.
 
