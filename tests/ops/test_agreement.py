@@ -120,7 +120,7 @@ def test_pooled_landmarks_gradient_reaches_queries_through_both_paths():
 
 @pytest.mark.parametrize("tile", [8, 16, 64])
 def test_tile_size_does_not_change_result(tile):
-    from mita.ops.checks import validate
+    from mita.ops.api import validate
     from mita.ops.torch_backend import torch_forward
 
     q, kk, v, r = make_inputs(2, 2, 2, 77, 8, 5, requires_grad=False)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from mita import mita_attention
-from mita.ops import triton_backend
+from mita.ops.triton import backend as triton_backend
 
 from .helpers import make_inputs, padding_mask
 

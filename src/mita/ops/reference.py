@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import Problem
-from .routing import Routing, landmark_side, query_side
+from .common import Problem, Routing, landmark_side, query_side
 
 
 def _per_query_keys(p: Problem, key_index: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:

@@ -13,49 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import Problem
-from .routing import Routing, landmark_side, query_side
-
-
-def default_tile_size(pairs_per_row: int, num_experts: int) -> int:
-    """Largest power of two <= half the mean expert load, clamped to 8..64.
-
-    Half the mean load bounds the padding of partly filled tiles (measured best on CPU at loads 8-256).
-    """
-    half_load = max(1, pairs_per_row // num_experts // 2)
-    t = 8
-    while t < 64 and 2 * t <= half_load:
-        t *= 2
-    return t
-
-
-class ExpertTiles:
-    """Static-size packing of G (query, expert) pairs into tiles of T pairs sharing one expert."""
-
-    def __init__(self, expert_of_pair: torch.Tensor, num_experts: int, tile: int) -> None:
-        g = expert_of_pair.numel()
-        dev = expert_of_pair.device
-        order = torch.argsort(expert_of_pair, stable=True)
-        counts = torch.zeros(num_experts, dtype=torch.long, device=dev)
-        counts.index_add_(0, expert_of_pair, torch.ones_like(expert_of_pair))
-        tiles_per = (counts + tile - 1) // tile
-        tile_end = tiles_per.cumsum(0)
-        tile_start = tile_end - tiles_per
-        pair_start = counts.cumsum(0) - counts
-        # sum_e ceil(c_e / T) <= (G + E (T - 1)) / T: a static bound on the number of tiles.
-        n_tiles = (g + num_experts * (tile - 1)) // tile
-        t = torch.arange(n_tiles, device=dev)
-        self.expert = torch.searchsorted(tile_end, t, right=True).clamp_max(num_experts - 1)
-        rank = (t - tile_start[self.expert]).unsqueeze(1) * tile + torch.arange(tile, device=dev)
-        self.valid = rank < counts[self.expert].unsqueeze(1)  # [n_tiles, T]
-        sorted_pos = (pair_start[self.expert].unsqueeze(1) + rank).clamp_max(g - 1)
-        self.pair = order[sorted_pos]  # [n_tiles, T]: which pair sits in each slot
-        # Inverse map: the flat slot of every pair, to read results back in pair order.
-        rank_of_pair = torch.empty_like(order)
-        rank_of_pair[order] = torch.arange(g, device=dev)
-        local = rank_of_pair - pair_start[expert_of_pair]
-        self.slot_of_pair = (tile_start[expert_of_pair] + local // tile) * tile + local % tile
-        self.n_tiles, self.tile = n_tiles, tile
+from .common import ExpertTiles, Problem, Routing, default_tile_size, landmark_side, query_side
 
 
 def _dedup_mask(p: Problem, key_index: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:

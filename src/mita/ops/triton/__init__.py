@@ -1,4 +1,4 @@
-"""Triton kernels of the ``"triton"`` MiTA backend (imported lazily by :mod:`mita.ops.triton_backend`).
+"""The ``"triton"`` MiTA backend: ``backend.py`` (dispatch, imported lazily by ``mita.ops.api``) and kernels.
 
 - :mod:`.landmark`: landmark scores ``R K^T c`` (written once, for the top-k) and the shared values
   ``A = softmax(R K^T c) V`` in one pass over K and V.

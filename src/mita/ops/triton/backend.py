@@ -26,9 +26,8 @@ import warnings
 
 import torch
 
-from .checks import Problem
-from .routing import Routing
-from .torch_backend import ExpertTiles, default_tile_size, torch_forward
+from ..common import ExpertTiles, Problem, Routing, default_tile_size
+from ..torch_backend import torch_forward
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
@@ -60,7 +59,7 @@ def availability() -> tuple[bool, str]:
 
 def _kernels():
     """Import the kernel modules (and triton) on first use."""
-    from .triton import attention, landmark, routing, shared
+    from . import attention, landmark, routing, shared
 
     return landmark, routing, attention, shared
 
@@ -71,7 +70,7 @@ def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu":
         from triton.runtime.interpreter import InterpretedFunction
 
-        from .triton import attention
+        from . import attention
 
         if isinstance(attention._attn_fwd_kernel, InterpretedFunction):
             return
