@@ -90,7 +90,9 @@ def test_seq_baselines_match_dense_formula_with_padding(kind, kw, head_fn):
     pad = torch.zeros(2, 23, dtype=torch.bool)
     pad[1, 15:] = True  # right padding
     pad[0, [3, 9]] = True  # and scattered padding
-    torch.testing.assert_close(mod(x, attn_mask=pad), _dense(mod, x, pad, head_fn), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        mod(x, key_padding_mask=pad), _dense(mod, x, pad, head_fn), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_agent_on_grid_pools_patches_only():
@@ -116,7 +118,7 @@ def test_every_kind_trains_in_both_layouts(kind, layout):
     x = torch.randn(2, 26, 32, requires_grad=True)  # grid: cls + 5x5
     mask = torch.zeros(2, 26, dtype=torch.bool)
     mask[1, 20:] = True
-    out = mod(x, attn_mask=mask if layout == "seq" else None)
+    out = mod(x, key_padding_mask=mask if layout == "seq" else None)
     assert out.shape == (2, 26, 32) and torch.isfinite(out).all()
     out.square().sum().backward()
     for name, p in mod.named_parameters():

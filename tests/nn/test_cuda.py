@@ -26,8 +26,8 @@ def test_auto_backend_matches_torch_backend_on_cuda(layout):
     if layout == "seq":
         mask = torch.zeros(2, 257, dtype=torch.bool, device="cuda")
         mask[1, 200:] = True
-    out = auto(x, attn_mask=mask)
-    torch.testing.assert_close(out, ref(x, attn_mask=mask), rtol=1e-4, atol=1e-4)
+    out = auto(x, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref(x, key_padding_mask=mask), rtol=1e-4, atol=1e-4)
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
 

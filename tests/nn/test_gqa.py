@@ -46,7 +46,9 @@ def test_gqa_equals_repeated_kv_heads(kind, variant):
     x = torch.randn(2, 20, dim, dtype=torch.float64)
     mask = torch.zeros(2, 20, dtype=torch.bool)
     mask[1, 14:] = True
-    torch.testing.assert_close(gqa(x, attn_mask=mask), full(x, attn_mask=mask), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        gqa(x, key_padding_mask=mask), full(x, key_padding_mask=mask), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_bad_kv_heads():

@@ -47,7 +47,7 @@ def test_seq_layout_with_padding_matches_dense_formula():
     mod = MiTAAttention(16, 2, layout="seq", prefix_tokens=0, num_landmarks=4, topk=6).double()
     x = torch.randn(3, 30, 16, dtype=torch.float64)
     pad = torch.rand(3, 30) < 0.3  # scattered padding: landmarks pool the real tokens only
-    got = mod(x, attn_mask=pad)
+    got = mod(x, key_padding_mask=pad)
     want = _dense_module(mod, x, lambda q, p: pool_seq(q[~p], 4), pad=pad)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -59,7 +59,7 @@ def test_padded_sequence_equals_unpadded_one():
     padded = torch.cat((x, torch.randn(1, 9, 16, dtype=torch.float64)), dim=1)
     pad = torch.zeros(1, 29, dtype=torch.bool)
     pad[:, 20:] = True
-    torch.testing.assert_close(mod(padded, attn_mask=pad)[:, :20], mod(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mod(padded, key_padding_mask=pad)[:, :20], mod(x), rtol=1e-10, atol=1e-10)
 
 
 def _published_forward(mod: MiTAAttention, x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -190,9 +190,9 @@ def test_bad_configuration_raises_value_error(kwargs, n, match):
 def test_bad_mask_raises_value_error():
     mod = MiTAAttention(16, 2, num_landmarks=4, topk=3)
     with pytest.raises(ValueError, match=r"\[B, N\] = \[2, 17\]"):
-        mod(torch.randn(2, 17, 16), attn_mask=torch.zeros(2, 16, dtype=torch.bool))
+        mod(torch.randn(2, 17, 16), key_padding_mask=torch.zeros(2, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
-        mod(torch.randn(2, 17, 16), attn_mask=torch.zeros(2, 17))
+        mod(torch.randn(2, 17, 16), key_padding_mask=torch.zeros(2, 17))
 
 
 def test_landmark_scale_defaults_to_one_over_d():

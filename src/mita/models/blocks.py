@@ -71,8 +71,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), attn_mask=attn_mask))
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 

@@ -108,7 +108,7 @@ class SequenceClassifier(nn.Module):
         pad = tokens == self.pad_id
         x = self.drop(self.embed(tokens) + self.pos_embed[:, :length])
         for blk in self.blocks:
-            x = blk(x, attn_mask=pad)
+            x = blk(x, key_padding_mask=pad)
         x = self.norm(x)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)

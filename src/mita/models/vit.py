@@ -90,22 +90,22 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> normalised tokens ``[B, 1 + patches, embed_dim]``."""
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         x = self.pos_drop(x)
         for blk in self.blocks:
-            x = blk(x, attn_mask=attn_mask)
+            x = blk(x, key_padding_mask=key_padding_mask)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Class-token pooling and the classifier."""
         return self.head(x[:, 0])
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Images -> logits ``[B, num_classes]`` (or pooled features when ``num_classes == 0``)."""
-        return self.forward_head(self.forward_features(x, attn_mask))
+        return self.forward_head(self.forward_features(x, key_padding_mask))
 
 
 MODEL_KEYS = (

@@ -19,20 +19,56 @@ from .layout import TokenLayout, check_layout, resolve_layout
 from .rope import apply_rope, grid_positions, rope_angles
 
 
-def check_padding_mask(attn_mask: torch.Tensor | None, b: int, n: int) -> torch.Tensor | None:
+def check_padding_mask(key_padding_mask: torch.Tensor | None, b: int, n: int) -> torch.Tensor | None:
     """Accept ``None`` or a ``[B, N]`` bool key padding mask (True = padding); ValueError otherwise."""
-    if attn_mask is None:
+    if key_padding_mask is None:
         return None
-    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.shape != (b, n):
-        got = (
-            (attn_mask.dtype, tuple(attn_mask.shape))
-            if isinstance(attn_mask, torch.Tensor)
-            else type(attn_mask)
+    mask = key_padding_mask
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (b, n):
+        got = (mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask)
+        raise ValueError(
+            f"key_padding_mask must be a [B, N] = [{b}, {n}] bool tensor (True = padding), got {got}"
+        )
+    return mask
+
+
+#: Additive ``attn_mask`` values at or below this mean "do not attend" (-inf, finfo.min, -1e9 all do).
+MASKED_BELOW = -1e4
+
+
+def padding_from_attn_mask(attn_mask: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """timm's / SDPA's ``attn_mask`` -> a ``[B, N]`` key padding mask (True = padding), when it is key-only.
+
+    ``attn_mask`` keeps SDPA's meaning: bool True = attend, or an additive float mask (0 = attend, a large
+    negative such as ``-inf`` or ``finfo.min`` = do not attend). Only a mask that depends on the key alone
+    can be expressed as key padding: shape ``[B or 1, 1, 1, N]`` (what timm's variable-resolution models
+    build from ``patch_valid`` with a key-only mask). Any other shape, or additive values other than 0 and
+    a large negative (a bias), raise ValueError.
+    """
+    if not isinstance(attn_mask, torch.Tensor):
+        raise ValueError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    shape = tuple(attn_mask.shape)
+    if attn_mask.dim() != 4 or shape[0] not in (1, b) or shape[1:] != (1, 1, n):
+        hint = (
+            " (for a [B, N] padding mask, True = padding, use key_padding_mask=)" if len(shape) == 2 else ""
         )
         raise ValueError(
-            f"attn_mask must be a [B, N] = [{b}, {n}] bool key padding mask (True = padding), got {got}"
+            f"attn_mask must be a key-only SDPA-style mask of shape [B, 1, 1, N] = [{b}, 1, 1, {n}] (bool "
+            f"True = attend, or additive float); MiTA supports key padding only, got shape {shape}{hint}"
         )
-    return attn_mask
+    keys = attn_mask[:, 0, 0, :].expand(b, n)
+    if keys.dtype == torch.bool:
+        return ~keys
+    if not keys.is_floating_point():
+        raise ValueError(f"attn_mask must be bool or floating point, got {keys.dtype}")
+    pad = keys <= MASKED_BELOW
+    # One host sync, only for a float mask and only outside compiled graphs (as the op's mask check).
+    if not torch.compiler.is_compiling() and bool(((keys != 0) & ~pad).any()):
+        raise ValueError(
+            "attn_mask holds additive biases other than 0 (attend) and a large negative (masked); "
+            "MiTA supports key padding only"
+        )
+    return pad
 
 
 def config_of(init_locals: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +139,9 @@ class AttentionBase(nn.Module):
         self.scale = self.head_dim**-0.5
         self.layout, self.prefix_tokens = layout, prefix_tokens
         self.grid = check_layout(layout, grid, prefix_tokens)
+        # The patch grid of the current input, when the model tells it per forward (mita.convert sets it
+        # from the patch embedding of timm models built with dynamic_img_size=True); overrides ``grid``.
+        self.input_grid: tuple[int, int] | None = None
         self.use_gate = bool(gate)
         self.rope_theta = self._rope_theta(rope)
         norm_layer = norm_layer or nn.LayerNorm  # timm passes None for its default
@@ -145,7 +184,8 @@ class AttentionBase(nn.Module):
 
     def layout_of(self, n: int) -> TokenLayout:
         """Resolve this module's layout for ``n`` tokens (ValueError naming the sizes if impossible)."""
-        return resolve_layout(self.layout, self.grid, self.prefix_tokens, n)
+        grid = self.input_grid if self.input_grid is not None else self.grid
+        return resolve_layout(self.layout, grid, self.prefix_tokens, n)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``x`` [B, N, dim] -> q [B, H, N, d], k and v [B, Hkv, N, d] (and g [B, H, N, d] with ``gate``).
@@ -191,15 +231,33 @@ class AttentionBase(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x`` [B, N, dim] -> [B, N, dim]; ``attn_mask`` an optional [B, N] bool key padding mask."""
+        """``x`` [B, N, dim] -> [B, N, dim].
+
+        Args:
+            x: tokens ``[B, N, dim]``.
+            attn_mask: timm's argument with timm's (SDPA's) meaning, for use inside timm models: bool
+                True = attend, or additive float. Only a key-only mask ``[B, 1, 1, N]`` is supported; it is
+                turned into key padding (see :func:`padding_from_attn_mask`).
+            is_causal: must be False for the non-causal kinds.
+            key_padding_mask: ``[B, N]`` bool, True = padding: mita's own way to mask keys.
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected input [B, N, {self.dim}], got {tuple(x.shape)}")
         if is_causal:
             raise ValueError(f"{type(self).__name__} is non-causal; is_causal=True is not supported")
         b, n, _ = x.shape
-        mask = check_padding_mask(attn_mask, b, n)
+        mask = check_padding_mask(key_padding_mask, b, n)
+        if attn_mask is not None:
+            if mask is not None:
+                raise ValueError("pass either attn_mask (SDPA-style) or key_padding_mask, not both")
+            mask = padding_from_attn_mask(attn_mask, b, n)
         tl = self.layout_of(n)
         q, k, v, *g = self.split_heads(x)
         q, k = self.q_norm(q), self.k_norm(k)

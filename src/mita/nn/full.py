@@ -15,7 +15,7 @@ class FullAttention(AttentionBase):
     """Standard multi-head attention with timm's parameter names; ``softmax(q k^T / sqrt(d)) v``.
 
     Takes every :class:`mita.nn.base.AttentionBase` option (``qkv_bias``, ``qk_norm``, ``dwc``, ``gate``,
-    ``rope``, layout, ...) by keyword. Padded keys (``attn_mask`` True) get zero weight.
+    ``rope``, layout, ...) by keyword. Padded keys (``key_padding_mask`` True) get zero weight.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, **kw: Any) -> None:
