@@ -102,6 +102,7 @@ class MiTAAttention(AttentionBase):
         self.record_routing = False
         self.last_routing: Routing | None = None
         self.last_layout: dict | None = None
+        self.last_key_padding_mask: torch.Tensor | None = None  # the [B, N] mask of that forward
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
@@ -121,6 +122,7 @@ class MiTAAttention(AttentionBase):
             return res
         out, routing = res
         self.last_routing = Routing(routing.expert_index.detach(), routing.key_index.detach())
+        self.last_key_padding_mask = None if mask is None else mask.detach()
         self.last_layout = {"layout": tl.kind, "grid": tl.grid, "prefix_tokens": tl.prefix}
         self.last_layout["num_landmarks"] = self.num_landmarks
         return out
