@@ -108,11 +108,11 @@ class TestInterpreter:
         _check(q, kk, v, r, topk=k, key_padding_mask=mask, **F32)
 
     def test_multi_block_loops_match_reference(self, monkeypatch):
-        from mita.ops.triton import common
+        from mita.ops.triton import utils
 
         # Blocks capped at 16: 2 landmark blocks (m = 18), 3 routed-key blocks (k = 33), 3 key/query
         # blocks in the landmark, routing and shared kernels; padding on top.
-        monkeypatch.setattr(common, "BLOCK_CAP", 16)
+        monkeypatch.setattr(utils, "BLOCK_CAP", 16)
         q, k, v, r = make_inputs(1, 1, 1, 36, 16, 18, dtype=torch.float32, seed=12)
         _check(q, k, v, r, topk=33, key_padding_mask=padding_mask(1, 36, [2]), **F32)
 
@@ -139,7 +139,7 @@ class TestInterpreter:
 
     @pytest.mark.parametrize("splits,score_bytes", [(1, 1 << 28), (3, 1)], ids=["whole", "split_chunked"])
     def test_landmark_kernels_match_formula(self, splits, score_bytes):
-        from mita.ops.triton.landmark import landmark_backward, landmark_forward
+        from mita.ops.triton.landmark import landmark_bwd, landmark_fwd
 
         # GQA (4 query heads on 2 kv heads); padding covers the whole last key chunk when split in 3;
         # score_bytes=1 forces one head per pass through the score buffer.
@@ -148,7 +148,7 @@ class TestInterpreter:
         mask = padding_mask(2, 150, [0, 86])
         u8 = mask.to(torch.uint8)
         with torch.no_grad():
-            keys, values, lse = landmark_forward(r, k, v, u8, 0.25, 9, splits=splits, score_bytes=score_bytes)
+            keys, values, lse = landmark_fwd(r, k, v, u8, 0.25, 9, splits=splits, score_bytes=score_bytes)
         kh, vh = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
         scores = (r @ kh.transpose(-1, -2) * 0.25).masked_fill(mask[:, None, None, :], float("-inf"))
         want = torch.softmax(scores, -1) @ vh
@@ -158,12 +158,12 @@ class TestInterpreter:
         # Backward given dA: compare with autograd through the formula above.
         d_values = torch.randn(values.shape, generator=g)
         dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
-        dr = landmark_backward(r, k, v, u8, 0.25, values, lse, d_values, dk, dv, splits=splits)
+        dr = landmark_bwd(r, k, v, u8, 0.25, values, lse, d_values, dk, dv, splits=splits)
         for name, got, exp in zip("rkv", (dr, dk, dv), torch.autograd.grad(want, (r, k, v), d_values)):
             torch.testing.assert_close(got, exp, msg=lambda m, name=name: f"d{name}: {m}", **F32)
 
     def test_segment_sum_adds_rows_by_target(self):
-        from mita.ops.triton.scatter import segment_sum
+        from mita.ops.triton.parallel import segment_sum
 
         g = torch.Generator().manual_seed(6)
         src = torch.randn(40, 20, generator=g)
@@ -245,7 +245,7 @@ class TestLaunchFallback:
     def test_retries_lighter_configs_on_out_of_resources_and_remembers(self):
         from triton.runtime.errors import OutOfResources
 
-        from mita.ops.triton import launch as launch_mod
+        from mita.ops.triton import utils as launch_mod
 
         calls = []
 
@@ -260,15 +260,15 @@ class TestLaunchFallback:
 
         kernel = FakeKernel()
         consts = {"BLOCK_K": 64, "BLOCK_T": 64}
-        launch_mod.launch(kernel, (1,), (), consts, loop_blocks=("BLOCK_K",))
+        launch_mod.launch(kernel, (1,), {}, consts, loop_blocks=("BLOCK_K",))
         assert calls == [consts, {**consts, "num_stages": 1}, {"BLOCK_K": 32, "BLOCK_T": 64, "num_stages": 1}]
-        launch_mod.launch(kernel, (1,), (), consts, loop_blocks=("BLOCK_K",))
+        launch_mod.launch(kernel, (1,), {}, consts, loop_blocks=("BLOCK_K",))
         assert len(calls) == 4 and calls[-1] == calls[2]  # the working config is reused directly
 
     def test_gives_up_after_the_last_config(self):
         from triton.runtime.errors import OutOfResources
 
-        from mita.ops.triton.launch import launch
+        from mita.ops.triton.utils import launch
 
         class NeverFits:
             def __getitem__(self, grid):
@@ -278,12 +278,12 @@ class TestLaunchFallback:
                 return run
 
         with pytest.raises(OutOfResources):
-            launch(NeverFits(), (1,), (), {"BLOCK_K": 16})
+            launch(NeverFits(), (1,), {}, {"BLOCK_K": 16})
 
 
 def _aot_jobs(dt: str, d: int) -> list:
     """(kernel, signature, constexprs, num_warps) for every kernel at head dim d and input dtype dt."""
-    from mita.ops.triton import attention, landmark, routing, scatter, shared
+    from mita.ops.triton import landmark, parallel
 
     x, prec = "*" + dt, "ieee" if dt == "fp32" else "tf32"
     types = dict.fromkeys(["Q", "K", "V", "R", "O", "DO"], x)
@@ -294,10 +294,10 @@ def _aot_jobs(dt: str, d: int) -> list:
     dims = dict(D=d, DV=d, BLOCK_D=d, BLOCK_DV=d, PREC=prec, HAS_MASK=True, SHARED=True, ROUTED=True)
     blocks = dict(BLOCK_T=64, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, BLOCK_R=16, BLOCK_W=d, ATOMIC=True)
     kernels = [
-        (attention._attn_fwd_kernel, 8), (attention._attn_bwd_kernel, 8),
-        (landmark._landmark_fwd_kernel, 4), (landmark._landmark_bwd_kv_kernel, 4),
-        (landmark._landmark_bwd_r_kernel, 4), (routing._route_kernel, 4),
-        (shared._shared_bwd_kernel, 4), (scatter._segment_sum_kernel, 4),
+        (parallel.attn_fwd_kernel.fn, 8), (parallel.attn_bwd_kernel.fn, 8),  # .fn: inside triton.heuristics
+        (landmark.landmark_fwd_kernel.fn, 4), (landmark.landmark_bwd_kv_kernel.fn, 4),
+        (landmark.landmark_bwd_r_kernel.fn, 4), (parallel.route_kernel, 4),
+        (parallel.shared_bwd_kernel, 4), (parallel.segment_sum_kernel, 4),
     ]  # fmt: skip
     jobs = []
     for kernel, warps in kernels:

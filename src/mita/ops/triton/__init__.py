@@ -1,10 +1,14 @@
-"""The ``"triton"`` MiTA backend: ``backend.py`` (dispatch, imported lazily by ``mita.ops.api``) and kernels.
+"""The ``"triton"`` MiTA backend, in fla's layout (each kernel file reads kernels -> launchers -> autograd).
 
-- :mod:`.landmark`: landmark scores ``R K^T c`` (written once, for the top-k) and the shared values
-  ``A = softmax(R K^T c) V`` in one pass over K and V.
-- :mod:`.attention`: expert-major attention over tiles of queries that share a routed expert, forward
-  (shared + routed keys, one online softmax) and backward (dQ per tile, dK/dV per routed key).
-- :mod:`.scatter`: deterministic segmented sum used to scatter per-tile dK/dV without atomics.
+- :mod:`.backend`: the entry ``mita.ops.api`` calls (``availability``, ``triton_forward``: fallbacks to
+  the torch backend, device check). It does not import ``triton``.
+- :mod:`.parallel`: the fused op. Routing, expert-tile attention forward/backward, the query-major
+  shared-logit backward and the deterministic segment sum; their launchers; ``MitaFunction``; and
+  ``parallel_mita``.
+- :mod:`.landmark`: the landmark side, scores ``R K^T c`` for the top-k and ``A = softmax(R K^T c) V``
+  in one pass over K and V, and its backward.
+- :mod:`.utils`: block sizes, loads/stores by row index, and ``launch`` (keyword launches with a
+  fallback on ``OutOfResources``).
 
-Importing any of these modules imports ``triton``; this package's ``__init__`` does not.
+Importing any module but :mod:`.backend` imports ``triton``; this package's ``__init__`` does not.
 """

@@ -1,22 +1,10 @@
-"""The ``"triton"`` backend: fused Triton kernels for MiTA forward and backward (design in docs/triton.md).
+"""The ``"triton"`` backend's entry point: can it run here, and what runs in the kernels.
 
-Forward, per call:
-1. landmark kernel: one pass over K and V per head computes the scores ``R K^T c`` once; they feed
-   ``torch.topk`` (each landmark's keys) and an online softmax giving ``A = softmax(R K^T c) V``;
-2. routing kernel: ``argmax_j q . r_j`` per query (``Q R^T`` is never stored);
-3. queries are packed into fixed-size tiles sharing one expert (device sort, static tile count, no
-   host sync) and the attention kernel runs one online softmax per tile over the ``m`` shared entries
-   (logits recomputed from R) and the expert's ``k`` keys, loaded by index; O and the row
-   log-sum-exp are written in token order.
-
-Backward, all in Triton: the tile kernel gives dQ (no atomics) and the routed dK/dV (atomics, or a
-deterministic per-tile buffer + segmented sum when ``torch.are_deterministic_algorithms_enabled()``);
-a query-major kernel gives dA and the shared-logit part of dR; two landmark kernels give dR, dK, dV
-through ``A``. Nothing of size ``N x m`` is saved for backward.
-
-Only ``s = 1`` and float32/float16/bfloat16 run in the kernels; ``experts_per_query > 1`` (with or
-without ``dedup``) and float64 fall back to the torch backend with a one-time warning.
-``import triton`` happens only when this backend is used.
+:func:`triton_forward` is what ``mita.ops.api`` calls. It sends what the kernels do not cover to the
+torch backend with a one-time warning (``experts_per_query > 1``, with or without ``dedup``, and
+float64), checks the device, and runs :func:`.parallel.parallel_mita`. This module does not import
+``triton``: :func:`availability` must answer where it is missing, and the kernels load on first use.
+The design is in docs/triton.md.
 """
 
 from __future__ import annotations
@@ -26,7 +14,7 @@ import warnings
 
 import torch
 
-from ..common import ExpertTiles, Problem, Routing, default_tile_size
+from ..common import Problem, Routing
 from ..torch_backend import torch_forward
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,7 +28,8 @@ def _warn_fallback(kind: str, why: str) -> None:
         warnings.warn(f"backend='triton' uses the torch backend for {why}; warned once", stacklevel=4)
 
 
-def _interpreter_requested() -> bool:
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for the interpreter (the one place mita reads it)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -52,16 +41,9 @@ def availability() -> tuple[bool, str]:
         return False, f"triton is not installed ({err}); install the extra: pip install 'mita[triton]'"
     if torch.cuda.is_available():
         return True, "triton and a CUDA device are available"
-    if _interpreter_requested():
+    if interpreter_requested():
         return True, "TRITON_INTERPRET=1: kernels run on CPU tensors in the Triton interpreter (slow)"
     return False, "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU in the Triton interpreter)"
-
-
-def _kernels():
-    """Import the kernel modules (and triton) on first use."""
-    from . import attention, landmark, routing, shared
-
-    return landmark, routing, attention, shared
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -70,61 +52,15 @@ def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu":
         from triton.runtime.interpreter import InterpretedFunction
 
-        from . import attention
+        from .parallel import attn_fwd_kernel
 
-        if isinstance(attention._attn_fwd_kernel, InterpretedFunction):
+        if isinstance(attn_fwd_kernel.fn, InterpretedFunction):
             return
         raise RuntimeError(
             "backend='triton' got CPU tensors but the kernels were not built for the Triton interpreter; "
             "set TRITON_INTERPRET=1 before mita's Triton kernels are first imported"
         )
     raise RuntimeError(f"backend='triton' needs CUDA tensors (or CPU and TRITON_INTERPRET=1), got {t.device}")
-
-
-def _tiling(p: Problem, expert_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tiles of queries sharing one expert: expert id [T], global query rows and valid flags [T, tile]."""
-    bh, m = p.batch * p.heads, p.num_landmarks
-    base = torch.arange(bh, device=expert_index.device).reshape(p.batch, p.heads, 1) * m
-    experts = (base + expert_index[..., 0]).reshape(-1)  # s = 1: pair index == global query row
-    tile = max(16, default_tile_size(p.q_len, m))  # tl.dot needs >= 16 rows
-    tiles = ExpertTiles(experts, bh * m, tile)
-    return tiles.expert.contiguous(), tiles.pair.contiguous(), tiles.valid.to(torch.uint8).contiguous()
-
-
-class _MitaTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, r, mask, p: Problem, deterministic: bool):  # noqa: D102
-        landmark, routing, attention, _ = _kernels()
-        key_index, values, lse_l = landmark.landmark_forward(r, k, v, mask, p.scale, p.topk)
-        expert_index = routing.route(q, r)
-        tiles = _tiling(p, expert_index)
-        out, lse = attention.attention_forward(
-            q, k, v, r, values, key_index, mask, tiles,
-            scale=p.scale, lam=p.landmark_scale, shared=p.shared, routed=p.routed,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, r, mask, values, lse_l, key_index, *tiles, out, lse)
-        ctx.p, ctx.deterministic = p, deterministic
-        ctx.mark_non_differentiable(expert_index, key_index)
-        return out, expert_index, key_index
-
-    @staticmethod
-    def backward(ctx, d_out, _d_expert, _d_keys):  # noqa: D102
-        q, k, v, r, mask, values, lse_l, key_index, *tiles, out, lse = ctx.saved_tensors
-        p: Problem = ctx.p
-        landmark, _, attention, shared = _kernels()
-        do = d_out.contiguous()
-        delta = (do.float() * out.float()).sum(-1)  # [B, H, N]: rowsum(dO * O) of the one softmax
-        dq, dk, dv = attention.attention_backward(
-            q, k, v, r, values, do, lse, delta, key_index, mask, tuple(tiles),
-            scale=p.scale, lam=p.landmark_scale, shared=p.shared, routed=p.routed,
-            deterministic=ctx.deterministic,
-        )  # fmt: skip
-        if p.shared:
-            d_values, dr = shared.shared_backward(q, r, values, do, lse, delta, p.landmark_scale)
-            dr += landmark.landmark_backward(r, k, v, mask, p.scale, values, lse_l, d_values, dk, dv)
-        else:
-            dr = torch.zeros(r.shape, device=r.device, dtype=torch.float32)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dr.to(r.dtype), None, None, None
 
 
 def triton_forward(
@@ -135,11 +71,7 @@ def triton_forward(
     landmarks: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, Routing]:
-    """MiTA through the Triton kernels (same contract as the other backends' ``*_forward``).
-
-    dK/dV of the routed keys are summed deterministically when
-    ``torch.are_deterministic_algorithms_enabled()``, else with atomics.
-    """
+    """MiTA through the Triton kernels (same contract as the other backends' ``*_forward``)."""
     if p.experts_per_query > 1:
         _warn_fallback("s", f"experts_per_query={p.experts_per_query} (the kernels run s = 1 only)")
         return torch_forward(p, q, k, v, landmarks, key_padding_mask)
@@ -147,9 +79,6 @@ def triton_forward(
         _warn_fallback("dtype", f"dtype {q.dtype} (the kernels run float32, float16 and bfloat16)")
         return torch_forward(p, q, k, v, landmarks, key_padding_mask)
     _check_device(q)
-    mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    out, expert_index, key_index = _MitaTriton.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), landmarks.contiguous(), mask, p, deterministic
-    )
-    return out, Routing(expert_index, key_index)
+    from .parallel import parallel_mita
+
+    return parallel_mita(p, q, k, v, landmarks, key_padding_mask)
