@@ -11,6 +11,7 @@ import functools
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from .nn.base import AttentionBase
@@ -83,13 +84,62 @@ def _own_settings(mod: AttentionBase) -> dict[str, Any]:
 
 
 def _model_layout(model: nn.Module) -> dict[str, Any]:
-    """Grid and prefix tokens of a ViT-like model (timm's or ours), to default the layout of new modules."""
+    """Grid and prefix tokens of a ViT-like model (timm's or ours), to default the layout of new modules.
+
+    A timm model built with ``dynamic_img_size=True`` has no fixed grid: the grid is left out here and
+    :func:`_track_input_grid` gives it to the modules on every forward.
+    """
     pe = getattr(model, "patch_embed", None)
     grid = getattr(pe, "grid_size", None)
     prefix = getattr(model, "num_prefix_tokens", None)
     if grid is None or prefix is None:
         return {}
+    if getattr(model, "dynamic_img_size", False):
+        return {"layout": "grid", "grid": None, "prefix_tokens": int(prefix)}
     return {"layout": "grid", "grid": tuple(int(g) for g in grid), "prefix_tokens": int(prefix)}
+
+
+def _patch_grid(patch_embed: nn.Module, inputs: tuple, output: Any) -> tuple[int, int]:
+    """The patch grid of one forward of a timm patch embedding: from its NHWC output, else from the image."""
+    if isinstance(output, torch.Tensor) and output.dim() == 4:  # dynamic timm ViTs embed to NHWC
+        return int(output.shape[1]), int(output.shape[2])
+    feat_size = getattr(patch_embed, "dynamic_feat_size", None)
+    if feat_size is None or not inputs or not isinstance(inputs[0], torch.Tensor):
+        raise ValueError(f"cannot tell the patch grid of {type(patch_embed).__name__}; pass layout='seq'")
+    h, w = feat_size(tuple(inputs[0].shape[-2:]))
+    return int(h), int(w)
+
+
+class _InputGridHook:
+    """Forward hook on a patch embedding: gives every attention module of ``model`` the input's grid.
+
+    An object rather than a closure so that ``copy.deepcopy(model)`` copies it along with the model (its
+    ``model`` then refers to the copy).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, patch_embed: nn.Module, inputs: tuple, output: Any) -> None:
+        grid = _patch_grid(patch_embed, inputs, output)
+        for sub in self.model.modules():
+            if isinstance(sub, AttentionBase):
+                sub.input_grid = grid
+
+
+def _track_input_grid(model: nn.Module) -> None:
+    """Give the attention modules of a dynamic-size timm model the patch grid of each input.
+
+    timm's dynamic ViTs resample their position embedding per input but do not tell the attention the grid;
+    a forward hook on the patch embedding records it in each module's ``input_grid`` before the blocks run.
+    """
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        raise ValueError(
+            f"{type(model).__name__} has dynamic_img_size=True but no patch_embed to read the grid"
+        )
+    if not any(isinstance(h, _InputGridHook) for h in pe._forward_hooks.values()):
+        pe.register_forward_hook(_InputGridHook(model))
 
 
 def convert_module(
@@ -140,16 +190,46 @@ def convert(model: nn.Module, kind: str = "mita", **kw: Any) -> nn.Module:
     model's ``patch_embed.grid_size`` and ``num_prefix_tokens`` (timm ViTs and :mod:`mita.models`), and
     every other setting from the replaced module. Weights (qkv, proj, norms, dwc) are copied. The model is
     changed in place and returned; if ``model`` itself is an attention module, the new module is returned.
+
+    A timm model built with ``dynamic_img_size=True`` gets the grid of every input from its patch
+    embedding (a forward hook), so any image size pools landmarks over its own grid. A model with nothing
+    to convert (no attention, or only attention classes mita cannot convert, such as timm's EVA/RoPE or
+    Swin window attention) raises ValueError naming the classes found; unconvertible attention modules
+    left beside converted ones are named in a warning.
     """
     attention_class(kind)  # fail early on an unknown kind
     defaults = _model_layout(model)
     if is_timm_attention(model) or isinstance(model, AttentionBase):
         return convert_module(model, kind, defaults, **kw)
-    for name, mod in attention_modules(model):
+    found = attention_modules(model)
+    others = _unconvertible(model)
+    if not found:
+        what = f"found only {others}, which mita cannot convert" if others else "found no attention module"
+        raise ValueError(
+            f"convert: nothing to convert in {type(model).__name__}: {what} (mita converts timm's ViT "
+            "Attention and mita's attention modules)"
+        )
+    if others:
+        warnings.warn(f"convert: left unconverted attention modules {others}", stacklevel=2)
+    for name, mod in found:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, convert_module(mod, kind, defaults, **kw))
+    if getattr(model, "dynamic_img_size", False):
+        _track_input_grid(model)
     return model
+
+
+def _unconvertible(model: nn.Module) -> dict[str, int]:
+    """Class names (with counts) of attention-like modules that are neither timm's ``Attention`` nor ours."""
+    counts: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if is_timm_attention(mod) or isinstance(mod, AttentionBase) or not name:
+            continue
+        if "attention" in cls.lower() or cls.lower().endswith("attn"):
+            counts[cls] = counts.get(cls, 0) + 1
+    return counts
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -86,3 +86,81 @@ def test_timm_qk_norm_and_scale_norm_convert_exactly():
     attn = model.blocks[0].attn
     assert isinstance(attn.q_norm, torch.nn.LayerNorm) and isinstance(attn.norm, torch.nn.LayerNorm)
     torch.testing.assert_close(model(x), ref)
+
+
+def _dynamic_vit(timm):
+    torch.manual_seed(4)
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, **kw).eval()
+
+
+def test_dynamic_img_size_timm_pools_over_each_inputs_grid():
+    """A dynamic-size timm ViT tells the converted attention each input's grid (5x6 for 40x48 pixels),
+    where a fixed 4x4 grid would treat 14 patches as extra tokens."""
+    timm = pytest.importorskip("timm")
+    from mita.convert import convert_module
+
+    model = convert(_dynamic_vit(timm), "mita", num_landmarks=4, topk=4)
+    seen = {}
+    attn = model.blocks[1].attn
+    attn.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0], out=out))
+    attn.record_routing = True
+    with torch.no_grad():
+        model(torch.randn(2, 3, 40, 48))
+        assert attn.input_grid == (5, 6) and attn.last_layout["grid"] == (5, 6)
+        assert attn.layout_of(31).suffix == 0
+        fixed = convert_module(attn, "mita", grid=(5, 6)).eval()  # same weights, the grid given by hand
+        assert fixed.input_grid is None and fixed.grid == (5, 6)
+        torch.testing.assert_close(seen["out"], fixed(seen["x"]), rtol=0, atol=0)
+        model(torch.randn(1, 3, 24, 32))  # a new size: a new grid
+        assert attn.input_grid == (3, 4)
+        # a copy of the model tracks its own inputs, leaving the original's modules alone
+        import copy
+
+        twin = copy.deepcopy(model)
+        twin(torch.randn(1, 3, 16, 16))
+        assert twin.blocks[1].attn.input_grid == (2, 2) and attn.input_grid == (3, 4)
+        # converting again keeps one hook and the dynamic grid
+        convert(model, "full")
+        assert len(model.patch_embed._forward_hooks) == 1
+        model(torch.randn(1, 3, 16, 24))
+        assert model.blocks[0].attn.input_grid == (2, 3) and model.blocks[0].attn.grid is None
+
+
+def test_dynamic_img_size_full_matches_timm_at_other_sizes():
+    timm = pytest.importorskip("timm")
+    model = _dynamic_vit(timm)
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(convert(model, "full")(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_to_convert_raises_naming_the_classes():
+    timm = pytest.importorskip("timm")
+    from timm.models.eva import Eva
+    from timm.models.swin_transformer import SwinTransformer
+
+    eva = Eva(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, use_rot_pos_emb=True)
+    with pytest.raises(ValueError, match=r"nothing to convert in Eva: found only \{'EvaAttention': 1\}"):
+        convert(eva, "mita")
+    swin = SwinTransformer(
+        img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1,), num_heads=(2,)
+    )
+    with pytest.raises(ValueError, match=r"nothing to convert in SwinTransformer: .*WindowAttention"):
+        convert(swin, "mita")
+    with pytest.raises(ValueError, match="found no attention module"):
+        convert(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), "mita")
+    assert timm is not None
+
+
+def test_unconvertible_attention_beside_converted_warns():
+    class PoolAttention(torch.nn.Module):  # an attention class mita does not know
+        def forward(self, x):
+            return x
+
+    model = vit_fmnist(embed_dim=32, depth=1, num_heads=2)
+    model.pool_attn = PoolAttention()
+    with pytest.warns(UserWarning, match=r"left unconverted attention modules \{'PoolAttention': 1\}"):
+        convert(model, "full")
+    assert isinstance(model.blocks[0].attn, FullAttention)
