@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,17 @@ def test_shape_dtype_errors(qkvr, mutate, pattern):
         (dict(backend="cuda"), r"backend must be one of"),
         (dict(scale=-1.0), r"scale must be a positive number"),
         (dict(landmark_scale=0), r"landmark_scale must be a positive number"),
+        (dict(scale=float("inf")), r"scale must be a positive number \(finite\) or None, got inf"),
+        (dict(landmark_scale=float("inf")), r"landmark_scale must be a positive number \(finite\)"),
+        (dict(scale=float("nan")), r"scale must be a positive number"),
+        (dict(scale=True), r"scale must be a positive number .*got True"),
+        (dict(landmark_scale=False), r"landmark_scale must be a positive number .*got False"),
+        (dict(scale="0.5"), r"scale must be a positive number"),
+        (dict(shared="no"), r"shared must be True or False, got 'no'"),
+        (dict(routed=1), r"routed must be True or False, got 1"),
+        (dict(dedup=None), r"dedup must be True or False, got None"),
+        (dict(topk=True), r"topk must be an int"),
+        (dict(experts_per_query=2.0), r"experts_per_query must be an int"),
     ],
 )
 def test_option_errors(qkvr, kw, pattern):
@@ -93,3 +105,52 @@ def test_triton_backend_unavailable_says_why(qkvr, monkeypatch):
         call(*qkvr, backend="triton")
     # auto falls back to the torch backend on CPU and still works
     assert call(*qkvr, backend="auto").shape == (2, 4, 10, 8)
+
+
+def test_empty_value_dim_is_a_value_error(qkvr):
+    q, k, v, r = qkvr
+    with pytest.raises(ValueError, match=r"v must have a value dim dv >= 1, got shape \(2, 2, 10, 0\)"):
+        call(q, k, v[..., :0], r)
+
+
+def test_numpy_integers_are_accepted(qkvr):
+    want = call(*qkvr, topk=3, experts_per_query=2, shared=True)
+    got = call(*qkvr, topk=np.int64(3), experts_per_query=np.int32(2), shared=np.bool_(True))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"topk must be an int in 1..N=10, got 11"):
+        call(*qkvr, topk=np.int64(11))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_backend_computes_half_inputs_in_float32(dtype):
+    """q, k x 300: fp16 logits overflow (inf - inf = NaN) unless computed in float32, as torch does."""
+    q, k, v, r = make_inputs(2, 2, 1, 32, 16, 4, dtype=torch.float32, requires_grad=False)
+    q, k = q * 300, k * 300
+    r = r * 300
+    half = [t.to(dtype) for t in (q, k, v, r)]
+    ref = mita_attention(*half, topk=5, backend="reference")
+    assert ref.dtype == dtype and torch.isfinite(ref).all()
+    torch.testing.assert_close(ref, mita_attention(*half, topk=5, backend="torch"), rtol=0, atol=0)
+    exact = mita_attention(*(t.float() for t in half), topk=5, backend="reference")
+    torch.testing.assert_close(ref.float(), exact, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.slow
+def test_all_padding_row_under_compile_raises():
+    """Eager raises ValueError; a compiled graph (no host sync) raises RuntimeError with the same message
+    from a device-side check instead of returning NaN rows."""
+    torch._dynamo.reset()
+    q, k, v, r = make_inputs(2, 2, 1, 16, 8, 3, dtype=torch.float32, requires_grad=False)
+
+    def f(q, k, v, r, mask):
+        return mita_attention(q, k, v, r, topk=4, key_padding_mask=mask, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, 12:] = True
+    torch.testing.assert_close(compiled(q, k, v, r, mask), f(q, k, v, r, mask), rtol=1e-5, atol=1e-5)
+    mask[1] = True
+    with pytest.raises(ValueError, match="every key as padding"):
+        f(q, k, v, r, mask)
+    with pytest.raises(RuntimeError, match="key_padding_mask marks every key as padding"):
+        compiled(q, k, v, r, mask)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .arguments import as_bool, as_int, as_scale
 from .common import Problem, Routing
 from .reference import reference_forward
 from .torch_backend import torch_forward
@@ -64,20 +65,18 @@ def validate(
         raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv}) for grouped-query attention")
     if nk < 1 or nq < 1 or d < 1:
         raise ValueError(f"empty inputs: q {_shape(q)}, k {_shape(k)}")
+    if v.shape[3] < 1:
+        raise ValueError(f"v must have a value dim dv >= 1, got shape {_shape(v)}")
     if m < 1:
         raise ValueError(f"need at least one landmark, got landmarks shape {_shape(landmarks)}")
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= nk:
-        raise ValueError(f"topk must be an int in 1..N={nk}, got {topk!r}")
-    s = experts_per_query
-    if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= m:
-        raise ValueError(f"experts_per_query must be an int in 1..m={m}, got {s!r}")
+    topk = as_int("topk", topk, 1, nk, what=f"N={nk}")
+    s = as_int("experts_per_query", experts_per_query, 1, m, what=f"m={m}")
+    shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
     if not shared and not routed:
         raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    for name, val in (("scale", scale), ("landmark_scale", landmark_scale)):
-        if val is not None and not (isinstance(val, (int, float)) and val > 0):
-            raise ValueError(f"{name} must be a positive number or None, got {val!r}")
+    scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
     if key_padding_mask is not None:
         _check_mask(key_padding_mask, b, nk, q.device)
     return Problem(
@@ -91,11 +90,11 @@ def validate(
         num_landmarks=m,
         topk=topk,
         experts_per_query=s,
-        scale=float(scale) if scale is not None else d**-0.5,
-        landmark_scale=float(landmark_scale) if landmark_scale is not None else 1.0 / d,
-        shared=bool(shared),
-        routed=bool(routed),
-        dedup=bool(dedup),
+        scale=scale if scale is not None else d**-0.5,
+        landmark_scale=landmark_scale if landmark_scale is not None else 1.0 / d,
+        shared=shared,
+        routed=routed,
+        dedup=dedup,
     )
 
 
@@ -107,8 +106,13 @@ def _check_mask(mask: torch.Tensor, b: int, n: int, device: torch.device) -> Non
         raise ValueError(f"key_padding_mask must have shape [B, N] = [{b}, {n}], got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"key_padding_mask is on {mask.device} but q is on {device}")
-    # One host sync, only when a mask is given and only outside compiled graphs.
-    if not torch.compiler.is_compiling() and bool(mask.all(dim=1).any()):
+    if torch.compiler.is_compiling():
+        # No host sync inside a compiled graph: the check runs on the device and raises RuntimeError
+        # (on CUDA a device-side assert) with the same message, rather than giving NaN rows.
+        torch._assert_async(
+            ~mask.all(dim=1).any(), "key_padding_mask marks every key as padding in a batch row"
+        )
+    elif bool(mask.all(dim=1).any()):  # one host sync, only when a mask is given
         rows = mask.all(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"key_padding_mask marks every key as padding in batch rows {rows}")
 
@@ -179,7 +183,8 @@ def mita_attention(
         key_padding_mask: ``[B, N_kv]`` bool, True = padding. Padded keys are never selected, never in
             ``A`` and never attended. Padded *query* rows are computed like any other query (they
             attend to the real keys); their outputs are meaningful but usually ignored by the caller.
-            A row whose keys are all padding is an error.
+            A row whose keys are all padding is an error: ValueError in eager mode; under
+            ``torch.compile`` a RuntimeError from a device-side check (``torch._assert_async``).
         backend: ``"reference"`` (dense, the definition), ``"torch"`` (expert-major, no N x N tensor),
             ``"triton"`` (fused GPU kernels) or ``"auto"`` (torch for now; Triton on CUDA once the kernels
             are validated on a GPU, see ``AUTO_USES_TRITON``).

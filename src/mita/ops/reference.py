@@ -43,6 +43,10 @@ def reference_forward(
     landmarks: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, Routing]:
+    out_dtype = q.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        # In float32, as the torch backend: half-precision logits overflow (|q . k| > 65504 in fp16).
+        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
     key_index, values = landmark_side(p, k, v, landmarks, key_padding_mask)
     qr, expert_index = query_side(p, q, landmarks)
     logits, mixed = [], []
@@ -68,4 +72,4 @@ def reference_forward(
     if p.routed:
         w = weights[..., p.num_landmarks :] if p.shared else weights
         out = out + torch.einsum("bhnj,bhnje->bhne", w, mixed[-1])
-    return out, Routing(expert_index, key_index)
+    return out.to(out_dtype), Routing(expert_index, key_index)
