@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mita.nn import MiTAAttention
+from mita.nn import MiTAAttention, build_attention
 
 from .dense import merge, mita_head, pool_grid, pool_seq, split
 
@@ -94,7 +96,7 @@ def _published_forward(mod: MiTAAttention, x: torch.Tensor, pool: int) -> torch.
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_official_landmarks_reproduce_published_forward(dtype, tol):
     torch.manual_seed(3)
-    mod = MiTAAttention(32, 4, qkv_bias=True, landmarks="official", num_landmarks=9, topk=7).to(dtype)
+    mod = MiTAAttention(32, 4, qkv_bias=True, landmark_mode="official", num_landmarks=9, topk=7).to(dtype)
     x = torch.randn(2, 50, 32, dtype=dtype)  # cls + 7x7 patches
     torch.testing.assert_close(mod(x), _published_forward(mod, x, 3), rtol=tol, atol=tol)
 
@@ -124,7 +126,7 @@ def test_record_routing_keeps_detached_routing_and_layout():
 @pytest.mark.parametrize("mode", ["pool", "official", "random", "learned", "conv"])
 def test_every_landmark_mode_trains(mode):
     torch.manual_seed(4)
-    mod = MiTAAttention(32, 4, qkv_bias=True, landmarks=mode, num_landmarks=9, topk=6, grid=(7, 7))
+    mod = MiTAAttention(32, 4, qkv_bias=True, landmark_mode=mode, num_landmarks=9, topk=6, grid=(7, 7))
     x = torch.randn(2, 50, 32, requires_grad=True)
     out = mod(x)
     assert out.shape == (2, 50, 32) and torch.isfinite(out).all()
@@ -136,7 +138,7 @@ def test_every_landmark_mode_trains(mode):
 
 def test_random_landmarks_are_query_tokens_fixed_in_eval():
     torch.manual_seed(5)
-    mod = MiTAAttention(16, 2, landmarks="random", layout="seq", prefix_tokens=2, num_landmarks=5, topk=4)
+    mod = MiTAAttention(16, 2, landmark_mode="random", layout="seq", prefix_tokens=2, num_landmarks=5, topk=4)
     q = torch.randn(3, 2, 40, 8)
     tl = mod.layout_of(40)
     mod.eval()
@@ -153,7 +155,7 @@ def test_random_landmarks_are_query_tokens_fixed_in_eval():
 
 def test_conv_landmarks_on_sequence():
     mod = MiTAAttention(
-        16, 2, landmarks="conv", layout="seq", prefix_tokens=0, num_landmarks=4, topk=4, conv_kernel=5
+        16, 2, landmark_mode="conv", layout="seq", prefix_tokens=0, num_landmarks=4, topk=4, conv_kernel=5
     )
     x = torch.randn(2, 40, 16)
     assert mod(x).shape == (2, 40, 16)
@@ -174,8 +176,8 @@ def test_conv_landmarks_on_sequence():
         ),
         (dict(dim=16, num_heads=2, attn_drop=0.1), 17, "attn_drop"),
         (dict(dim=16, num_heads=2, shared=False, routed=False), 17, "no expert"),
-        (dict(dim=16, num_heads=2, landmarks="bogus"), 17, "landmarks must be"),
-        (dict(dim=16, num_heads=2, landmarks="conv"), 17, "conv"),
+        (dict(dim=16, num_heads=2, landmark_mode="bogus"), 17, "landmark_mode must be"),
+        (dict(dim=16, num_heads=2, landmark_mode="conv"), 17, "conv"),
         (dict(dim=16, num_heads=2, layout="cube"), 17, "layout"),
         (dict(dim=16, num_heads=2), 18, "not a square"),
         (dict(dim=12, num_heads=2, rope=True), 17, "rope"),
@@ -205,3 +207,53 @@ def test_landmark_scale_defaults_to_one_over_d():
     x = torch.randn(1, 17, 16, dtype=torch.float64)
     torch.testing.assert_close(a(x), b(x))
     assert not torch.allclose(a(x), c(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(experts_per_query=1.5), r"experts_per_query must be an int in 1..m=4, got 1.5"),
+        (dict(experts_per_query=5), r"experts_per_query must be an int in 1..m=4, got 5"),
+        (dict(backend="bogus"), r"backend must be one of .*got 'bogus'"),
+        (dict(landmark_scale=-1), r"landmark_scale must be a positive number .*got -1"),
+        (dict(landmark_scale=float("inf")), r"landmark_scale must be a positive number \(finite\)"),
+        (dict(shared="no"), r"shared must be True or False, got 'no'"),
+        (dict(dedup=1), r"dedup must be True or False"),
+        (dict(topk=np.int64(0)), r"topk must be an int >= 1, got 0"),
+        (dict(topk=2.0), r"topk must be an int"),
+    ],
+)
+def test_constructor_rejects_bad_options_before_any_forward(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MiTAAttention(16, 2, **{"num_landmarks": 4, "topk": 3, **kwargs})
+
+
+def test_numpy_integer_options_are_accepted():
+    torch.manual_seed(0)
+    a = MiTAAttention(16, 2, num_landmarks=4, topk=3, experts_per_query=2).double()
+    b = MiTAAttention(16, 2, num_landmarks=4, topk=np.int64(3), experts_per_query=np.int32(2)).double()
+    b.load_state_dict(a.state_dict())
+    assert type(b.topk) is int and type(b.experts_per_query) is int
+    x = torch.randn(2, 17, 16, dtype=torch.float64)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mita", "agent"])
+def test_landmarks_keyword_is_a_deprecated_alias_of_landmark_mode(kind):
+    from mita.convert import convert
+
+    kw = dict(num_landmarks=4, topk=3) if kind == "mita" else dict(num_landmarks=4)
+    torch.manual_seed(0)
+    new = build_attention(kind, 16, 2, landmark_mode="learned", **kw)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match=r"landmarks=\.\.\.\) is deprecated.*use landmark_mode="):
+        old = build_attention(kind, 16, 2, landmarks="learned", **kw)
+    assert old.landmark_mode == new.landmark_mode == "learned" and old.config == new.config
+    assert "landmarks" not in old.config
+    x = torch.randn(2, 17, 16)
+    torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the stored config uses the new name: converting does not warn
+        assert convert(old, kind).landmark_mode == "learned"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
+        build_attention(kind, 16, 2, landmarks="learned", landmark_mode="conv", **kw)

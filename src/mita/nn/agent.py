@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .base import AttentionBase, config_of
-from .landmark_modes import LandmarkBuilder
+from .landmark_modes import LandmarkBuilder, landmark_mode_arg
 from .layout import TokenLayout
 
 
@@ -21,7 +21,8 @@ class AgentAttention(AttentionBase):
 
     Args (beyond :class:`mita.nn.base.AttentionBase`):
         num_landmarks: number of agent tokens m (square or ``(mh, mw)`` on a grid; default 49 = 7x7).
-        landmarks: how agents are built (same modes as MiTA; default ``"pool"``).
+        landmark_mode: how agents are built (same modes as MiTA; default ``"pool"``); ``landmarks=`` is
+            its deprecated old name.
         conv_kernel, landmark_seed: options of the ``"conv"`` and ``"random"`` agent modes.
     """
 
@@ -31,18 +32,21 @@ class AgentAttention(AttentionBase):
         num_heads: int = 8,
         *,
         num_landmarks: int | tuple[int, int] = 49,
-        landmarks: str = "pool",
+        landmark_mode: str = "pool",
         conv_kernel: int | tuple[int, int] | None = None,
         landmark_seed: int = 0,
+        landmarks: str | None = None,
         **kw: Any,
     ) -> None:
         cfg = config_of(locals())
+        landmark_mode = landmark_mode_arg(landmark_mode, cfg.pop("landmarks"), type(self).__name__)
+        cfg["landmark_mode"] = landmark_mode
         super().__init__(dim, num_heads, **kw)
         self.landmark = LandmarkBuilder(
-            dim, num_heads, num_landmarks, landmarks, self.layout, self.grid, conv_kernel, landmark_seed
+            dim, num_heads, num_landmarks, landmark_mode, self.layout, self.grid, conv_kernel, landmark_seed
         )
         self.landmark.to(device=kw.get("device"), dtype=kw.get("dtype"))
-        self.num_landmarks = self.landmark.m
+        self.num_landmarks, self.landmark_mode = self.landmark.m, landmark_mode
         self.config = cfg
 
     def attend(

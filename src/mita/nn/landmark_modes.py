@@ -10,6 +10,7 @@ All modes work on head-split queries ``[B, H, N, d]`` and return ``[B, H, m, d]`
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,20 @@ from .. import landmarks as lm
 from .layout import TokenLayout
 
 LANDMARK_MODES = ("pool", "official", "random", "learned", "conv")
+
+
+def landmark_mode_arg(landmark_mode: str, landmarks: str | None, owner: str) -> str:
+    """The landmark mode from ``landmark_mode=`` or the deprecated ``landmarks=`` (DeprecationWarning)."""
+    if landmarks is None:
+        return landmark_mode
+    warnings.warn(
+        f"{owner}(landmarks=...) is deprecated and will be removed in the next release; use landmark_mode=",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if landmark_mode not in ("pool", landmarks):
+        raise ValueError(f"landmarks={landmarks!r} and landmark_mode={landmark_mode!r} disagree; pass one")
+    return landmarks
 
 
 def landmark_size(
@@ -39,7 +54,7 @@ def landmark_size(
     if side * side != num_landmarks:
         raise ValueError(
             f"num_landmarks={num_landmarks} must be a square number (or an explicit (mh, mw)) "
-            f"for landmarks={mode!r} on a grid"
+            f"for landmark_mode={mode!r} on a grid"
         )
     return num_landmarks, (side, side)
 
@@ -89,7 +104,7 @@ class LandmarkBuilder(nn.Module):
     ) -> None:
         super().__init__()
         if mode not in LANDMARK_MODES:
-            raise ValueError(f"landmarks must be one of {LANDMARK_MODES}, got {mode!r}")
+            raise ValueError(f"landmark_mode must be one of {LANDMARK_MODES}, got {mode!r}")
         self.mode, self.layout, self.num_heads, self.seed = mode, layout, num_heads, seed
         self.m, self.size = landmark_size(num_landmarks, layout, mode)
         if mode == "learned":
@@ -103,14 +118,16 @@ class LandmarkBuilder(nn.Module):
     ) -> nn.Module:
         if self.layout == "seq":
             if kernel is None:
-                raise ValueError("landmarks='conv' with layout='seq' needs conv_kernel (the window length)")
+                raise ValueError(
+                    "landmark_mode='conv' with layout='seq' needs conv_kernel (the window length)"
+                )
             if not isinstance(kernel, int) or kernel < 1:
                 raise ValueError(f"conv_kernel must be a positive int for layout='seq', got {kernel!r}")
             return nn.Conv1d(dim, dim, kernel, stride=kernel)
         if kernel is None:
             if grid is None:
                 raise ValueError(
-                    "landmarks='conv' on a grid needs grid=(h, w) or conv_kernel at construction"
+                    "landmark_mode='conv' on a grid needs grid=(h, w) or conv_kernel at construction"
                 )
             kernel = (max(1, grid[0] // self.size[0]), max(1, grid[1] // self.size[1]))
         kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from ..ops import Routing, mita_attention
+from ..ops.api import BACKENDS
+from ..ops.arguments import as_bool, as_int, as_scale
 from .base import AttentionBase, config_of
-from .landmark_modes import LandmarkBuilder
+from .landmark_modes import LandmarkBuilder, landmark_mode_arg
 from .layout import TokenLayout
 
 
@@ -23,8 +25,8 @@ class MiTAAttention(AttentionBase):
         num_landmarks: m; on a grid a square number or ``(mh, mw)``.
         topk: k, keys per routed expert.
         experts_per_query: s, routed experts per query.
-        landmarks: ``"pool"`` | ``"official"`` | ``"random"`` | ``"learned"`` | ``"conv"``
-            (see :mod:`mita.nn.landmark_modes`).
+        landmark_mode: ``"pool"`` | ``"official"`` | ``"random"`` | ``"learned"`` | ``"conv"``
+            (see :mod:`mita.nn.landmark_modes`); ``landmarks=`` is its deprecated old name.
         shared, routed: keep the shared / routed experts (SPEC §2 item 5 ablations).
         landmark_scale: lambda of the landmark logits (default ``1 / head_dim``).
         backend: op backend, ``"auto"`` | ``"torch"`` | ``"reference"`` | ``"triton"``.
@@ -56,7 +58,7 @@ class MiTAAttention(AttentionBase):
         num_landmarks: int | tuple[int, int] = 25,
         topk: int = 25,
         experts_per_query: int = 1,
-        landmarks: str = "pool",
+        landmark_mode: str = "pool",
         layout: str = "grid",
         grid: tuple[int, int] | None = None,
         prefix_tokens: int = 1,
@@ -72,10 +74,13 @@ class MiTAAttention(AttentionBase):
         dedup: bool = False,
         num_kv_heads: int | None = None,
         scale_norm: bool = False,
+        landmarks: str | None = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         cfg = config_of(locals())
+        landmark_mode = landmark_mode_arg(landmark_mode, cfg.pop("landmarks"), type(self).__name__)
+        cfg["landmark_mode"] = landmark_mode
         if attn_drop:
             raise ValueError(f"MiTAAttention has no attention-weight dropout; got attn_drop={attn_drop}")
         super().__init__(
@@ -84,18 +89,22 @@ class MiTAAttention(AttentionBase):
             prefix_tokens=prefix_tokens, dwc=dwc, gate=gate, rope=rope, num_kv_heads=num_kv_heads,
             device=device, dtype=dtype,
         )  # fmt: skip
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        # Options checked here, as the op would check them, so a bad one fails before the first forward.
+        topk = as_int("topk", topk)
+        shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
+        landmark_scale = as_scale("landmark_scale", landmark_scale)
         if not shared and not routed:
             raise ValueError("shared=False and routed=False leaves no expert; enable at least one")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.landmark = LandmarkBuilder(
-            dim, num_heads, num_landmarks, landmarks, layout, self.grid, conv_kernel, landmark_seed
+            dim, num_heads, num_landmarks, landmark_mode, layout, self.grid, conv_kernel, landmark_seed
         )
         self.landmark.to(device=device, dtype=dtype)
-        if not 1 <= experts_per_query <= self.landmark.m:
-            raise ValueError(f"experts_per_query must be in 1..m={self.landmark.m}, got {experts_per_query}")
-        self.num_landmarks, self.topk, self.experts_per_query = self.landmark.m, topk, experts_per_query
-        self.landmarks_mode = landmarks
+        m = self.landmark.m
+        experts_per_query = as_int("experts_per_query", experts_per_query, 1, m, what=f"m={m}")
+        self.num_landmarks, self.topk, self.experts_per_query = m, topk, experts_per_query
+        self.landmark_mode = landmark_mode
         self.shared, self.routed = shared, routed
         self.landmark_scale, self.backend, self.dedup = landmark_scale, backend, dedup
         self.config = cfg
@@ -130,5 +139,14 @@ class MiTAAttention(AttentionBase):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, topk={self.topk}, "
-            f"experts_per_query={self.experts_per_query}, landmarks={self.landmarks_mode!r}"
+            f"experts_per_query={self.experts_per_query}, landmark_mode={self.landmark_mode!r}"
         )
+
+    @property
+    def landmarks_mode(self) -> str:
+        """Deprecated old name of :attr:`landmark_mode`."""
+        return self.landmark_mode
+
+    @landmarks_mode.setter
+    def landmarks_mode(self, mode: str) -> None:
+        self.landmark_mode = mode
