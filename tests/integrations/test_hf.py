@@ -78,7 +78,7 @@ def test_refuses_causal_dropout_and_foreign_masks():
     with pytest.raises(ValueError, match="mask function"):
         fn(torch.nn.Module(), q, q, q, torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="'pool' or 'official'"):
-        hf.make_attention_function(landmarks="learned")
+        hf.make_attention_function(landmark_mode="learned")
 
 
 def test_vit_encoder_with_grid_landmarks():
@@ -104,3 +104,64 @@ def test_vit_encoder_with_grid_landmarks():
     out = model(pixel_values=x).last_hidden_state
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, ref, atol=1e-4)
+
+
+def test_default_settings_work_on_sequences_shorter_than_m_and_k():
+    """Defaults m = k = 16 on N = 10 tokens: both are clipped to N, as if given m = k = 10."""
+    model = _bert()
+    ids = torch.randint(1, 50, (2, 10))
+    model.set_attn_implementation(hf.register("mita_short"))
+    out = model(input_ids=ids).last_hidden_state
+    model.set_attn_implementation(hf.register("mita_short_explicit", num_landmarks=10, topk=10))
+    torch.testing.assert_close(out, model(input_ids=ids).last_hidden_state, rtol=0, atol=0)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(num_landmarks=0), r"num_landmarks must be a positive int"),
+        (dict(topk=-3), r"topk must be an int >= 1, got -3"),
+        (dict(layout="bogus"), r"layout must be one of \('grid', 'seq'\), got 'bogus'"),
+        (dict(experts_per_query=17), r"experts_per_query must be an int in 1..m=16"),
+        (dict(shared="no"), r"shared must be True or False"),
+        (dict(shared=False, routed=False), r"no expert"),
+        (dict(landmark_scale=float("inf")), r"landmark_scale must be a positive number \(finite\)"),
+        (dict(backend="bogus"), r"backend must be one of"),
+        (dict(layout="grid", num_landmarks=5), r"square number"),
+        (dict(prefix_tokens=-1), r"prefix_tokens must be a non-negative int"),
+    ],
+)
+def test_register_checks_its_settings_before_registering(settings, match):
+    from transformers import AttentionInterface
+
+    with pytest.raises(ValueError, match=match):
+        hf.register("mita_bad_settings", **settings)
+    assert "mita_bad_settings" not in AttentionInterface._global_mapping
+
+
+def test_builds_landmarks_once_and_mixes_with_the_module_code(monkeypatch):
+    """The function reuses one landmark builder (a new one only for a clipped m) and calls
+    ``mita.nn.mita.mita_mix``, the body of ``MiTAAttention.attend``: same output as the module's attend."""
+    from mita.nn import MiTAAttention
+
+    made, mixed = [], []
+    real_builder, real_mix = hf.LandmarkBuilder, hf.mita_mix
+    monkeypatch.setattr(hf, "LandmarkBuilder", lambda *a, **kw: made.append(a) or real_builder(*a, **kw))
+    monkeypatch.setattr(hf, "mita_mix", lambda *a, **kw: mixed.append(1) or real_mix(*a, **kw))
+    fn = hf.make_attention_function(num_landmarks=4, topk=5, experts_per_query=2)
+    q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    for _ in range(3):
+        out, _ = fn(torch.nn.Module(), q, k, v, None, scaling=8**-0.5)
+    assert len(made) == 1 and len(mixed) == 3
+    fn(torch.nn.Module(), q[:, :, :3], k[:, :, :3], v[:, :, :3], None)  # N = 3 < m: one clipped builder
+    fn(torch.nn.Module(), q[:, :, :3], k[:, :, :3], v[:, :, :3], None)
+    assert len(made) == 2
+    mod = MiTAAttention(16, 2, layout="seq", prefix_tokens=0, num_landmarks=4, topk=5, experts_per_query=2)
+    want = mod.double().attend(q, k, v, None, mod.layout_of(12))
+    torch.testing.assert_close(out.transpose(1, 2), want, rtol=0, atol=0)
+
+
+def test_landmarks_keyword_is_deprecated():
+    with pytest.warns(DeprecationWarning, match="landmark_mode="):
+        hf.make_attention_function(landmarks="official", num_landmarks=4)

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
-from ..nn.landmark_modes import LandmarkBuilder
-from ..nn.layout import resolve_layout
-from ..ops import mita_attention
+from ..nn.landmark_modes import LandmarkBuilder, landmark_mode_arg
+from ..nn.layout import check_layout, resolve_layout
+from ..nn.mita import mita_mix
+from ..ops.api import BACKENDS
+from ..ops.arguments import as_bool, as_int, as_scale
 
 
 def _require_transformers() -> Any:
@@ -54,7 +56,7 @@ def make_attention_function(
     num_landmarks: int | tuple[int, int] = 16,
     topk: int = 16,
     experts_per_query: int = 1,
-    landmarks: str = "pool",
+    landmark_mode: str = "pool",
     layout: str = "seq",
     grid: tuple[int, int] | None = None,
     prefix_tokens: int = 0,
@@ -62,15 +64,36 @@ def make_attention_function(
     routed: bool = True,
     landmark_scale: float | None = None,
     backend: str = "auto",
+    landmarks: str | None = None,
 ) -> Callable:
-    """Build the ``AttentionInterface`` function with fixed MiTA settings.
+    """Build the ``AttentionInterface`` function with fixed MiTA settings (all checked here).
 
-    ``landmarks`` may be ``"pool"`` or ``"official"`` (parameter-free modes); ``layout``/``grid``/
-    ``prefix_tokens`` describe the tokens as in :class:`mita.nn.MiTAAttention` (e.g. HF ViT: ``"grid"``,
-    prefix 1). ``topk`` larger than a sequence is clipped to its length.
+    ``landmark_mode`` may be ``"pool"`` or ``"official"`` (the parameter-free modes; ``landmarks=`` is its
+    deprecated old name); ``layout``/``grid``/``prefix_tokens`` describe the tokens as in
+    :class:`mita.nn.MiTAAttention` (e.g. HF ViT: ``"grid"``, prefix 1). On a sequence shorter than the
+    settings, ``topk`` is clipped to its length and, in the ``"seq"`` layout, ``num_landmarks`` to its
+    pooled tokens (and ``experts_per_query`` to that m). The mixing is :func:`mita.nn.mita.mita_mix`, the
+    code of :meth:`mita.nn.MiTAAttention.attend`.
     """
-    if landmarks not in ("pool", "official"):
-        raise ValueError(f"the HF integration supports landmarks 'pool' or 'official', got {landmarks!r}")
+    mode = landmark_mode_arg(landmark_mode, landmarks, "make_attention_function")
+    if mode not in ("pool", "official"):
+        raise ValueError(f"the HF integration supports landmark_mode 'pool' or 'official', got {mode!r}")
+    grid = check_layout(layout, grid, prefix_tokens)
+    topk = as_int("topk", topk)
+    shared, routed = as_bool("shared", shared), as_bool("routed", routed)
+    if not shared and not routed:
+        raise ValueError("shared=False and routed=False leaves no expert; enable at least one")
+    landmark_scale = as_scale("landmark_scale", landmark_scale)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def builder(m: int | tuple[int, int]) -> LandmarkBuilder:
+        # the parameter-free modes use neither the model width nor the head count
+        return LandmarkBuilder(0, 0, m, mode, layout, grid)
+
+    builders = {None: builder(num_landmarks)}  # None: the configured m; ints: clipped ones, made on demand
+    m = builders[None].m
+    experts_per_query = as_int("experts_per_query", experts_per_query, 1, m, what=f"m={m}")
 
     def mita_attention_function(
         module: torch.nn.Module,
@@ -88,7 +111,7 @@ def make_attention_function(
             raise ValueError(
                 f"MiTA has no attention dropout; set the model's attention dropout to 0 (got {dropout})"
             )
-        b, h, n, d = query.shape
+        n = query.shape[2]
         pad = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
@@ -98,12 +121,14 @@ def make_attention_function(
                 )
             pad = ~attention_mask
         tl = resolve_layout(layout, grid, prefix_tokens, n)
-        builder = LandmarkBuilder(h * d, h, num_landmarks, landmarks, layout, grid)
-        r = builder(query, tl, pad)
-        out = mita_attention(
-            query, key, value, r, topk=min(topk, key.shape[2]), experts_per_query=experts_per_query,
-            scale=scaling, landmark_scale=landmark_scale, shared=shared, routed=routed,
-            key_padding_mask=pad, backend=backend,
+        clipped = None if layout != "seq" or m <= tl.body else tl.body
+        if clipped not in builders:
+            builders[clipped] = builder(clipped)
+        lm = builders[clipped]
+        out = mita_mix(
+            lm, query, key, value, pad, tl, topk=min(topk, key.shape[2]),
+            experts_per_query=min(experts_per_query, lm.m), scale=scaling, landmark_scale=landmark_scale,
+            shared=shared, routed=routed, backend=backend,
         )  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 
@@ -113,10 +138,11 @@ def make_attention_function(
 def register(name: str = "mita", **settings: Any) -> str:
     """Register MiTA with transformers under ``name`` (attention and mask functions); returns ``name``.
 
-    ``settings`` go to :func:`make_attention_function` (``num_landmarks``, ``topk``, ``layout``, ...).
+    ``settings`` go to :func:`make_attention_function` (``num_landmarks``, ``topk``, ``layout``, ...) and
+    are checked before anything is registered (ValueError naming the setting).
     """
-    tf = _require_transformers()
     fn = make_attention_function(**settings)
+    tf = _require_transformers()
     tf.AttentionInterface.register(name, fn)
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -15,6 +15,42 @@ from .landmark_modes import LandmarkBuilder, landmark_mode_arg
 from .layout import TokenLayout
 
 
+def mita_mix(
+    landmark: LandmarkBuilder,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    tl: TokenLayout,
+    *,
+    topk: int,
+    experts_per_query: int = 1,
+    scale: float | None = None,
+    landmark_scale: float | None = None,
+    shared: bool = True,
+    routed: bool = True,
+    dedup: bool = False,
+    backend: str = "auto",
+    return_routing: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, Routing]:
+    """MiTA's token mixing of head-split ``q`` ``[B, H, N, d]``, ``k``/``v`` ``[B, Hkv, N, d]``: landmarks
+    from ``landmark`` for layout ``tl``, then :func:`mita.mita_attention`. ``mask`` [B, N], True = padding.
+
+    The body of :meth:`MiTAAttention.attend`, shared with the Hugging Face integration.
+    """
+    n = q.shape[2]
+    if topk > n:
+        raise ValueError(f"topk={topk} exceeds the sequence length N={n}")
+    if landmark.m > n:
+        raise ValueError(f"num_landmarks={landmark.m} exceeds the sequence length N={n}")
+    r = landmark(q, tl, mask)  # [B, H, m, d]
+    return mita_attention(
+        q, k, v, r, topk=topk, experts_per_query=experts_per_query, scale=scale,
+        landmark_scale=landmark_scale, shared=shared, routed=routed, dedup=dedup, key_padding_mask=mask,
+        backend=backend, return_routing=return_routing,
+    )  # fmt: skip
+
+
 class MiTAAttention(AttentionBase):
     """Mixture-of-Top-k attention with timm's parameter names (``qkv``, ``proj``, ``q_norm``, ``k_norm``).
 
@@ -116,16 +152,10 @@ class MiTAAttention(AttentionBase):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
     ) -> torch.Tensor:
-        n = q.shape[2]
-        if self.topk > n:
-            raise ValueError(f"topk={self.topk} exceeds the sequence length N={n}")
-        if self.num_landmarks > n:
-            raise ValueError(f"num_landmarks={self.num_landmarks} exceeds the sequence length N={n}")
-        r = self.landmark(q, tl, mask)
-        res = mita_attention(
-            q, k, v, r, topk=self.topk, experts_per_query=self.experts_per_query,
+        res = mita_mix(
+            self.landmark, q, k, v, mask, tl, topk=self.topk, experts_per_query=self.experts_per_query,
             landmark_scale=self.landmark_scale, shared=self.shared, routed=self.routed, dedup=self.dedup,
-            key_padding_mask=mask, backend=self.backend, return_routing=self.record_routing,
+            backend=self.backend, return_routing=self.record_routing,
         )  # fmt: skip
         if not self.record_routing:
             return res
