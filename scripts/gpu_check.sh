@@ -160,6 +160,9 @@ PYEOF
     echo "- optional: xdist ${XDIST:-absent (pytest runs serially)}; pytest-timeout ${PTIMEOUT:-absent}"
     echo "- gpu-marked test files: ${GPU_FILES:-NONE}"
     [ -n "$GPU_FILES" ] || ok=0
+    # The selection collects (here every gpu test is then skipped for want of CUDA).
+    collected=$($PY -m pytest -m gpu --collect-only -q -p no:cacheprovider $GPU_FILES 2>&1) || ok=0
+    echo "- \`pytest -m gpu --collect-only\`: $(echo "$collected" | tail -1)"
     echo
     echo '```'
     $PY scripts/gpu_grid.py plan || ok=0
