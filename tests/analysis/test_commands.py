@@ -77,7 +77,7 @@ def native_accuracy(run, n):
 
 def test_viz_image_checkpoint(fmnist_run, tmp_path):
     assert mita_main(["viz", "--checkpoint", str(fmnist_run), "--out", str(tmp_path), "--samples", "2",
-                      "--stats-samples", "8"]) == 0  # fmt: skip
+                      "--test-size", "8"]) == 0  # fmt: skip
     for name in ("pruning_maps.png", "expert_maps.png", "layer_curves.png"):
         assert_png(tmp_path / name)
     report = json.loads((tmp_path / "stats.json").read_text())
@@ -111,8 +111,8 @@ def test_viz_sequence_checkpoint_leaves_padding_out(listops_runs, tmp_path):
 
 def test_grid_command(listops_runs, tmp_path):
     run = listops_runs["mita"]
-    assert mita_main(["grid", "--checkpoint", str(run), "--m", "2,4,80", "--k", "1,4",
-                      "--max-samples", "16", "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert mita_main(["grid", "--checkpoint", str(run), "--num-landmarks", "2,4,80", "--topk", "1,4",
+                      "--test-size", "16", "--out", str(tmp_path)]) == 0  # fmt: skip
     assert_png(tmp_path / "grid.png")
     report = json.loads((tmp_path / "grid.json").read_text())
     assert (report["m"], report["k"], report["n"]) == ([2, 4, 80], [1, 4], 16)
@@ -125,6 +125,7 @@ def test_grid_command(listops_runs, tmp_path):
 
 
 def test_grid_on_image_reports_non_square_m(fmnist_run, tmp_path):
+    # the old spellings (--m, --k, --max-samples) still work
     assert mita_main(["grid", "--checkpoint", str(fmnist_run), "--m", "4,5", "--k", "6",
                       "--max-samples", "8", "--out", str(tmp_path)]) == 0  # fmt: skip
     report = json.loads((tmp_path / "grid.json").read_text())
@@ -135,7 +136,7 @@ def test_grid_on_image_reports_non_square_m(fmnist_run, tmp_path):
 
 def test_swap_command(listops_runs, tmp_path):
     runs = [listops_runs[k] for k in ("full", "agent", "mita")]
-    assert mita_main(["swap", "--checkpoints", *map(str, runs), "--out", str(tmp_path), "--max-samples", "16",
+    assert mita_main(["swap", "--checkpoints", *map(str, runs), "--out", str(tmp_path), "--test-size", "16",
                       "--num-landmarks", "4", "--topk", "4"]) == 0  # fmt: skip
     assert_png(tmp_path / "swap.png")
     report = json.loads((tmp_path / "swap.json").read_text())
@@ -154,7 +155,7 @@ def test_commands_fail_cleanly(listops_runs, tmp_path, capsys):
         mita_main(["grid", "--checkpoint", str(listops_runs["mita"]), "--m", "a,b", "--out", str(tmp_path)])
         == 2
     )
-    assert "--m must be a comma-separated list" in capsys.readouterr().err
+    assert "--num-landmarks must be a comma-separated list" in capsys.readouterr().err
     assert mita_main(["swap", "--checkpoints", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
     assert mita_main(["swap", "--checkpoints", str(listops_runs["mita"]), "--kinds", "mita,fast",

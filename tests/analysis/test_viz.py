@@ -76,8 +76,8 @@ def test_viz_draws_experts_without_windows(tmp_path):
     torch.manual_seed(2)
     model = ToySeq()
     for block in model.blocks:
-        block.landmarks_mode = "learned"
+        block.landmark_mode = "learned"
     data = TensorDataset(torch.randint(1, 16, (2, 24)), torch.zeros(2, dtype=torch.long))
     visualize(model, data, tmp_path, samples=1, stats_samples=2)
     assert_png(tmp_path / "expert_maps.png")
-    assert json.loads((tmp_path / "stats.json").read_text())["layout"]["landmarks"] == "learned"
+    assert json.loads((tmp_path / "stats.json").read_text())["layout"]["landmark_mode"] == "learned"

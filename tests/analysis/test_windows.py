@@ -40,18 +40,22 @@ def test_landmark_grid():
 
 
 def test_viz_windows_follow_the_landmark_mode():
+    from mita.analysis.hooks import RoutingLayout
     from mita.analysis.viz import _windows
+
+    def layout(kind, mode, m, grid=None, prefix=0, landmark_grid=None):
+        return RoutingLayout(kind, grid, prefix, m, mode, landmark_grid)
 
     # "official": cls + all patches but the last, pooled as a side x side grid
     n = 1 + 4 * 4
     x = torch.eye(n, dtype=torch.float64)
     pooled = mita.landmarks.official_pool(x, (2, 2))
-    wins = _windows({"layout": "grid", "grid": (4, 4), "prefix_tokens": 1, "landmarks": "official"}, n, 4)
+    wins = _windows(layout("grid", "official", 4, (4, 4), 1), n)
     for j, win in enumerate(wins):
         want = torch.zeros(n, dtype=torch.float64)
         want[win] = 1 / len(win)
         assert torch.allclose(pooled[j], want)
     # learned landmarks have no window; 1-D pooling with padding averages over the real tokens only
-    assert _windows({"layout": "seq", "landmarks": "learned"}, 10, 3) == [[], [], []]
+    assert _windows(layout("seq", "learned", 3), 10) == [[], [], []]
     pad = torch.tensor([False] * 6 + [True] * 4)
-    assert _windows({"layout": "seq", "landmarks": "pool"}, 10, 3, pad) == [[0, 1], [2, 3], [4, 5]]
+    assert _windows(layout("seq", "pool", 3), 10, pad) == [[0, 1], [2, 3], [4, 5]]

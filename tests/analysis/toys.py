@@ -16,9 +16,13 @@ class ToyMiTA(nn.Module):
         super().__init__()
         self.qkv = nn.Linear(dim, 3 * dim)
         self.heads, self.m, self.k, self.grid, self.prefix = heads, m, k, grid, prefix
+        # what the recorder reads when it attaches, as mita.nn.MiTAAttention spells it
+        self.layout = "seq" if grid is None else "grid"
+        self.prefix_tokens, self.num_landmarks, self.landmark_mode = prefix, m, "pool"
         self.record_routing = False
         self.last_routing = None
         self.last_layout = None
+        self.last_key_padding_mask = None
 
     def landmarks(self, q: torch.Tensor) -> torch.Tensor:
         if self.grid is None:
@@ -26,12 +30,15 @@ class ToyMiTA(nn.Module):
         side = int(self.m**0.5)
         return mita.landmarks.pool_2d(q, self.grid, (side, side), prefix=self.prefix)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        out, routing = mita.mita_attention(q, k, v, self.landmarks(q), topk=self.k, return_routing=True)
+        out, routing = mita.mita_attention(
+            q, k, v, self.landmarks(q), topk=self.k, key_padding_mask=key_padding_mask, return_routing=True
+        )
         if self.record_routing:
             self.last_routing = mita.Routing(*(t.detach() for t in routing))
+            self.last_key_padding_mask = key_padding_mask
             self.last_layout = {
                 "layout": "seq" if self.grid is None else "grid",
                 "grid": self.grid,
@@ -58,13 +65,18 @@ class ToyViT(nn.Module):
 
 
 class ToySeq(nn.Module):
-    """Token sequences of length 24 (id 0 = padding), three MiTA layers with m = 3, k = 4, no prefix."""
+    """Token sequences of length 24 (id 0 = padding, masked in attention), three MiTA layers with m = 3,
+    k = 4, no prefix."""
 
     def __init__(self, dim: int = 8) -> None:
         super().__init__()
         self.embed = nn.Embedding(16, dim)
-        self.blocks = nn.Sequential(*(ToyMiTA(dim, 2, 3, 4) for _ in range(3)))
+        self.blocks = nn.ModuleList(ToyMiTA(dim, 2, 3, 4) for _ in range(3))
         self.head = nn.Linear(dim, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.embed(x)).mean(1))
+        pad = x == 0
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, pad)
+        return self.head(h.mean(1))

@@ -53,3 +53,27 @@ def test_dataset_cache_round_trip(tmp_path):
     for i in range(12):
         assert ds1[i][1] == ds2[i][1]
         assert ds1[i][0].equal(ds2[i][0])
+
+
+def test_cache_with_a_missing_key_or_short_arrays_is_rebuilt(tmp_path):
+    import pytest
+
+    from mita.data.cache import check_rows
+
+    first = build_dataset("listops", "val", cache_dir=tmp_path, size=12, seq_len=64)
+    (path,) = tmp_path.glob("listops-val-*.npz")
+    with np.load(path) as f:
+        good = {k: f[k] for k in f.files}
+    for broken in ({k: v for k, v in good.items() if k != "labels"}, {**good, "labels": good["labels"][:5]}):
+        np.savez(path.with_suffix(".tmp.npz"), **broken)
+        path.with_suffix(".tmp.npz").replace(path)
+        with pytest.warns(UserWarning, match="rebuilding data cache"):
+            again = build_dataset("listops", "val", cache_dir=tmp_path, size=12, seq_len=64)
+        assert len(again) == 12 and all(again[i][0].equal(first[i][0]) for i in range(12))
+        with np.load(path) as f:  # the file was rewritten whole
+            assert set(f.files) == set(good) and len(f["labels"]) == 12
+    arrays = {"a": np.zeros(3), "b": np.zeros(2)}
+    assert check_rows(arrays, ("a", "c"), ()) == "it has no c"
+    assert "lengths {'a': 3, 'b': 2}" in check_rows(arrays, ("a", "b"), ("a", "b"))
+    assert "expected 4 each" in check_rows(arrays, ("a",), ("a",), 4)
+    assert check_rows(arrays, ("a", "b"), ("a",), 3) is None

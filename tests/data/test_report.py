@@ -30,3 +30,17 @@ def test_render_examples(fake_root, tmp_path):  # noqa: F811
     assert sorted(p.name for p in paths) == ["data_fmnist.png", "data_image.png", "data_pathfinder.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+
+
+def test_data_command_writes_figures_only_where_told(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--tasks", "listops", "--size", "4", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    assert "pass --out DIR" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no docs/img under the current directory
+
+
+def test_data_command_rejects_a_zero_size(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--tasks", "listops", "--size", "0"])
+    assert exc.value.code == 2 and "must be >= 1, got 0" in capsys.readouterr().err

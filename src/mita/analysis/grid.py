@@ -1,26 +1,24 @@
 """``mita grid``: test accuracy of a MiTA checkpoint over inference-time m (landmarks) x k (top-k).
 
-``mita grid --checkpoint PATH --m 1,4,9,16 --k 1,4,9,16 --out DIR [--max-samples N]`` evaluates the
-trained weights with every (m, k) (``mita.convert(model, "mita", num_landmarks=m, topk=k)``; SPEC §3
-"inference-time m x k robustness") and writes ``DIR/grid.json`` and the heatmap ``DIR/grid.png``
-(rows m, columns k, accuracy in %, the training point outlined). Combinations the model cannot run
-(e.g. more landmarks than patches) are reported as null with the reason.
+``mita grid --checkpoint PATH --num-landmarks 1,4,9,16 --topk 1,4,9,16 --out DIR [--test-size N]``
+evaluates the trained weights with every (m, k) (a copy converted with ``mita.convert(model, "mita",
+num_landmarks=m, topk=k)``; SPEC §3 "inference-time m x k robustness") and writes ``DIR/grid.json``
+and the heatmap ``DIR/grid.png`` (rows m, columns k, accuracy in %, the training point outlined).
+Combinations the model cannot run (e.g. more landmarks than patches) are reported as null with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from .loading import add_eval_args
+from .loading import add_eval_args, evaluate_variant
 
 __all__ = ["accuracy_grid", "main"]
 
@@ -45,19 +43,16 @@ def accuracy_grid(
     Returns ``{"m": ms, "k": ks, "accuracy": [[acc or None]] (rows m, columns k, in [0, 1]),
     "errors": {"m=..,k=..": reason}, "n": samples evaluated}``.
     """
-    from mita.convert import convert
-    from mita.train.evaluate import evaluate
-
     acc = np.full((len(ms), len(ks)), np.nan)
     errors: dict[str, str] = {}
     n = 0
     for i, m in enumerate(ms):
         for j, k in enumerate(ks):
             try:
-                variant = convert(copy.deepcopy(model), "mita", num_landmarks=m, topk=k)
-                result = evaluate(
-                    variant, dataset, batch_size=batch_size, device=device, max_samples=max_samples
-                )
+                result, _ = evaluate_variant(
+                    model, None, dataset, "mita", batch_size=batch_size, device=device,
+                    max_samples=max_samples, num_landmarks=m, topk=k,
+                )  # fmt: skip
             except ValueError as err:  # m or k that does not fit this model's tokens
                 errors[f"m={m},k={k}"] = str(err)
                 continue
@@ -71,10 +66,15 @@ def accuracy_grid(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mita grid", description="Accuracy over inference-time m x k")
     p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint file or run directory")
-    p.add_argument("--m", default="1,4,9,16,25,36,49", help="comma-separated numbers of landmarks")
-    p.add_argument("--k", default="1,4,9,16,25,36,49", help="comma-separated top-k values")
+    p.add_argument(
+        "--num-landmarks", "--m", dest="num_landmarks", default="1,4,9,16,25,36,49",
+        help="comma-separated m values (numbers of landmarks; --m: the old spelling)",
+    )  # fmt: skip
+    p.add_argument(
+        "--topk", "--k", dest="topk", default="1,4,9,16,25,36,49",
+        help="comma-separated k values (keys per routed expert; --k: the old spelling)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="directory for grid.json and grid.png")
-    p.add_argument("--max-samples", type=int, help="evaluate on the first N test samples only")
     add_eval_args(p, batch_size=256)
     return p
 
@@ -83,22 +83,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mita grid``: see the module docstring."""
     args = _parser().parse_args(argv)
     from . import plots
-    from .loading import eval_dataset, load_checkpoint, parse_int_list, write_json
+    from .loading import (
+        check_eval_args,
+        check_writable,
+        eval_dataset,
+        load_checkpoint,
+        parse_int_list,
+        write_json,
+    )
 
     try:
-        ms, ks = parse_int_list(args.m, "--m"), parse_int_list(args.k, "--k")
+        ms = parse_int_list(args.num_landmarks, "--num-landmarks")
+        ks = parse_int_list(args.topk, "--topk")
+        device = check_eval_args(args, "mita grid", figures=True)
+        out = check_writable(args.out, directory=True)
         model, meta = load_checkpoint(args.checkpoint)
-        dataset = eval_dataset(meta, root=args.data_root, cache_dir=args.cache_dir, size=args.max_samples)
+        dataset = eval_dataset(meta, root=args.data_root, cache_dir=args.cache_dir, size=args.test_size)
         result = accuracy_grid(
-            model,
-            dataset,
-            ms,
-            ks,
-            max_samples=args.max_samples,
-            batch_size=args.batch_size,
-            device=args.device,
+            model, dataset, ms, ks, max_samples=args.test_size, batch_size=args.batch_size, device=device
         )
-    except (ValueError, ImportError, FileNotFoundError) as err:
+    except (ValueError, ImportError, OSError) as err:
         print(f"mita grid: error: {err}", file=sys.stderr)
         return 2
     tm, tk = _trained_mk(meta)
@@ -110,7 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trained_k": tk,
         **result,
     }
-    out = Path(args.out)
     write_json(out / "grid.json", report)
     mark = (ms.index(tm), ks.index(tk)) if tm in ms and tk in ks else None
     plots.plot_heatmap(

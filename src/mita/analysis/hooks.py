@@ -1,14 +1,17 @@
 """Record the routing of every MiTA attention layer of a model while it runs.
 
-A layer takes part when it has a boolean ``record_routing`` attribute (``mita.nn.MiTAAttention`` does):
-while it is True the layer's forward stores ``last_routing`` (a detached :class:`mita.Routing`) and
-``last_layout`` (a dict with ``layout`` "grid" or "seq", ``grid`` (h, w), ``prefix_tokens`` and
-``num_landmarks``). :class:`RoutingRecorder` switches the flag on, copies both after every forward
-call through a forward hook, and restores everything on exit.
+A layer takes part when it has a boolean ``record_routing`` attribute (``mita.nn.MiTAAttention`` does).
+When the recorder attaches it reads, once, where the layer's tokens and landmarks sit (a
+:class:`RoutingLayout`: ``layout``, ``grid``, ``prefix_tokens``, ``num_landmarks``, ``landmark_mode`` and
+the landmark grid ``landmark.size``), and switches the flag on. While it is on, the layer's forward
+stores ``last_routing`` (a detached :class:`mita.Routing`), ``last_key_padding_mask`` (``[B, N]`` bool,
+True = padding, or None) and ``last_layout`` (its resolved ``grid`` when that depends on the input); a
+forward hook copies them after every call. Everything is restored on exit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +22,7 @@ from torch import nn
 from ..ops import Routing
 from .stats import LayerStats, layer_stats
 
-__all__ = ["LayerRecord", "RoutingRecorder", "routing_layers"]
+__all__ = ["LayerRecord", "RoutingLayout", "RoutingRecorder", "routing_layers"]
 
 
 def routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -31,13 +34,65 @@ def routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def _pair(value: Any) -> tuple[int, int] | None:
+    return None if value is None else (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class RoutingLayout:
+    """Where one MiTA layer's tokens and landmarks sit (what drawing its routing needs).
+
+    ``layout`` is ``"grid"`` (``prefix_tokens`` leading tokens, an ``h x w`` patch ``grid`` in raster
+    order, then any suffix) or ``"seq"`` (``prefix_tokens``, then a 1-D sequence; ``grid`` None).
+    ``landmark_mode`` is how landmarks are built (``"pool"``, ``"official"``, ``"random"``, ``"learned"``,
+    ``"conv"``); ``landmark_grid`` the ``(mh, mw)`` grid they are pooled to, when they are pooled in 2-D.
+    """
+
+    layout: str
+    grid: tuple[int, int] | None
+    prefix_tokens: int
+    num_landmarks: int
+    landmark_mode: str
+    landmark_grid: tuple[int, int] | None
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module) -> RoutingLayout:
+        """Read the layout of ``module`` (named ``name``); ValueError naming what it does not say."""
+        mode = getattr(module, "landmark_mode", None) or getattr(module, "landmarks_mode", None)
+        values = {
+            "layout": getattr(module, "layout", None),
+            "prefix_tokens": getattr(module, "prefix_tokens", None),
+            "num_landmarks": getattr(module, "num_landmarks", None),
+            "landmark_mode": mode,
+        }
+        missing = [k for k, v in values.items() if v is None]
+        if missing:
+            raise ValueError(f"layer {name!r} records its routing but does not say its {', '.join(missing)}")
+        if values["layout"] not in ("grid", "seq"):
+            raise ValueError(f"layer {name!r} has layout {values['layout']!r}, not 'grid' or 'seq'")
+        landmark_grid = getattr(getattr(module, "landmark", None), "size", None)
+        return cls(
+            layout=str(values["layout"]),
+            grid=_pair(getattr(module, "grid", None)) if values["layout"] == "grid" else None,
+            prefix_tokens=int(values["prefix_tokens"]),
+            num_landmarks=int(values["num_landmarks"]),
+            landmark_mode=str(mode),
+            landmark_grid=_pair(landmark_grid),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for JSON: pairs as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
 @dataclass
 class LayerRecord:
     """What one layer routed over the recorded forward calls (batches kept in call order, on CPU)."""
 
     name: str
+    layout: RoutingLayout
     routings: list[Routing] = field(default_factory=list)
-    layout: dict[str, Any] = field(default_factory=dict)
+    padding: list[torch.Tensor | None] = field(default_factory=list)  # per batch: [B, N] bool or None
 
     def routing(self) -> Routing:
         """All recorded batches concatenated along the batch dimension."""
@@ -48,19 +103,34 @@ class LayerRecord:
             torch.cat([r.key_index for r in self.routings]),
         )
 
+    def padding_mask(self) -> torch.Tensor | None:
+        """``[B, N]`` bool, True at the padding tokens the layer was given, over every recorded batch;
+        None when no batch had padding."""
+        if all(p is None for p in self.padding):
+            return None
+        return torch.cat(
+            [
+                torch.zeros(r.expert_index.shape[0], r.expert_index.shape[2], dtype=torch.bool)
+                if p is None
+                else p
+                for r, p in zip(self.routings, self.padding)
+            ]
+        )
+
     @property
     def prefix_tokens(self) -> int:
-        """Leading tokens (cls, registers) that are not pooled into landmarks (0 when unknown)."""
-        return int(self.layout.get("prefix_tokens", 0) or 0)
+        """Leading tokens (cls, registers) that are not pooled into landmarks."""
+        return self.layout.prefix_tokens
 
     def stats(self, *, padding_mask: torch.Tensor | None = None, empty: str = "skip") -> LayerStats:
-        """:func:`mita.analysis.layer_stats` over every recorded batch."""
+        """:func:`mita.analysis.layer_stats` over every recorded batch (padding: the recorded mask unless
+        ``padding_mask`` is given)."""
         r = self.routing()
         return layer_stats(
             r.expert_index,
             r.key_index,
             prefix_tokens=self.prefix_tokens,
-            padding_mask=padding_mask,
+            padding_mask=self.padding_mask() if padding_mask is None else padding_mask,
             empty=empty,
         )
 
@@ -93,7 +163,7 @@ class RoutingRecorder:
                 "flag); build it with attention='mita' or mita.convert(model, 'mita')"
             )
         self._modules = [mod for _, mod in found]
-        self.layers = [LayerRecord(name) for name, _ in found]
+        self.layers = [LayerRecord(name, RoutingLayout.of(name, mod)) for name, mod in found]
         self._saved: list[bool] = []
         self._handles: list[Any] = []
 
@@ -104,15 +174,20 @@ class RoutingRecorder:
             routing = getattr(module, "last_routing", None)
             if routing is None:  # e.g. a layer that ran without MiTA this time
                 return
+            if record.layout.layout == "grid":  # the grid may follow the input (e.g. dynamic image sizes)
+                grid = _pair((getattr(module, "last_layout", None) or {}).get("grid")) or record.layout.grid
+                if grid is None:
+                    raise ValueError(f"layer {record.name!r} has a grid layout but reported no grid")
+                if record.routings and grid != record.layout.grid:
+                    raise ValueError(
+                        f"layer {record.name!r} saw a {grid} grid after {record.layout.grid}; record inputs "
+                        "of one size at a time"
+                    )
+                record.layout = dataclasses.replace(record.layout, grid=grid)
             # small ints keep many recorded batches cheap; positions fit easily in int32
             record.routings.append(Routing(*(t.detach().to(self.device, torch.int32) for t in routing)))
-            layout = dict(getattr(module, "last_layout", None) or {})
-            # how landmarks are built decides where their windows are (drawn by ``mita viz``)
-            layout.setdefault("landmarks", getattr(module, "landmarks_mode", "pool"))
-            size = getattr(getattr(module, "landmark", None), "size", None)
-            if size is not None:
-                layout.setdefault("landmark_grid", tuple(size))
-            record.layout = layout
+            mask = getattr(module, "last_key_padding_mask", None)
+            record.padding.append(None if mask is None else mask.detach().to(self.device, torch.bool))
 
         return hook
 
@@ -121,6 +196,7 @@ class RoutingRecorder:
         for i, mod in enumerate(self._modules):
             mod.record_routing = True
             mod.last_routing = None
+            mod.last_key_padding_mask = None
             self._handles.append(mod.register_forward_hook(self._hook(i)))
         return self
 
@@ -131,11 +207,13 @@ class RoutingRecorder:
         for mod, flag in zip(self._modules, self._saved):
             mod.record_routing = flag
             mod.last_routing = None
+            mod.last_key_padding_mask = None
 
     def clear(self) -> None:
         """Forget what was recorded so far (the hooks stay on)."""
         for record in self.layers:
             record.routings.clear()
+            record.padding.clear()
 
     def run(self, batches: Iterable[Any], *, device: str | torch.device = "cpu") -> RoutingRecorder:
         """Run ``model`` (in eval mode, without gradients) on each batch; a batch may be a tensor or a

@@ -1,31 +1,104 @@
-"""What the analysis commands share: load a checkpoint with its evaluation data, evaluate a variant."""
+"""What the evaluation commands (``mita eval``, ``grid``, ``swap``, ``viz``) share: their common options,
+loading a checkpoint with its evaluation data, and evaluating a converted copy of a model."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
 
-__all__ = ["load_checkpoint", "eval_dataset", "parse_int_list", "write_json"]
+from ..io import write_json
+
+__all__ = [
+    "add_eval_args",
+    "positive_int",
+    "check_eval_args",
+    "check_writable",
+    "load_checkpoint",
+    "eval_dataset",
+    "variant",
+    "evaluate_variant",
+    "parse_int_list",
+    "write_json",
+]
 
 
-def add_eval_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    """The evaluation options every analysis command shares (batch size, device, data locations)."""
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-root", help="data directory (default: the data module's default)")
-    parser.add_argument("--cache-dir", help="cache of generated tasks (default: the data module's default)")
+def positive_int(text: str) -> int:
+    """``argparse`` type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_eval_args(parser: argparse.ArgumentParser, batch_size: int, *, test_size: bool = True) -> None:
+    """The evaluation options every evaluation command shares, spelled as ``mita train`` spells them:
+    ``--batch-size``, ``--device`` (default ``auto``), ``--data-root``, ``--cache-dir`` and ``--test-size``
+    (``--max-samples`` is its old name)."""
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
+    parser.add_argument("--data-root", help=_DATA_ROOT_HELP)
+    parser.add_argument("--cache-dir", help="cache of generated tasks (default $MITA_CACHE or ~/.cache/mita)")
+    if test_size:
+        parser.add_argument(
+            "--test-size", "--max-samples", dest="test_size", type=positive_int, help=_TEST_HELP
+        )
+
+
+_DATA_ROOT_HELP = (
+    "data directory (default: $MITA_FMNIST_DIR / $MITA_TEXT_DIR, else the one given at training if it "
+    "exists here, else the data module's default)"
+)
+_TEST_HELP = "evaluate on the first N test samples only (--max-samples: the old spelling)"
+
+
+def check_eval_args(args: argparse.Namespace, prog: str, *, figures: bool) -> str:
+    """Validate what the parser cannot before any work starts; returns the resolved device name.
+
+    Raises ValueError (bad ``--device``) or :class:`mita.deps.MissingDependency` (``figures`` without
+    matplotlib).
+    """
+    from mita.train.config import check_device
+
+    device = str(check_device(args.device))
+    if figures:
+        from mita.deps import require
+
+        require("matplotlib", purpose=f"{prog} (its figures)")
+    return device
+
+
+def check_writable(path: str | Path, *, directory: bool = False) -> Path:
+    """Make sure ``path`` (a file, or with ``directory=True`` a directory for outputs) can be written,
+    creating the directories it needs; ValueError saying why not. Called before long work starts."""
+    import tempfile
+
+    path = Path(path)
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise ValueError(f"{path} is a directory, not a file to write")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write to {folder} ({err.strerror or err})") from None
+    return path
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model, meta)`` of a ``mita train`` checkpoint (:func:`mita.train.checkpoint.load_model`)."""
+    """``(model, meta)`` of a ``mita train`` checkpoint (:func:`mita.train.checkpoint.load_model`);
+    ValueError when the metadata does not name its task."""
     from mita.train.checkpoint import load_model
 
-    return load_model(path)
+    model, meta = load_model(path)
+    if not meta.get("task"):
+        raise ValueError(f"{path}: the checkpoint's metadata does not name its task (no 'task' key)")
+    return model, meta
 
 
 def eval_dataset(
@@ -38,20 +111,67 @@ def eval_dataset(
 ) -> Dataset:
     """The evaluation split of a checkpoint's task, built with the data options it was trained with.
 
-    ``size`` keeps the first ``size`` examples (generated tasks then generate only those).
+    Data directories are looked up here, not where the checkpoint was trained
+    (:func:`mita.data.paths.resolve_data_kwargs`); ``size`` keeps the first ``size`` examples
+    (generated tasks then generate only those).
     """
     from mita.data import build_dataset
+    from mita.data.paths import resolve_data_kwargs
 
-    kwargs = dict(meta.get("data_kwargs", {}))
-    kwargs.pop("size", None)  # the training-set cut does not apply to the evaluation split
-    kwargs.pop("augment", None)  # evaluation never augments
-    if root is not None:
-        kwargs["root"] = root
-    if cache_dir is not None:
-        kwargs["cache_dir"] = cache_dir
+    kwargs = resolve_data_kwargs(meta["task"], meta.get("data_kwargs"), root=root, cache_dir=cache_dir)
     if size is not None:
         kwargs["size"] = size
     return build_dataset(meta["task"], split, augment=False, **kwargs)
+
+
+def variant(
+    model: nn.Module,
+    trained: str | None,
+    attention: str | None = None,
+    **settings: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` to evaluate with ``attention`` (default: the ``trained`` kind) and new ``settings``
+    (``num_landmarks``, ``topk``; None = keep): a converted copy (:func:`mita.convert`), or ``model``
+    itself when nothing changes. Settings a kind does not take are dropped (full attention takes neither).
+
+    Returns the model and the attention settings actually used (for reports).
+    """
+    from mita.nn.registry import filter_kwargs
+
+    kind = attention or trained
+    if kind is None:
+        raise ValueError("the checkpoint does not say which attention it was trained with; pass --attention")
+    kwargs = filter_kwargs(kind, {k: v for k, v in settings.items() if v is not None})
+    if kind == trained and not kwargs:
+        return model, {"attention": kind}
+    from mita.convert import convert
+
+    return convert(copy.deepcopy(model), kind, **kwargs), {"attention": kind, **kwargs}
+
+
+def evaluate_variant(
+    model: nn.Module,
+    trained: str | None,
+    dataset: Dataset,
+    attention: str | None = None,
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+    max_samples: int | None = None,
+    amp: bool = False,
+    **settings: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`variant`, then :func:`mita.train.evaluate.evaluate` on ``dataset``: ``(result, used)``.
+
+    ValueError when the conversion or the model cannot run on these inputs (e.g. m > N).
+    """
+    from mita.train.evaluate import evaluate
+
+    converted, used = variant(model, trained, attention, **settings)
+    result = evaluate(
+        converted, dataset, batch_size=batch_size, device=device, max_samples=max_samples, amp=amp
+    )
+    return result, used
 
 
 def parse_int_list(text: str, name: str) -> list[int]:
@@ -63,21 +183,3 @@ def parse_int_list(text: str, name: str) -> list[int]:
     if not values or min(values) < 1:
         raise ValueError(f"{name} needs positive integers, got {text!r}")
     return values
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON (NaN written as null, so every JSON reader accepts it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_nan_to_none(data), indent=2) + "\n")
-    return path
-
-
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    return x

@@ -1,6 +1,6 @@
 """``mita swap``: the train-attention x eval-attention accuracy matrix ("checkpoint swap", SPEC §3).
 
-``mita swap --checkpoints A B C --out DIR [--kinds full,agent,mita] [--max-samples N]`` evaluates each
+``mita swap --checkpoints A B C --out DIR [--kinds full,agent,mita] [--test-size N]`` evaluates each
 checkpoint's weights with each attention kind (``mita.convert``; the checkpoint's own kind runs as
 trained) and writes ``DIR/swap.json`` and the heatmap ``DIR/swap.png`` (rows: attention at evaluation,
 columns: checkpoints labelled by the attention they were trained with, as the paper's Fig. 8).
@@ -9,7 +9,6 @@ columns: checkpoints labelled by the attention they were trained with, as the pa
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from .loading import add_eval_args
+from .loading import add_eval_args, evaluate_variant, positive_int
 
 __all__ = ["swap_column", "main"]
 
@@ -43,16 +42,14 @@ def swap_column(
     other than the trained one, each kind getting those it takes (full attention takes neither).
     Returns ``(accuracies, errors by kind, samples evaluated)``.
     """
-    from mita.convert import convert
-    from mita.nn.registry import filter_kwargs
-    from mita.train.evaluate import evaluate
-
     accs, errors, n = [], {}, 0
     for kind in kinds:
+        settings = {} if kind == trained else convert_kwargs or {}  # the trained kind runs as trained
         try:
-            kw = filter_kwargs(kind, convert_kwargs or {})
-            variant = model if kind == trained else convert(copy.deepcopy(model), kind, **kw)
-            result = evaluate(variant, dataset, batch_size=batch_size, device=device, max_samples=max_samples)
+            result, _ = evaluate_variant(
+                model, trained, dataset, kind, batch_size=batch_size, device=device, max_samples=max_samples,
+                **settings,
+            )  # fmt: skip
         except ValueError as err:
             accs.append(float("nan"))
             errors[kind] = str(err)
@@ -69,9 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", nargs="+", required=True, help="checkpoints (files or run directories)")
     p.add_argument("--out", required=True, help="directory for swap.json and swap.png")
     p.add_argument("--kinds", default=",".join(KINDS), help="attention kinds to evaluate with (rows)")
-    p.add_argument("--num-landmarks", type=int, help="m for converted MiTA/Agent (default: mita.convert's)")
-    p.add_argument("--topk", type=int, help="k for converted MiTA (default: mita.convert's)")
-    p.add_argument("--max-samples", type=int, help="evaluate on the first N test samples only")
+    p.add_argument(
+        "--num-landmarks", type=positive_int, help="m for converted MiTA/Agent (default: mita.convert's)"
+    )
+    p.add_argument("--topk", type=positive_int, help="k for converted MiTA (default: mita.convert's)")
     add_eval_args(p, batch_size=256)
     return p
 
@@ -87,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mita swap``: see the module docstring."""
     args = _parser().parse_args(argv)
     from . import plots
-    from .loading import eval_dataset, load_checkpoint, write_json
+    from .loading import check_eval_args, check_writable, eval_dataset, load_checkpoint, write_json
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     kwargs = {k: v for k, v in (("num_landmarks", args.num_landmarks), ("topk", args.topk)) if v is not None}
@@ -100,21 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for kind in kinds:
             attention_class(kind)  # an unknown kind fails here, naming the valid ones
+        device = check_eval_args(args, "mita swap", figures=True)
+        out = check_writable(args.out, directory=True)
         for path in args.checkpoints:
             model, meta = load_checkpoint(path)
             if task is not None and meta.get("task") != task:
                 raise ValueError(f"{path} was trained on {meta.get('task')!r}, the others on {task!r}")
             task = meta.get("task")
-            dataset = eval_dataset(meta, root=args.data_root, cache_dir=args.cache_dir, size=args.max_samples)
+            dataset = eval_dataset(meta, root=args.data_root, cache_dir=args.cache_dir, size=args.test_size)
             accs, errors, n = swap_column(
                 model,
                 meta.get("attention"),
                 dataset,
                 kinds,
                 convert_kwargs=kwargs,
-                max_samples=args.max_samples,
+                max_samples=args.test_size,
                 batch_size=args.batch_size,
-                device=args.device,
+                device=device,
             )
             label = _label(path, str(meta.get("attention")), [c["label"] for c in columns])
             columns.append(
@@ -127,11 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "n": n,
                 }
             )
-    except (ValueError, ImportError, FileNotFoundError) as err:
+    except (ValueError, ImportError, OSError) as err:
         print(f"mita swap: error: {err}", file=sys.stderr)
         return 2
     matrix = np.asarray([c["accuracy"] for c in columns], dtype=float).T  # rows: eval kind, cols: ckpt
-    out = Path(args.out)
     write_json(
         out / "swap.json",
         {

@@ -1,6 +1,6 @@
 """``mita viz``: routing figures and statistics of a trained MiTA checkpoint.
 
-``mita viz --checkpoint PATH --out DIR [--samples N] [--stats-samples M]`` writes to DIR:
+``mita viz --checkpoint PATH --out DIR [--samples N] [--test-size M]`` writes to DIR:
 
 - ``pruning_maps.png``: per layer, the tokens selected as keys by any landmark of any head, over the
   first N test inputs (2-D over the image for grid models, layers x positions for sequence models);
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .hooks import LayerRecord, RoutingRecorder
-from .loading import add_eval_args
+from .hooks import LayerRecord, RoutingLayout, RoutingRecorder
+from .loading import add_eval_args, positive_int
 from .stats import expert_iou, expert_load, layer_stats, selection_counts
 from .windows import adaptive_span, landmark_grid, landmark_windows_1d, landmark_windows_2d
 
@@ -52,37 +52,21 @@ def _display_image(x: Any, grid: tuple[int, int] | None) -> np.ndarray | None:
     return None
 
 
-def _padding_mask(dataset: Dataset, count: int, n: int, prefix: int) -> torch.Tensor | None:
-    """``[count, N]`` True at padding tokens (id ``mita.data.PAD_ID``) of 1-D token inputs, else None."""
-    first = dataset[0][0]
-    if not isinstance(first, torch.Tensor) or first.dim() != 1 or first.is_floating_point():
-        return None
-    if first.numel() + prefix != n:  # the model does not map input tokens 1:1 to positions
-        return None
-    from mita.data.tasks import PAD_ID
-
-    tokens = torch.stack([dataset[i][0] for i in range(count)])
-    mask = torch.cat([torch.zeros(count, prefix, dtype=torch.bool), tokens == PAD_ID], dim=1)
-    return mask if bool(mask.any()) else None
-
-
-def _windows(layout: dict[str, Any], n: int, m: int, padding: torch.Tensor | None = None) -> list[list[int]]:
+def _windows(layout: RoutingLayout, n: int, padding: torch.Tensor | None = None) -> list[list[int]]:
     """Token positions each landmark is pooled from (empty lists for landmarks that are not pooled).
 
     ``padding`` ([N] bool) matters for 1-D pooling, which averages over the valid tokens only.
     """
-    prefix = int(layout.get("prefix_tokens", 0) or 0)
-    grid = layout.get("grid")
-    mode = layout.get("landmarks", "pool")
-    size = layout.get("landmark_grid")
-    if mode == "official":  # cls + patches but the last, as a side x side grid
+    m, prefix = layout.num_landmarks, layout.prefix_tokens
+    if layout.landmark_mode == "official":  # cls + patches but the last, as a side x side grid
         side = math.isqrt(n)
-        return landmark_windows_2d((side, side), tuple(size or landmark_grid(m, (side, side))))
-    if mode != "pool":  # learned / random / conv landmarks have no pooling window
+        return landmark_windows_2d((side, side), layout.landmark_grid or landmark_grid(m, (side, side)))
+    if layout.landmark_mode != "pool":  # learned / random / conv landmarks have no pooling window
         return [[] for _ in range(m)]
-    if layout.get("layout") == "grid" and grid:
-        grid = tuple(grid)
-        return landmark_windows_2d(grid, tuple(size or landmark_grid(m, grid)), prefix=prefix)
+    if layout.layout == "grid":
+        return landmark_windows_2d(
+            layout.grid, layout.landmark_grid or landmark_grid(m, layout.grid), prefix=prefix
+        )
     if padding is not None:
         valid = [t for t in range(prefix, n) if not bool(padding[t])]
         return [[valid[i] for i in adaptive_span(j, len(valid), m)] for j in range(m)]
@@ -113,7 +97,7 @@ def _expert_panels(
         n, m = ei.shape[2], ki.shape[2]
         load = expert_load(ei, m, padding_mask=padding)[0, 0]
         iou = expert_iou(ei, ki, padding_mask=padding)[0, 0]
-        windows = _windows(layers[li].layout, n, m, None if padding is None else padding[0])
+        windows = _windows(layers[li].layout, n, None if padding is None else padding[0])
         real = torch.ones(n, dtype=torch.bool) if padding is None else ~padding[0]
         row = []
         for j in load.argsort(descending=True)[:experts].tolist():
@@ -158,23 +142,24 @@ def visualize(
     if not rec.layers[0].routings:
         raise ValueError("the model ran but no MiTA layer recorded a routing (is its attention MiTA?)")
     layout = rec.layers[0].layout
-    prefix = rec.layers[0].prefix_tokens
+    prefix = layout.prefix_tokens
     n = rec.layers[0].routings[0].expert_index.shape[2]
-    recorded = min(max(samples, stats_samples), len(dataset))
-    padding = _padding_mask(dataset, recorded, n, prefix)
+    padding = rec.layers[0].padding_mask()  # the mask the model gave its attention, as recorded
+    if padding is not None and not bool(padding.any()):
+        padding = None
     ns = min(stats_samples, len(dataset))
     stats = []
     for layer in rec.layers:
-        r = layer.routing()
+        r, pad = layer.routing(), layer.padding_mask()
         stats.append(
             layer_stats(
                 r.expert_index[:ns],
                 r.key_index[:ns],
-                prefix_tokens=prefix,
-                padding_mask=None if padding is None else padding[:ns],
+                prefix_tokens=layer.prefix_tokens,
+                padding_mask=None if pad is None else pad[:ns],
             )
         )
-    grid = tuple(layout["grid"]) if layout.get("layout") == "grid" and layout.get("grid") else None
+    grid = layout.grid
     names = [f"layer {i + 1}" for i in range(len(rec.layers))]
     heads = rec.layers[0].routings[0].key_index.shape[1]
     if not 0 <= head < heads:
@@ -212,7 +197,7 @@ def visualize(
     files.append(plots.plot_layer_curves(out / "layer_curves.png", stats, title=title))
     report = {
         "samples_for_stats": ns,
-        "layout": {k: list(v) if isinstance(v, tuple) else v for k, v in layout.items()},
+        "layout": layout.to_dict(),
         "layers": [{"name": rec.layers[i].name, **s.to_dict()} for i, s in enumerate(stats)],
         "files": [p.name for p in files] + ["stats.json"],
     }
@@ -228,37 +213,44 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="model.safetensors, a checkpoint file, or a run directory"
     )
     p.add_argument("--out", required=True, help="directory for the PNG figures and stats.json")
-    p.add_argument("--samples", type=int, default=4, help="test inputs drawn in the maps (default 4)")
-    p.add_argument("--stats-samples", type=int, default=256, help="test inputs for the statistics")
+    p.add_argument(
+        "--samples", type=positive_int, default=4, help="test inputs drawn in the maps (default 4)"
+    )
+    p.add_argument(
+        "--test-size", "--stats-samples", dest="test_size", type=positive_int, default=256,
+        help="first N test inputs for the statistics (default 256; --stats-samples: the old spelling)",
+    )  # fmt: skip
     p.add_argument("--head", type=int, default=0, help="head shown in the expert maps")
-    p.add_argument("--experts", type=int, default=4, help="experts per layer in the expert maps")
-    add_eval_args(p, batch_size=64)
+    p.add_argument("--experts", type=positive_int, default=4, help="experts per layer in the expert maps")
+    add_eval_args(p, batch_size=64, test_size=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mita viz``: see the module docstring."""
     args = _parser().parse_args(argv)
-    from .loading import eval_dataset, load_checkpoint
+    from .loading import check_eval_args, check_writable, eval_dataset, load_checkpoint
 
     try:
+        device = check_eval_args(args, "mita viz", figures=True)
+        check_writable(args.out, directory=True)
         model, meta = load_checkpoint(args.checkpoint)
         dataset = eval_dataset(
-            meta, root=args.data_root, cache_dir=args.cache_dir, size=max(args.samples, args.stats_samples)
+            meta, root=args.data_root, cache_dir=args.cache_dir, size=max(args.samples, args.test_size)
         )
         report = visualize(
             model,
             dataset,
             args.out,
             samples=args.samples,
-            stats_samples=args.stats_samples,
+            stats_samples=args.test_size,
             head=args.head,
             experts=args.experts,
             batch_size=args.batch_size,
-            device=args.device,
+            device=device,
             title=f"{meta.get('task')} / {meta.get('attention')} ({Path(args.checkpoint).name})",
         )
-    except (ValueError, ImportError, FileNotFoundError) as err:
+    except (ValueError, ImportError, OSError) as err:
         print(f"mita viz: error: {err}", file=sys.stderr)
         return 2
     for layer in report["layers"]:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from . import listops as _listops
 from . import pathfinder as _pathfinder
 from . import text as _text
-from .cache import cached_arrays
+from .cache import cached_arrays, check_rows
 from .fmnist import FashionMNIST, PixelSequences, load_fmnist, pad_to_32
 from .sequences import SpanPairs, SpanSequences
 from .tasks import TaskInfo, get_task
@@ -119,9 +119,16 @@ def _listops_ds(*, info: TaskInfo, split, cache_dir, seed, size, **_) -> Dataset
     params = {"format": _FORMAT["listops"], "seed": seed, "n": n, **dataclasses.asdict(cfg)}
     workers = min(os.cpu_count() or 1, 8) if n >= 2000 else 1
 
+    def check(a: dict[str, np.ndarray]) -> str | None:
+        problem = check_rows(a, ("tokens", "offsets", "labels"), ("labels",), n)
+        if problem is None and (len(a["offsets"]) != n + 1 or a["offsets"][-1] != len(a["tokens"])):
+            problem = f"its offsets ({len(a['offsets'])}) do not span its {len(a['tokens'])} tokens"
+        return problem
+
     arrays = cached_arrays(
-        "listops", split, params, lambda: _listops.generate_listops(n, seed, split, cfg, workers), cache_dir
-    )
+        "listops", split, params, lambda: _listops.generate_listops(n, seed, split, cfg, workers), cache_dir,
+        check,
+    )  # fmt: skip
     off = arrays["offsets"]
     return SpanSequences(arrays["tokens"], off[:-1], off[1:], arrays["labels"], info)
 
@@ -148,7 +155,10 @@ def _pathfinder_ds(*, info: TaskInfo, split, cache_dir, seed, size, difficulty, 
         images, labels = _pathfinder.generate_pathfinder(n, seed, split, cfg)
         return {"images": images, "labels": labels}
 
-    arrays = cached_arrays("pathfinder", split, params, build, cache_dir)
+    def check(a: dict[str, np.ndarray]) -> str | None:
+        return check_rows(a, ("images", "labels"), ("images", "labels"), n)
+
+    arrays = cached_arrays("pathfinder", split, params, build, cache_dir, check)
     return PixelSequences(arrays["images"], arrays["labels"], info)
 
 
@@ -170,13 +180,33 @@ def _text_params(task: str, seed: int, size: int | None, info: TaskInfo, root) -
     }
 
 
+def _check_spans(pairs: bool):
+    """The cache check of the text tasks: documents (and pairs) consistent and inside the tokens."""
+    docs = ("starts", "ends") if pairs else ("starts", "ends", "labels")
+    keys = ("tokens", *docs, *(("left", "right", "labels") if pairs else ()))
+
+    def check(a: dict[str, np.ndarray]) -> str | None:
+        problem = check_rows(a, keys, docs)
+        if problem is None and pairs:
+            problem = check_rows(a, keys, ("left", "right", "labels"))
+        if problem is None and len(a["ends"]) and int(a["ends"].max()) > len(a["tokens"]):
+            problem = f"its documents end past its {len(a['tokens'])} tokens"
+        if problem is None and pairs and len(a["left"]):
+            if max(int(a["left"].max()), int(a["right"].max())) >= len(a["starts"]):
+                problem = f"its pairs point past its {len(a['starts'])} documents"
+        return problem
+
+    return check
+
+
 def _text_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Dataset:
     from .corpus import load_plays
 
     def build() -> dict[str, np.ndarray]:
         return _text.build_text(load_plays(root), split, seed, info.seq_len, size)
 
-    a = cached_arrays("text", split, _text_params("text", seed, size, info, root), build, cache_dir)
+    params = _text_params("text", seed, size, info, root)
+    a = cached_arrays("text", split, params, build, cache_dir, _check_spans(pairs=False))
     return SpanSequences(a["tokens"], a["starts"], a["ends"], a["labels"], info, shift=1)
 
 
@@ -186,5 +216,6 @@ def _retrieval_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) ->
     def build() -> dict[str, np.ndarray]:
         return _text.build_retrieval(load_plays(root), split, seed, info.seq_len, size)
 
-    a = cached_arrays("retrieval", split, _text_params("retrieval", seed, size, info, root), build, cache_dir)
+    params = _text_params("retrieval", seed, size, info, root)
+    a = cached_arrays("retrieval", split, params, build, cache_dir, _check_spans(pairs=True))
     return SpanPairs(a["tokens"], a["starts"], a["ends"], a["left"], a["right"], a["labels"], info, shift=1)

@@ -1,13 +1,15 @@
 """``python -m mita.data.report``: sizes, class balance and lengths of every task, plus rendered examples.
 
-Prints a markdown table (the one in ``docs/data.md``) and writes ``data_fmnist.png``, ``data_image.png``
-and ``data_pathfinder.png`` to ``--img-dir``. Building the full generated sets fills the cache, so the
-first run takes a few minutes; ``--size N`` caps every split for a quick look.
+Prints a markdown table (the one in ``docs/data.md``) and, given ``--out DIR``, writes
+``data_fmnist.png``, ``data_image.png`` and ``data_pathfinder.png`` there (nothing is written without
+an explicit directory: the repository's own figures are ``--out docs/img``). Building the full generated
+sets fills the cache, so the first run takes a few minutes; ``--size N`` caps every split for a quick look.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -118,39 +120,68 @@ def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path
 
 
 def _save(fig, path: Path, plt) -> Path:
+    from mita.io import atomic_path
+
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mita.data.report", description=__doc__.split("\n\n")[0])
+    """``mita data``: print the table, optionally write it and the example figures; 2 on bad input."""
+    p = argparse.ArgumentParser(prog="mita data", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS), help="tasks to describe")
-    p.add_argument("--size", type=int, default=None, help="cap every split at N examples (quick look)")
+    p.add_argument("--size", type=_positive, default=None, help="cap every split at N examples (quick look)")
+    p.add_argument("--data-root", help="data directory of the file-based tasks (default: each task's)")
     p.add_argument("--cache-dir", default=None, help="data cache (default $MITA_CACHE or ~/.cache/mita)")
-    p.add_argument("--img-dir", default="docs/img", help="where the example images go")
-    p.add_argument("--no-images", action="store_true", help="skip rendering the examples")
+    p.add_argument(
+        "--out", "--img-dir", dest="out", help="write the example figures to this directory (default: none)"
+    )
+    p.add_argument("--no-images", action="store_true", help="skip the figures even with --out")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
+    images = args.out is not None and not args.no_images
+    try:
+        if images:
+            from mita.deps import require
 
-    rows = []
-    for name in args.tasks:
-        for split in SPLITS[name]:
-            kwargs = {"cache_dir": args.cache_dir, "size": args.size}
-            if name == "fmnist":
-                kwargs["augment"] = False
-            rows.append(task_stats(name, split, **kwargs))
-            print(
-                f"# built {name}/{split}: {rows[-1]['n']} examples in {rows[-1]['seconds']:.1f}s", flush=True
-            )
-    table = _markdown(rows)
-    print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    if not args.no_images:
-        for path in render_examples(args.img_dir, cache_dir=args.cache_dir):
-            print(f"# wrote {path}")
+            require("matplotlib", purpose="mita data --out (the example figures)")
+        rows = []
+        for name in args.tasks:
+            for split in SPLITS[name]:
+                kwargs = {"cache_dir": args.cache_dir, "size": args.size}
+                if name in ("fmnist", "image", "text", "retrieval"):
+                    kwargs["root"] = args.data_root
+                if name == "fmnist":
+                    kwargs["augment"] = False
+                rows.append(task_stats(name, split, **kwargs))
+                print(
+                    f"# built {name}/{split}: {rows[-1]['n']} examples in {rows[-1]['seconds']:.1f}s",
+                    flush=True,
+                )
+        table = _markdown(rows)
+        print(table)
+        if args.markdown:
+            from mita.io import write_text
+
+            write_text(args.markdown, table + "\n")
+        if images:
+            for path in render_examples(args.out, root=args.data_root, cache_dir=args.cache_dir):
+                print(f"# wrote {path}")
+        elif args.out is None and not args.no_images:
+            print("# pass --out DIR for the example figures (docs/img holds the repository's)")
+    except (ValueError, ImportError, OSError) as err:
+        print(f"mita data: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import TrainConfig
-from .presets import ATTENTIONS, PRESETS
-
-TASK_NAMES = ("fmnist", "listops", "pathfinder", "image", "text", "retrieval")
+from .presets import PRESETS, Preset
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -43,9 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a classifier on a task with MiTA or a baseline attention. "
         "Multi-GPU/multi-process: torchrun --nproc_per_node=N -m mita train ...",
     )
-    p.add_argument("--task", required=True, choices=TASK_NAMES)
-    p.add_argument("--attention", default="mita", choices=ATTENTIONS)
-    p.add_argument("--model", help=f"model preset (default: the task's); one of {', '.join(PRESETS)}")
+    from mita.data import TASKS
+    from mita.nn.registry import ATTENTION_CLASSES
+
+    # choices come from the registries, so a newly registered task or attention kind is trainable at once
+    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--attention", default="mita", choices=list(ATTENTION_CLASSES))
+    p.add_argument(
+        "--preset", "--model", dest="preset",
+        help=f"model preset (default: the task's); one of {', '.join(PRESETS)} (--model: the old spelling)",
+    )  # fmt: skip
     p.add_argument("--num-landmarks", type=_positive, help="m: landmarks (MiTA, Agent)")
     p.add_argument("--topk", type=_positive, help="k: keys per routed expert (MiTA) / per query (top-k)")
     p.add_argument("--epochs", type=_positive, help="epochs (default: the preset's epochs or steps)")
@@ -62,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16, or fp16 + grad scaling)")
-    p.add_argument("--data-root", help="data directory (Fashion-MNIST files; default: the data module's)")
+    p.add_argument(
+        "--data-root",
+        help="data directory of a file-based task (default $MITA_FMNIST_DIR / $MITA_TEXT_DIR, else the "
+        "installed package's); recorded in the checkpoint, overridable by mita eval --data-root",
+    )
     p.add_argument("--cache-dir", help="cache of generated tasks (default $MITA_CACHE or ~/.cache/mita)")
     p.add_argument("--train-size", type=_positive, help="use only N training samples")
     p.add_argument("--test-size", type=_positive, help="evaluate on only N test samples")
@@ -107,6 +116,52 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def preflight(config: TrainConfig) -> None:
+    """Everything that can fail before training, checked before the run directory is created: the
+    settings (:meth:`TrainConfig.validate`), the optional packages a run needs, and one forward pass of
+    the model on a dummy input of the task's shape (m or k larger than the sequence, a bad ``--model-arg``).
+    Raises ValueError or :class:`mita.deps.MissingDependency`."""
+    config.validate()
+    from mita.deps import require
+
+    require("safetensors", purpose="mita train (it saves the weights as model.safetensors)")
+    from .presets import get_preset
+
+    _check_model(config, get_preset(config.task, config.preset))
+
+
+def _check_model(config: TrainConfig, preset: Preset) -> None:
+    import dataclasses
+
+    import torch
+
+    from mita.data import get_task
+
+    from .batches import forward
+    from .presets import build, model_spec
+
+    info = get_task(config.task)
+    seq_len = {**preset.data_kwargs, **config.data_kwargs}.get("seq_len")
+    if seq_len is not None and info.seq_len is not None:
+        info = dataclasses.replace(info, seq_len=seq_len)
+    attn = {"num_landmarks": config.num_landmarks, "topk": config.topk}
+    builder, kwargs = model_spec(preset, info, config.attention, attn, config.model_kwargs)
+    with torch.random.fork_rng(devices=[]):  # leave the run's random streams untouched
+        try:
+            model = build(builder, kwargs)
+        except TypeError as err:
+            raise ValueError(f"cannot build {builder} with these settings: {err}") from None
+        if info.kind == "image":
+            x = torch.zeros(1, info.channels or 1, *info.image_size)
+        elif info.seq_len is None:  # a task without a fixed length: nothing to try the model on
+            return
+        else:
+            x = torch.ones(1, info.seq_len, dtype=torch.long)  # token 1: a real token in every vocabulary
+            x = (x, x) if info.kind == "pair" else x
+        with torch.no_grad():
+            forward(model.eval(), x)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``mita train``: returns 0 on success, 2 on bad input (with a one-line error on stderr)."""
     args = build_parser().parse_args(argv)
@@ -115,10 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .loop import TrainError, format_summary, train
 
     try:
+        preflight(config)
         summary = train(config)
     except (TrainError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"mita train: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # 130 / 143 after SIGINT / SIGTERM (a checkpoint was saved)
     if summary.get("world_size", 1) == 1 or _is_rank0():
         print(format_summary(summary))
         print(f"summary: {config.out}/summary.json")

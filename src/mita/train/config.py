@@ -1,9 +1,44 @@
-"""The settings of one training run (what ``mita train`` flags fill in)."""
+"""The settings of one training run (what ``mita train`` flags fill in), checked before a run starts."""
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
+
+__all__ = ["TrainConfig", "check_device"]
+
+_POSITIVE_INTS = (
+    "num_landmarks", "topk", "epochs", "max_steps", "batch_size", "train_size", "test_size", "eval_every",
+    "save_every", "log_every", "eval_batch_size",
+)  # fmt: skip
+# model keywords that are sizes: zero or negative builds a model with nothing in it, or none at all
+_POSITIVE_MODEL_ARGS = (
+    "dim", "embed_dim", "depth", "num_heads", "num_kv_heads", "mlp_ratio", "patch_size", "num_landmarks",
+    "topk", "experts_per_query", "window",
+)  # fmt: skip
+
+
+def check_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU) or a torch device string that exists on this machine;
+    ValueError naming the option otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} was requested but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return device
 
 
 @dataclass
@@ -16,7 +51,7 @@ class TrainConfig:
 
     task: str
     attention: str = "mita"
-    model: str | None = None
+    preset: str | None = None
     num_landmarks: int | None = None
     topk: int | None = None
     epochs: int | None = None
@@ -44,5 +79,64 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
 
+    @property
+    def model(self) -> str | None:
+        """The preset's name under its old field name (``--model`` is ``--preset``'s old spelling)."""
+        return self.preset
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def validate(self) -> None:
+        """Check every setting that needs no data: names against their registries, numbers in range, the
+        device, the data and model keywords. Raises ValueError naming the flag; creates nothing, so it
+        runs before the run directory exists."""
+        from mita.data import build_dataset, get_task
+        from mita.nn.registry import ATTENTION_CLASSES
+
+        from .presets import get_preset
+
+        get_task(self.task)
+        if self.attention not in ATTENTION_CLASSES:
+            kinds = ", ".join(ATTENTION_CLASSES)
+            raise ValueError(f"unknown attention {self.attention!r}; valid kinds: {kinds}")
+        get_preset(self.task, self.preset)
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        for name, value, ok, rule in (
+            ("lr", self.lr, lambda v: v > 0, "> 0"),
+            ("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0"),
+            ("warmup_frac", self.warmup_frac, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("clip", self.clip, lambda v: v >= 0, ">= 0 (0 = off)"),
+        ):
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and ok(value)
+            ):
+                raise ValueError(f"--{_flag(name)} must be a finite number {rule}, got {value!r}")
+        if not _is_int(self.num_workers) or self.num_workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.num_workers!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        check_device(self.device)
+        accepted = set(inspect.signature(build_dataset).parameters) - {"name", "split"}
+        unknown = sorted(set(self.data_kwargs) - accepted)
+        if unknown:
+            raise ValueError(
+                f"--data-arg {', '.join(unknown)}: not a data option; valid: {', '.join(sorted(accepted))}"
+            )
+        for key in _POSITIVE_MODEL_ARGS:
+            value = self.model_kwargs.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            ):
+                raise ValueError(f"--model-arg {key}={value!r}: must be a positive number")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flag(name: str) -> str:
+    return {"warmup_frac": "warmup", "num_workers": "workers"}.get(name, name.replace("_", "-"))

@@ -9,7 +9,6 @@ test accuracy and samples per second.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +19,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .batches import batch_size_of, forward, to_device
-from .presets import ATTENTIONS
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -116,90 +114,80 @@ def evaluate(
     }
 
 
-def swap_attention(
-    model: nn.Module, meta: dict, attention: str | None, num_landmarks: int | None, topk: int | None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """``model`` with its attention converted (``mita.convert``) to ``attention`` and/or new m, k.
-
-    Returns the model and the attention settings actually used (for reports).
-    """
-    trained = meta.get("attention")
-    kind = attention or trained
-    kwargs: dict[str, Any] = {}
-    if num_landmarks is not None:
-        kwargs["num_landmarks"] = num_landmarks
-    if topk is not None:
-        kwargs["topk"] = topk
-    if kind == trained and not kwargs:
-        return model, {"attention": kind}
-    from mita.convert import convert
-
-    return convert(model, kind, **kwargs), {"attention": kind, **kwargs}
-
-
 def _parser() -> argparse.ArgumentParser:
+    from mita.analysis.loading import add_eval_args, positive_int
+    from mita.nn.registry import ATTENTION_CLASSES
+
     p = argparse.ArgumentParser(prog="mita eval", description=__doc__.split("\n\n")[1])
     p.add_argument(
         "--checkpoint", required=True, help="model.safetensors, a checkpoint file, or a run directory"
     )
-    p.add_argument("--attention", choices=ATTENTIONS, help="evaluate with this kind, not the trained one")
-    p.add_argument("--num-landmarks", type=int, help="m at inference (MiTA / Agent)")
-    p.add_argument("--topk", type=int, help="k at inference (MiTA / top-k)")
+    p.add_argument(
+        "--attention", choices=list(ATTENTION_CLASSES), help="evaluate with this kind, not the trained one"
+    )
+    p.add_argument("--num-landmarks", type=positive_int, help="m at inference (MiTA / Agent)")
+    p.add_argument("--topk", type=positive_int, help="k at inference (MiTA / top-k)")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-samples", type=int, help="evaluate on the first N samples only")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
     p.add_argument("--amp", action="store_true", help="autocast to bfloat16/float16")
-    p.add_argument("--data-root", help="data directory (default: the data module's default)")
-    p.add_argument("--cache-dir", help="cache for generated tasks")
     p.add_argument("--json", help="also write the result as JSON to this path")
+    add_eval_args(p, batch_size=256)
     return p
+
+
+def _summary_line(task: str, split: str, result: dict[str, Any]) -> str:
+    """``listops test: accuracy 37.50%, loss 1.92 on 16 samples, 812.3 samples/s`` (what was measured)."""
+    parts = []
+    if result.get("test_accuracy") is not None:
+        parts.append(f"accuracy {100 * result['test_accuracy']:.2f}%")
+    if result.get("test_loss") is not None:
+        parts.append(f"loss {result['test_loss']:.4f}")
+    if result.get("test_bits_per_byte") is not None:
+        parts.append(f"{result['test_bits_per_byte']:.4f} bits/byte")
+    speed = f"{result['samples_per_s']:.1f} samples/s"
+    return f"{task} {split}: {', '.join(parts)} on {result['n']} samples, {speed}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mita eval``: print (and optionally write) accuracy and throughput of a checkpoint."""
     args = _parser().parse_args(argv)
-    from .checkpoint import CheckpointError, load_model
-
-    try:
-        model, meta = load_model(args.checkpoint)
-        model, used = swap_attention(model, meta, args.attention, args.num_landmarks, args.topk)
-    except (CheckpointError, ValueError, ImportError) as err:
-        print(f"mita eval: error: {err}", file=sys.stderr)
-        return 2
-    data_kwargs = dict(meta.get("data_kwargs", {}))
-    data_kwargs.update({k: v for k, v in (("root", args.data_root), ("cache_dir", args.cache_dir)) if v})
-    try:
-        result = evaluate(
-            model,
-            meta["task"],
-            split=args.split,
-            batch_size=args.batch_size,
-            device=args.device,
-            max_samples=args.max_samples,
-            amp=args.amp,
-            data_kwargs=data_kwargs,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"mita eval: error: {err}", file=sys.stderr)
-        return 2
-    report = {
-        "checkpoint": str(args.checkpoint),
-        "task": meta["task"],
-        "split": args.split,
-        "trained_attention": meta.get("attention"),
-        **used,
-        **result,
-    }
-    print(
-        f"{meta['task']} {args.split}: accuracy {100 * result['test_accuracy']:.2f}% "
-        f"on {result['n']} samples, "
-        f"{result['samples_per_s']:.1f} samples/s (trained with {meta.get('attention')}, evaluated with "
-        f"{', '.join(f'{k}={v}' for k, v in used.items())})"
+    from mita.analysis.loading import (
+        check_eval_args,
+        check_writable,
+        eval_dataset,
+        evaluate_variant,
+        load_checkpoint,
     )
-    if args.json:
-        from pathlib import Path
+    from mita.io import write_json
 
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    from .checkpoint import CheckpointError
+
+    try:
+        device = check_eval_args(args, "mita eval", figures=False)
+        if args.json:
+            check_writable(args.json)  # before the evaluation, not after it
+        model, meta = load_checkpoint(args.checkpoint)
+        dataset = eval_dataset(
+            meta, split=args.split, root=args.data_root, cache_dir=args.cache_dir, size=args.test_size
+        )
+        result, used = evaluate_variant(
+            model, meta.get("attention"), dataset, args.attention, batch_size=args.batch_size, device=device,
+            max_samples=args.test_size, amp=args.amp, num_landmarks=args.num_landmarks, topk=args.topk,
+        )  # fmt: skip
+        report = {
+            "checkpoint": str(args.checkpoint),
+            "task": meta["task"],
+            "split": args.split,
+            "trained_attention": meta.get("attention"),
+            **used,
+            **result,
+        }
+        print(
+            f"{_summary_line(meta['task'], args.split, result)} (trained with {meta.get('attention')}, "
+            f"evaluated with {', '.join(f'{k}={v}' for k, v in used.items())})"
+        )
+        if args.json:
+            write_json(args.json, report)
+    except (CheckpointError, ValueError, ImportError, OSError) as err:
+        print(f"mita eval: error: {err}", file=sys.stderr)
+        return 2
     return 0

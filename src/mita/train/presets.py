@@ -14,8 +14,6 @@ from typing import Any
 
 from torch import nn
 
-ATTENTIONS = ("mita", "full", "agent", "moba", "topk", "linear")
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -131,8 +129,10 @@ def model_spec(
     model_overrides: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """``(builder, kwargs)`` fully describing the model: stored in checkpoints to rebuild it."""
-    if attention not in ATTENTIONS:
-        raise ValueError(f"unknown attention {attention!r}; valid kinds: {', '.join(ATTENTIONS)}")
+    from mita.nn.registry import ATTENTION_CLASSES  # the registry, not a copy: new kinds train at once
+
+    if attention not in ATTENTION_CLASSES:
+        raise ValueError(f"unknown attention {attention!r}; valid kinds: {', '.join(ATTENTION_CLASSES)}")
     kwargs = {**preset.model_kwargs, **(model_overrides or {})}
     kwargs.update(preset.attention_kwargs.get(attention, {}))
     kwargs.update({k: v for k, v in (attention_overrides or {}).items() if v is not None})
