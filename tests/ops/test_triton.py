@@ -330,6 +330,29 @@ def test_kernels_compile_for_h100_without_a_gpu(dt, d):
         assert compiled.metadata.shared <= h100_shared, (kernel.fn.__name__, compiled.metadata.shared)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the kernels are interpreted in this process")
+def test_kernels_without_a_mask_compile_for_h100():
+    """``MASK=None`` is what an unmasked call launches (``HAS_MASK`` False by ``triton.heuristics``): the
+    kernels must compile with the pointer specialised away, at the largest configuration (bf16, d = 128)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    masked = [job for job in _aot_jobs("bf16", 128) if "MASK" in job[0].arg_names]
+    assert len(masked) == 5  # tile forward/backward and the three landmark kernels
+    for kernel, sig, consts, warps in masked:
+        source = ASTSource(
+            kernel, {**sig, "MASK": "constexpr"}, constexprs={**consts, "HAS_MASK": False, "MASK": None}
+        )
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        except RuntimeError as err:
+            if "ptxas" in str(err):
+                pytest.skip(f"triton cannot assemble for sm_90 here: {err}")
+            raise
+        assert compiled.metadata.shared <= 232_448, (kernel.fn.__name__, compiled.metadata.shared)
+
+
 GPU_CASES = {
     "gqa_pad": (2, 4, 2, 300, 4, 16, [0, 37]),
     "mqa": (1, 8, 1, 513, 7, 33, None),
