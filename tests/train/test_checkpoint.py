@@ -105,3 +105,47 @@ def test_torn_checkpoint_is_detected(tmp_path):
 def test_no_checkpoint_to_resume(tmp_path):
     with pytest.raises(ck.CheckpointError, match="no checkpoint"):
         ck.load_checkpoint(tmp_path, _net())
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    ck.seed_all(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
+    random.gauss(0, 1)  # and in Python's
+    torch.save({"rng": ck.rng_state()}, tmp_path / "s.pt")
+    want = (torch.rand(3), np.random.standard_normal(3), random.random(), random.gauss(0, 1))
+    ck.seed_all(99)
+    ck.set_rng_state(ck.load_state_file(tmp_path / "s.pt")["rng"])
+    got = (torch.rand(3), np.random.standard_normal(3), random.random(), random.gauss(0, 1))
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2:] == got[2:]
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('ran')",))
+
+
+def test_a_pickled_object_in_the_state_is_refused_unexecuted(tmp_path):
+    ck.save_checkpoint(tmp_path, 3, _net(), {}, {"epoch": 1})
+    marker = tmp_path / "marker"
+    torch.save({"step": 3, "epoch": _RunsCode(marker)}, tmp_path / "step-00000003.pt")
+    net = _net(4)
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(ck.CheckpointError, match="refusing to load .*step-00000003.pt") as err:
+        ck.load_checkpoint(tmp_path, net)
+    assert "\n" not in str(err.value) and "exec" in str(err.value)
+    assert not marker.exists()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # nothing was loaded
+
+
+def test_checkpoint_files_are_readable_by_all(tmp_path):
+    ck.save_checkpoint(tmp_path, 2, _net(), {}, {})
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        "latest.json": 0o644, "step-00000002.pt": 0o644, "step-00000002.safetensors": 0o644
+    }  # fmt: skip

@@ -61,13 +61,24 @@ def test_killed_then_resumed_equals_straight(tmp_path, cache_dir):
     assert sa["best_test_accuracy"] == sb["best_test_accuracy"]
 
 
-def test_resuming_a_finished_run_changes_nothing(tmp_path, cache_dir):
+def test_resuming_a_finished_run_changes_nothing(tmp_path, cache_dir, capsys):
     out = tmp_path / "done"
     args = TINY + ["--max-steps", "3", "--cache-dir", cache_dir, "--out", str(out)]
     assert cli.main(args) == 0  # in-process: no kill needed here
     before = _weights(out / "model.safetensors")
     lines = (out / "metrics.jsonl").read_text()
+    summary = (out / "summary.json").read_text()
+    capsys.readouterr()
     assert cli.main(args + ["--resume"]) == 0
+    assert "is a finished run (step 3/3); nothing to do" in capsys.readouterr().err
     after = _weights(out / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (out / "metrics.jsonl").read_text() == lines
+    assert (out / "summary.json").read_text() == summary  # not re-measured by the resuming process
+    # killed after its last checkpoint but before its summary: the figures come back from the checkpoint
+    (out / "summary.json").unlink()
+    assert cli.main(args + ["--resume"]) == 0
+    old, new = json.loads(summary), json.loads((out / "summary.json").read_text())
+    for key in ("test_accuracy", "best_test_accuracy", "test_loss", "eval_samples_per_s", "train_time_s"):
+        assert new[key] == old[key], key
     assert (out / "metrics.jsonl").read_text() == lines

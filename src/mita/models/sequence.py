@@ -96,6 +96,10 @@ class SequenceClassifier(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.embed.weight, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW should not decay besides biases and norms (timm's hook)."""
+        return {"pos_embed"}
+
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` token ids -> ``[B, dim]`` mean of the encoded non-padding tokens."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):

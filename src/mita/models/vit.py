@@ -90,6 +90,10 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW should not decay besides biases and norms (timm's hook)."""
+        return {"pos_embed", "cls_token"}
+
     def forward_features(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> normalised tokens ``[B, 1 + patches, embed_dim]``."""
         x = self.patch_embed(x)

@@ -1,4 +1,5 @@
-"""Checkpoints: model weights as safetensors (with the run's metadata inside), training state as a torch file.
+"""Checkpoints: model weights as safetensors (with the run's metadata inside), training state as a torch
+file of plain values, and the RNG helpers whose states that file holds.
 
 Layout of a run directory ``DIR``::
 
@@ -7,22 +8,30 @@ Layout of a run directory ``DIR``::
     DIR/checkpoints/step-00000120.pt            optimizer, scheduler, RNG, step, sampler position
     DIR/checkpoints/latest.json                 {"step": 120}: the newest *complete* pair
 
-Every file is written to a temporary name in the same directory and renamed with ``os.replace``
-(atomic on POSIX); ``latest.json`` is replaced only after both files of a pair are in place, so a
-run killed at any moment leaves either the previous checkpoint or the new one, never a torn one.
+Every file is written through :func:`mita.io.atomic_path` (a temporary name, fsync, ``os.replace``,
+mode 0644 like every file mita writes); ``latest.json`` is replaced only after both files of a pair are
+in place, so a run killed at any moment leaves either the previous checkpoint or the new one, never a
+torn one.
+
+Nothing in a run directory is unpickled: the ``.pt`` file holds only tensors, numbers, strings, lists
+and dicts (numpy's and Python's RNG states are stored as their components) and is read with
+``torch.load(weights_only=True)``; a file that needs more (a crafted one, whose objects could run code)
+is refused with :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from mita.io import atomic_path, write_text
 
 META_KEY = "mita_meta"
 LATEST = "latest.json"
@@ -43,22 +52,6 @@ def _safetensors():
     return st
 
 
-@contextlib.contextmanager
-def _atomic_path(final: Path):
-    """Yield a temporary path next to ``final``; rename it over ``final`` on success, delete it on error."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:  # flush to disk before the rename makes the file visible
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)
@@ -69,7 +62,7 @@ def save_model_file(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
     """Write ``model``'s weights and ``meta`` (JSON-serialisable) to a safetensors file, atomically."""
     st = _safetensors()
     path = Path(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         st.save_model(unwrap(model), str(tmp), metadata={META_KEY: json.dumps(meta)})
     return path
 
@@ -151,6 +144,43 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     return model.to(device).eval(), meta
 
 
+# ---- RNG states ------------------------------------------------------------------------------------
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors, lists and numbers (what ``weights_only=True`` loads)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # ---- training state -------------------------------------------------------------------------------
 
 
@@ -168,38 +198,53 @@ def latest_step(ckpt_dir: str | os.PathLike) -> int | None:
 def save_checkpoint(
     ckpt_dir: str | os.PathLike, step: int, model: nn.Module, meta: dict[str, Any], state: dict[str, Any]
 ) -> None:
-    """Write the weights and training ``state`` of ``step``, then point ``latest.json`` at them.
-
-    Older checkpoint pairs are removed once the new one is complete.
-    """
+    """Write the weights and training ``state`` (tensors and plain values only) of ``step``, then point
+    ``latest.json`` at them. Older checkpoint pairs are removed once the new one is complete."""
     ckpt_dir = Path(ckpt_dir)
     stem = ckpt_dir / f"step-{step:08d}"
     save_model_file(stem.with_suffix(".safetensors"), model, {**meta, "step": step})
-    with _atomic_path(stem.with_suffix(".pt")) as tmp:
+    with atomic_path(stem.with_suffix(".pt")) as tmp:
         torch.save({**state, "step": step}, tmp)
-    with _atomic_path(ckpt_dir / LATEST) as tmp:
-        tmp.write_text(json.dumps({"step": step}))
+    write_text(ckpt_dir / LATEST, json.dumps({"step": step}))
     for old in ckpt_dir.glob("step-*"):
         if not old.name.startswith(stem.name):
             old.unlink(missing_ok=True)
 
 
+def load_state_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A training-state file read with ``torch.load(weights_only=True)``: tensors and plain values only.
+
+    Anything else (pickled objects, which could run code while loading) raises :class:`CheckpointError`.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled objects, not only tensors and plain values "
+                f"(crafted, or written by an older mita), and mita never unpickles run files ({why})"
+            ) from None
+        raise CheckpointError(f"cannot read training state {path}: {why or type(err).__name__}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a mita training state (a {type(state).__name__}, not a dict)")
+    return state
+
+
 def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the newest checkpoint's weights into ``model``; return ``(meta, state)``.
 
-    Raises :class:`CheckpointError` when there is none, or it is corrupt or from another model.
+    Raises :class:`CheckpointError` when there is none, or it is corrupt, crafted or from another model.
     """
     ckpt_dir = Path(ckpt_dir)
     step = latest_step(ckpt_dir)
     if step is None:
         raise CheckpointError(f"no checkpoint to resume from in {ckpt_dir}")
     stem = ckpt_dir / f"step-{step:08d}"
+    state = load_state_file(stem.with_suffix(".pt"))  # before the weights: a refused file changes nothing
     meta = read_meta(stem.with_suffix(".safetensors"))
     load_weights(model, stem.with_suffix(".safetensors"))
-    try:
-        state = torch.load(stem.with_suffix(".pt"), map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"cannot read training state {stem.with_suffix('.pt')}: {err}") from err
     if state.get("step") != step or meta.get("step") != step:
         raise CheckpointError(f"{stem}: weights, state and latest.json disagree on the step")
     return meta, state

@@ -1,4 +1,5 @@
-"""Process-group set-up for ``torchrun`` (DDP): gloo on CPU, nccl on CUDA; single process otherwise."""
+"""Where this process runs: the device, and the process group of ``torchrun`` (DDP: gloo on CPU, nccl on
+CUDA; a single process otherwise)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: ``rank`` of ``world_size``; ``local_rank`` picks the GPU."""
+    """Where this process sits: ``rank`` of ``world_size``."""
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -31,15 +31,25 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; with torchrun on CUDA, the local rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but no CUDA device is available")
+        if device.index is None and launched_by_torchrun():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
 def setup(device: torch.device) -> DistInfo:
     """Join the process group torchrun describes (no-op without torchrun or with one process)."""
     if not launched_by_torchrun():
         return DistInfo()
-    info = DistInfo(
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    info = DistInfo(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
@@ -58,6 +68,23 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_reduce_max(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Maximum of a small tensor over ranks (identity in a single process)."""
+    if info.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def all_gather_object(obj: object, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not info.enabled:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: object, info: DistInfo) -> object:

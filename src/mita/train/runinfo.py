@@ -49,3 +49,25 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
         return int(rss_kib) * 1024, "cpu_peak_rss"
     except ImportError:  # pragma: no cover - non-POSIX
         return 0, "unavailable"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few human-readable lines for the end of a run (a figure not measured reads n/a)."""
+
+    def num(key: str, fmt: str, scale: float = 1.0) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else format(value * scale, fmt)
+
+    acc, best = num("test_accuracy", ".2f", 100), num("best_test_accuracy", ".2f", 100)
+    lines = [
+        f"task {summary['task']} attention {summary['attention']} (preset {summary['preset']}, "
+        f"{summary['num_params'] / 1e6:.2f}M params)",
+        f"test accuracy {acc}% (best {best}%), test loss {num('test_loss', '.4f')} "
+        f"after {summary['steps']} steps ({summary['epochs']:.2f} epochs)",
+        f"wall time {num('wall_time_s', '.1f')} s, train {num('train_samples_per_s', '.1f')} samples/s, "
+        f"eval {num('eval_samples_per_s', '.1f')} samples/s, "
+        f"peak memory {num('peak_memory_bytes', '.0f', 2**-20)} MiB ({summary.get('peak_memory_kind')})",
+    ]
+    if summary.get("test_bits_per_byte") is not None:
+        lines.insert(2, f"test bits per byte {summary['test_bits_per_byte']:.4f}")
+    return "\n".join(lines)
