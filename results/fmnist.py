@@ -19,17 +19,10 @@ from pathlib import Path
 
 import torch
 
+from mita.io import write_json, write_text
 from mita.train.checkpoint import load_model
 from mita.train.evaluate import evaluate
-from mita.train.report import (
-    attention_label,
-    markdown_table,
-    pct,
-    run_all,
-    train_args,
-    write_atomic,
-    write_json,
-)
+from mita.train.report import attention_label, markdown_table, pct, run_all, train_args
 from mita.train.runinfo import hardware
 
 HERE = Path(__file__).resolve().parent
@@ -146,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{hw.get('platform', '')}.",
         "",
     ])
-    write_atomic(f"{args.out}.md", md)
-    write_json(f"{args.out}.json", {"runs": records, "hardware": hw, "total_wall_time_s": total_min * 60,
-                                     "cuts": cuts})
+    write_text(f"{args.out}.md", md)
+    doc = {"runs": records, "hardware": hw, "total_wall_time_s": total_min * 60, "cuts": cuts}
+    write_json(f"{args.out}.json", doc, default=str)
     print(table)
     print(f"wrote {args.out}.md and {args.out}.json ({total_min:.1f} min)")
     return 0

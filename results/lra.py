@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from mita.train.report import markdown_table, pct, run_all, train_args, write_atomic, write_json
+from mita.io import write_json, write_text
+from mita.train.report import markdown_table, pct, run_all, train_args
 from mita.train.runinfo import hardware
 
 HERE = Path(__file__).resolve().parent
@@ -127,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; {args.jobs} runs at a time, {threads} torch threads each." if args.jobs > 1 else "."),
         "",
     ])
-    write_atomic(f"{args.out}.md", md)
-    write_json(f"{args.out}.json", {"results": results, "paper": PAPER, "cuts": cuts, "hardware": hw,
-                                   "total_wall_time_s": total_min * 60})
+    write_text(f"{args.out}.md", md)
+    doc = {"results": results, "paper": PAPER, "cuts": cuts, "hardware": hw,
+           "total_wall_time_s": total_min * 60}  # fmt: skip
+    write_json(f"{args.out}.json", doc, default=str)
     print(md)
     return 0
 

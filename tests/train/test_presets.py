@@ -45,3 +45,19 @@ def test_every_task_has_a_default_and_bad_names_fail():
         model_spec(get_preset("listops"), get_task("listops"), "flash")
     with pytest.raises(ValueError, match="for task"):
         get_preset("fmnist", "lra-image")
+
+
+def test_attention_kinds_come_from_the_registry(monkeypatch):
+    from mita.nn.registry import ATTENTION_CLASSES
+
+    monkeypatch.setitem(ATTENTION_CLASSES, "mita-copy", ATTENTION_CLASSES["mita"])
+    _, kw = model_spec(get_preset("listops"), get_task("listops"), "mita-copy")  # registered once, trainable
+    assert kw["attention"] == "mita-copy"
+
+
+def test_a_task_without_a_default_preset_says_so(monkeypatch):
+    from mita.data import TASKS
+
+    monkeypatch.setitem(TASKS, "listops-copy", get_task("listops"))
+    with pytest.raises(ValueError, match="task 'listops-copy' has no default preset; pass --preset"):
+        get_preset("listops-copy")

@@ -112,7 +112,9 @@ DEFAULT_PRESET = {
 
 def get_preset(task: str, name: str | None = None) -> Preset:
     """The preset ``name`` (default: the task's), checked to apply to ``task``."""
-    name = name or DEFAULT_PRESET.get(task)
+    if name is None and task not in DEFAULT_PRESET:
+        raise ValueError(f"task {task!r} has no default preset; pass --preset (one of {', '.join(PRESETS)})")
+    name = name or DEFAULT_PRESET[task]
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
     preset = PRESETS[name]

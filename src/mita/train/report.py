@@ -1,4 +1,5 @@
-"""Helpers for the ``results/`` scripts: run a set of trainings and write markdown + JSON tables."""
+"""Helpers for the ``results/`` scripts: run a set of trainings and build markdown tables (files are
+written with :mod:`mita.io`)."""
 
 from __future__ import annotations
 
@@ -19,20 +20,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def pct(x: float | None) -> str:
     """``0.8734 -> '87.34'``; missing -> an em dash."""
     return "—" if x is None or x != x else f"{100 * x:.2f}"
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Pretty JSON, atomically."""
-    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def attention_label(summary: dict[str, Any]) -> str:
@@ -61,6 +48,8 @@ def run_training(args: Sequence[str], threads: int | None = None) -> dict[str, A
 
     args = list(args)
     out = Path(args[args.index("--out") + 1])
+    if "--resume" in args and not (out / "checkpoints" / "latest.json").is_file():
+        args.remove("--resume")  # not started yet: start it (mita train --resume needs a checkpoint)
     env = None
     if threads is not None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
