@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .batches import batch_size_of, forward, to_device
+from .objective import hits, loss_sum
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -27,8 +29,24 @@ def _device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class EvalSums:
+    """Totals of one pass over a data set: sums over targets (positions with a label) and samples."""
+
+    correct: torch.Tensor  # 0-d, on the evaluation device: argmax == target
+    targets: torch.Tensor  # 0-d: positions with a target (= samples for a classifier)
+    loss: torch.Tensor  # 0-d float64: summed cross-entropy over targets
+    samples: int
+    seconds: float  # wall time of data loading and forward passes
+
+    def totals(self) -> torch.Tensor:
+        """``[correct, targets, loss, samples]`` in float64, one tensor to all-reduce over ranks."""
+        n = torch.tensor(float(self.samples), dtype=torch.float64, device=self.loss.device)
+        return torch.stack([self.correct.double(), self.targets.double(), self.loss, n])
+
+
 @torch.no_grad()
-def count_correct(
+def eval_sums(
     model: nn.Module,
     dataset: Dataset,
     *,
@@ -36,14 +54,17 @@ def count_correct(
     device: str | torch.device = "cpu",
     amp: bool = False,
     num_workers: int = 0,
-) -> tuple[torch.Tensor, int, float]:
-    """``(correct, n, seconds)`` over ``dataset``: correct is a 0-d tensor on ``device`` (no host sync
-    per batch), seconds is the wall time of the forward passes and data loading together."""
+) -> EvalSums:
+    """Correct predictions, targets and summed loss of ``model`` over ``dataset`` (classifier logits
+    ``[B, C]`` or language-model logits ``[B, T, V]``, see :mod:`mita.train.objective`); one host sync
+    at the end, none per batch."""
     device = _device(device)
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    targets = torch.zeros((), dtype=torch.long, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     start = time.perf_counter()
@@ -51,13 +72,16 @@ def count_correct(
         x, y = to_device(x, device), y.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = forward(model, x)
-        correct += (logits.argmax(-1) == y).sum()
+        c, t = hits(logits, y)
+        correct += c
+        targets += t
+        loss += loss_sum(logits, y)
         n += batch_size_of(x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return correct, n, seconds
+    return EvalSums(correct, targets, loss, n, seconds)
 
 
 def evaluate(
@@ -86,7 +110,9 @@ def evaluate(
             :func:`mita.train.checkpoint.load_model` for the same task, else none.
 
     Returns:
-        ``{"test_accuracy": float in [0, 1], "samples_per_s": float, "n": int, "seconds": float}``.
+        ``{"test_accuracy": float in [0, 1], "test_loss": float, "samples_per_s": float, "n": int,
+        "targets": int, "seconds": float}``: accuracy and mean cross-entropy over targets (for a
+        language model, tokens with a target; for MQAR, recall of the answers), ``n`` samples.
     """
     if isinstance(task_or_dataset, str):
         from mita.data import build_dataset
@@ -108,12 +134,17 @@ def evaluate(
         raise ValueError("cannot evaluate on an empty dataset")
     dev = _device(device)
     model = model.to(dev)
-    correct, n, seconds = count_correct(model, dataset, batch_size=batch_size, device=dev, amp=amp)
+    sums = eval_sums(model, dataset, batch_size=batch_size, device=dev, amp=amp)
+    targets = int(sums.targets)
+    if targets == 0:
+        raise ValueError("the dataset has no targets to evaluate (every label is the ignore index -100)")
     return {
-        "test_accuracy": int(correct) / n,
-        "samples_per_s": n / seconds if seconds > 0 else float("inf"),
-        "n": n,
-        "seconds": seconds,
+        "test_accuracy": int(sums.correct) / targets,
+        "test_loss": float(sums.loss) / targets,
+        "samples_per_s": sums.samples / sums.seconds if sums.seconds > 0 else float("inf"),
+        "n": sums.samples,
+        "targets": targets,
+        "seconds": sums.seconds,
     }
 
 
