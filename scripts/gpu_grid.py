@@ -206,7 +206,7 @@ def cmd_grid(args) -> int:
         write_json(path, doc)
     doc["seconds"] = round(time.perf_counter() - start, 1)
     write_json(path, doc)
-    return 0
+    return _status(rows, "mita-triton")
 
 
 # ---------------------------------------------------------------------------------------- causal
@@ -291,10 +291,16 @@ def cmd_causal(args) -> int:
         g = torch.Generator().manual_seed(0)
         x = [torch.randn(sh["batch"], sh["heads"], n, sh["head_dim"], generator=g) for _ in range(3)]
         for mode in MODES:
-            q, k, v = (t.to(args.device, dtype).requires_grad_(mode == "fwdbwd") for t in x)
+            try:
+                q, k, v = (t.to(args.device, dtype).requires_grad_(mode == "fwdbwd") for t in x)
+                no_inputs = None
+            except (RuntimeError, AssertionError) as err:  # out of memory, or no such device
+                no_inputs = f"{type(err).__name__}: {str(err).splitlines()[0][:240]}"
             for method in methods:
                 row = {"method": method, "mode": mode, "n": n, "block_size": CAUSAL_BLOCK, **sh}
-                if (method, mode) in failed:
+                if no_inputs:
+                    row["error"] = f"inputs: {no_inputs}"
+                elif (method, mode) in failed:
                     row["skipped"] = "failed at a smaller N"
                 elif time.perf_counter() - start > args.budget:
                     row["skipped"] = "no time left in the stage"
@@ -309,6 +315,15 @@ def cmd_causal(args) -> int:
                 doc["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 write_json(path, doc)
+    return _status(doc["rows"], "mita-auto")
+
+
+def _status(rows: list[dict], method: str) -> int:
+    """Exit status of a timing stage: 1 when ``method`` failed in a case or never got measured."""
+    mine = [r for r in rows if r["method"] == method]
+    if any("error" in r for r in mine) or not any("time_s" in r for r in mine):
+        print(f"gpu_grid: {method} failed in a case or was never measured", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -457,13 +472,13 @@ def targets(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 def _grid_table(rows: list[dict]) -> str:
     idx = _index(rows)
-    lines = ["| shape | N | mode | method | time (ms) | TFLOP/s | peak mem rise (MiB) | vs SDPA | vs torch |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    head = "| shape | N | mode | method | time (ms) | TFLOP/s | peak mem (MiB) | vs SDPA | vs torch | note |"
+    lines = [head, "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         cells = [r["label"], str(r["n"]), r["mode"], r["method"]]
         if "time_s" not in r:
             lines.append(
-                "| " + " | ".join(cells + ["—", "—", "—", r.get("error") or r.get("skipped", ""), ""]) + " |"
+                "| " + " | ".join(cells + ["—"] * 5 + [r.get("error") or r.get("skipped", "")]) + " |"
             )
             continue
         rel = []
@@ -472,7 +487,7 @@ def _grid_table(rows: list[dict]) -> str:
             rel.append(f"{base['time_s'] / r['time_s']:.2f}x" if base and other != r["method"] else "")
         mem = r.get("peak_mem_rise_bytes")
         cells += [f"{r['time_s'] * 1e3:.2f}", f"{r.get('tflops', float('nan')):.1f}",
-                  "—" if mem is None else f"{mem / 2**20:,.0f}", *rel]  # fmt: skip
+                  "—" if mem is None else f"{mem / 2**20:,.0f}", *rel, ""]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
