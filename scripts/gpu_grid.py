@@ -177,6 +177,8 @@ def cmd_grid(args) -> int:
     ns = tuple(int(x) for x in args.ns.split(","))
     plan = _plan_grid(ns)
     if args.plan:
+        from mita.bench.measure import run_case  # noqa: F401 - the grid times through it
+
         for label, method, mode, shape, n in plan:
             _case(method, mode, shape, n, args.device, args.reps)  # the bench accepts every case
             print(f"grid case: {label} N={n} {mode} {method}")
