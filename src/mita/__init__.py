@@ -13,10 +13,10 @@ from typing import Any
 
 from . import landmarks
 from .convert import convert  # eager: a lazy name would be shadowed by the submodule once imported
-from .ops import Routing, mita_attention
+from .ops import MiTACache, Routing, mita_attention
 
 __version__ = "0.1.0"
-__all__ = ["mita_attention", "Routing", "landmarks", "convert", "__version__"]
+__all__ = ["mita_attention", "MiTACache", "Routing", "landmarks", "convert", "__version__"]
 
 _SUBPACKAGES = ("nn", "models", "data", "train", "analysis", "bench", "integrations", "ops")
 

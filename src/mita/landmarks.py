@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pool_1d", "pool_2d", "official_pool"]
+__all__ = ["pool_1d", "pool_2d", "official_pool", "block_mean"]
 
 
 def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -94,3 +94,17 @@ def official_pool(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     if mh > side or mw > side:
         raise ValueError(f"official_pool: landmark grid {mh}x{mw} is larger than the grid {side}x{side}")
     return _pool_grid(x[..., : n - 1, :], (side, side), (mh, mw))
+
+
+def block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Causal landmarks (SPEC §5.1): ``[..., N, d] -> [..., N // block_size, d]``, row ``j`` the mean of
+    tokens ``j*b .. (j+1)*b - 1`` (complete blocks only; a trailing partial block gets no landmark).
+
+    Row ``j`` reads only tokens ``< (j + 1) * b``, so it may serve any query in a later block.
+    """
+    _check_seq(x)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_mean: block_size must be a positive int, got {block_size!r}")
+    *lead, n, d = x.shape
+    nl = n // block_size
+    return x[..., : nl * block_size, :].reshape(*lead, nl, block_size, d).mean(dim=-2)

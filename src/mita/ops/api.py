@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .arguments import as_bool, as_int, as_scale
+from .causal import CausalRouting, causal_attention
 from .common import Problem, Routing
 from .reference import reference_forward
 from .torch_backend import torch_forward
@@ -159,7 +160,10 @@ def mita_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
     return_routing: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, Routing]:
+    causal: bool = False,
+    block_size: int = 64,
+    landmark_horizon: str = "prefix",
+) -> torch.Tensor | tuple[torch.Tensor, Routing | CausalRouting]:
     """Mixture-of-Top-k attention (SPEC §2), a drop-in for ``F.scaled_dot_product_attention``.
 
     Each query attends, in one softmax, to the ``m`` landmarks (the shared expert, whose values are
@@ -191,6 +195,18 @@ def mita_attention(
         return_routing: also return :class:`Routing` (``expert_index`` [B, H, N, s] and ``key_index``
             [B, H, m, k]); indices carry no gradient.
 
+        causal: exactly causal MiTA (SPEC §5; :mod:`mita.ops.causal`): blocks of ``block_size``
+            queries; ``landmarks`` must then have ``N // block_size`` rows (landmark ``j`` summarises block
+            ``j``, e.g. :func:`mita.landmarks.block_mean`) and serves only later blocks; each query
+            attends in one softmax to the landmarks of earlier blocks, its experts' top-k keys (over the
+            ``landmark_horizon``: ``"prefix"`` = every key before the query's block, ``"frozen"`` = keys
+            up to the end of the landmark's block) and causally to its own block. Needs ``k``/``v`` as
+            long as ``q``; ``key_padding_mask`` and ``dedup`` are not supported. Backends: ``"auto"`` /
+            ``"torch"`` (block-major) and ``"reference"``; ``"cpu"`` / ``"triton"`` raise ``ValueError``.
+            ``topk`` may exceed the visible keys (then every visible key is taken). With
+            ``return_routing`` a :class:`mita.ops.causal.CausalRouting` is returned. Decoding:
+            :class:`mita.MiTACache`.
+
     Returns:
         ``[B, H, N, dv]`` output in ``q``'s dtype, or ``(output, Routing)``.
 
@@ -198,6 +214,13 @@ def mita_attention(
         ValueError: on inconsistent shapes, dtypes, devices, sizes or options (the message names them).
         RuntimeError: when the requested backend is unavailable here (the message says why).
     """
+    if causal:
+        return causal_attention(
+            q, k, v, landmarks, topk=topk, block_size=block_size, landmark_horizon=landmark_horizon,
+            experts_per_query=experts_per_query, scale=scale, landmark_scale=landmark_scale, shared=shared,
+            routed=routed, dedup=dedup, key_padding_mask=key_padding_mask, backend=backend,
+            return_routing=return_routing,
+        )  # fmt: skip
     p = validate(
         q,
         k,

@@ -1,0 +1,303 @@
+"""``MiTACache``: the per-layer decoding cache of causal MiTA (SPEC §5.8).
+
+It keeps the full K, V (routed experts may pick any past key), per query head the landmarks of the
+complete blocks, per landmark its shared value ``A_j`` with, for ``"prefix"``, its online-softmax state
+(max, sum, numerator) and its top-k (indices and scores), and the queries of the current block. New
+tokens are processed one block segment at a time: every query of a segment sees the same landmarks,
+so a segment is one small batched attention over ``[landmarks] ++ [expert keys] ++ [own block]``.
+Only after the last query of a block has its output is the block completed: ``"prefix"`` folds the
+block's keys into every older landmark's state and top-k, then builds the new landmark (the mean of
+the block's queries, exactly :func:`mita.landmarks.block_mean`) over all keys so far; ``"frozen"`` only
+builds the new landmark. Storage grows geometrically (no ``torch.cat`` per token).
+
+Per-token work is about ``(n_l + s k + b) d`` plus the amortised block update (``n_l b d`` to fold a
+block in, ``N d`` to build a landmark), against ``N d`` for dense decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import HORIZONS, _positive_int, merge_parts, partial_softmax
+
+
+def _grow(buf: torch.Tensor | None, need: int, dim: int, template: torch.Tensor, fill: float = 0.0):
+    """``buf`` with room for ``need`` entries along ``dim`` (capacity doubles; contents kept)."""
+    have = 0 if buf is None else buf.shape[dim]
+    if buf is not None and have >= need:
+        return buf
+    cap = max(need, 2 * have, 16)
+    shape = list(template.shape)
+    shape[dim] = cap
+    new = torch.full(shape, fill, dtype=template.dtype, device=template.device)
+    if buf is not None:
+        new.narrow(dim, 0, have).copy_(buf)
+    return new
+
+
+class MiTACache:
+    """Decoding cache of one causal MiTA layer; :meth:`append` returns the new tokens' outputs.
+
+    ``cache.append(q, k, v)`` with q ``[B, H, T, d]``, k/v ``[B, Hkv, T, d / dv]`` (``T >= 1``, GQA
+    with ``H % Hkv == 0``) returns ``[B, H, T, dv]``, the same as ``mita_attention(..., causal=True)``
+    over everything appended so far with ``landmarks = block_mean(q, block_size)``; appending T tokens
+    at once (chunked prefill) equals appending them one by one. Options as in ``mita_attention``.
+    Half-precision inputs are computed and stored in float32.
+    """
+
+    def __init__(
+        self,
+        topk: int,
+        block_size: int = 64,
+        landmark_horizon: str = "prefix",
+        *,
+        experts_per_query: int = 1,
+        scale: float | None = None,
+        landmark_scale: float | None = None,
+        shared: bool = True,
+        routed: bool = True,
+    ) -> None:
+        self.topk = _positive_int("topk", topk)
+        self.block_size = _positive_int("block_size", block_size)
+        self.experts_per_query = _positive_int("experts_per_query", experts_per_query)
+        if landmark_horizon not in HORIZONS:
+            raise ValueError(f"landmark_horizon must be one of {HORIZONS}, got {landmark_horizon!r}")
+        if not shared and not routed:
+            raise ValueError(
+                "shared=False and routed=False leaves no expert to attend to; enable at least one"
+            )
+        for name, val in (("scale", scale), ("landmark_scale", landmark_scale)):
+            if val is not None and (
+                isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0
+            ):
+                raise ValueError(f"{name} must be a positive number or None, got {val!r}")
+        self.horizon, self.shared, self.routed = landmark_horizon, bool(shared), bool(routed)
+        self._scale, self._landmark_scale = scale, landmark_scale
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything appended (the options stay)."""
+        self.length = 0  # tokens appended
+        self.num_landmarks = 0  # complete blocks
+        self._shape: tuple | None = None  # (B, H, Hkv, d, dv, dtype, device)
+        self._k = self._v = None  # [B, Hkv, cap, d / dv]
+        self._r = self._a = None  # [B, H, capL, d / dv]: landmarks and their shared values
+        self._max = self._sum = self._num = None  # prefix online-softmax state [B, H, capL(, dv)]
+        self._top_val = self._top_idx = None  # [B, H, capL, topk]: scores (prefix) and key indices
+        self._qblock = None  # [B, H, b, d]: queries of the current block
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def landmarks(self) -> torch.Tensor | None:
+        """Landmarks of the complete blocks, ``[B, H, n_l, d]`` (None before the first append)."""
+        if self._r is None:
+            return None if self._qblock is None else self._qblock[:, :, :0]
+        return self._r[:, :, : self.num_landmarks]
+
+    def memory(self) -> dict[str, int | float]:
+        """Bytes in use: ``kv_bytes`` (K and V of the tokens so far), ``extra_bytes`` (landmarks, their
+        states and top-k, the current block's queries), ``extra_fraction`` (extra / kv) and
+        ``allocated_bytes`` (all buffers at their current, geometrically grown, capacity)."""
+        if self._k is None:
+            return {"kv_bytes": 0, "extra_bytes": 0, "extra_fraction": 0.0, "allocated_bytes": 0}
+
+        def used(t: torch.Tensor | None, n: int) -> int:
+            return 0 if t is None else t[:, :, :n].numel() * t.element_size()
+
+        kv = used(self._k, self.length) + used(self._v, self.length)
+        nl = self.num_landmarks
+        extra = sum(used(t, nl) for t in (self._r, self._a, self._max, self._sum, self._num))
+        extra += used(self._top_val, nl) + used(self._top_idx, nl) + used(self._qblock, self.block_size)
+        bufs = (self._k, self._v, self._r, self._a, self._max, self._sum, self._num, self._top_val,
+                self._top_idx, self._qblock)  # fmt: skip
+        alloc = sum(t.numel() * t.element_size() for t in bufs if t is not None)
+        return {
+            "kv_bytes": kv,
+            "extra_bytes": extra,
+            "extra_fraction": extra / max(1, kv),
+            "allocated_bytes": alloc,
+        }
+
+    # ------------------------------------------------------------------ input checks
+    def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a floating-point tensor [B, heads, T, dim], got {got}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
+        b, h, t, d = q.shape
+        if t < 1:
+            raise ValueError(f"q must hold at least one new token, got shape {tuple(q.shape)}")
+        if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[2] != t or k.shape[3] != d:
+            raise ValueError(
+                f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Hkv, T, d] with q {tuple(q.shape)}"
+            )
+        hkv = k.shape[1]
+        if hkv < 1 or h % hkv:
+            raise ValueError(
+                f"q heads ({h}) must be a multiple of k/v heads ({hkv}) for grouped-query attention"
+            )
+        shape = (b, h, hkv, d, v.shape[3], q.dtype, q.device)
+        if self._shape is not None and shape != self._shape:
+            raise ValueError(
+                f"new tokens have (B, H, Hkv, d, dv, dtype, device) = {shape}, the cache holds {self._shape}"
+            )
+        self._shape = shape
+
+    # ------------------------------------------------------------------ public step
+    def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Append ``T >= 1`` new tokens; return their outputs ``[B, H, T, dv]``."""
+        self._check(q, k, v)
+        if q.dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.no_grad():
+            outs, pos, t = [], 0, q.shape[2]
+            while pos < t:  # one segment per block touched
+                take = min(t - pos, self.block_size - self.length % self.block_size)
+                outs.append(
+                    self._segment(
+                        q[:, :, pos : pos + take], k[:, :, pos : pos + take], v[:, :, pos : pos + take]
+                    )
+                )
+                pos += take
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out.to(self._shape[5])
+
+    # ------------------------------------------------------------------ internals
+    def _segment(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        bsz, h, t, d = q.shape
+        hkv, dv, bs = k.shape[1], v.shape[3], self.block_size
+        g = h // hkv
+        c = self._scale if self._scale is not None else d**-0.5
+        lam = self._landmark_scale if self._landmark_scale is not None else 1.0 / d
+        start, offset = self.length - self.length % bs, self.length % bs
+        end = self.length + t
+        self._k = _grow(self._k, end, 2, k)
+        self._v = _grow(self._v, end, 2, v)
+        self._k[:, :, self.length : end].copy_(k)
+        self._v[:, :, self.length : end].copy_(v)
+        if self._qblock is None:
+            self._qblock = q.new_zeros(bsz, h, bs, d)
+        self._qblock[:, :, offset : offset + t].copy_(q)
+
+        # Own block: keys start .. i, causal inside the segment.
+        qg = q.view(bsz, hkv, g, t, d)
+        kb, vb = self._k[:, :, None, start:end], self._v[:, :, None, start:end]
+        logits = (qg @ kb.transpose(-1, -2)) * c  # [B, Hkv, g, t, offset + t]
+        if t > 1:
+            ii = torch.arange(t, device=q.device)[:, None] + offset
+            logits = logits.masked_fill(
+                torch.arange(end - start, device=q.device)[None, :] > ii, float("-inf")
+            )
+        lse, out = partial_softmax(logits, vb)
+        parts = [(lse.view(bsz, h, t, 1), out.view(bsz, h, t, dv))]
+
+        nl = self.num_landmarks
+        if nl > 0:
+            r = self._r[:, :, :nl]
+            qr = q @ r.transpose(-1, -2)  # [B, H, t, n_l]
+            if self.shared:
+                parts.append(partial_softmax(qr * lam, self._a[:, :, :nl]))
+            if self.routed:
+                parts.append(self._routed(q, qr, c))
+        out = merge_parts(parts)
+        self.length = end
+        if self.length % bs == 0:
+            self._complete_block(c)
+        return out
+
+    def _routed(self, q: torch.Tensor, qr: torch.Tensor, c: float):
+        bsz, h, t, d = q.shape
+        hkv, kk, nl = self._k.shape[1], self.topk, self.num_landmarks
+        s = min(self.experts_per_query, nl)
+        e = qr.argmax(-1, keepdim=True) if s == 1 else qr.topk(s, dim=-1).indices  # [B, H, t, s]
+        rows = e.reshape(bsz, h, t * s, 1).expand(-1, -1, -1, kk)
+        idx = self._top_idx[:, :, :nl].gather(2, rows).view(bsz, h, t, s * kk).long()
+        valid = idx >= 0
+        dev = q.device
+        kv_row = torch.arange(bsz, device=dev)[:, None] * hkv + torch.arange(h, device=dev) // (h // hkv)
+        flat = (kv_row[:, :, None, None] * self._k.shape[2] + idx.clamp_min(0)).reshape(-1)
+        kg = self._k.reshape(-1, d).index_select(0, flat).view(bsz * h * t, s * kk, d)
+        vg = self._v.reshape(-1, self._v.shape[-1]).index_select(0, flat).view(bsz * h * t, s * kk, -1)
+        logits = (q.reshape(bsz * h * t, 1, d) @ kg.transpose(1, 2)) * c
+        logits = logits.masked_fill(~valid.view(bsz * h * t, 1, s * kk), float("-inf"))
+        lse, out = partial_softmax(logits, vg)
+        return lse.view(bsz, h, t, 1), out.view(bsz, h, t, -1)
+
+    def _scores(self, r: torch.Tensor, lo: int, hi: int, c: float) -> torch.Tensor:
+        """``c r . k_t`` for landmarks r [B, H, L, d] and keys lo..hi-1: [B, H, L, hi - lo]."""
+        bsz, h, nr, d = r.shape
+        hkv = self._k.shape[1]
+        rk = r.reshape(bsz, hkv, (h // hkv) * nr, d)
+        return ((rk @ self._k[:, :, lo:hi].transpose(-1, -2)) * c).view(bsz, h, nr, hi - lo)
+
+    def _complete_block(self, c: float) -> None:
+        bs, kk, nl = self.block_size, self.topk, self.num_landmarks
+        end, start = self.length, self.length - bs
+        vv = self._v
+        hkv = vv.shape[1]
+        prefix = self.horizon == "prefix"
+        if prefix and nl > 0:  # fold this block's keys into every older landmark
+            sc = self._scores(self._r[:, :, :nl], start, end, c)  # [B, H, n_l, b]
+            if self.shared:
+                self._fold(sc, start, end)
+            if self.routed:
+                cand_val = torch.cat([self._top_val[:, :, :nl], sc], dim=-1)
+                ar = torch.arange(start, end, device=sc.device, dtype=self._top_idx.dtype)
+                cand_idx = torch.cat([self._top_idx[:, :, :nl], ar.expand(*sc.shape[:3], bs)], dim=-1)
+                top = cand_val.topk(kk, dim=-1, sorted=False)
+                self._top_val[:, :, :nl] = top.values
+                self._top_idx[:, :, :nl] = torch.where(
+                    top.values > float("-inf"), cand_idx.gather(-1, top.indices), -1
+                )
+        # The new landmark: the mean of the block's queries, over all keys so far.
+        r = self._qblock.mean(dim=2, keepdim=True)  # same reduction as block_mean
+        bsz, h = r.shape[:2]
+        self._r = _grow(self._r, nl + 1, 2, self._qblock)
+        self._r[:, :, nl : nl + 1] = r
+        sc = self._scores(r, 0, end, c)  # [B, H, 1, end]
+        if self.shared:
+            mx = sc.amax(-1)
+            e = torch.exp(sc - mx[..., None])
+            total = e.sum(-1)
+            num = (e.view(bsz, hkv, -1, end) @ vv[:, :, :end]).view(bsz, h, 1, -1)
+            self._a = _grow(self._a, nl + 1, 2, num)
+            self._a[:, :, nl : nl + 1] = num / total[..., None]
+            if prefix:
+                self._max = _grow(self._max, nl + 1, 2, mx)
+                self._sum = _grow(self._sum, nl + 1, 2, total)
+                self._num = _grow(self._num, nl + 1, 2, num)
+                self._max[:, :, nl : nl + 1], self._sum[:, :, nl : nl + 1] = mx, total
+                self._num[:, :, nl : nl + 1] = num
+        if self.routed:
+            take = min(kk, end)
+            top = sc.topk(take, dim=-1, sorted=False)
+            idx = torch.full((bsz, h, 1, kk), -1, dtype=torch.int32, device=sc.device)
+            idx[..., :take] = top.indices.to(torch.int32)
+            self._top_idx = _grow(self._top_idx, nl + 1, 2, idx, fill=-1)
+            self._top_idx[:, :, nl : nl + 1] = idx
+            if prefix:
+                val = sc.new_full((bsz, h, 1, kk), float("-inf"))
+                val[..., :take] = top.values
+                self._top_val = _grow(self._top_val, nl + 1, 2, val, fill=float("-inf"))
+                self._top_val[:, :, nl : nl + 1] = val
+        self.num_landmarks = nl + 1
+
+    def _fold(self, sc: torch.Tensor, start: int, end: int) -> None:
+        """Online-softmax update of the older landmarks' shared values with keys start..end-1."""
+        nl = sc.shape[2]
+        bsz, h = sc.shape[:2]
+        hkv = self._v.shape[1]
+        mb = sc.amax(-1)
+        e = torch.exp(sc - mb[..., None])
+        num_b = (e.view(bsz, hkv, -1, end - start) @ self._v[:, :, start:end]).view(bsz, h, nl, -1)
+        old = self._max[:, :, :nl]
+        new = torch.maximum(old, mb)
+        keep, add = torch.exp(old - new), torch.exp(mb - new)
+        self._sum[:, :, :nl] = self._sum[:, :, :nl] * keep + e.sum(-1) * add
+        self._num[:, :, :nl] = self._num[:, :, :nl] * keep[..., None] + num_b * add[..., None]
+        self._max[:, :, :nl] = new
+        self._a[:, :, :nl] = self._num[:, :, :nl] / self._sum[:, :, :nl, None]

@@ -1,0 +1,219 @@
+"""What the causal backends share (SPEC §5): the validated :class:`CausalProblem`, the
+:class:`CausalRouting` they return, input validation, and the masked partial softmax they merge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+HORIZONS = ("prefix", "frozen")
+CAUSAL_BACKENDS = ("auto", "reference", "torch")
+
+
+@dataclass(frozen=True)
+class CausalProblem:
+    """Validated sizes and options of one causal MiTA call."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    seq_len: int
+    head_dim: int
+    value_dim: int
+    block_size: int
+    topk: int
+    experts_per_query: int
+    scale: float
+    landmark_scale: float
+    shared: bool
+    routed: bool
+    horizon: str
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (GQA)."""
+        return self.heads // self.kv_heads
+
+    @property
+    def num_landmarks(self) -> int:
+        """``n_l = N // b``: one landmark per complete block."""
+        return self.seq_len // self.block_size
+
+    @property
+    def num_query_blocks(self) -> int:
+        """``ceil(N / b)``: blocks holding queries (the last one may be partial)."""
+        return -(-self.seq_len // self.block_size)
+
+
+class CausalRouting(NamedTuple):
+    """What causal MiTA chose (indices carry no gradient; ``-1`` marks "none").
+
+    - ``expert_index`` [B, H, N, s]: query ``i``'s experts, best first, among landmarks ``j < beta(i)``;
+      ``-1`` where fewer than ``s`` landmarks are visible (always in block 0).
+    - ``key_index``: each routed expert's key set, ``-1`` in unfilled slots (fewer than ``k`` visible keys)
+      and for unusable pairs. ``"prefix"``: [B, H, ceil(N / b), n_l, k], the set of landmark ``j`` as seen
+      by query block ``beta`` (keys ``t < beta * b``; only ``j < beta`` is used, the rest is ``-1``).
+      ``"frozen"``: [B, H, n_l, k], landmark ``j``'s set over keys ``t < (j + 1) * b``.
+      ``k`` here is ``min(topk, n_l * b)`` (no more keys can ever be visible).
+    """
+
+    expert_index: torch.Tensor
+    key_index: torch.Tensor
+    horizon: str
+    block_size: int
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _positive_int(name: str, val: object) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+    return val
+
+
+def validate_causal(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    landmarks: torch.Tensor,
+    *,
+    topk: int,
+    block_size: int,
+    landmark_horizon: str,
+    experts_per_query: int,
+    scale: float | None,
+    landmark_scale: float | None,
+    shared: bool,
+    routed: bool,
+    dedup: bool,
+    key_padding_mask: torch.Tensor | None,
+    backend: str,
+) -> CausalProblem:
+    """Check the inputs of ``mita_attention(..., causal=True)``; return their :class:`CausalProblem`."""
+    named = {"q": q, "k": k, "v": v, "landmarks": landmarks}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions [B, heads, len, dim], got shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; all inputs must match")
+        if t.device != q.device:
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device"
+            )
+    b, h, n, d = q.shape
+    bk, hkv, nk, dk = k.shape
+    if nk != n:
+        raise ValueError(f"causal=True needs k and q of the same length (self-attention), got q {n}, k {nk}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v shape {_shape(v)} must match k shape {_shape(k)} in [B, heads, len]")
+    if bk != b or landmarks.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {v.shape[0]}, landmarks {landmarks.shape[0]}")
+    if dk != d or landmarks.shape[3] != d:
+        raise ValueError(f"head dims differ: q {d}, k {dk}, landmarks {landmarks.shape[3]} (they must agree)")
+    if landmarks.shape[1] != h:
+        raise ValueError(f"landmarks have {landmarks.shape[1]} heads but q has {h}")
+    if hkv < 1 or h % hkv != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv}) for grouped-query attention")
+    if n < 1 or d < 1:
+        raise ValueError(f"empty inputs: q {_shape(q)}, k {_shape(k)}")
+    bs = _positive_int("block_size", block_size)
+    if landmarks.shape[2] != n // bs:
+        raise ValueError(
+            f"landmarks must have N // block_size = {n} // {bs} = {n // bs} rows (one per complete block), "
+            f"got {landmarks.shape[2]}"
+        )
+    if landmark_horizon not in HORIZONS:
+        raise ValueError(f"landmark_horizon must be one of {HORIZONS}, got {landmark_horizon!r}")
+    _positive_int("topk", topk)
+    _positive_int("experts_per_query", experts_per_query)
+    if not shared and not routed:
+        raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
+    if dedup:
+        raise ValueError(
+            "dedup=True is not supported with causal=True (keys of several experts are concatenated)"
+        )
+    if key_padding_mask is not None:
+        raise ValueError(
+            "key_padding_mask is not supported with causal=True: pad at the end (causality already hides "
+            "later positions from earlier ones) or split the batch"
+        )
+    if backend not in CAUSAL_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} has no causal path; with causal=True use one of {CAUSAL_BACKENDS}"
+        )
+    for name, val in (("scale", scale), ("landmark_scale", landmark_scale)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0):
+            raise ValueError(f"{name} must be a positive number or None, got {val!r}")
+    return CausalProblem(
+        batch=b,
+        heads=h,
+        kv_heads=hkv,
+        seq_len=n,
+        head_dim=d,
+        value_dim=v.shape[3],
+        block_size=bs,
+        topk=topk,
+        experts_per_query=experts_per_query,
+        scale=float(scale) if scale is not None else d**-0.5,
+        landmark_scale=float(landmark_scale) if landmark_scale is not None else 1.0 / d,
+        shared=bool(shared),
+        routed=bool(routed),
+        horizon=landmark_horizon,
+    )
+
+
+def route(p: CausalProblem, q: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qr`` = Q R^T [B, H, N, n_l] and ``expert_index`` [B, H, N, s] (best first, -1 where none),
+    the argmax / top-s over landmarks ``j < beta(i)`` (masked before selection)."""
+    n, b, nl, s = p.seq_len, p.block_size, p.num_landmarks, p.experts_per_query
+    qr = q @ landmarks.transpose(-1, -2)
+    beta = torch.arange(n, device=q.device) // b
+    allowed = torch.arange(nl, device=q.device)[None, :] < beta[:, None]  # [N, n_l]
+    scores = qr.detach().masked_fill(~allowed, float("-inf"))
+    se = min(s, nl)
+    if se == 1:
+        idx = scores.argmax(-1, keepdim=True)
+    else:
+        idx = scores.topk(se, dim=-1).indices
+    if se < s:
+        idx = torch.cat([idx, idx.new_zeros(*idx.shape[:-1], s - se)], dim=-1)
+    valid = torch.arange(s, device=q.device)[None, :] < beta[:, None]  # rank r needs r + 1 landmarks
+    return qr, torch.where(valid, idx, -1)
+
+
+def partial_softmax(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part of the single softmax: ``(lse [..., 1], softmax(logits) @ values [..., dv])``.
+
+    ``logits`` [..., L] may hold ``-inf`` (masked); a row masked entirely gives output 0 and a hugely
+    negative but finite lse, so it gets weight exactly 0 when parts are merged (and no NaN gradient).
+    """
+    mx = logits.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
+    e = torch.exp(logits - mx)
+    z = e.sum(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
+    return mx + torch.log(z), (e @ values) / z
+
+
+def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Merge partial softmaxes over disjoint key sets into the one softmax of SPEC §5.5."""
+    if len(parts) == 1:
+        return parts[0][1]
+    # Elementwise (not torch.softmax over a tiny last dim): cheap in decoding, where parts are [B, H, 1, 1].
+    top = parts[0][0].detach()
+    for lse, _ in parts[1:]:
+        top = torch.maximum(top, lse.detach())
+    ws = [torch.exp(lse - top) for lse, _ in parts]
+    z = ws[0]
+    for w in ws[1:]:
+        z = z + w
+    out = ws[0] * parts[0][1]
+    for w, (_, o) in zip(ws[1:], parts[1:]):
+        out = out + w * o
+    return out / z

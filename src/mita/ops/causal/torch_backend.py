@@ -1,0 +1,198 @@
+"""Fast pure-PyTorch causal MiTA (SPEC §5): block-major, never N x N.
+
+Per query block ``beta`` (``b`` queries) the output is one softmax over three disjoint key sets, each
+computed as a partial softmax (normalised output + log-sum-exp) and merged exactly:
+
+- own block: batched block-diagonal attention ``[nq, b, b]`` with a causal mask;
+- shared expert: logits ``lambda q . r_j`` for ``j < beta`` with values ``A_j``. ``"frozen"``: ``A_j``
+  over keys ``t < (j + 1) b``, one tensor ``[n_l, dv]``. ``"prefix"``: ``A_j^(beta)`` over keys
+  ``t < beta b``, built by a scan over key blocks of per-(landmark, key block) online-softmax states
+  (max, sum, numerator), so each key block is folded in once, not recomputed per query block;
+- routed experts: each query's ``s`` experts (argmax / top-s of ``q . r_j`` over ``j < beta``, masked
+  before selection) and their top-k key sets, kept as a running top-k merged block by block
+  (``"prefix"``; masked to ``-inf`` before selection, unfilled slots masked after) or one masked
+  top-k per landmark (``"frozen"``); the ``s * k`` keys are gathered per query.
+
+Memory per head (n_l = N / b landmarks): both horizons hold the landmark scores ``R K^T`` and their
+exponentials, ``n_l * N`` each (N^2 / b), the query-landmark products ``N * n_l`` and the gathered
+routed keys/values ``N * s * k * (d + dv)``. ``"prefix"`` adds the per-(landmark, key block) states
+and the per-(query block, landmark) values ``A``, ``2 * n_l^2 * dv`` (N^2 dv / b^2) plus the scan's
+saved intermediates; ``"frozen"`` adds ``n_l * dv`` for ``A``. No ``.item()`` or data-dependent shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import CausalProblem, CausalRouting, merge_parts, partial_softmax, route
+
+
+def _own_block(p: CausalProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Causal attention inside each block: (lse [B, H, N, 1], out [B, H, N, dv])."""
+    bsz, h, n, d = q.shape
+    b, nq, g, hkv = p.block_size, p.num_query_blocks, p.group, p.kv_heads
+    pad = nq * b - n
+    qb = F.pad(q, (0, 0, 0, pad)).view(bsz, hkv, g, nq, b, d)
+    kb = F.pad(k, (0, 0, 0, pad)).view(bsz, hkv, 1, nq, b, d)
+    vb = F.pad(v, (0, 0, 0, pad)).view(bsz, hkv, 1, nq, b, p.value_dim)
+    logits = (qb @ kb.transpose(-1, -2)) * p.scale  # [B, Hkv, g, nq, b, b]
+    future = torch.ones(b, b, dtype=torch.bool, device=q.device).triu(1)
+    lse, out = partial_softmax(logits.masked_fill(future, float("-inf")), vb)
+    return lse.reshape(bsz, h, nq * b, 1)[:, :, :n], out.reshape(bsz, h, nq * b, -1)[:, :, :n]
+
+
+def _block_states(p: CausalProblem, scores: torch.Tensor, v: torch.Tensor):
+    """Per (key block c, landmark) online-softmax pieces of the shared values.
+
+    ``scores`` [B, Hkv, g*n_l, n_l*b]. Returns max, sum [B, Hkv, C, g*n_l] and numerator
+    [B, Hkv, C, g*n_l, dv] with ``C = n_l`` key blocks; the max carries no gradient (it cancels).
+    """
+    bsz, hkv, gj, _ = scores.shape
+    nl, b = p.num_landmarks, p.block_size
+    s = scores.view(bsz, hkv, gj, nl, b)
+    mx = s.detach().amax(-1)  # [B, Hkv, gJ, C]
+    e = torch.exp(s - mx[..., None])
+    total = e.sum(-1).transpose(2, 3)  # [B, Hkv, C, gJ]
+    num = e.transpose(2, 3) @ v[:, :, : nl * b].reshape(bsz, hkv, nl, b, p.value_dim)  # [B, Hkv, C, gJ, dv]
+    return mx.transpose(2, 3), total, num
+
+
+def _prefix_values(p: CausalProblem, mx, total, num) -> torch.Tensor:
+    """``A_j^(beta)`` over keys ``t < beta b`` for every query block: [B, Hkv, nq, g*n_l, dv].
+
+    A scan over key blocks: the state after block ``c`` is exactly that of the keys before block
+    ``c + 1``, rescaled to the running max (so nothing depends on later blocks, bit for bit)."""
+    # unbind once: indexing a slice per step would make autograd add a full-size zero tensor per step.
+    mxs, totals, nums = mx.unbind(2), total.unbind(2), num.unbind(2)
+    run_max = torch.full_like(mxs[0], float("-inf"))
+    run_sum = torch.zeros_like(totals[0])
+    run_num = torch.zeros_like(nums[0])
+    values = [run_num]  # block 0 uses no landmark
+    for beta in range(1, p.num_query_blocks):
+        c = beta - 1
+        new_max = torch.maximum(run_max, mxs[c])
+        keep, add = torch.exp(run_max - new_max), torch.exp(mxs[c] - new_max)
+        run_sum = run_sum * keep + totals[c] * add
+        run_num = run_num * keep[..., None] + nums[c] * add[..., None]
+        run_max = new_max
+        values.append(run_num / run_sum[..., None])
+    return torch.stack(values, dim=2)
+
+
+def _frozen_values(p: CausalProblem, mx, total, num) -> torch.Tensor:
+    """``A_j`` over keys ``t < (j + 1) b``: [B, Hkv, g*n_l, dv]."""
+    nl = p.num_landmarks
+    c = torch.arange(nl, device=mx.device)
+    j = torch.arange(mx.shape[-1], device=mx.device) % nl
+    mine = c[:, None] <= j[None, :]  # [C, gJ]: key block c is in landmark j's horizon
+    top = mx.masked_fill(~mine, float("-inf")).amax(2, keepdim=True)
+    coef = torch.where(mine, torch.exp(mx - top), 0.0)  # no gradient: mx is detached
+    return (coef[..., None] * num).sum(2) / (coef * total).sum(2)[..., None]
+
+
+def _prefix_sets(p: CausalProblem, scores: torch.Tensor, expert_index: torch.Tensor, kk: int, history: bool):
+    """Running top-k over key blocks; returns each query's expert sets [B, H, N, s, kk] (-1 = none)
+    and, if ``history``, every (query block, landmark) set [B, H, nq, n_l, kk]."""
+    bsz, h, n, s = expert_index.shape
+    nl, b = p.num_landmarks, p.block_size
+    sc = scores.view(bsz, h, nl, nl, b)
+    val = sc.new_full((bsz, h, nl, kk), float("-inf"))
+    idx = torch.zeros(bsz, h, nl, kk, dtype=torch.long, device=scores.device)
+    offs = torch.arange(b, device=scores.device)
+    per_query = [torch.full((bsz, h, min(b, n), s, kk), -1, dtype=torch.long, device=scores.device)]
+    hist = [torch.full_like(idx, -1)]
+    for beta in range(1, p.num_query_blocks):
+        c = beta - 1
+        cand_val = torch.cat([val, sc[:, :, :, c]], dim=-1)  # mask-before-top-k: only keys < beta b
+        cand_idx = torch.cat([idx, (c * b + offs).expand(bsz, h, nl, b)], dim=-1)
+        top = cand_val.topk(kk, dim=-1, sorted=False)
+        val, idx = top.values, cand_idx.gather(-1, top.indices)
+        sets = torch.where(val > float("-inf"), idx, -1)
+        if history:
+            usable = torch.arange(nl, device=scores.device)[:, None] < beta
+            hist.append(torch.where(usable, sets, -1))
+        e = expert_index[:, :, beta * b : (beta + 1) * b]  # [B, H, bb, s]
+        rows = e.clamp_min(0).reshape(bsz, h, -1, 1).expand(-1, -1, -1, kk)
+        got = sets.gather(2, rows).reshape(bsz, h, e.shape[2], s, kk)
+        per_query.append(torch.where((e >= 0)[..., None], got, -1))
+    return torch.cat(per_query, dim=2), (torch.stack(hist, dim=2) if history else None)
+
+
+def _routed(p: CausalProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sets: torch.Tensor):
+    """Attention of every query to its experts' keys ``sets`` [B, H, N, s, kk] (-1 = empty slot)."""
+    bsz, h, n, d = q.shape
+    dev = q.device
+    kv_row = torch.arange(bsz, device=dev)[:, None] * p.kv_heads + torch.arange(h, device=dev) // p.group
+    valid = sets >= 0
+    rows = (kv_row[:, :, None, None, None] * n + sets.clamp_min(0)).reshape(-1)
+    width = sets.shape[-2] * sets.shape[-1]
+    kg = k.reshape(-1, d).index_select(0, rows).view(bsz * h * n, width, d)
+    vg = v.reshape(-1, p.value_dim).index_select(0, rows).view(bsz * h * n, width, p.value_dim)
+    logits = (q.reshape(bsz * h * n, 1, d) @ kg.transpose(1, 2)) * p.scale
+    logits = logits.masked_fill(~valid.view(bsz * h * n, 1, width), float("-inf"))
+    lse, out = partial_softmax(logits, vg)
+    return lse.view(bsz, h, n, 1), out.view(bsz, h, n, p.value_dim)
+
+
+def causal_torch_forward(
+    p: CausalProblem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    landmarks: torch.Tensor,
+    return_routing: bool = False,
+) -> tuple[torch.Tensor, CausalRouting | None]:
+    out_dtype = q.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        # Softmax statistics in float32: half-precision exp/log-sum-exp lose too much.
+        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    bsz, h, n, d = q.shape
+    nl, b, nq, s, g = p.num_landmarks, p.block_size, p.num_query_blocks, p.experts_per_query, p.group
+    kk = min(p.topk, max(1, nl * b))
+    parts = [_own_block(p, q, k, v)]
+    expert_index = torch.full((bsz, h, n, s), -1, dtype=torch.long, device=q.device)
+    key_shape = (bsz, h) + ((nq, nl) if p.horizon == "prefix" else (nl,)) + (kk,)
+    key_index = None
+    if nl > 0:
+        qr, expert_index = route(p, q, landmarks)
+        rk = landmarks.reshape(bsz, p.kv_heads, g * nl, d)
+        scores = (rk @ k[:, :, : nl * b].transpose(-1, -2)) * p.scale  # [B, Hkv, g*n_l, n_l*b]
+        if p.shared:
+            allowed = (
+                torch.arange(nl, device=q.device)[None, :] < (torch.arange(n, device=q.device) // b)[:, None]
+            )
+            logits = (qr * p.landmark_scale).masked_fill(~allowed, float("-inf"))
+            mx, total, num = _block_states(p, scores, v)
+            if p.horizon == "prefix":
+                a = _prefix_values(p, mx, total, num)  # [B, Hkv, nq, g*n_l, dv]
+                a = a.view(bsz, p.kv_heads, nq, g, nl, -1).transpose(2, 3).reshape(bsz, h, nq, nl, -1)
+                lg = F.pad(logits, (0, 0, 0, nq * b - n)).view(bsz, h, nq, b, nl)
+                lse, out = partial_softmax(lg, a)
+                parts.append(
+                    (lse.reshape(bsz, h, nq * b, 1)[:, :, :n], out.reshape(bsz, h, nq * b, -1)[:, :, :n])
+                )
+            else:
+                a = _frozen_values(p, mx, total, num).view(bsz, h, nl, -1)
+                parts.append(partial_softmax(logits, a))
+        if p.routed or return_routing:
+            with torch.no_grad():
+                sd = scores.detach().reshape(bsz, h, nl, nl * b)
+                if p.horizon == "prefix":
+                    sets, key_index = _prefix_sets(p, sd, expert_index, kk, return_routing)
+                else:
+                    t = torch.arange(nl * b, device=q.device)
+                    horizon = t[None, :] < (torch.arange(nl, device=q.device)[:, None] + 1) * b
+                    top = sd.masked_fill(~horizon, float("-inf")).topk(kk, dim=-1, sorted=False)
+                    key_index = torch.where(top.values > float("-inf"), top.indices, -1)  # [B, H, n_l, kk]
+                    rows = expert_index.clamp_min(0).reshape(bsz, h, n * s, 1).expand(-1, -1, -1, kk)
+                    sets = key_index.gather(2, rows).view(bsz, h, n, s, kk)
+                    sets = torch.where((expert_index >= 0)[..., None], sets, -1)
+            if p.routed:
+                parts.append(_routed(p, q, k, v, sets))
+    out = merge_parts(parts).to(out_dtype)
+    if not return_routing:
+        return out, None
+    if key_index is None:
+        key_index = torch.full(key_shape, -1, dtype=torch.long, device=q.device)
+    return out, CausalRouting(expert_index, key_index, p.horizon, b)
