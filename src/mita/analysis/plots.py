@@ -27,9 +27,11 @@ def figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    from ..io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    with atomic_path(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, bbox_inches="tight", format="png")
     return path
 
 
