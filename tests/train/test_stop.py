@@ -75,7 +75,8 @@ def test_stop_signals_turn_a_signal_into_a_request():
         assert not stop.requested(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested(2) and stop.signum == signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is handler  # a second signal acts at once
+        assert signal.getsignal(signal.SIGTERM) is handler  # a second SIGTERM acts at once
+        assert signal.getsignal(signal.SIGINT) == stop._handle  # a SIGINT is still a request
     assert signal.getsignal(signal.SIGTERM) is handler
 
 

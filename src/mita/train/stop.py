@@ -1,9 +1,11 @@
 """Stopping a run early: SIGINT / SIGTERM honoured at the next step boundary, and the hard-kill test hook.
 
 The first Ctrl-C (or SIGTERM) only sets a flag; the trainer checks it after each optimizer step, saves
-a checkpoint there and exits with 128 + the signal number (130 for SIGINT). A second one aborts at
-once, without saving. Under torchrun every rank gets the signal but maybe at different steps, so the
-ranks agree through one tiny all-reduce on logged steps (``--log-every``) and stop together there.
+a checkpoint there and exits with 128 + the signal number (130 for SIGINT). The same signal again
+aborts at once, without saving (the checkpoint files are atomic, so that never tears one). Under
+torchrun every rank gets the signal, maybe at different steps, so the ranks agree through one tiny
+all-reduce on logged steps (``--log-every``) and save together there; torchrun itself then reports
+the stop with its own traceback and exit status.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ class StopSignals:
         self._kill_at = int(os.environ.get(KILL_ENV, "-1"))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a data-loader worker forked with this handler: its parent stops it
+            return
         self.signum = signum
-        for sig, handler in self._previous.items():  # a second signal acts at once
-            signal.signal(sig, handler)
+        signal.signal(signum, self._previous[signum])  # the same signal again acts at once
         if self.dist.is_main:
             name = signal.Signals(signum).name
             print(
@@ -46,6 +49,7 @@ class StopSignals:
             )
 
     def __enter__(self) -> StopSignals:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
