@@ -97,6 +97,13 @@ class AttentionBase(nn.Module):
         num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``; then ``qkv`` is
             timm's ``3 * dim`` wide). Query head ``h`` reads key/value head ``h // group``,
             ``group = num_heads // num_kv_heads``.
+
+    Graph capture: ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` work for every kind;
+    ``torch.jit.script`` does not. TorchScript compiles a restricted subset of Python, and these modules
+    use what it lacks: keyword-only arguments (``key_padding_mask``), the ``TokenLayout`` dataclass, options
+    checked through ``numbers``/numpy types, and an op that dispatches to backends at run time. Rewriting
+    them in that subset would buy nothing the other three do not give (TorchScript is deprecated in
+    PyTorch); ``tests/nn/test_export.py`` checks trace and export against eager.
     """
 
     #: Whether :meth:`attend` takes key/value with fewer heads than queries (else they are repeated).
