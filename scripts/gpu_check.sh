@@ -81,7 +81,7 @@ ENV_CMD="nvidia-smi; $PY scripts/gpu_grid.py versions; $PY -m pip list 2>/dev/nu
 STAGES=(
   "env|30|($ENV_CMD) >\"$DIR/env.txt\" 2>&1; status=\$?; cat \"$DIR/env.txt\"; exit \$status"
   "install|90|install_mita"
-  "smoke|90|$PY scripts/gpu_grid.py kernel-check --device cuda"
+  "smoke|60|$PY scripts/gpu_grid.py kernel-check --device cuda"
   "pytest_gpu|150|$PY -m pytest -m gpu -x -q -p no:cacheprovider $XDIST $PTIMEOUT --junitxml=\"$DIR/junit-gpu.xml\" $GPU_FILES"
   "grid|240|$PY scripts/gpu_grid.py grid --out \"$DIR\" --device cuda --budget \$((STAGE_BUDGET - 15))"
   "causal|60|$PY scripts/gpu_grid.py causal --out \"$DIR\" --device cuda --budget \$((STAGE_BUDGET - 15))"
