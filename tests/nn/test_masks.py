@@ -97,3 +97,37 @@ def test_timm_model_passing_attn_mask():
             h = h + blk.ls1(attn(blk.norm1(h), key_padding_mask=~valid))
             h = h + blk.ls2(blk.mlp(blk.norm2(h)))
         torch.testing.assert_close(got, m.forward_head(m.norm(h)), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_naflexvit_key_only_mask_from_patch_valid():
+    """timm's variable-resolution ViT builds a key-only additive mask ``[B, 1, 1, N]`` from ``patch_valid``:
+    converted to ``full`` it matches timm, and converted to MiTA what the padded patches hold is ignored."""
+    timm = pytest.importorskip("timm")
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    import mita
+
+    cfg = NaFlexVitCfg(
+        patch_size=4, embed_dim=32, depth=2, num_heads=2, use_key_only_attn_mask=True, global_pool="avg",
+        pos_embed_grid_size=(4, 4),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = NaFlexVit(cfg, in_chans=3, num_classes=5).eval()
+    b, n = 2, 12
+    coord = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(1, n, 2)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, 7:] = False
+    patches = torch.randn(b, n, 4 * 4 * 3)
+    junk = patches.masked_fill(~valid[..., None], 0.0) + 100 * torch.randn_like(patches) * ~valid[..., None]
+    x = {"patches": patches, "patch_coord": coord.expand(b, -1, -1), "patch_valid": valid}
+    x_junk = {**x, "patches": junk}
+    seq = dict(layout="seq", prefix_tokens=model.num_prefix_tokens)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(mita.convert(model, "full", **seq)(x), ref, rtol=1e-5, atol=1e-5)
+        m = mita.convert(model, "mita", num_landmarks=3, topk=4, **seq)
+        out = m(x)
+        torch.testing.assert_close(m(x_junk), out, rtol=1e-5, atol=1e-5)
+        unmasked = m({**x_junk, "patch_valid": torch.ones(b, n, dtype=torch.bool)})
+        assert not torch.allclose(unmasked[1], out[1], atol=1e-3)
+    assert timm is not None
