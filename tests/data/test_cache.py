@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from mita.data import build_dataset
 from mita.data.cache import cache_path, cache_root, cached_arrays
@@ -40,7 +41,8 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     path = cache_path("t", "train", {"n": 1}, tmp_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"PK\x03\x04 truncated")
-    out = cached_arrays("t", "train", {"n": 1}, lambda: {"a": np.array([7])}, tmp_path)
+    with pytest.warns(UserWarning, match="rebuilding data cache .* cannot be read"):
+        out = cached_arrays("t", "train", {"n": 1}, lambda: {"a": np.array([7])}, tmp_path)
     assert out["a"].tolist() == [7]
     assert cached_arrays("t", "train", {"n": 1}, lambda: {"a": np.array([0])}, tmp_path)["a"].tolist() == [7]
 
@@ -56,8 +58,6 @@ def test_dataset_cache_round_trip(tmp_path):
 
 
 def test_cache_with_a_missing_key_or_short_arrays_is_rebuilt(tmp_path):
-    import pytest
-
     from mita.data.cache import check_rows
 
     first = build_dataset("listops", "val", cache_dir=tmp_path, size=12, seq_len=64)
