@@ -75,3 +75,10 @@ def test_a_checkpoint_does_not_choose_where_caches_are_written(tmp_path, monkeyp
     monkeypatch.setenv("MITA_CACHE", str(here))
     assert evaluate.main(["--checkpoint", str(moved), "--test-size", "16"]) == 0
     assert not trained_cache.exists() and list(here.glob("listops-test-*.npz"))
+
+
+def test_the_cache_directory_is_not_recorded(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert cli.main(TINY + ["--max-steps", "1", "--cache-dir", str(cache), "--out", str(run)]) == 0
+    recorded = read_meta(resolve_model_path(run))["data_kwargs"]
+    assert "cache_dir" not in recorded and recorded["seq_len"] == 64  # how to build the data is kept

@@ -188,6 +188,7 @@ def _run_length(cfg: TrainConfig, preset: Preset, steps_per_epoch: int, dist: di
 def _data(cfg: TrainConfig, preset: Preset) -> tuple[Dataset, Dataset, Any, dict[str, Any]]:
     """``(train, test, task info, data keywords to store)``."""
     from mita.data import build_dataset, get_task
+    from mita.data.paths import recorded_data_kwargs
 
     # the data set's own seed stays at its canonical value unless given (--data-arg seed=N)
     kw = {**preset.data_kwargs, **cfg.data_kwargs}
@@ -198,7 +199,8 @@ def _data(cfg: TrainConfig, preset: Preset) -> tuple[Dataset, Dataset, Any, dict
     train = build_dataset(cfg.task, "train", size=cfg.train_size, **kw)
     test = build_dataset(cfg.task, "test", size=cfg.test_size, **{**kw, "augment": False})
     info = getattr(train, "info", None) or get_task(cfg.task)
-    return train, test, info, {k: v for k, v in kw.items() if k != "augment"}
+    # stored: how to build the data, not this machine's cache directory (mita.data.paths)
+    return train, test, info, recorded_data_kwargs({k: v for k, v in kw.items() if k != "augment"})
 
 
 def _model(cfg: TrainConfig, preset: Preset, info: Any) -> tuple[str, dict[str, Any], nn.Module]:
