@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from types import SimpleNamespace
 
@@ -55,7 +56,7 @@ def test_full_run_into_any_kind_keeps_every_shared_weight(tmp_path, kind):
 
 def test_new_parameters_keep_their_fresh_init(tmp_path):
     src, run = full_run(tmp_path)
-    dst = vit("mita", seed=1, dwc=True, landmarks="learned")
+    dst = vit("mita", seed=1, dwc=True, landmark_mode="learned")
     fresh = {k: v.clone() for k, v in dst.state_dict().items() if ".dwc." in k or ".landmark." in k}
     assert fresh, "the model should have DWC and learned-landmark parameters"
     report = init_from(dst, run)
@@ -236,3 +237,32 @@ def test_apply_hook(tmp_path):
     assert apply(vit("mita"), SimpleNamespace()) == {}
     with pytest.raises(InitFromError, match="only apply with --init-from"):
         apply(vit("mita"), SimpleNamespace(new_head=True))
+
+
+def test_mita_train_init_from_a_full_run_with_attn_only(tmp_path, cache_dir):
+    """End to end: a full-attention run, then ``--init-from`` it into MiTA with ``--attn-only``."""
+    from safetensors.torch import load_file
+
+    from mita.train import cli
+
+    from .helpers import TINY
+
+    base = TINY + ["--max-steps", "3", "--cache-dir", cache_dir]
+    assert cli.main(base + ["--attention", "full", "--out", str(tmp_path / "full")]) == 0
+    out = tmp_path / "mita"
+    args = ["--attention", "mita", "--init-from", str(tmp_path / "full"), "--attn-only", "--out", str(out)]
+    assert cli.main(base + args) == 0
+    src = load_file(str(tmp_path / "full" / "model.safetensors"))
+    dst = load_file(str(out / "model.safetensors"))
+    assert set(src) == set(dst)
+    moved = {k for k in dst if not torch.equal(dst[k], src[k])}
+    assert moved and all(".attn." in k or k.startswith("head.") or k == "pos_embed" for k in moved)
+    assert any(".attn.qkv." in k for k in moved)  # the attention did train
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3  # a fresh run: its own schedule from step 0
+    meta = json.loads((out / "config.json").read_text())["meta"]
+    assert meta["init_from"]["source"]["attention"] == "full" and meta["attn_only"]["trainable_params"] > 0
+    # bad combinations fail before any work, with the flag named
+    assert cli.main(base + ["--new-head", "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(base + ["--init-from", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

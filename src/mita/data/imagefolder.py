@@ -31,7 +31,17 @@ from torch.utils.data import Dataset
 
 from .tasks import TaskInfo
 
-__all__ = ["EXTENSIONS", "ImageFolder", "ImageFolderError", "ImageFolderInfo", "FolderScan", "scan_folder"]
+__all__ = [
+    "EXTENSIONS",
+    "FolderScan",
+    "ImageFolder",
+    "ImageFolderError",
+    "ImageFolderInfo",
+    "build_imagefolder",
+    "folder_info",
+    "folder_info_for",
+    "scan_folder",
+]
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
@@ -285,3 +295,33 @@ class ImageFolder(Dataset):
         if self.augment and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return ((x - self.mean) / self.std).contiguous(), label
+
+
+def build_imagefolder(
+    split: str,
+    *,
+    root: str | os.PathLike | None,
+    img_size: int | None = None,
+    channels: int | None = None,
+    augment: bool | None = None,
+    size: int | None = None,
+    crop_pct: float | None = None,
+) -> ImageFolder:
+    """:func:`mita.data.build_dataset`'s ``imagefolder`` task (``root`` is required; ``img_size`` 224)."""
+    if root is None:
+        raise ValueError(
+            "--task imagefolder needs --data-root DIR (holding DIR/train/<class>/ and DIR/val/<class>/)"
+        )
+    return ImageFolder(
+        root, split, 224 if img_size is None else img_size, channels=channels, augment=augment, size=size,
+        crop_pct=0.875 if crop_pct is None else crop_pct,
+    )  # fmt: skip
+
+
+def folder_info_for(root: str | os.PathLike | None, data_kwargs: dict[str, Any]) -> ImageFolderInfo:
+    """The task description a run with these data settings will see (scans the folder: errors early)."""
+    if root is None:
+        raise ValueError(
+            "--task imagefolder needs --data-root DIR (holding DIR/train/<class>/ and DIR/val/<class>/)"
+        )
+    return folder_info(root, data_kwargs.get("img_size") or 224, data_kwargs.get("channels"))

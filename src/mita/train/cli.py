@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="num_workers",
         help="data-loader workers (0: exact resume even with augmentation)",
     )
+    p.add_argument(
+        "--init-from", metavar="PATH",
+        help="start from these weights (mita run dir or .safetensors of any attention kind, or a timm-key "
+        "state dict: .safetensors, or .pt/.pth read weights-only); fresh optimizer and schedule",
+    )  # fmt: skip
+    p.add_argument("--attn-only", action="store_true", help="train only attention, head and pos_embed")
+    p.add_argument("--resize-pos-embed", action="store_true", help="resample --init-from's pos_embed grid")
+    p.add_argument("--new-head", action="store_true", help="re-create --init-from's head for this task")
     p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
     return p
 

@@ -78,6 +78,11 @@ class TrainConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     progress: bool = True
+    # start from other weights, any attention kind (mita.train.init_from)
+    init_from: str | None = None
+    attn_only: bool = False
+    resize_pos_embed: bool = False
+    new_head: bool = False
 
     @property
     def model(self) -> str | None:
@@ -97,6 +102,9 @@ class TrainConfig:
         from .presets import get_preset
 
         get_task(self.task)
+        from .init_from import check_config
+
+        check_config(self)
         if self.attention not in ATTENTION_CLASSES:
             kinds = ", ".join(ATTENTION_CLASSES)
             raise ValueError(f"unknown attention {self.attention!r}; valid kinds: {kinds}")

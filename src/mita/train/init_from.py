@@ -19,6 +19,7 @@ its own checkpoint and ignores ``--init-from`` (with a note).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import pickle
@@ -232,12 +233,15 @@ def bicubic_resample(
 
 
 def _timm_resample() -> Callable | None:
-    """timm's ``resample_abs_pos_embed`` when timm imports (a broken torchvision makes it raise)."""
-    try:
-        from timm.layers import resample_abs_pos_embed
-    except Exception:  # ImportError, or RuntimeError from a CUDA torchvision on a CPU machine
+    """timm's ``resample_abs_pos_embed`` when timm is installed and imports."""
+    if importlib.util.find_spec("timm") is None:
         return None
-    return resample_abs_pos_embed
+    from ..integrations.torchvision_shim import import_timm  # works around a CUDA torchvision on CPU
+
+    try:
+        return import_timm().layers.resample_abs_pos_embed
+    except (ImportError, RuntimeError, AttributeError):  # a broken install: our own resampling
+        return None
 
 
 def _grid_of(model: nn.Module) -> tuple[int, int] | None:
@@ -412,3 +416,12 @@ def apply(model: nn.Module, cfg: Any, *, resuming: bool = False, log: Callable[[
         log(f"--attn-only: {trainable:,} of {total:,} parameters trainable (attention, head, pos_embed)")
         out["attn_only"] = {"trainable_params": trainable, "total_params": total}
     return out
+
+
+def check_config(cfg: Any) -> None:
+    """The checks of these settings that need no model: run before the run directory is created."""
+    path = getattr(cfg, "init_from", None)
+    if (getattr(cfg, "resize_pos_embed", False) or getattr(cfg, "new_head", False)) and not path:
+        raise InitFromError("--resize-pos-embed and --new-head only apply with --init-from")
+    if path and not Path(path).expanduser().exists():
+        raise InitFromError(f"--init-from: {path} does not exist")

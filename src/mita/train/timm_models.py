@@ -22,19 +22,13 @@ _ATTN = {"mita": {"num_landmarks": 25, "topk": 25}, "agent": {"num_landmarks": 4
 
 
 def _timm():
+    from ..integrations.torchvision_shim import import_timm  # works around a CUDA torchvision on CPU
+
     try:
-        import timm
-    except ImportError as err:
-        raise ImportError(
-            "timm model names need timm: pip install timm (or pip install 'mita[timm]')"
-        ) from err
-    except RuntimeError as err:  # a CUDA build of torchvision on a CPU-only machine
+        return import_timm()
+    except RuntimeError as err:  # any other broken install
         first = str(err).strip().splitlines()[0]
-        raise ImportError(
-            f"timm is installed but does not import ({first}); install a torchvision that matches torch, "
-            "or use a mita preset (vit-tiny has timm's ViT-Ti/16 keys)"
-        ) from err
-    return timm
+        raise ImportError(f"timm is installed but does not import ({first})") from err
 
 
 def timm_preset(name: str):
