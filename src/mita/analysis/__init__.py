@@ -1,12 +1,13 @@
 """Look inside MiTA: record routing, compute per-layer statistics, draw figures.
 
-- :class:`RoutingRecorder` records what every MiTA layer of a model routed during forward calls;
+- :class:`RoutingRecorder` records what every MiTA layer of a model routed during forward calls, with
+  each layer's :class:`RoutingLayout` and the padding mask it was given;
 - :mod:`mita.analysis.stats`: token pruning, expert load and key/query IoU from a :class:`mita.Routing`;
 - ``mita viz`` / ``mita grid`` / ``mita swap`` (modules :mod:`.viz`, :mod:`.grid`, :mod:`.swap`) draw
   figures and need matplotlib (``pip install mita[plot]``); they are imported only when used.
 """
 
-from .hooks import LayerRecord, RoutingRecorder, routing_layers
+from .hooks import LayerRecord, RoutingLayout, RoutingRecorder, routing_layers
 from .stats import (
     LayerStats,
     expert_iou,
@@ -20,6 +21,7 @@ from .stats import (
 __all__ = [
     "RoutingRecorder",
     "LayerRecord",
+    "RoutingLayout",
     "routing_layers",
     "LayerStats",
     "layer_stats",
