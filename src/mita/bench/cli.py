@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per isolated case")
     p.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md and bench.png")
+    p.add_argument("--causal", action="store_true", help="causal MiTA vs SDPA (--causal -h for more)")
+    p.add_argument("--decode", action="store_true", help="MiTACache decoding vs dense (--decode -h)")
     return p
 
 
@@ -127,6 +130,11 @@ def meta_info(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if "--causal" in raw or "--decode" in raw:
+        from .causal import main as causal_main  # causal op / decoding: its own options (mita.bench.causal)
+
+        return causal_main(raw)
     args = _parser().parse_args(argv)
     _validate(args)
     out_dir = Path(args.out)

@@ -245,14 +245,7 @@ class MiTACache:
             if self.shared:
                 self._fold(sc, start, end)
             if self.routed:
-                cand_val = torch.cat([self._top_val[:, :, :nl], sc], dim=-1)
-                ar = torch.arange(start, end, device=sc.device, dtype=self._top_idx.dtype)
-                cand_idx = torch.cat([self._top_idx[:, :, :nl], ar.expand(*sc.shape[:3], bs)], dim=-1)
-                top = cand_val.topk(kk, dim=-1, sorted=False)
-                self._top_val[:, :, :nl] = top.values
-                self._top_idx[:, :, :nl] = torch.where(
-                    top.values > float("-inf"), cand_idx.gather(-1, top.indices), -1
-                )
+                self._merge_top(sc, start, end)
         # The new landmark: the mean of the block's queries, over all keys so far.
         r = self._qblock.mean(dim=2, keepdim=True)  # same reduction as block_mean
         bsz, h = r.shape[:2]
@@ -301,3 +294,24 @@ class MiTACache:
         self._num[:, :, :nl] = self._num[:, :, :nl] * keep[..., None] + num_b * add[..., None]
         self._max[:, :, :nl] = new
         self._a[:, :, :nl] = self._num[:, :, :nl] / self._sum[:, :, :nl, None]
+
+    def _merge_top(self, sc: torch.Tensor, start: int, end: int) -> None:
+        """Merge keys start..end-1 (scores ``sc`` [B, H, n_l, b]) into the older landmarks' top-k.
+
+        Only landmarks where some new key beats the current k-th best can change (few, once the
+        context is long), so only those rows are merged; this one host sync per block is cheap here."""
+        bsz, h, nl, bs = sc.shape
+        kk = self.topk
+        vals = self._top_val.view(bsz * h, -1, kk)
+        idxs = self._top_idx.view(bsz * h, -1, kk)
+        kth = vals[:, :nl].amin(-1)  # -inf while a set is not full
+        rows = (sc.reshape(bsz * h, nl, bs) > kth[..., None]).any(-1).nonzero()
+        if rows.numel() == 0:
+            return
+        bh, j = rows[:, 0], rows[:, 1]
+        ar = torch.arange(start, end, device=sc.device, dtype=idxs.dtype)
+        cand_val = torch.cat([vals[bh, j], sc.reshape(bsz * h, nl, bs)[bh, j]], dim=-1)
+        cand_idx = torch.cat([idxs[bh, j], ar.expand(len(bh), bs)], dim=-1)
+        top = cand_val.topk(kk, dim=-1, sorted=False)
+        vals[bh, j] = top.values
+        idxs[bh, j] = torch.where(top.values > float("-inf"), cand_idx.gather(-1, top.indices), -1)
