@@ -1,4 +1,4 @@
-"""Moving batches to a device and calling a model on them, for every task kind (image, sequence, pair)."""
+"""Moving batches to a device and calling a model on them, for every task kind (image, sequence, pair, lm)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 def forward(model: nn.Module, x: Any) -> torch.Tensor:
-    """Logits ``[B, C]``; pair tasks pass their ``(tokens_a, tokens_b)`` tuple as the one argument."""
+    """Logits ``[B, C]`` (classifiers) or ``[B, T, V]`` (language models); pair tasks pass their
+    ``(tokens_a, tokens_b)`` tuple as the one argument."""
     return model(tuple(x) if isinstance(x, list) else x)
 
 
