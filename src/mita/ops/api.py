@@ -91,8 +91,9 @@ def validate(
         num_landmarks=m,
         topk=topk,
         experts_per_query=s,
-        scale=scale if scale is not None else d**-0.5,
-        landmark_scale=landmark_scale if landmark_scale is not None else 1.0 / d,
+        # float(d): under torch.jit.trace a shape is a tensor and d**-0.5 would be computed in float32
+        scale=scale if scale is not None else float(d) ** -0.5,
+        landmark_scale=landmark_scale if landmark_scale is not None else 1.0 / float(d),
         shared=shared,
         routed=routed,
         dedup=dedup,
