@@ -14,12 +14,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grid": ("mita.analysis.grid", "accuracy over inference m x k"),
     "swap": ("mita.analysis.swap", "train-attention x eval-attention accuracy matrix"),
     "data": ("mita.data.report", "build the datasets and report their sizes and class balance"),
+    "generate": ("mita.generate", "continue a prompt with a trained GPT checkpoint"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: mita <command> [options]", "", "commands:"]
-    lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines.append("\n`mita <command> --help` shows a command's options.")
     return "\n".join(lines)
 

@@ -8,11 +8,13 @@ from mita.data import PAD_ID, SPLITS, TASKS, TaskInfo, build_dataset, get_task
 
 
 def test_registry_matches_contract():
-    assert set(TASKS) == {"fmnist", "listops", "pathfinder", "image", "text", "retrieval"}
+    assert set(TASKS) == {
+        "fmnist", "listops", "pathfinder", "image", "text", "retrieval", "shakespeare-char", "mqar"
+    }  # fmt: skip
     assert PAD_ID == 0
     for name, info in TASKS.items():
         assert isinstance(info, TaskInfo) and info.name == name
-        assert info.kind in ("image", "sequence", "pair")
+        assert info.kind in ("image", "sequence", "pair", "lm")
         if info.kind == "image":
             assert info.image_size and info.channels and info.vocab_size is None and info.seq_len is None
         else:

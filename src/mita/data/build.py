@@ -27,8 +27,11 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "pathfinder": ("train", "val", "test"),
     "text": ("train", "test"),
     "retrieval": ("train", "test"),
+    "shakespeare-char": ("train", "test"),
+    "mqar": ("train", "test"),
 }
-_VARIABLE_LENGTH = ("listops", "text", "retrieval")  # tasks whose seq_len may be overridden
+# tasks whose seq_len may be overridden
+_VARIABLE_LENGTH = ("listops", "text", "retrieval", "shakespeare-char", "mqar")
 _MIN_SEQ_LEN = 16
 # per task: bump when that task's generated data changes, so that old cache files are not reused
 _FORMAT = {"listops": 1, "pathfinder": 1, "text": 1, "retrieval": 2}
@@ -49,6 +52,11 @@ def build_dataset(
     size: int | None = None,
     seq_len: int | None = None,
     difficulty: str | _pathfinder.PathfinderConfig | None = None,
+    num_pairs: int | None = None,
+    vocab_size: int | None = None,
+    img_size: int | None = None,
+    channels: int | None = None,
+    crop_pct: float | None = None,
 ) -> Dataset:
     """The ``split`` of task ``name`` as a map-style dataset of ``(x, label: int)``.
 
@@ -63,9 +71,20 @@ def build_dataset(
         seq_len: shorter (or longer) sequences for ``listops``/``text``/``retrieval`` (quick runs); the
             dataset's ``.info`` then carries it, while :func:`get_task` keeps the canonical value.
         difficulty: ``pathfinder`` only: ``"easy"``, ``"medium"``, ``"hard"`` (default) or a config.
+        num_pairs, vocab_size: ``mqar`` only: key-value pairs per sequence (default 64) and vocabulary
+            (default 1024); the dataset's ``.info`` carries the vocabulary.
+        img_size, channels, crop_pct: ``imagefolder`` only (``root`` = the folder): see
+            :class:`mita.data.imagefolder.ImageFolder`.
 
     The returned dataset has an ``info`` attribute (the actual :class:`TaskInfo`).
     """
+    if name == "imagefolder":  # sized by its data (mita.data.imagefolder)
+        from .imagefolder import build_imagefolder
+
+        kw = {"img_size": img_size, "channels": channels, "crop_pct": crop_pct}
+        return build_imagefolder(split, root=root, augment=augment, size=size, **kw)
+    if img_size is not None or channels is not None or crop_pct is not None:
+        raise ValueError(f"img_size, channels and crop_pct only apply to 'imagefolder', not {name!r}")
     info = get_task(name)
     if split not in SPLITS[name]:
         raise ValueError(f"task {name!r} has splits {', '.join(SPLITS[name])}; got {split!r}")
@@ -85,7 +104,14 @@ def build_dataset(
         if not _is_int(seq_len) or seq_len < _MIN_SEQ_LEN:
             raise ValueError(f"seq_len must be an int >= {_MIN_SEQ_LEN}, got {seq_len!r}")
         info = dataclasses.replace(info, seq_len=int(seq_len))
+    if (num_pairs is not None or vocab_size is not None) and name != "mqar":
+        raise ValueError(f"num_pairs and vocab_size only apply to 'mqar', not {name!r}")
     seed, size = int(seed), None if size is None else int(size)
+    if name in _LM_BUILDERS:  # the language-modelling tasks (mita.data.shakespeare, mita.data.mqar)
+        return _LM_BUILDERS[name](
+            info=info, split=split, root=root, seed=seed, size=size, num_pairs=num_pairs,
+            vocab_size=vocab_size,
+        )  # fmt: skip
     builder = {
         "fmnist": _fmnist,
         "image": _image,
@@ -219,3 +245,21 @@ def _retrieval_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) ->
     params = _text_params("retrieval", seed, size, info, root)
     a = cached_arrays("retrieval", split, params, build, cache_dir, _check_spans(pairs=True))
     return SpanPairs(a["tokens"], a["starts"], a["ends"], a["left"], a["right"], a["labels"], info, shift=1)
+
+
+def _shakespeare_ds(*, info: TaskInfo, split, root, seed, size, **_) -> Dataset:
+    from .corpus import load_plays
+    from .shakespeare import ShakespeareChar, play_stream
+
+    return ShakespeareChar(play_stream(load_plays(root), split), split, info.seq_len, seed, size, info)
+
+
+def _mqar_ds(*, info: TaskInfo, split, seed, size, num_pairs, vocab_size, **_) -> Dataset:
+    from .mqar import MQAR, MQARConfig
+
+    cfg = MQARConfig(vocab_size or info.vocab_size, 64 if num_pairs is None else num_pairs, info.seq_len)
+    info = dataclasses.replace(info, vocab_size=cfg.vocab_size, num_classes=cfg.vocab_size)
+    return MQAR(cfg, split, seed, size, info)  # generated per example from (seed, split, index): no cache
+
+
+_LM_BUILDERS = {"shakespeare-char": _shakespeare_ds, "mqar": _mqar_ds}

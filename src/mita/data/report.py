@@ -139,7 +139,8 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``mita data``: print the table, optionally write it and the example figures; 2 on bad input."""
     p = argparse.ArgumentParser(prog="mita data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS), help="tasks to describe")
+    labelled = [t for t, info in TASKS.items() if info.kind != "lm"]  # lm tasks have no class labels
+    p.add_argument("--tasks", nargs="*", default=labelled, choices=labelled, help="tasks to describe")
     p.add_argument("--size", type=_positive, default=None, help="cap every split at N examples (quick look)")
     p.add_argument("--data-root", help="data directory of the file-based tasks (default: each task's)")
     p.add_argument("--cache-dir", default=None, help="data cache (default $MITA_CACHE or ~/.cache/mita)")

@@ -257,7 +257,7 @@ class AttentionBase(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected input [B, N, {self.dim}], got {tuple(x.shape)}")
-        if is_causal:
+        if is_causal and not getattr(self, "causal", False):  # causal modules (MiTA causal=True) accept it
             raise ValueError(f"{type(self).__name__} is non-causal; is_causal=True is not supported")
         b, n, _ = x.shape
         mask = check_padding_mask(key_padding_mask, b, n)

@@ -1,0 +1,79 @@
+"""Routing recall of causal MiTA on associative recall: how often a query's expert holds the key it needs.
+
+In MQAR (:mod:`mita.data.mqar`) a query at position ``p`` repeats a key first seen at context position
+``t``. The value it must produce sits at ``t + 1``, and an induction head reads it there: in the layer
+that retrieves, the key vector at ``t + 1`` carries "my previous token was the key". The *needed
+position* of the query is therefore ``t + 1``. The query is *recalled* by a head when that position is
+in the key set of the head's routed expert (``expert_index[..., p, 0]`` and its ``key_index`` row, as
+:class:`mita.ops.causal.common.CausalRouting` returns them). A needed position inside the query's own
+block is always visible and is counted apart (``own_block``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["needed_positions", "routing_recall"]
+
+
+def needed_positions(x: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
+    """``(batch, query, needed)``: long ``[Q]`` each, one entry per answer position (``y != ignore_index``).
+
+    ``needed`` is one past the first earlier position holding the same token as the query
+    (``-1`` if there is none).
+    """
+    if x.shape != y.shape or x.dim() != 2:
+        raise ValueError(f"x and y must be [B, N] of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    bi, qi = (y != ignore_index).nonzero(as_tuple=True)
+    n = x.shape[1]
+    same = x[bi] == x[bi, qi].unsqueeze(1)  # [Q, N]: where the query's token occurs
+    same &= torch.arange(n, device=x.device)[None, :] < qi[:, None]  # only before the query
+    first = torch.where(same.any(1), same.float().argmax(1), torch.full_like(qi, -2))
+    return bi, qi, first + 1
+
+
+def routing_recall(
+    routing: Any, batch: torch.Tensor, query: torch.Tensor, needed: torch.Tensor
+) -> dict[str, float | int]:
+    """Recall of the needed positions by the routed experts (one layer's routing).
+
+    Args:
+        routing: a ``CausalRouting`` (``expert_index`` [B, H, N, s], ``key_index`` [B, H, nq, n_l, k] for
+            ``"prefix"`` or [B, H, n_l, k] for ``"frozen"``, ``horizon``, ``block_size``).
+        batch, query, needed: from :func:`needed_positions`.
+
+    Returns ``queries`` (counted), ``own_block`` (fraction whose needed position is in their own block),
+    and over the other queries: ``recall_any_head`` (some head's expert holds it), ``recall_mean_head``
+    (the average over heads), ``routable`` (fraction with at least one landmark to route to).
+    Experts beyond the first (``s > 1``) count too: a hit in any of a head's experts is a hit.
+    """
+    ei, ki, b = routing.expert_index, routing.key_index, int(routing.block_size)
+    if routing.horizon not in ("prefix", "frozen"):
+        raise ValueError(f"unknown landmark horizon {routing.horizon!r}")
+    if not (batch.shape == query.shape == needed.shape):
+        raise ValueError("batch, query and needed must have one shape")
+    ok = needed >= 0
+    batch, query, needed = batch[ok], query[ok], needed[ok]
+    own = (needed // b) == (query // b)
+    far = ~own
+    bq, qq, nq = batch[far], query[far], needed[far]
+    experts = ei[bq, :, qq]  # [Q, H, s]
+    if routing.horizon == "prefix":
+        blocks = (qq // b)[:, None, None].expand_as(experts)
+        heads = torch.arange(ei.shape[1], device=ei.device)[None, :, None].expand_as(experts)
+        sets = ki[bq[:, None, None], heads, blocks, experts.clamp_min(0)]  # [Q, H, s, k]
+    else:
+        heads = torch.arange(ei.shape[1], device=ei.device)[None, :, None].expand_as(experts)
+        sets = ki[bq[:, None, None], heads, experts.clamp_min(0)]  # [Q, H, s, k]
+    hit = ((sets == nq[:, None, None, None]).any(-1) & (experts >= 0)).any(-1)  # [Q, H]
+    total = int(ok.sum())
+    n_far = int(far.sum())
+    return {
+        "queries": total,
+        "own_block": float(own.float().mean()) if total else float("nan"),
+        "recall_any_head": float(hit.any(1).float().mean()) if n_far else float("nan"),
+        "recall_mean_head": float(hit.float().mean()) if n_far else float("nan"),
+        "routable": float((experts >= 0).any(-1).any(-1).float().mean()) if n_far else float("nan"),
+    }

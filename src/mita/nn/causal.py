@@ -1,0 +1,288 @@
+"""Causal token mixers for decoders, behind one registry: ``full``, ``mita``, ``moba``, ``window``.
+
+A mixer maps head-split ``q, k, v`` ``[B, H, N, d]`` (already projected and rotated) to ``[B, H, N, d]``
+with output ``i`` depending on tokens ``<= i`` only, and makes a decoding cache (:meth:`new_cache`)
+whose ``append(q, k, v)`` returns the outputs of ``T >= 1`` new tokens given everything appended so far.
+Query ``i`` sits in block ``beta(i) = i // block_size``.
+
+- ``full``: exact causal softmax attention (``F.scaled_dot_product_attention(is_causal=True)``).
+- ``mita``: causal MiTA (SPEC §5) through :func:`mita.mita_attention` ``(causal=True)``, landmarks the
+  block means of the queries; decoding with :class:`mita.MiTACache`.
+- ``moba``: causal MoBA (Lu et al., 2025): block gate keys are the mean keys of complete blocks; query
+  ``i`` attends, in one softmax, to its own block causally (always on) and to the ``top_blocks`` past
+  blocks ``j < beta(i)`` with the highest ``q_i . mean(K_j)``; blocks ``>= beta(i)`` are masked with
+  ``-inf`` *before* the top-s choice, so a future block can never push a past one out.
+- ``window``: own block (causally) and the previous block only: the no-retrieval floor at the same
+  block size.
+
+Budgets per query (keys in the softmax): full ``i + 1``; mita ``beta + topk + (i mod b) + 1``
+(landmarks, one routed expert, own block); moba ``top_blocks * b + (i mod b) + 1``; window
+``b + (i mod b) + 1``. ``moba`` with ``top_blocks * block_size == topk`` is MiTA's matched budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CAUSAL_KINDS",
+    "CausalMixer",
+    "FullCausal",
+    "MiTACausal",
+    "MoBACausal",
+    "WindowCausal",
+    "DenseCache",
+    "build_causal_mixer",
+]
+
+
+def _positive_int(name: str, val: Any) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+    return val
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k, v must be [B, H, N, d] with equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+
+
+class CausalMixer(nn.Module):
+    """Base of the causal mixers: :meth:`forward` over a whole sequence, :meth:`new_cache` for decoding."""
+
+    kind = ""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_cache(self) -> Any:
+        """An empty decoding cache with ``append(q, k, v) -> out`` (one per layer and sequence batch)."""
+        return DenseCache(self)
+
+    def allowed(self, q_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, H, T, L]`` (or broadcastable) mask: which cached keys each new query may attend to.
+
+        ``q`` holds the new queries at absolute positions ``q_pos`` ``[T]``; ``k`` all keys ``0..L-1``.
+        """
+        raise NotImplementedError
+
+
+class DenseCache:
+    """Decoding cache keeping every key and value; new queries attend through :meth:`CausalMixer.allowed`.
+
+    Exact for ``full`` and ``window``, and for ``moba`` (which re-scores the complete blocks each step: its
+    reference code has no sparse decode either). ``append`` accepts any chunk length ``T >= 1``.
+    """
+
+    def __init__(self, mixer: CausalMixer) -> None:
+        self.mixer = mixer
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens appended so far."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Add ``T`` new tokens ``[B, H, T, d]``; return their outputs ``[B, H, T, d]``."""
+        _check_qkv(q, k, v)
+        start = self.length
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        q_pos = torch.arange(start, start + q.shape[2], device=q.device)
+        keep = self.mixer.allowed(q_pos, q, self.k)  # True = take part (SDPA's convention)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=keep)
+
+
+class FullCausal(CausalMixer):
+    """Exact causal softmax attention."""
+
+    kind = "full"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _check_qkv(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def allowed(self, q_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        k_pos = torch.arange(k.shape[2], device=k.device)
+        return k_pos[None, :] <= q_pos[:, None]  # [T, L]
+
+
+class WindowCausal(CausalMixer):
+    """Own block (causal) plus the whole previous block: keys ``(beta(i) - 1) * b <= t <= i``.
+
+    The parallel form works block by block (``[N, 2b]`` logits, never ``N x N``).
+    """
+
+    kind = "window"
+
+    def __init__(self, block_size: int = 64) -> None:
+        super().__init__()
+        self.block_size = _positive_int("block_size", block_size)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _check_qkv(q, k, v)
+        b, h, n, d = q.shape
+        bs = self.block_size
+        nb = -(-n // bs)
+        pad = nb * bs - n
+
+        def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, H, N, e] -> [B, H, nb, bs, e]
+            return F.pad(t, (0, 0, 0, pad)).reshape(b, h, nb, bs, t.shape[-1])
+
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)
+        # keys of block j: block j-1 then block j -> [B, H, nb, 2 bs, e] (block -1 is zeros, masked below)
+        kk = torch.cat((F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :-1], kb), dim=3)
+        vv = torch.cat((F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :-1], vb), dim=3)
+        i = torch.arange(bs, device=q.device)
+        own = i[None, :] <= i[:, None]  # [bs, bs] causal inside the block
+        prev = torch.ones(nb, bs, bs, dtype=torch.bool, device=q.device)
+        prev[0] = False  # the first block has no previous block
+        keep = torch.cat((prev, own.expand(nb, bs, bs)), dim=2)  # [nb, bs, 2 bs]
+        out = F.scaled_dot_product_attention(
+            qb.reshape(b, h * nb, bs, d), kk.reshape(b, h * nb, 2 * bs, d),
+            vv.reshape(b, h * nb, 2 * bs, -1), attn_mask=keep.repeat(h, 1, 1),
+        )  # fmt: skip
+        return out.reshape(b, h, nb * bs, -1)[:, :, :n]
+
+    def allowed(self, q_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        k_pos = torch.arange(k.shape[2], device=k.device)
+        lo = (q_pos // self.block_size - 1) * self.block_size
+        return (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= lo[:, None])
+
+
+class MoBACausal(CausalMixer):
+    """Causal MoBA: own block forced and causal, plus ``top_blocks`` past complete blocks by mean key.
+
+    Written densely (an ``[N, N]`` mask per head, like MoBA's ``moba_naive``): a baseline for accuracy,
+    not for speed. Queries with fewer than ``top_blocks`` past blocks take all of them.
+    """
+
+    kind = "moba"
+
+    def __init__(self, block_size: int = 64, top_blocks: int = 1) -> None:
+        super().__init__()
+        self.block_size = _positive_int("block_size", block_size)
+        self.top_blocks = _positive_int("top_blocks", top_blocks)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _check_qkv(q, k, v)
+        q_pos = torch.arange(q.shape[2], device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed(q_pos, q, k))
+
+    def select(self, q_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, H, T, nb]``: the past blocks each query selects (never its own or a later one)."""
+        b, h, length, d = k.shape
+        bs = self.block_size
+        nc = length // bs  # complete blocks; any block a query may select is complete
+        nb = -(-length // bs)
+        chosen = torch.zeros(b, h, q.shape[2], nb, dtype=torch.bool, device=q.device)
+        s = min(self.top_blocks, nc)
+        if s == 0:
+            return chosen
+        gate_keys = k[:, :, : nc * bs].reshape(b, h, nc, bs, d).mean(3)  # [B, H, nc, d]
+        scores = q.detach() @ gate_keys.detach().transpose(-1, -2)  # [B, H, T, nc]; no gradient: a choice
+        past = torch.arange(nc, device=q.device)[None, :] < (q_pos // bs)[:, None]  # [T, nc]
+        scores = scores.masked_fill(~past, float("-inf"))  # mask the future *before* top-s
+        top = scores.topk(s, dim=-1)
+        picked = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top.indices, True)
+        picked &= past  # queries with fewer than s past blocks picked some masked ones: drop those
+        chosen[..., :nc] = picked
+        return chosen
+
+    def allowed(self, q_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        length = k.shape[2]
+        k_pos = torch.arange(length, device=k.device)
+        blocks = self.select(q_pos, q, k).repeat_interleave(self.block_size, dim=-1)[..., :length]
+        own = (k_pos[None, :] // self.block_size == q_pos[:, None] // self.block_size) & (
+            k_pos[None, :] <= q_pos[:, None]
+        )
+        return blocks | own  # [B, H, T, L]
+
+
+class MiTACausal(CausalMixer):
+    """Causal MiTA (SPEC §5): landmarks = block means of the queries, one routed expert of ``topk`` keys,
+    the shared expert over each landmark's horizon and the own block, in one softmax.
+
+    Args:
+        block_size: b, landmark block (and own-block) size.
+        topk: k, keys per routed expert.
+        landmark_horizon: ``"prefix"`` (keys before the query's block) or ``"frozen"`` (keys up to the
+            end of the landmark's own block); SPEC §5.2.
+        backend: the op backend (``"auto"`` | ``"torch"`` | ``"reference"``).
+
+    Set ``record_routing = True`` to keep the last forward's routing in ``last_routing``.
+    """
+
+    kind = "mita"
+
+    def __init__(
+        self, block_size: int = 64, topk: int = 64, landmark_horizon: str = "prefix", backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.block_size = _positive_int("block_size", block_size)
+        self.topk = _positive_int("topk", topk)
+        if landmark_horizon not in ("prefix", "frozen"):
+            raise ValueError(f"landmark_horizon must be 'prefix' or 'frozen', got {landmark_horizon!r}")
+        self.landmark_horizon, self.backend = landmark_horizon, backend
+        self.record_routing = False
+        self.last_routing: Any = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from mita import mita_attention
+        from mita.landmarks import block_mean
+
+        _check_qkv(q, k, v)
+        res = mita_attention(
+            q, k, v, block_mean(q, self.block_size), topk=self.topk, causal=True,
+            block_size=self.block_size, landmark_horizon=self.landmark_horizon, backend=self.backend,
+            return_routing=self.record_routing,
+        )  # fmt: skip
+        if not self.record_routing:
+            return res
+        out, self.last_routing = res
+        return out
+
+    def new_cache(self) -> Any:
+        from mita import MiTACache
+
+        return MiTACache(topk=self.topk, block_size=self.block_size, landmark_horizon=self.landmark_horizon)
+
+
+CAUSAL_CLASSES: dict[str, type[CausalMixer]] = {
+    "full": FullCausal,
+    "mita": MiTACausal,
+    "moba": MoBACausal,
+    "window": WindowCausal,
+}
+CAUSAL_KINDS = tuple(CAUSAL_CLASSES)
+#: The options each kind takes (others given to :func:`build_causal_mixer` are dropped, so one set of
+#: settings can be carried across kinds, as ``mita train --attention`` does).
+CAUSAL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "mita": ("block_size", "topk", "landmark_horizon", "backend"),
+    "moba": ("block_size", "top_blocks"),
+    "window": ("block_size",),
+}
+ALL_OPTIONS = frozenset(o for opts in CAUSAL_OPTIONS.values() for o in opts)
+
+
+def build_causal_mixer(kind: str, **kw: Any) -> CausalMixer:
+    """The causal mixer ``kind`` (one of :data:`CAUSAL_KINDS`) with the options it takes from ``kw``.
+
+    Options no kind knows raise ValueError naming them; options of other kinds are ignored.
+    """
+    if kind not in CAUSAL_CLASSES:
+        raise ValueError(f"unknown causal attention kind {kind!r}; choose one of {CAUSAL_KINDS}")
+    unknown = set(kw) - ALL_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown causal attention options {sorted(unknown)}; known: {sorted(ALL_OPTIONS)}")
+    return CAUSAL_CLASSES[kind](**{k: v for k, v in kw.items() if k in CAUSAL_OPTIONS[kind]})
