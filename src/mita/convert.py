@@ -87,13 +87,16 @@ def _model_layout(model: nn.Module) -> dict[str, Any]:
     """Grid and prefix tokens of a ViT-like model (timm's or ours), to default the layout of new modules.
 
     A timm model built with ``dynamic_img_size=True`` has no fixed grid: the grid is left out here and
-    :func:`_track_input_grid` gives it to the modules on every forward.
+    :func:`_track_input_grid` gives it to the modules on every forward. A model with prefix tokens but no
+    patch grid (timm's NaFlexVit, whose padded sequences hold images of any shape) gets ``"seq"``.
     """
     pe = getattr(model, "patch_embed", None)
     grid = getattr(pe, "grid_size", None)
     prefix = getattr(model, "num_prefix_tokens", None)
-    if grid is None or prefix is None:
+    if prefix is None:
         return {}
+    if grid is None:  # prefix tokens but no fixed grid (timm's NaFlexVit packs patches of any image size)
+        return {"layout": "seq", "prefix_tokens": int(prefix)}
     if getattr(model, "dynamic_img_size", False):
         return {"layout": "grid", "grid": None, "prefix_tokens": int(prefix)}
     return {"layout": "grid", "grid": tuple(int(g) for g in grid), "prefix_tokens": int(prefix)}

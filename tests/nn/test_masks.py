@@ -121,11 +121,12 @@ def test_timm_naflexvit_key_only_mask_from_patch_valid():
     junk = patches.masked_fill(~valid[..., None], 0.0) + 100 * torch.randn_like(patches) * ~valid[..., None]
     x = {"patches": patches, "patch_coord": coord.expand(b, -1, -1), "patch_valid": valid}
     x_junk = {**x, "patches": junk}
-    seq = dict(layout="seq", prefix_tokens=model.num_prefix_tokens)
     with torch.no_grad():
         ref = model(x)
-        torch.testing.assert_close(mita.convert(model, "full", **seq)(x), ref, rtol=1e-5, atol=1e-5)
-        m = mita.convert(model, "mita", num_landmarks=3, topk=4, **seq)
+        torch.testing.assert_close(mita.convert(model, "full")(x), ref, rtol=1e-5, atol=1e-5)
+        m = mita.convert(model, "mita", num_landmarks=3, topk=4)
+        # no fixed patch grid: a sequence after the model's prefix tokens
+        assert (m.blocks[0].attn.layout, m.blocks[0].attn.prefix_tokens) == ("seq", model.num_prefix_tokens)
         out = m(x)
         torch.testing.assert_close(m(x_junk), out, rtol=1e-5, atol=1e-5)
         unmasked = m({**x_junk, "patch_valid": torch.ones(b, n, dtype=torch.bool)})
