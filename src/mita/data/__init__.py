@@ -8,6 +8,6 @@ See ``docs/data.md``.
 """
 
 from .build import SPLITS, build_dataset
-from .tasks import PAD_ID, TASKS, TaskInfo, get_task
+from .tasks import DATA_TASKS, PAD_ID, TASKS, TaskInfo, get_task
 
-__all__ = ["TaskInfo", "TASKS", "PAD_ID", "SPLITS", "get_task", "build_dataset"]
+__all__ = ["TaskInfo", "TASKS", "DATA_TASKS", "PAD_ID", "SPLITS", "get_task", "build_dataset"]
