@@ -78,7 +78,8 @@ def test_run_files_are_0644(tmp_path, args):
 
 def test_max_steps_beyond_the_run_is_reported(tmp_path, capsys, cache_dir):
     run = tmp_path / "run"
-    # the tiny preset runs 20 steps; --max-steps only shortens a run
-    assert cli.main(TINY + ["--max-steps", "500", "--cache-dir", cache_dir, "--out", str(run)]) == 0
-    assert "--max-steps 500 is more than this run's 20 steps" in capsys.readouterr().err
-    assert json.loads((run / "summary.json").read_text())["steps"] == 20
+    # one epoch is 6 steps; --max-steps only shortens a run
+    args = TINY + ["--epochs", "1", "--max-steps", "500", "--cache-dir", cache_dir, "--out", str(run)]
+    assert cli.main(args) == 0
+    assert "--max-steps 500 is more than this run's 6 steps" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
