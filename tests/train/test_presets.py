@@ -40,7 +40,11 @@ def test_command_line_overrides_win():
 
 
 def test_every_task_has_a_default_and_bad_names_fail():
-    assert set(DEFAULT_PRESET) == {"fmnist", *LRA} and set(DEFAULT_PRESET.values()) <= set(PRESETS)
+    from mita.data import TASKS
+
+    assert set(TASKS) <= set(DEFAULT_PRESET) and set(DEFAULT_PRESET.values()) <= set(PRESETS)
+    for task in TASKS:  # every registered task trains with its default preset
+        assert get_preset(task).applies_to(task)
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         model_spec(get_preset("listops"), get_task("listops"), "flash")
     with pytest.raises(ValueError, match="for task"):
@@ -61,3 +65,15 @@ def test_a_task_without_a_default_preset_says_so(monkeypatch):
     monkeypatch.setitem(TASKS, "listops-copy", get_task("listops"))
     with pytest.raises(ValueError, match="task 'listops-copy' has no default preset; pass --preset"):
         get_preset("listops-copy")
+
+
+def test_language_models_train_with_the_causal_kinds():
+    pytest.importorskip("mita.nn.causal")
+    from mita.nn.causal import CAUSAL_CLASSES
+    from mita.train.config import TrainConfig
+    from mita.train.presets import attention_kinds
+
+    assert attention_kinds("gpt") == tuple(CAUSAL_CLASSES) and "agent" not in attention_kinds("gpt")
+    assert "window" not in attention_kinds("seq") and set(attention_kinds()) >= set(CAUSAL_CLASSES)
+    with pytest.raises(ValueError, match="unknown attention 'window'; valid kinds: mita, full"):
+        TrainConfig("listops", attention="window").validate()

@@ -41,12 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a classifier on a task with MiTA or a baseline attention. "
         "Multi-GPU/multi-process: torchrun --nproc_per_node=N -m mita train ...",
     )
-    from mita.data import TASKS
-    from mita.nn.registry import ATTENTION_CLASSES
+    from mita.data import DATA_TASKS, TASKS
+
+    from .presets import attention_kinds
 
     # choices come from the registries, so a newly registered task or attention kind is trainable at once
-    p.add_argument("--task", required=True, choices=list(TASKS))
-    p.add_argument("--attention", default="mita", choices=list(ATTENTION_CLASSES))
+    p.add_argument("--task", required=True, choices=[*TASKS, *DATA_TASKS])
+    p.add_argument("--attention", default="mita", choices=attention_kinds())
     p.add_argument(
         "--preset", "--model", dest="preset",
         help=f"model preset (default: the task's); one of {', '.join(PRESETS)} (--model: the old spelling)",
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="num_workers",
         help="data-loader workers (0: exact resume even with augmentation)",
     )
+    p.add_argument("--img-size", type=_positive, help="imagefolder: image side (= --data-arg img_size=N)")
     p.add_argument(
         "--init-from", metavar="PATH",
         help="start from these weights (mita run dir or .safetensors of any attention kind, or a timm-key "
@@ -119,6 +121,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     values["data_kwargs"] = dict(values.pop("data_arg"))
     values["model_kwargs"] = dict(values.pop("model_arg"))
+    if values.get("img_size") is not None:  # a shorthand for the data argument
+        values["data_kwargs"]["img_size"] = values["img_size"]
+    values.pop("img_size", None)
     if values["out"] is None:
         values["out"] = f"runs/{args.task}-{args.attention}-s{args.seed}"
     return TrainConfig(**values)
@@ -149,6 +154,10 @@ def _check_model(config: TrainConfig, preset: Preset) -> None:
     from .presets import build, model_spec
 
     info = get_task(config.task)
+    if config.task == "imagefolder":  # sized by the folder; scanning it reports bad images before any work
+        from mita.data.imagefolder import folder_info_for
+
+        info = folder_info_for(config.data_root, {**preset.data_kwargs, **config.data_kwargs})
     seq_len = {**preset.data_kwargs, **config.data_kwargs}.get("seq_len")
     if seq_len is not None and info.seq_len is not None:
         info = dataclasses.replace(info, seq_len=seq_len)
@@ -159,6 +168,11 @@ def _check_model(config: TrainConfig, preset: Preset) -> None:
             model = build(builder, kwargs)
         except TypeError as err:
             raise ValueError(f"cannot build {builder} with these settings: {err}") from None
+        if config.init_from and not config.resume:  # --init-from's shapes, before the run directory exists
+            from .init_from import init_from
+
+            flags = {"resize_pos_embed": config.resize_pos_embed, "new_head": config.new_head}
+            init_from(model, config.init_from, **flags)
         if info.kind == "image":
             x = torch.zeros(1, info.channels or 1, *info.image_size)
         elif info.seq_len is None:  # a task without a fixed length: nothing to try the model on

@@ -97,18 +97,16 @@ class TrainConfig:
         device, the data and model keywords. Raises ValueError naming the flag; creates nothing, so it
         runs before the run directory exists."""
         from mita.data import build_dataset, get_task
-        from mita.nn.registry import ATTENTION_CLASSES
 
-        from .presets import get_preset
+        from .presets import attention_kinds, get_preset
 
         get_task(self.task)
         from .init_from import check_config
 
         check_config(self)
-        if self.attention not in ATTENTION_CLASSES:
-            kinds = ", ".join(ATTENTION_CLASSES)
-            raise ValueError(f"unknown attention {self.attention!r}; valid kinds: {kinds}")
-        get_preset(self.task, self.preset)
+        kinds = attention_kinds(get_preset(self.task, self.preset).builder)
+        if self.attention not in kinds:
+            raise ValueError(f"unknown attention {self.attention!r}; valid kinds: {', '.join(kinds)}")
         for name in _POSITIVE_INTS:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):

