@@ -58,7 +58,7 @@ class RoutingLayout:
     @classmethod
     def of(cls, name: str, module: nn.Module) -> RoutingLayout:
         """Read the layout of ``module`` (named ``name``); ValueError naming what it does not say."""
-        mode = getattr(module, "landmark_mode", None) or getattr(module, "landmarks_mode", None)
+        mode = getattr(module, "landmark_mode", None)
         values = {
             "layout": getattr(module, "layout", None),
             "prefix_tokens": getattr(module, "prefix_tokens", None),
