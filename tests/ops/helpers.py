@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -33,3 +34,35 @@ def padding_mask(b: int, n: int, pad_last: list[int]) -> torch.Tensor:
         if p:
             mask[i, n - p :] = True
     return mask
+
+
+def _cpu_kernel_tools_missing() -> bool:
+    from mita.ops.cpu.build import _missing_tools
+
+    return _missing_tools() is not None
+
+
+# The fused CPU backend as a test parameter: skipped only where no compiler/ninja exists (a build that
+# fails with the tools present fails the test, so CI cannot silently lose the fast path).
+CPU = pytest.param(
+    "cpu", marks=pytest.mark.skipif(_cpu_kernel_tools_missing(), reason="no C++ compiler or ninja")
+)
+
+
+def same_routing(ref, got, backend: str, mask: torch.Tensor | None = None) -> bool:
+    """Routing equality. The cpu backend lists each landmark's keys in increasing index order (torch.topk's
+    order is unspecified), so there the key *sets* are compared, with padded picks (possible only when
+    fewer than k keys are real) counted rather than named."""
+    if not torch.equal(ref.expert_index, got.expert_index):
+        return False
+    if backend != "cpu":
+        return torch.equal(ref.key_index, got.key_index)
+
+    def canon(idx: torch.Tensor) -> torch.Tensor:
+        if mask is not None:
+            b, h, m, k = idx.shape
+            pad = mask[:, None, None, :].expand(b, h, m, -1).gather(3, idx)
+            idx = idx.masked_fill(pad, -1)
+        return idx.sort(-1).values
+
+    return torch.equal(canon(ref.key_index), canon(got.key_index))

@@ -1,4 +1,5 @@
-"""The torch backend against the dense reference: forward and every gradient, over a grid of shapes."""
+"""The fast backends (torch, and the fused cpu kernel) against the dense reference: forward and every
+gradient, over a grid of shapes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 from mita import mita_attention
 
-from .helpers import make_inputs, padding_mask
+from .helpers import CPU, make_inputs, padding_mask, same_routing
+
+FAST = ["torch", CPU]
 
 # (B, H, Hkv, N, d, m, k, s, dedup, pad): N is deliberately not a multiple of m or of any tile size.
 CASES = {
@@ -37,15 +40,14 @@ def _grads(loss, inputs):
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
-def _compare(case, dtype, atol, rtol, shared=True, routed=True):
+def _compare(case, dtype, atol, rtol, shared=True, routed=True, backend="torch"):
     b, h, hkv, n, d, m, k, s, dedup, pad = CASES[case]
     q, kk, v, r = make_inputs(b, h, hkv, n, d, m, dtype=dtype, seed=hash(case) % 1000)
     mask = padding_mask(b, n, pad) if pad else None
     kw = dict(topk=k, experts_per_query=s, dedup=dedup, key_padding_mask=mask, shared=shared, routed=routed)
     out_ref, rt_ref = _run("reference", q, kk, v, r, **kw)
-    out_t, rt_t = _run("torch", q, kk, v, r, **kw)
-    assert torch.equal(rt_ref.expert_index, rt_t.expert_index)
-    assert torch.equal(rt_ref.key_index, rt_t.key_index)
+    out_t, rt_t = _run(backend, q, kk, v, r, **kw)
+    assert same_routing(rt_ref, rt_t, backend, mask)
     torch.testing.assert_close(out_t, out_ref, atol=atol, rtol=rtol)
     weight = torch.randn_like(out_ref)  # a generic upstream gradient
     g_ref = _grads((out_ref * weight).sum(), [q, kk, v, r])
@@ -57,19 +59,22 @@ def _compare(case, dtype, atol, rtol, shared=True, routed=True):
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_torch_matches_reference_float64(case):
-    _compare(case, torch.float64, atol=1e-10, rtol=1e-9)
+def test_torch_matches_reference_float64(case, backend):
+    _compare(case, torch.float64, atol=1e-10, rtol=1e-9, backend=backend)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("case", ["basic", "s2_dedup", "gqa_half", "padding", "many_tiles"])
-def test_torch_matches_reference_float32(case):
-    _compare(case, torch.float32, atol=2e-5, rtol=2e-5)
+def test_torch_matches_reference_float32(case, backend):
+    _compare(case, torch.float32, atol=2e-5, rtol=2e-5, backend=backend)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("case", ["basic", "s2", "padding", "mqa"])
 @pytest.mark.parametrize("which", ["shared_only", "routed_only"])
-def test_ablations_match_reference(case, which):
+def test_ablations_match_reference(case, which, backend):
     _compare(
         case,
         torch.float64,
@@ -77,10 +82,12 @@ def test_ablations_match_reference(case, which):
         rtol=1e-9,
         shared=which == "shared_only",
         routed=which != "shared_only",
+        backend=backend,
     )
 
 
-def test_unchosen_landmark_and_key_chosen_by_all():
+@pytest.mark.parametrize("backend", FAST)
+def test_unchosen_landmark_and_key_chosen_by_all(backend):
     """A landmark no query routes to, and a key every landmark selects, both handled identically."""
     b, h, n, d, m, k = 2, 2, 40, 8, 5, 6
     q, kk, v, r = make_inputs(b, h, h, n, d, m, requires_grad=False)
@@ -98,8 +105,8 @@ def test_unchosen_landmark_and_key_chosen_by_all():
     out_ref, rt = _run("reference", q, kk, v, r, topk=k)
     assert not (rt.expert_index == 0).any(), "landmark 0 should receive no query"
     assert (rt.key_index == 7).any(-1).all(), "key 7 should be selected by every landmark"
-    out_t, rt_t = _run("torch", q, kk, v, r, topk=k)
-    assert torch.equal(rt.key_index, rt_t.key_index) and torch.equal(rt.expert_index, rt_t.expert_index)
+    out_t, rt_t = _run(backend, q, kk, v, r, topk=k)
+    assert same_routing(rt, rt_t, backend)
     torch.testing.assert_close(out_t, out_ref, atol=1e-10, rtol=1e-9)
     g_ref = torch.autograd.grad(out_ref.square().sum(), [q, kk, v, r])
     g_t = torch.autograd.grad(out_t.square().sum(), [q, kk, v, r])
@@ -107,12 +114,13 @@ def test_unchosen_landmark_and_key_chosen_by_all():
         torch.testing.assert_close(a, e, atol=1e-9, rtol=1e-9)
 
 
-def test_pooled_landmarks_gradient_reaches_queries_through_both_paths():
+@pytest.mark.parametrize("fast", FAST)
+def test_pooled_landmarks_gradient_reaches_queries_through_both_paths(fast):
     from mita.landmarks import pool_1d
 
     q, kk, v, _ = make_inputs(2, 2, 2, 30, 8, 4)
     grads = []
-    for backend in ("reference", "torch"):
+    for backend in ("reference", fast):
         out = mita_attention(q, kk, v, pool_1d(q, 4), topk=5, backend=backend)
         grads.append(torch.autograd.grad(out.sin().sum(), q)[0])
     torch.testing.assert_close(grads[1], grads[0], atol=1e-10, rtol=1e-9)

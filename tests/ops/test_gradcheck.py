@@ -1,4 +1,4 @@
-"""torch.autograd.gradcheck in float64 on small shapes for both backends."""
+"""torch.autograd.gradcheck in float64 on small shapes for every CPU backend."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from mita import mita_attention
 
-from .helpers import make_inputs, padding_mask
+from .helpers import CPU, make_inputs, padding_mask
 
 SETTINGS = {
     "s1": dict(topk=4),
@@ -17,7 +17,7 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", CPU])
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_gradcheck(backend, setting):
     kw = dict(SETTINGS[setting])

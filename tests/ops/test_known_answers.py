@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from mita import mita_attention
 
-from .helpers import make_inputs, padding_mask
+from .helpers import CPU, make_inputs, padding_mask
 
-BACKENDS = ["reference", "torch"]
+BACKENDS = ["reference", "torch", CPU]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

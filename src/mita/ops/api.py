@@ -10,7 +10,7 @@ from .common import Problem, Routing
 from .reference import reference_forward
 from .torch_backend import torch_forward
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton", "cpu")
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -133,11 +133,29 @@ def triton_available() -> tuple[bool, str]:
 AUTO_USES_TRITON = False
 
 
+def cpu_available() -> tuple[bool, str]:
+    """Whether the fused CPU kernel (``backend="cpu"``) is built and loaded here, and if not, why."""
+    from .cpu.build import availability
+
+    return availability()
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if AUTO_USES_TRITON and device.type == "cuda" and triton_available()[0]:
             return "triton"
+        if device.type == "cpu":
+            ok, why = cpu_available()
+            if ok:
+                return "cpu"
+            from .cpu.build import warn_fallback_once
+
+            warn_fallback_once(why)
         return "torch"
+    if backend == "cpu":
+        ok, why = cpu_available() if device.type == "cpu" else (False, f"inputs are on {device}, not the CPU")
+        if not ok:
+            raise RuntimeError(f"backend='cpu' is unavailable: {why}")
     if backend == "triton":
         ok, why = triton_available()
         if not ok:
@@ -191,8 +209,10 @@ def mita_attention(
             A row whose keys are all padding is an error: ValueError in eager mode; under
             ``torch.compile`` a RuntimeError from a device-side check (``torch._assert_async``).
         backend: ``"reference"`` (dense, the definition), ``"torch"`` (expert-major, no N x N tensor),
-            ``"triton"`` (fused GPU kernels) or ``"auto"`` (torch for now; Triton on CUDA once the kernels
-            are validated on a GPU, see ``AUTO_USES_TRITON``).
+            ``"cpu"`` (fused C++ kernel, built on first use; needs a compiler and ninja),
+            ``"triton"`` (fused GPU kernels) or ``"auto"`` (on CPU: ``"cpu"`` when it builds, else torch
+            with one warning; on CUDA: torch for now, Triton once the kernels are validated on a GPU, see
+            ``AUTO_USES_TRITON``).
         return_routing: also return :class:`Routing` (``expert_index`` [B, H, N, s] and ``key_index``
             [B, H, m, k]); indices carry no gradient.
 
@@ -242,6 +262,10 @@ def mita_attention(
         out, routing = reference_forward(p, q, k, v, landmarks, key_padding_mask)
     elif chosen == "torch":
         out, routing = torch_forward(p, q, k, v, landmarks, key_padding_mask)
+    elif chosen == "cpu":
+        from .cpu.backend import cpu_forward
+
+        out, routing = cpu_forward(p, q, k, v, landmarks, key_padding_mask)
     else:
         from .triton.backend import triton_forward
 

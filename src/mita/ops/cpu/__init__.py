@@ -1,0 +1,5 @@
+"""Fused CPU backend (``backend="cpu"``): a C++ kernel built on first use, see :mod:`.build`."""
+
+from .build import availability
+
+__all__ = ["availability"]

@@ -1,0 +1,168 @@
+"""The ``"cpu"`` backend: torch for the dense landmark products, fused kernels for everything else.
+
+torch computes ``R K^T`` (its softmax and ``A = P V``, with autograd carrying the gradients of ``R``, ``K``
+and ``V`` through ``A``) and ``Q R^T``. The kernels (``kernel.cpp``) choose each landmark's top-k keys,
+route each query (argmax, s = 1) and compute the attention step — one online softmax over the m shared
+logits and the s*k routed logits — expert by expert, with a backward that recomputes the probabilities
+from the saved log-sum-exp. Both are ``torch.library.custom_op``s with fake implementations, so they
+survive ``torch.compile``; nothing here syncs with the host.
+
+Top-k ties go to the lower key index and the indices come largest score first; the selected *set* is
+the same as the other backends' (``torch.topk``), whose order within a landmark's list is unspecified.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import Problem, Routing
+from ..torch_backend import _dedup_mask
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("mita::cpu_topk", mutates_args=())
+def cpu_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices [..., k] of the k largest entries of each row of ``scores`` [..., N], largest first."""
+    return torch.ops.mita_cpu.topk(scores, k)
+
+
+@cpu_topk.register_fake
+def _(scores, k):
+    return scores.new_empty(*scores.shape[:-1], k, dtype=torch.long)
+
+
+@torch.library.custom_op("mita::cpu_attention", mutates_args=())
+def cpu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qr: Tensor,
+    shared_values: Tensor | None,
+    key_index: Tensor,
+    expert_index: Tensor | None,
+    pad: Tensor | None,
+    dup: Tensor | None,
+    scale: float,
+    landmark_scale: float,
+    routed: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Output [B, H, N, dv], log-sum-exp [B, H, N] and, when ``expert_index`` is None (s = 1), the
+    routing argmax [B, H, N, 1] (else an empty tensor). float32 or float64."""
+    return torch.ops.mita_cpu.fwd(
+        q, k, v, qr, shared_values, key_index, expert_index, pad, dup, scale, landmark_scale, routed
+    )
+
+
+@cpu_attention.register_fake
+def _(q, k, v, qr, shared_values, key_index, expert_index, pad, dup, scale, landmark_scale, routed):
+    b, h, n, _ = q.shape
+    routing = q.new_empty(0 if expert_index is not None else b, h, n, 1, dtype=torch.long)
+    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), routing
+
+
+@torch.library.custom_op("mita::cpu_attention_backward", mutates_args=())
+def cpu_attention_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qr: Tensor,
+    shared_values: Tensor | None,
+    key_index: Tensor,
+    expert_index: Tensor,
+    pad: Tensor | None,
+    dup: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    scale: float,
+    landmark_scale: float,
+    routed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq (routed part), dk and dv per query head [B, H, N_kv, .], d qr, d shared_values."""
+    return torch.ops.mita_cpu.bwd(
+        q, k, v, qr, shared_values, key_index, expert_index, pad, dup, out, lse, grad_out, scale,
+        landmark_scale, routed,
+    )  # fmt: skip
+
+
+@cpu_attention_backward.register_fake
+def _(q, k, v, qr, shared_values, key_index, expert_index, pad, dup, out, lse, grad_out, scale,
+      landmark_scale, routed):  # fmt: skip
+    b, h, nk = q.shape[0], q.shape[1], k.shape[2]
+    dsv = torch.empty_like(shared_values) if shared_values is not None else q.new_empty(0)
+    return (torch.empty_like(q), q.new_empty(b, h, nk, k.shape[-1]), q.new_empty(b, h, nk, v.shape[-1]),
+            torch.empty_like(qr), dsv)  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, qr, sv, key_index, expert_index, pad, dup, scale, landmark_scale, routed = inputs
+    out, lse, routing = output
+    if expert_index is None:
+        expert_index = routing
+    ctx.save_for_backward(q, k, v, qr, sv, key_index, expert_index, pad, dup, out, lse)
+    ctx.args = (scale, landmark_scale, routed)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_routing):
+    q, k, v, qr, sv, key_index, expert_index, pad, dup, out, lse = ctx.saved_tensors
+    dq, dk, dv, dqr, dsv = cpu_attention_backward(
+        q, k, v, qr, sv, key_index, expert_index, pad, dup, out, lse, grad_out.contiguous(), *ctx.args
+    )
+    b, h, hkv = q.shape[0], q.shape[1], k.shape[1]
+    if h != hkv:  # GQA: each query head wrote its own rows; sum them over the group, in a fixed order
+        dk = dk.reshape(b, hkv, h // hkv, *dk.shape[2:]).sum(2)
+        dv = dv.reshape(b, hkv, h // hkv, *dv.shape[2:]).sum(2)
+    return dq, dk, dv, dqr, (dsv if sv is not None else None), None, None, None, None, None, None, None
+
+
+cpu_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _landmark_side(
+    p: Problem, k: Tensor, v: Tensor, landmarks: Tensor, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """As :func:`mita.ops.common.landmark_side` (same scores, so the same key sets), with the fused
+    top-k; the shared values only when the shared expert is on."""
+    b, h, m, d = landmarks.shape
+    r = landmarks.reshape(b, p.kv_heads, p.group * m, d)
+    scores = (r @ k.transpose(-1, -2)) * p.scale  # [B, Hkv, g*m, N]
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    key_index = cpu_topk(scores.detach(), p.topk).reshape(b, h, m, p.topk)
+    if not p.shared:
+        return key_index, None
+    values = torch.softmax(scores, dim=-1) @ v
+    return key_index, values.reshape(b, h, m, v.shape[-1])
+
+
+def cpu_forward(
+    p: Problem,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    landmarks: Tensor,
+    key_padding_mask: Tensor | None,
+) -> tuple[Tensor, Routing]:
+    """SPEC §2 with the fused CPU kernels; the same choices as every other backend."""
+    out_dtype = q.dtype
+    if out_dtype not in (torch.float32, torch.float64):
+        # bf16/fp16 inputs: compute in float32 (half-precision softmax statistics lose too much).
+        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    key_index, values = _landmark_side(p, k, v, landmarks, key_padding_mask)
+    qr = q @ landmarks.transpose(-1, -2)  # [B, H, N, m]: routing scores and (times lambda) shared logits
+    if not p.shared:
+        qr = qr.detach()  # routing only: no gradient
+    expert_index = None
+    if p.experts_per_query > 1:
+        expert_index = qr.detach().topk(p.experts_per_query, dim=-1).indices
+    dup = None
+    if p.routed and p.dedup and expert_index is not None:
+        dup = _dedup_mask(p, key_index, expert_index)
+    out, _, routing = cpu_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), qr, values, key_index, expert_index,
+        key_padding_mask, dup, p.scale, p.landmark_scale, p.routed,
+    )  # fmt: skip
+    if expert_index is None:
+        expert_index = routing
+    return out.to(out_dtype), Routing(expert_index, key_index)

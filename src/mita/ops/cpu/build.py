@@ -1,0 +1,124 @@
+"""Build the fused CPU kernel on first use and cache it; say why when it cannot be built.
+
+The kernel (``kernel.cpp``) is compiled with ``torch.utils.cpp_extension`` (needs a C++ compiler and
+``ninja``) into ``$MITA_CACHE/cpu_kernel/<key>`` (default ``~/.cache/mita``), where the key hashes the
+source, the torch version, the compiler flags and this CPU's model and feature flags (the build uses
+``-march=native``). Later processes load the cached library in well under a second. ``MITA_CPU_KERNEL=0``
+turns the kernel off (``backend="auto"`` then uses the torch backend).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernel.cpp")
+CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+]
+ENV_SWITCH = "MITA_CPU_KERNEL"
+
+_state: dict[str, object] = {}  # "ok": bool, "why": str, set once per process
+
+
+def cache_root() -> Path:
+    """``$MITA_CACHE`` or ``~/.cache/mita``."""
+    return Path(os.environ.get("MITA_CACHE") or Path.home() / ".cache" / "mita")
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep) or platform.machine()
+
+
+def build_key() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (torch.__version__, " ".join(CFLAGS), _cpu_signature()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _missing_tools() -> str | None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    key = build_key()
+    build_dir = cache_root() / "cpu_kernel" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lib = build_dir / f"mita_cpu_{key}.so"
+    if lib.exists():  # built before: load it without importing the compiler tool chain
+        torch.ops.load_library(str(lib))
+        return
+    cpp_extension.load(
+        name=f"mita_cpu_{key}",
+        sources=[str(SOURCE)],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+@torch.compiler.disable
+def availability() -> tuple[bool, str]:
+    """Whether the fused CPU kernel is loaded (building it if needed), and if not, why. Cached."""
+    if "ok" not in _state:
+        ok, why = False, ""
+        if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+            why = f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+        elif (missing := _missing_tools()) is not None:
+            why = missing
+        else:
+            try:
+                _build()
+                ok = hasattr(torch.ops.mita_cpu, "fwd")
+                why = "" if ok else "the built library registered no mita_cpu ops"
+            except Exception as err:  # noqa: BLE001 - any build failure means: use the torch backend
+                lines = str(err).strip().splitlines() or [type(err).__name__]
+                # The compiler's own "error:" line says most; else the first line that mentions one.
+                first_error = next((ln for ln in lines if "error:" in ln), None) or next(
+                    (ln for ln in lines if "error" in ln.lower()), lines[-1]
+                )
+                why = f"building the CPU kernel failed: {first_error.strip()[:200]}"
+        _state.update(ok=ok, why=why)
+    return bool(_state["ok"]), str(_state["why"])
+
+
+def warn_fallback_once(why: str) -> None:
+    """One warning per process when ``backend="auto"`` falls back to the torch backend for a reason the
+    user did not choose (a deliberate ``MITA_CPU_KERNEL=0`` stays silent)."""
+    if _state.get("warned") or why.startswith("disabled by"):
+        return
+    _state["warned"] = True
+    warnings.warn(f"mita: fused CPU kernel unavailable ({why}); using the torch backend", stacklevel=3)
+
+
+def reset_for_tests() -> None:
+    """Forget the cached availability (tests that force the fallback)."""
+    _state.clear()
