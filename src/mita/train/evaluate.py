@@ -207,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, meta.get("attention"), dataset, args.attention, batch_size=args.batch_size, device=device,
             max_samples=args.test_size, amp=args.amp, num_landmarks=args.num_landmarks, topk=args.topk,
         )  # fmt: skip
+        bpt = getattr(getattr(dataset, "info", None), "bytes_per_token", None)  # byte-level LM tasks
+        if result.get("test_bits_per_byte") is None and bpt is not None:
+            from .objective import bits_per_byte
+
+            result["test_bits_per_byte"] = bits_per_byte(result.get("test_loss"), bpt)
         report = {
             "checkpoint": str(args.checkpoint),
             "task": meta["task"],
