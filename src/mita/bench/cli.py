@@ -8,24 +8,39 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from ..io import write_text
 from .measure import Case, run_case, run_isolated
-from .report import add_ratios, markdown_table, write_json, write_plot
+from .report import add_ratios, cpu_model, markdown_table, write_json, write_plot
 
 DEFAULT_NS = "1024,2048,4096,8192,16384,32768,65536"
+MITA_BACKENDS = ("torch", "cpu", "triton", "reference")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mita bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="mita bench",
+        description=__doc__,
+        epilog="Writes bench.json, bench.md and bench.png to --out (the PNG needs matplotlib; without it a "
+        "note says so at the start and the PNG is skipped). Bad options: one line on stderr, exit 2.",
+    )
     p.add_argument("--n", default=DEFAULT_NS, help="comma-separated sequence lengths (default %(default)s)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dim", type=int, default=32, help="head dimension d")
-    p.add_argument("--landmarks", type=int, default=64, help="m")
+    p.add_argument("--head-dim", "--dim", dest="dim", type=int, default=32,
+                   help="head dimension d (--dim: deprecated alias)")  # fmt: skip
+    p.add_argument("--num-landmarks", "--landmarks", dest="landmarks", type=int, default=64,
+                   help="m (--landmarks: deprecated alias)")  # fmt: skip
     p.add_argument("--topk", type=int, default=64, help="k")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backends", default=None, help="MiTA backends, default torch (+ triton on CUDA)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if available)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated MiTA backends from {', '.join(MITA_BACKENDS)}; default torch plus the "
+        "fused one of the device (cpu on CPU when it builds, triton on CUDA when available)",
+    )
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--sdpa-max-n", type=int, default=None, help="skip SDPA above this N (then no ratio)")
@@ -54,6 +69,11 @@ def _backends(args: argparse.Namespace) -> list[str]:
 
         if triton_available()[0]:
             names.append("triton")
+    else:
+        from ..ops.api import cpu_available
+
+        if cpu_available()[0]:
+            names.append("cpu")
     return names
 
 
@@ -84,27 +104,77 @@ def _vision_shape(text: str) -> tuple[int, int, int]:
     try:
         b, h, d = (int(x) for x in text.split(","))
     except ValueError:
-        msg = f"mita bench: --vision must be batch,heads,head-dim (three integers), got {text!r}"
-        raise SystemExit(msg) from None
+        raise ValueError(f"--vision must be batch,heads,head-dim (three integers), got {text!r}") from None
     if min(b, h, d) < 1:
-        raise SystemExit(f"mita bench: --vision sizes must be positive, got {text!r}")
+        raise ValueError(f"--vision sizes must be positive, got {text!r}")
     return b, h, d
 
 
 def _validate(args: argparse.Namespace) -> None:
+    """Every option checked before any work; ValueError naming the option."""
+    from ..train.config import check_device
+
+    args.device = str(check_device(args.device))
+    sizes = {"--batch": args.batch, "--heads": args.heads, "--head-dim": args.dim,
+             "--num-landmarks": args.landmarks, "--topk": args.topk, "--reps": args.reps}  # fmt: skip
+    for flag, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
     if not args.no_vision:
         _vision_shape(args.vision)
     try:
         ns = [int(x) for x in args.n.split(",")]
     except ValueError:
-        raise SystemExit(f"mita bench: --n must be comma-separated integers, got {args.n!r}") from None
+        raise ValueError(f"--n must be comma-separated integers, got {args.n!r}") from None
     if min(ns) < max(args.landmarks, args.topk):
-        raise SystemExit(f"mita bench: every N must be >= m ({args.landmarks}) and k ({args.topk})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("mita bench: --device cuda requested but CUDA is not available")
+        raise ValueError(f"every N must be >= m ({args.landmarks}) and k ({args.topk})")
     bad = set(args.modes.split(",")) - {"fwd", "fwdbwd"}
     if bad:
-        raise SystemExit(f"mita bench: unknown mode(s) {sorted(bad)}; use fwd and/or fwdbwd")
+        raise ValueError(f"unknown mode(s) {sorted(bad)}; use fwd and/or fwdbwd")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    for name in _backends(args):
+        _check_backend(name, args.device)
+
+
+def _check_backend(name: str, device: str) -> None:
+    from ..ops import triton_available
+    from ..ops.api import cpu_available
+
+    if name not in MITA_BACKENDS:
+        raise ValueError(f"--backends: unknown backend {name!r}; choose from {', '.join(MITA_BACKENDS)}")
+    if name == "triton":
+        if not device.startswith("cuda"):
+            raise ValueError("--backends triton needs --device cuda (the Triton kernels run on GPUs)")
+        ok, why = triton_available()
+        if not ok:
+            raise ValueError(f"--backends triton is unavailable here: {why}")
+    if name == "cpu":
+        if device != "cpu":
+            raise ValueError("--backends cpu needs --device cpu (it is the fused CPU kernel)")
+        ok, why = cpu_available()
+        if not ok:
+            raise ValueError(f"--backends cpu is unavailable here: {why}")
+
+
+def _check_out(out_dir: Path) -> None:
+    """Fail before the work, not after it, when --out cannot be written."""
+    from ..io import write_text
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = write_text(out_dir / ".mita-bench-write-test", "")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {str(out_dir)!r} is not writable: {err.strerror or err}") from None
+
+
+def _plot_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def meta_info(args: argparse.Namespace) -> dict:
@@ -112,7 +182,7 @@ def meta_info(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "device": args.device,
         "args": vars(args),
@@ -136,21 +206,24 @@ def main(argv: list[str] | None = None) -> int:
 
         return causal_main(raw)
     args = _parser().parse_args(argv)
-    _validate(args)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _validate(args)
+        _check_out(out_dir)
+    except ValueError as err:
+        print(f"mita bench: {err}", file=sys.stderr)
+        return 2
+    plot = _plot_available()
+    if not plot:
+        print(
+            "mita bench: matplotlib is not installed, so bench.png will be skipped (pip install matplotlib)"
+        )
     isolate = not args.in_process and not args.device.startswith("cuda")
     rows = []
     cases = _cases(args)
-    try:
-        from tqdm import tqdm
-
-        progress = tqdm(cases, desc="bench", unit="case")
-    except ImportError:  # pragma: no cover - tqdm is a core dependency
-        progress = cases
+    progress = tqdm(cases, desc="bench", unit="case")
     for label, case in progress:
-        if hasattr(progress, "set_postfix_str"):
-            progress.set_postfix_str(f"{label} N={case.n} {case.mode} {case.method}")
+        progress.set_postfix_str(f"{label} N={case.n} {case.mode} {case.method}")
         try:
             row = run_isolated(case, args.timeout) if isolate else run_case(case)
         except RuntimeError as err:  # e.g. CUDA out of memory: record it and go on
@@ -160,18 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         row["label"] = label
         rows.append(row)
     add_ratios(rows)
-    table = markdown_table(rows)
-    print(table)
     meta = meta_info(args)
+    table = markdown_table(rows, meta)
+    print(table)
     write_json(rows, meta, out_dir / "bench.json")
-    (out_dir / "bench.md").write_text(table)
-    title = (
-        f"MiTA vs SDPA, B={args.batch} H={args.heads} d={args.dim} m={args.landmarks} k={args.topk} "
-        f"{args.dtype} on {meta.get('gpu', meta['processor'])} ({args.device})"
-    )
-    plotted = write_plot(rows, out_dir / "bench.png", title)
-    print(
-        f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
-        + (f", {out_dir / 'bench.png'}" if plotted else "")
-    )
+    write_text(out_dir / "bench.md", table)
+    written = [out_dir / "bench.json", out_dir / "bench.md"]
+    if plot:
+        title = (
+            f"MiTA vs SDPA, B={args.batch} H={args.heads} d={args.dim} m={args.landmarks} k={args.topk} "
+            f"{args.dtype} on {meta.get('gpu', meta['processor'])} ({args.device})"
+        )
+        if write_plot(rows, out_dir / "bench.png", title):
+            written.append(out_dir / "bench.png")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0

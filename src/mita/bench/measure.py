@@ -132,6 +132,7 @@ def run_case(c: Case) -> dict:
         **asdict(c),
         "time_s": min(times),
         "tflops": useful_flops(c) / min(times) / 1e12,
+        "gflops": useful_flops(c) / min(times) / 1e9,
         "reps_timed": len(times),
         "peak_mem_rise_bytes": max(0, peak - base),
     }

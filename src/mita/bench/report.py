@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import platform
 from collections.abc import Sequence
 from pathlib import Path
+
+from ..io import atomic_path
+from ..io import write_json as _write_json
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _key(r: dict) -> tuple:
@@ -26,10 +40,23 @@ def _mb(x: float) -> str:
     return f"{x / 2**20:,.0f}"
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    """One row per (shape, N, mode, method): time, achieved TFLOP/s of the method's own FLOPs
-    (:func:`mita.bench.measure.useful_flops`), peak memory rise and speed-up over SDPA."""
-    head = "| shape | N | mode | method | time (ms) | TFLOP/s | peak mem rise (MiB) | speed-up vs SDPA |\n"
+def _gflops(r: dict) -> str:
+    if "gflops" in r:
+        return f"{r['gflops']:,.1f}"
+    if "tflops" in r:  # rows from before the GFLOP/s column
+        return f"{1000 * r['tflops']:,.1f}"
+    return "—"
+
+
+def markdown_table(rows: Sequence[dict], meta: dict | None = None) -> str:
+    """One row per (shape, N, mode, method): time, achieved GFLOP/s of the method's own FLOPs
+    (:func:`mita.bench.measure.useful_flops`), peak memory rise and speed-up over SDPA; with ``meta``, a
+    first line naming the CPU (or GPU), threads and torch version the figures were measured with."""
+    head = ""
+    if meta is not None:
+        where = meta.get("gpu") or f"{meta.get('processor', '?')}, {meta.get('cpu_threads', '?')} threads"
+        head = f"Measured on {where} ({meta.get('device', '?')}), torch {meta.get('torch', '?')}.\n\n"
+    head += "| shape | N | mode | method | time (ms) | GFLOP/s | peak mem rise (MiB) | speed-up vs SDPA |\n"
     head += "|---|---:|---|---|---:|---:|---:|---:|\n"
     lines = []
     for r in rows:
@@ -43,7 +70,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
                 r["mode"],
                 r["method"],
                 f"{1000 * r['time_s']:,.1f}",
-                f"{r['tflops']:.3g}" if "tflops" in r else "—",
+                _gflops(r),
                 _mb(r["peak_mem_rise_bytes"]),
                 ratio,
             ]
@@ -52,26 +79,30 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def write_json(rows: Sequence[dict], meta: dict, path: Path) -> None:
-    path.write_text(json.dumps({"meta": meta, "results": list(rows)}, indent=2))
+    """Strict JSON (non-finite numbers as null), written atomically."""
+    _write_json(path, {"meta": meta, "results": list(rows)})
 
 
 def write_plot(rows: Sequence[dict], path: Path, title: str) -> bool:
-    """Time vs N (log-log) per method and mode, and speed-up vs N. False if matplotlib is missing."""
+    """Time vs N (log-log) per method and mode, and speed-up vs N, drawn with the analysis figure helper
+    (headless, no pyplot) and written atomically. False if matplotlib is missing or no row has a time."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        from ..analysis.plots import figure
+    except ImportError:  # numpy-free installs cannot import the analysis package
         return False
     seq = [r for r in rows if r.get("label") == "seq" and "time_s" in r]
     if not seq:
         return False
-    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    try:
+        fig = figure(11, 4.2)
+    except ImportError:
+        return False
+    ax_t, ax_s = fig.subplots(1, 2)
     styles = {"fwd": "--", "fwdbwd": "-"}
     for method in sorted({r["method"] for r in seq}):
         for mode in ("fwd", "fwdbwd"):
-            pts = sorted((r["n"], r) for r in seq if r["method"] == method and r["mode"] == mode)
+            pts = sorted(((r["n"], r) for r in seq if r["method"] == method and r["mode"] == mode),
+                         key=lambda x: x[0])  # fmt: skip
             if not pts:
                 continue
             ns = [n for n, _ in pts]
@@ -90,7 +121,6 @@ def write_plot(rows: Sequence[dict], path: Path, title: str) -> bool:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return True
