@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from typing import Any
 
 # subcommand -> (module, help). Each module exposes ``main(argv: list[str] | None) -> int | None``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -16,6 +18,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mita.data.report", "build the datasets and report their sizes and class balance"),
     "generate": ("mita.generate", "continue a prompt with a trained GPT checkpoint"),
 }
+
+
+class Renamed(argparse.Action):
+    """``add_argument("--new", "--old", action=Renamed)``: stores the value; given by an old spelling, it
+    also says the new one on stderr (old spellings keep working for a release)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None):
+        if option is not None and option != self.option_strings[0]:
+            print(f"{parser.prog}: note: {option} is now {self.option_strings[0]}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _usage() -> str:

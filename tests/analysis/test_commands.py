@@ -155,7 +155,9 @@ def test_commands_fail_cleanly(listops_runs, tmp_path, capsys):
         mita_main(["grid", "--checkpoint", str(listops_runs["mita"]), "--m", "a,b", "--out", str(tmp_path)])
         == 2
     )
-    assert "--num-landmarks must be a comma-separated list" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--num-landmarks must be a comma-separated list" in err
+    assert "mita grid: note: --m is now --num-landmarks" in err  # the old spelling works, and says so
     assert mita_main(["swap", "--checkpoints", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
     assert mita_main(["swap", "--checkpoints", str(listops_runs["mita"]), "--kinds", "mita,fast",

@@ -18,6 +18,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..cli import Renamed
 from .loading import add_eval_args, evaluate_variant
 
 __all__ = ["accuracy_grid", "main"]
@@ -67,11 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mita grid", description="Accuracy over inference-time m x k")
     p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint file or run directory")
     p.add_argument(
-        "--num-landmarks", "--m", dest="num_landmarks", default="1,4,9,16,25,36,49",
+        "--num-landmarks", "--m", dest="num_landmarks", action=Renamed, default="1,4,9,16,25,36,49",
         help="comma-separated m values (numbers of landmarks; --m: the old spelling)",
     )  # fmt: skip
     p.add_argument(
-        "--topk", "--k", dest="topk", default="1,4,9,16,25,36,49",
+        "--topk", "--k", dest="topk", action=Renamed, default="1,4,9,16,25,36,49",
         help="comma-separated k values (keys per routed expert; --k: the old spelling)",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="directory for grid.json and grid.png")
@@ -96,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ms = parse_int_list(args.num_landmarks, "--num-landmarks")
         ks = parse_int_list(args.topk, "--topk")
         device = check_eval_args(args, "mita grid", figures=True)
-        out = check_writable(args.out, directory=True)
         model, meta = load_checkpoint(args.checkpoint)
+        out = check_writable(args.out, directory=True)
         dataset = eval_dataset(meta, root=args.data_root, cache_dir=args.cache_dir, size=args.test_size)
         result = accuracy_grid(
             model, dataset, ms, ks, max_samples=args.test_size, batch_size=args.batch_size, device=device

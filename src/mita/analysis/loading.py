@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..cli import Renamed
 from ..io import write_json
 
 __all__ = [
@@ -45,7 +46,12 @@ def add_eval_args(parser: argparse.ArgumentParser, batch_size: int, *, test_size
     parser.add_argument("--cache-dir", help="cache of generated tasks (default $MITA_CACHE or ~/.cache/mita)")
     if test_size:
         parser.add_argument(
-            "--test-size", "--max-samples", dest="test_size", type=positive_int, help=_TEST_HELP
+            "--test-size",
+            "--max-samples",
+            dest="test_size",
+            action=Renamed,
+            type=positive_int,
+            help=_TEST_HELP,
         )
 
 
@@ -141,7 +147,10 @@ def variant(
     kind = attention or trained
     if kind is None:
         raise ValueError("the checkpoint does not say which attention it was trained with; pass --attention")
-    kwargs = filter_kwargs(kind, {k: v for k, v in settings.items() if v is not None})
+    given = {k: v for k, v in settings.items() if v is not None}
+    if kind == trained and not given:  # nothing to change (and nothing to look up in the registry)
+        return model, {"attention": kind}
+    kwargs = filter_kwargs(kind, given)
     if kind == trained and not kwargs:
         return model, {"attention": kind}
     from mita.convert import convert

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..cli import Renamed
 from .hooks import LayerRecord, RoutingLayout, RoutingRecorder
 from .loading import add_eval_args, positive_int
 from .stats import expert_iou, expert_load, layer_stats, selection_counts
@@ -217,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         "--samples", type=positive_int, default=4, help="test inputs drawn in the maps (default 4)"
     )
     p.add_argument(
-        "--test-size", "--stats-samples", dest="test_size", type=positive_int, default=256,
+        "--test-size", "--stats-samples", dest="test_size", action=Renamed, type=positive_int, default=256,
         help="first N test inputs for the statistics (default 256; --stats-samples: the old spelling)",
     )  # fmt: skip
     p.add_argument("--head", type=int, default=0, help="head shown in the expert maps")
@@ -233,8 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         device = check_eval_args(args, "mita viz", figures=True)
-        check_writable(args.out, directory=True)
         model, meta = load_checkpoint(args.checkpoint)
+        check_writable(args.out, directory=True)
         dataset = eval_dataset(
             meta, root=args.data_root, cache_dir=args.cache_dir, size=max(args.samples, args.test_size)
         )

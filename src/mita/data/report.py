@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import Renamed
 from .build import SPLITS, build_dataset
 from .pathfinder import DIFFICULTIES
 from .tasks import TASKS
@@ -145,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="data directory of the file-based tasks (default: each task's)")
     p.add_argument("--cache-dir", default=None, help="data cache (default $MITA_CACHE or ~/.cache/mita)")
     p.add_argument(
-        "--out", "--img-dir", dest="out", help="write the example figures to this directory (default: none)"
+        "--out",
+        "--img-dir",
+        dest="out",
+        action=Renamed,
+        help="write the example figures to this directory (default: none)",
     )
     p.add_argument("--no-images", action="store_true", help="skip the figures even with --out")
     p.add_argument("--markdown", default=None, help="also write the table to this file")

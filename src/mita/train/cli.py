@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..cli import Renamed
 from .config import TrainConfig
 from .presets import PRESETS, Preset
 
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=[*TASKS, *DATA_TASKS])
     p.add_argument("--attention", default="mita", choices=attention_kinds())
     p.add_argument(
-        "--preset", "--model", dest="preset",
+        "--preset", "--model", dest="preset", action=Renamed,
         help=f"model preset (default: the task's); one of {', '.join(PRESETS)} (--model: the old spelling)",
     )  # fmt: skip
     p.add_argument("--num-landmarks", type=_positive, help="m: landmarks (MiTA, Agent)")

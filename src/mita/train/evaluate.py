@@ -197,9 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         device = check_eval_args(args, "mita eval", figures=False)
+        model, meta = load_checkpoint(args.checkpoint)
         if args.json:
             check_writable(args.json)  # before the evaluation, not after it
-        model, meta = load_checkpoint(args.checkpoint)
         dataset = eval_dataset(
             meta, split=args.split, root=args.data_root, cache_dir=args.cache_dir, size=args.test_size
         )
