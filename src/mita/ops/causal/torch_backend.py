@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import ExpertTiles, default_tile_size
 from .common import CausalProblem, CausalRouting, merge_parts, partial_softmax, route
 
 
@@ -119,20 +120,112 @@ def _prefix_sets(p: CausalProblem, scores: torch.Tensor, expert_index: torch.Ten
     return torch.cat(per_query, dim=2), (torch.stack(hist, dim=2) if history else None)
 
 
+# Rows per chunk of the per-query gather: ~8 MB temporaries, reused between chunks (big temporaries
+# cost page faults on every call on CPU, more than the gather itself).
+_CHUNK_BYTES = 8 * 2**20
+
+
+class _GatheredAttention(torch.autograd.Function):
+    """Each row ``r`` attends to its own keys ``rows[r]`` (flat rows of k/v; ``valid`` masks empty slots):
+    returns the partial softmax ``(lse [R], out [R, dv])``. Computed in chunks of rows, saving only the
+    indices: the backward gathers again (as flash attention recomputes), so no ``[R, L, d]`` tensor is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, rows, valid, scale):  # noqa: D102 - autograd plumbing
+        r_total, d = q.shape
+        width, dv = rows.shape[1], v.shape[1]
+        chunk = max(1, _CHUNK_BYTES // max(1, width * (d + dv) * q.element_size()))
+        lse, out = q.new_empty(r_total), q.new_empty(r_total, dv)
+        for lo in range(0, r_total, chunk):
+            hi = min(r_total, lo + chunk)
+            idx = rows[lo:hi].reshape(-1)
+            kg = k.index_select(0, idx).view(hi - lo, width, d)
+            vg = v.index_select(0, idx).view(hi - lo, width, dv)
+            logits = torch.bmm(q[lo:hi, None], kg.transpose(1, 2)) * scale
+            lse_c, out_c = partial_softmax(logits.masked_fill(~valid[lo:hi, None], float("-inf")), vg)
+            lse[lo:hi], out[lo:hi] = lse_c.view(-1), out_c.view(hi - lo, dv)
+        ctx.save_for_backward(q, k, v, rows, valid, lse, out)
+        ctx.scale, ctx.chunk = scale, chunk
+        return lse, out
+
+    @staticmethod
+    def backward(ctx, g_lse, g_out):  # noqa: D102 - autograd plumbing
+        q, k, v, rows, valid, lse, out = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        r_total, d = q.shape
+        width, dv = rows.shape[1], v.shape[1]
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+        g_out = torch.zeros_like(out) if g_out is None else g_out
+        dq, dk, dv_ = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for lo in range(0, r_total, chunk):
+            hi = min(r_total, lo + chunk)
+            idx = rows[lo:hi].reshape(-1)
+            kg = k.index_select(0, idx).view(hi - lo, width, d)
+            vg = v.index_select(0, idx).view(hi - lo, width, dv)
+            qc, go = q[lo:hi], g_out[lo:hi]
+            logits = torch.bmm(qc[:, None], kg.transpose(1, 2)).view(hi - lo, width) * scale
+            prob = torch.exp(logits.masked_fill(~valid[lo:hi], float("-inf")) - lse[lo:hi, None])
+            gv = torch.bmm(go[:, None], vg.transpose(1, 2)).view(hi - lo, width)  # g_out . v_t
+            base = (go * out[lo:hi]).sum(-1, keepdim=True) - g_lse[lo:hi, None]
+            dlogit = prob * (gv - base) * scale
+            dq[lo:hi] = torch.bmm(dlogit[:, None], kg).view(hi - lo, d)
+            dk.index_add_(0, idx, (dlogit[..., None] * qc[:, None]).view(-1, d))
+            dv_.index_add_(0, idx, (prob[..., None] * go[:, None]).view(-1, dv))
+        return dq, dk, dv_, None, None, None
+
+
 def _routed(p: CausalProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sets: torch.Tensor):
     """Attention of every query to its experts' keys ``sets`` [B, H, N, s, kk] (-1 = empty slot)."""
     bsz, h, n, d = q.shape
     dev = q.device
     kv_row = torch.arange(bsz, device=dev)[:, None] * p.kv_heads + torch.arange(h, device=dev) // p.group
-    valid = sets >= 0
-    rows = (kv_row[:, :, None, None, None] * n + sets.clamp_min(0)).reshape(-1)
     width = sets.shape[-2] * sets.shape[-1]
-    kg = k.reshape(-1, d).index_select(0, rows).view(bsz * h * n, width, d)
-    vg = v.reshape(-1, p.value_dim).index_select(0, rows).view(bsz * h * n, width, p.value_dim)
-    logits = (q.reshape(bsz * h * n, 1, d) @ kg.transpose(1, 2)) * p.scale
-    logits = logits.masked_fill(~valid.view(bsz * h * n, 1, width), float("-inf"))
-    lse, out = partial_softmax(logits, vg)
+    valid = (sets >= 0).view(bsz * h * n, width)
+    rows = (kv_row[:, :, None, None, None] * n + sets.clamp_min(0)).view(bsz * h * n, width)
+    lse, out = _GatheredAttention.apply(
+        q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, p.value_dim), rows, valid, p.scale
+    )
     return lse.view(bsz, h, n, 1), out.view(bsz, h, n, p.value_dim)
+
+
+def _routed_tiles(
+    p: CausalProblem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_index: torch.Tensor,
+    expert_index: torch.Tensor,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Frozen horizon: every landmark has ONE key set ``key_index`` [B, H, n_l, kk] for all query blocks,
+    so (query, expert) pairs are packed expert-major into tiles that share it (as the non-causal torch
+    backend does): each tile gathers its expert's keys once. Queries without an expert (block 0, or
+    fewer than s landmarks) go to an extra, fully masked expert. Returns one partial softmax per rank.
+
+    The pairs a tile holds depend on all queries' routing, but each row's logits and softmax are
+    computed on that row alone (row-wise products), so a query's output does not depend on its tile-mates.
+    """
+    bsz, h, n, d = q.shape
+    s, nl, kk, dv = p.experts_per_query, p.num_landmarks, key_index.shape[-1], p.value_dim
+    bh, dev = bsz * h, q.device
+    e = expert_index.masked_fill(expert_index < 0, nl)  # expert nl: the masked one
+    experts = (torch.arange(bh, device=dev).view(bsz, h, 1, 1) * (nl + 1) + e).reshape(-1)
+    tiles = ExpertTiles(experts, bh * (nl + 1), default_tile_size(n * s, nl + 1))
+    ki = torch.cat([key_index, key_index.new_full((bsz, h, 1, kk), -1)], dim=2).reshape(bh * (nl + 1), kk)
+    kv_row = torch.arange(bsz, device=dev)[:, None] * p.kv_heads + torch.arange(h, device=dev) // p.group
+    kv_row = kv_row.reshape(bh, 1).expand(bh, nl + 1).reshape(-1, 1)
+    tile_ki = ki.index_select(0, tiles.expert)  # [n_tiles, kk]
+    tile_keys = (kv_row.index_select(0, tiles.expert) * n + tile_ki.clamp_min(0)).reshape(-1)
+    kt = k.reshape(-1, d).index_select(0, tile_keys).view(tiles.n_tiles, kk, d)
+    vt = v.reshape(-1, dv).index_select(0, tile_keys).view(tiles.n_tiles, kk, dv)
+    qt = q.reshape(-1, d).index_select(0, tiles.pair.reshape(-1) // s).view(tiles.n_tiles, tiles.tile, d)
+    logits = (qt @ kt.transpose(1, 2)) * p.scale
+    logits = logits.masked_fill((tile_ki < 0).unsqueeze(1), float("-inf"))
+    lse_t, out_t = partial_softmax(logits, vt)
+    slot = tiles.slot_of_pair
+    out = out_t.reshape(-1, dv).index_select(0, slot).view(bsz, h, n, s, dv)
+    lse = lse_t.reshape(-1).index_select(0, slot).view(bsz, h, n, s)
+    return [(lse[..., r : r + 1], out[..., r, :]) for r in range(s)]
 
 
 def causal_torch_forward(
@@ -185,11 +278,10 @@ def causal_torch_forward(
                     horizon = t[None, :] < (torch.arange(nl, device=q.device)[:, None] + 1) * b
                     top = sd.masked_fill(~horizon, float("-inf")).topk(kk, dim=-1, sorted=False)
                     key_index = torch.where(top.values > float("-inf"), top.indices, -1)  # [B, H, n_l, kk]
-                    rows = expert_index.clamp_min(0).reshape(bsz, h, n * s, 1).expand(-1, -1, -1, kk)
-                    sets = key_index.gather(2, rows).view(bsz, h, n, s, kk)
-                    sets = torch.where((expert_index >= 0)[..., None], sets, -1)
-            if p.routed:
+            if p.routed and p.horizon == "prefix":
                 parts.append(_routed(p, q, k, v, sets))
+            elif p.routed:
+                parts += _routed_tiles(p, q, k, v, key_index, expert_index)
     out = merge_parts(parts).to(out_dtype)
     if not return_routing:
         return out, None
