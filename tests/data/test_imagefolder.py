@@ -156,3 +156,74 @@ def test_layout_errors(tmp_path):
         ImageFolder(make_folder(tmp_path / "ok"), "train", img_size=0)
     with pytest.raises(ValueError, match="splits"):
         ImageFolder(tmp_path / "ok", "dev", img_size=8)
+
+
+def test_build_dataset_task(tmp_path):
+    from mita.data import build_dataset, get_task
+
+    root = make_folder(tmp_path)
+    ds = build_dataset("imagefolder", "train", root=root, img_size=8, augment=False, size=4)
+    assert isinstance(ds, ImageFolder) and len(ds) == 4 and not ds.augment and ds[0][0].shape == (3, 8, 8)
+    assert get_task("imagefolder").kind == "image"  # the data-sized entry: kind only
+    with pytest.raises(ValueError, match="needs --data-root"):
+        build_dataset("imagefolder", "train")
+    with pytest.raises(ValueError, match="only apply to 'imagefolder'"):
+        build_dataset("listops", "train", img_size=8)
+
+
+@pytest.mark.slow
+def test_mita_train_on_folders_and_init_from_into_other_classes_and_size(tmp_path):
+    """Train on one folder, then fine-tune its weights on another (2 classes, 12 px) into MiTA."""
+    from mita.train import cli
+    from mita.train.checkpoint import load_model, read_meta
+
+    base = [
+        "--task",
+        "imagefolder",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--no-progress",
+    ]
+    first = make_folder(tmp_path / "a", per_class=4)
+    r1 = tmp_path / "r1"
+    assert (
+        cli.main(
+            base + ["--data-root", str(first), "--img-size", "8", "--attention", "full", "--out", str(r1)]
+        )
+        == 0
+    )
+    info = read_meta(r1 / "model.safetensors")["task_info"]
+    assert (
+        info["class_names"] == ["cat", "dog", "eel"]
+        and info["channels"] == 3
+        and info["image_size"] == [8, 8]
+    )
+
+    second = make_folder(tmp_path / "b", classes=("x", "y"), per_class=4)
+    new = base + [
+        "--data-root",
+        str(second),
+        "--img-size",
+        "12",
+        "--attention",
+        "mita",
+        "--init-from",
+        str(r1),
+    ]
+    assert cli.main(new + ["--out", str(tmp_path / "r2")]) == 2  # other head and grid: refused...
+    assert not (tmp_path / "r2").exists()  # ...before a run directory exists
+    r3 = tmp_path / "r3"
+    assert cli.main(new + ["--new-head", "--resize-pos-embed", "--out", str(r3)]) == 0
+    model, meta = load_model(r3)
+    assert meta["task_info"]["class_names"] == ["x", "y"] and model.head.out_features == 2
+    assert model.pos_embed.shape == (1, 1 + 6 * 6, 16) and meta["init_from"]["resized"]
+    assert sorted(meta["init_from"]["new_head"]) == ["head.bias", "head.weight"]
+
+    (second / "train" / "z").mkdir()  # an empty class folder fails before a run directory exists
+    assert cli.main(new + ["--new-head", "--resize-pos-embed", "--out", str(tmp_path / "r4")]) == 2
+    assert not (tmp_path / "r4").exists()
+    assert cli.main(base + ["--out", str(tmp_path / "r5")]) == 2  # no --data-root

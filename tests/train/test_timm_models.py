@@ -49,3 +49,17 @@ def test_image_kwargs_only_where_they_differ():
     assert image_kwargs("vit_fmnist", folder, {}) == {"img_size": 32, "in_chans": 3}
     assert image_kwargs(PREFIX + "vit_tiny_patch16_224", fmnist, {}) == {"img_size": 28, "in_chans": 1}
     assert image_kwargs("vit_fmnist", SimpleNamespace(image_size=None, channels=None), {}) == {}
+
+
+def test_timm_name_through_presets_builds_for_the_task():
+    from mita.train.presets import build, get_preset, model_spec
+
+    preset = get_preset("imagefolder", "vit_tiny_patch16_224")
+    info = SimpleNamespace(name="imagefolder", kind="image", num_classes=3, image_size=(32, 32), channels=1)
+    builder, kw = model_spec(preset, info, "mita", {"num_landmarks": 4, "topk": 4}, {"depth": 1})
+    assert builder == PREFIX + "vit_tiny_patch16_224"
+    assert (kw["img_size"], kw["in_chans"], kw["num_classes"], kw["depth"]) == (32, 1, 3, 1)
+    model = build(builder, kw)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError, match="unknown model preset 'vit_nope'.*timm model name"):
+        get_preset("imagefolder", "vit_nope")
