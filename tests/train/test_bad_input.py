@@ -85,6 +85,8 @@ def test_eval_rejects_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     [
         (["--device", "foo"], "--device 'foo' is not a device"),
         (["--data-arg", "bogus=1"], "--data-arg bogus: not a data option"),
+        (["--data-arg", "seq_len=abc"], "--data-arg seq_len='abc': must be an integer"),
+        (["--data-arg", "augment=yes"], "--data-arg augment='yes': must be true or false"),
         (["--model-arg", "depth=-1"], "--model-arg depth=-1: must be a positive number"),
         (["--workers", "-1"], "--workers must be >= 0"),
         (["--topk", "100000"], "topk=100000 exceeds the sequence length N=64"),

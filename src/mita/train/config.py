@@ -132,6 +132,12 @@ class TrainConfig:
             raise ValueError(
                 f"--data-arg {', '.join(unknown)}: not a data option; valid: {', '.join(sorted(accepted))}"
             )
+        for key in ("seq_len", "size", "seed", "num_pairs", "vocab_size", "img_size"):
+            value = self.data_kwargs.get(key)
+            if value is not None and not _is_int(value):
+                raise ValueError(f"--data-arg {key}={value!r}: must be an integer")
+        if "augment" in self.data_kwargs and not isinstance(self.data_kwargs["augment"], bool):
+            raise ValueError(f"--data-arg augment={self.data_kwargs['augment']!r}: must be true or false")
         for key in _POSITIVE_MODEL_ARGS:
             value = self.model_kwargs.get(key)
             if value is not None and (
