@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import pickle
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,8 +162,10 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
 def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # UnpicklingError for anything but tensors; zip / EOF errors for other files
+        # torch's own text suggests weights_only=False; say only why it was refused
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        first = f"it needs the Python object {found.group(1)}" if found else type(err).__name__
         raise InitFromError(
             f"--init-from: {p} cannot be read as a weights-only torch file ({first}); only state dicts of "
             "tensors are accepted (a mita training-state .pt is not weights: pass the run directory)"
