@@ -163,6 +163,15 @@ def test_commands_fail_cleanly(listops_runs, tmp_path, capsys):
     assert mita_main(["swap", "--checkpoints", str(listops_runs["mita"]), "--kinds", "mita,fast",
                       "--out", str(tmp_path)]) == 2  # fmt: skip
     assert "unknown attention kind 'fast'" in capsys.readouterr().err
+    run = str(listops_runs["mita"])
+    for argv in (["viz", "--checkpoint", run], ["grid", "--checkpoint", run], ["swap", "--checkpoints", run]):
+        assert mita_main(argv + ["--out", str(tmp_path / "o"), "--device", "foo"]) == 2
+        assert "--device 'foo' is not a device" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        assert mita_main(argv + ["--out", str(blocker / "o")]) == 2  # checked before evaluating
+        assert f"cannot write to {blocker / 'o'}" in capsys.readouterr().err
 
 
 def test_eval_dataset_drops_training_only_options(fmnist_run):
