@@ -568,62 +568,63 @@ inline uint64_t sort_key(double x) {
   return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
 }
 
+template <typename K>
+inline int64_t count_at_least(const K* __restrict keys, int64_t n, K t) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += keys[i] >= t;  // vectorised compare-and-count
+  return c;
+}
+
 // Indices of the k largest entries of row[0..n), in increasing index order; among equal scores the lower
-// indices are taken, so the choice is deterministic. Radix select, 8 bits at a time: the first pass
-// histograms every key, later passes only the candidates left in the chosen bucket.
+// indices are taken, so the choice is deterministic. Bisection on the threshold key: the largest T with
+// at least k keys >= T is the k-th largest key; each step is one vectorised counting pass, and the search
+// stops early once some threshold has exactly k keys at or above it.
 template <typename T>
-void topk_row(const T* row, int64_t n, int64_t k, int64_t* dst, std::vector<decltype(sort_key(T()))>& keys,
-              std::vector<int64_t>& cand) {
+void topk_row(const T* row, int64_t n, int64_t k, int64_t* dst, std::vector<decltype(sort_key(T()))>& keys) {
   using K = decltype(sort_key(T()));
-  constexpr int kBits = 8 * sizeof(K);
-  for (int64_t t = 0; t < n; ++t) keys[t] = sort_key(row[t]);
-  K prefix = 0;
-  int64_t need = k;  // how many entries >= the threshold are still to be found in the current bucket
-  int64_t ncand = -1;  // -1: every entry is a candidate
-  int64_t hist[256];
-  for (int shift = kBits - 8; shift >= 0; shift -= 8) {
-    std::fill(hist, hist + 256, 0);
-    if (ncand < 0) {
-      for (int64_t t = 0; t < n; ++t) hist[(keys[t] >> shift) & 255]++;
-    } else {
-      for (int64_t c = 0; c < ncand; ++c) hist[(keys[cand[c]] >> shift) & 255]++;
-    }
-    int bucket = 255;
-    int64_t above = 0;
-    for (; bucket > 0; --bucket) {
-      if (above + hist[bucket] >= need) break;
-      above += hist[bucket];
-    }
-    need -= above;
-    prefix |= static_cast<K>(bucket) << shift;
-    // Keep the entries of the chosen bucket as the next pass's candidates.
-    const K hi_mask = shift == 0 ? ~K(0) : ~((K(1) << shift) - 1);
-    int64_t m = 0;
-    if (ncand < 0) {
-      for (int64_t t = 0; t < n; ++t)
-        if ((keys[t] & hi_mask) == prefix) cand[m++] = t;
-    } else {
-      for (int64_t c = 0; c < ncand; ++c)
-        if ((keys[cand[c]] & hi_mask) == prefix) cand[m++] = cand[c];
-    }
-    ncand = m;
-    if (ncand == need) break;  // every remaining candidate is taken
-  }
-  // prefix's high bits now fix the threshold bucket; take everything above it, then `need` of the
-  // candidates (all in it) in index order.
-  int64_t o = 0, c = 0;
-  const int64_t take = need;
-  int64_t taken = 0;
+  K lo = ~K(0), hi = 0;
   for (int64_t t = 0; t < n; ++t) {
-    const bool is_cand = c < ncand && cand[c] == t;
-    if (is_cand) {
-      ++c;
-      if (taken < take) {
-        dst[o++] = t;
-        ++taken;
-      }
-    } else if (keys[t] > prefix) {
+    const K x = sort_key(row[t]);
+    keys[t] = x;
+    lo = x < lo ? x : lo;
+    hi = x > hi ? x : hi;
+  }
+  // Invariant: count(>= lo) >= k, count(>= hi + 1) < k (hi + 1 may be past the largest key).
+  K thr = lo;
+  bool exact = false;
+  while (lo < hi) {
+    const K mid = lo + (hi - lo) / 2 + 1;  // in (lo, hi]
+    const int64_t c = count_at_least(keys.data(), n, mid);
+    if (c == k) {
+      thr = mid;
+      exact = true;
+      break;
+    }
+    if (c > k) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  if (!exact) thr = lo;
+  int64_t o = 0;
+  if (exact) {
+    for (int64_t t = 0; t < n; ++t)
+      if (keys[t] >= thr) dst[o++] = t;
+    return;
+  }
+  // thr is the k-th largest key: take every key above it, then the first ties in index order.
+  int64_t ties = k - (count_at_least(keys.data(), n, thr) - [&] {
+                   int64_t e = 0;
+                   for (int64_t t = 0; t < n; ++t) e += keys[t] == thr;
+                   return e;
+                 }());
+  for (int64_t t = 0; t < n; ++t) {
+    if (keys[t] > thr) {
       dst[o++] = t;
+    } else if (keys[t] == thr && ties > 0) {
+      dst[o++] = t;
+      --ties;
     }
   }
 }
@@ -640,8 +641,7 @@ at::Tensor mita_topk(const at::Tensor& scores_, int64_t k) {
     int64_t* dst = idx.data_ptr<int64_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<decltype(sort_key(scalar_t()))> keys(n);
-      std::vector<int64_t> cand(n);
-      for (int64_t r = begin; r < end; ++r) topk_row(src + r * n, n, k, dst + r * k, keys, cand);
+      for (int64_t r = begin; r < end; ++r) topk_row(src + r * n, n, k, dst + r * k, keys);
     });
   });
   return idx;
