@@ -1,0 +1,405 @@
+"""Causal MiTA against full attention, causal MoBA and a local window: MQAR recall and shakespeare-char.
+
+Regenerates ``results/causal.md`` and ``results/causal.json`` (the tables of ``docs/causal.md``). Each
+run trains a small :class:`mita.models.GPT` with a short self-contained loop: AdamW, warm-up then
+cosine decay, gradient clip 1, cross-entropy on the target positions only. The loop uses the library's
+datasets and model, but it fixes the step count and batch size, which the small CPU budget needs, and
+it applies the output head only where there is a loss (MQAR's answers). Runs are cached as JSON under
+``--runs``, so an interrupted run resumes where it stopped; ``--jobs`` trains several at once, one
+torch thread each.
+
+    python results/causal.py mqar --jobs 2                 # the MQAR table (accuracy, routing recall)
+    python results/causal.py shakespeare --jobs 2          # the shakespeare-char table and a sample
+    python results/causal.py report                        # rewrite the tables from the cached runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+IGNORE = -100
+
+
+# ---- one run ------------------------------------------------------------------------------------------
+
+
+def _batches(ds, batch_size: int, seed: int):
+    """Endless shuffled batches of ``(x, y)`` from a map-style dataset (reshuffled every pass)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(len(ds), generator=g).split(batch_size):
+            if len(idx) < batch_size:
+                break
+            xs, ys = zip(*(ds[int(i)] for i in idx))
+            yield torch.stack(xs), torch.stack(ys)
+
+
+def _loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the target positions, correct argmax count, target count."""
+    h = model.features(x)
+    sel = y != IGNORE
+    logits = model.head(h[sel])  # [targets, V]: the head only where there is a loss
+    tgt = y[sel]
+    return F.cross_entropy(logits.float(), tgt), (logits.argmax(-1) == tgt).sum(), sel.sum()
+
+
+@torch.no_grad()
+def evaluate_lm(model, ds, batch_size: int) -> dict[str, float]:
+    """Token-weighted loss and accuracy over the target positions of ``ds``."""
+    model.eval()
+    loss = correct = count = 0.0
+    for start in range(0, len(ds), batch_size):
+        xs, ys = zip(*(ds[i] for i in range(start, min(start + batch_size, len(ds)))))
+        x, y = torch.stack(xs), torch.stack(ys)
+        lo, c, n = _loss(model, x, y)
+        loss += float(lo) * int(n)
+        correct += int(c)
+        count += int(n)
+    model.train()
+    return {"loss": loss / count, "accuracy": correct / count, "targets": int(count)}
+
+
+@torch.no_grad()
+def mqar_recall(model, ds, n_examples: int = 64) -> list[dict[str, Any]]:
+    """Per-layer routing recall (:func:`mita.analysis.recall.routing_recall`) on ``n_examples`` examples."""
+    from mita.analysis.recall import needed_positions, routing_recall
+
+    xs, ys = zip(*(ds[i] for i in range(min(n_examples, len(ds)))))
+    x, y = torch.stack(xs), torch.stack(ys)
+    mixers = [blk.attn.mixer for blk in model.blocks]
+    for m in mixers:
+        m.record_routing = True
+    model.eval()
+    model(x)
+    out = []
+    bi, qi, need = needed_positions(x, y)
+    for layer, m in enumerate(mixers):
+        out.append({"layer": layer, **routing_recall(m.last_routing, bi, qi, need)})
+        m.record_routing, m.last_routing = False, None
+    return out
+
+
+@torch.no_grad()
+def mqar_sweep(model, ds, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy and routing recall of the trained model at other MiTA settings, at inference only.
+
+    A MiTA model is re-run with each ``(topk, block_size)`` of ``spec["sweep_grid"]``; a model trained with
+    another kind has its mixers swapped for MiTA's (both horizons), keeping every weight.
+    """
+    from mita.nn.causal import MiTACausal
+
+    rows = []
+    blocks = [blk.attn for blk in model.blocks]
+    trained = [a.mixer for a in blocks]
+    horizons = [trained[0].landmark_horizon] if spec["attention"] == "mita" else ["prefix", "frozen"]
+    for horizon in horizons:
+        for k, b in spec["sweep_grid"]:
+            for a in blocks:
+                a.mixer = MiTACausal(block_size=b, topk=k, landmark_horizon=horizon)
+            ev = evaluate_lm(model, ds, spec["eval_batch_size"])
+            rows.append(
+                {"horizon": horizon, "topk": k, "block_size": b, **ev, "recall": mqar_recall(model, ds)}
+            )
+    for a, m in zip(blocks, trained):
+        a.mixer = m
+    return rows
+
+
+def train_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one model described by ``spec`` and return its record (see :func:`main` for the keys)."""
+    from mita.data import build_dataset
+    from mita.models import build_model
+
+    torch.set_num_threads(spec.get("threads", 1))
+    torch.manual_seed(spec["seed"])
+    data = spec["data"]
+    train = build_dataset(spec["task"], "train", seed=0, **data)
+    test = build_dataset(spec["task"], "test", seed=0, size=spec["test_size"], **data)
+    info = train.info
+    model = build_model(
+        "gpt", vocab_size=info.vocab_size, max_len=info.seq_len, attention=spec["attention"], **spec["model"]
+    )
+    decay = [p for n, p in model.named_parameters() if n not in model.no_weight_decay()]
+    no_decay = [p for n, p in model.named_parameters() if n in model.no_weight_decay()]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec["lr"], betas=(0.9, 0.95),
+    )  # fmt: skip
+    steps, warm = spec["steps"], max(1, int(0.05 * spec["steps"]))
+
+    def lr_at(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    batches = _batches(train, spec["batch_size"], spec["seed"])
+    curve, seen, train_time = [], 0, 0.0
+    evals = set(spec.get("eval_at", [])) | {steps}
+    for step in range(1, steps + 1):
+        x, y = next(batches)
+        t0 = time.perf_counter()
+        loss, _, _ = _loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        train_time += time.perf_counter() - t0
+        seen += x.numel()
+        if step % 50 == 0 and step not in evals:
+            print(f"[{spec['name']}] step {step}/{steps} train {float(loss.detach()):.4f} "
+                  f"({seen / train_time:.0f} tok/s)", flush=True)  # fmt: skip
+        if step in evals:
+            ev = evaluate_lm(model, test, spec["eval_batch_size"])
+            curve.append({"step": step, "train_loss": float(loss), **ev})
+            print(f"[{spec['name']}] step {step}/{steps} train {float(loss):.4f} test {ev['loss']:.4f} "
+                  f"acc {ev['accuracy']:.4f} ({seen / train_time:.0f} tok/s)", flush=True)  # fmt: skip
+    rec = {
+        **{k: v for k, v in spec.items() if k != "threads"},
+        "final": curve[-1],
+        "curve": curve,
+        "train_seconds": train_time,
+        "train_tokens_per_s": seen / train_time,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if spec["task"] == "shakespeare-char":
+        rec["final"]["bits_per_byte"] = curve[-1]["loss"] / math.log(2) / info.bytes_per_token
+        prompt = torch.tensor([list(b"ROMEO:\n")])
+        g = torch.Generator().manual_seed(0)
+        out = model.eval().generate(prompt, 300, temperature=0.8, top_k=40, generator=g)
+        rec["sample"] = bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    if spec["task"] == "mqar" and spec["attention"] == "mita":
+        rec["recall"] = mqar_recall(model, test)
+    if spec["task"] == "mqar" and spec.get("sweep_grid") and spec["attention"] in ("mita", "full"):
+        rec["sweep"] = mqar_sweep(model, test, spec)
+    if spec.get("save"):
+        from mita.train.checkpoint import save_model_file
+
+        kwargs = {k: v for k, v in model.config.items() if k != "name"}
+        meta = {"task": spec["task"], "attention": spec["attention"], "model": "gpt", "model_kwargs": kwargs,
+                "data_kwargs": data, "step": steps}  # fmt: skip
+        save_model_file(spec["save"], model, meta)
+    return rec
+
+
+def _run_cached(args: tuple[dict[str, Any], str]) -> dict[str, Any]:
+    spec, runs = args
+    path = Path(runs) / f"{spec['name']}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    rec = train_run(spec)
+    from mita.io import write_json
+
+    write_json(path, rec)
+    return rec
+
+
+def run_all(specs: list[dict[str, Any]], runs: str, jobs: int) -> list[dict[str, Any]]:
+    """Every spec, ``jobs`` at a time (one torch thread each), cached in ``runs``."""
+    work = [(s, runs) for s in specs]
+    if jobs <= 1:
+        return [_run_cached(w) for w in work]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        return pool.map(_run_cached, work, chunksize=1)
+
+
+# ---- the experiments ----------------------------------------------------------------------------------
+
+# 2 layers, width 64, 2 heads of 32 (Zoology's small MQAR models are 2 layers at width 64-128)
+MQAR_MODEL = {"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "token_shift": True}
+
+
+def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per pair count: full, window, MoBA and MiTA (both horizons) at matched budget (b = k, MoBA
+    ``k / b`` blocks); the MiTA and full models are then re-evaluated over a k x b grid (inference only)."""
+    b, k = a.block_size, a.topk
+    grid = [(kk, bb) for kk, bb in ((k // 2, b), (k, b), (2 * k, b), (k, b // 2), (k, 2 * b)) if kk and bb]
+    specs = []
+
+    def add(pairs: int, kind: str, horizon: str = "prefix") -> None:
+        opts: dict[str, Any] = {"block_size": b}
+        tag = f"{kind}-b{b}"
+        if kind == "mita":
+            opts |= {"topk": k, "landmark_horizon": horizon}
+            tag = f"mita-{horizon}-k{k}-b{b}"
+        elif kind == "moba":
+            opts |= {"top_blocks": max(1, k // b)}
+            tag = f"moba-s{max(1, k // b)}-b{b}"
+        elif kind == "full":
+            opts, tag = {}, "full"
+        specs.append({
+            "name": f"mqar-n{a.seq_len}-p{pairs}-v{a.vocab}-{tag}", "task": "mqar", "attention": kind,
+            "data": {"seq_len": a.seq_len, "num_pairs": pairs, "vocab_size": a.vocab},
+            "model": {**MQAR_MODEL, **opts}, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+            "weight_decay": 0.1, "seed": a.seed, "test_size": a.test_size, "eval_batch_size": 64,
+            "eval_at": [a.steps // 2], "pairs": pairs, "sweep_grid": grid,
+        })  # fmt: skip
+
+    for pairs in a.pairs:  # the slow MiTA runs first, so that --jobs 2 overlaps them with the rest
+        add(pairs, "mita", "prefix")
+        add(pairs, "mita", "frozen")
+        for kind in ("full", "moba", "window"):
+            add(pairs, kind)
+    return specs
+
+
+# 2 layers, width 64 (heads of 32): what the shared 2-core CPU trains at context 1024 in minutes
+SHAKESPEARE_MODEL = {"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0}
+
+
+def shakespeare_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """One run per attention kind at context ``--seq-len``, b = k = 64, equal steps."""
+    specs = []
+    for kind, opts in (  # mita first: the longest run starts first when --jobs > 1
+        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "prefix"}),
+        ("full", {}),
+        ("moba", {"block_size": 64, "top_blocks": 1}),
+        ("window", {"block_size": 64}),
+    ):
+        specs.append({
+            "name": f"shakespeare-n{a.seq_len}-{kind}", "task": "shakespeare-char", "attention": kind,
+            "data": {"seq_len": a.seq_len}, "model": {**SHAKESPEARE_MODEL, **opts}, "steps": a.steps,
+            "batch_size": a.batch_size, "lr": a.lr, "weight_decay": 0.1, "seed": a.seed,
+            "test_size": a.test_size, "eval_batch_size": 8, "eval_at": [a.steps // 2],
+            "save": str(Path(a.runs) / f"shakespeare-n{a.seq_len}-{kind}.safetensors"),
+        })  # fmt: skip
+    return specs
+
+
+# ---- tables -------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _label(r: dict[str, Any]) -> str:
+    m = r["model"]
+    if r["attention"] == "full":
+        return "full"
+    if r["attention"] == "mita":
+        return f"mita {m['landmark_horizon']} (k={m['topk']}, b={m['block_size']})"
+    if r["attention"] == "moba":
+        return f"moba (s={m['top_blocks']}, b={m['block_size']})"
+    return f"window (b={m['block_size']})"
+
+
+def report(runs: str, out: str) -> None:
+    """Write ``out``.md and ``out``.json from every cached run in ``runs``."""
+    from mita.io import write_json, write_text
+    from mita.train.runinfo import hardware
+
+    recs = [json.loads(p.read_text()) for p in sorted(Path(runs).glob("*.json"))]
+    recs = [r for r in recs if "task" in r and "final" in r]  # run records only
+    lines = ["# Causal attention kinds: MQAR and shakespeare-char (CPU)", ""]
+    hw = hardware(torch.device("cpu"))
+    lines.append(
+        f"Hardware: {hw.get('cpu', '?')}, torch {torch.__version__}; one thread per run, the machine "
+        "shared with other jobs. Regenerate: `python results/causal.py report`."
+    )
+    mq = [r for r in recs if r["task"] == "mqar"]
+    if mq:
+        lines += ["", "## MQAR: recall accuracy (answer positions) and routing recall", ""]
+        lines.append("| N | pairs | attention | accuracy | routing recall (layer 1 / 2) | steps x batch |")
+        lines.append("|---|---|---|---|---|---|")
+        order = {"full": 0, "mita": 1, "moba": 2, "window": 3}
+        for r in sorted(mq, key=lambda r: (r["data"]["seq_len"], r["pairs"], order[r["attention"]],
+                                           r["model"].get("landmark_horizon", ""), r["model"].get("topk", 0),
+                                           r["model"].get("block_size", 0))):  # fmt: skip
+            rc = " / ".join(_fmt(x["recall_any_head"]) for x in r.get("recall", [])) or "—"
+            cells = (r["data"]["seq_len"], r["pairs"], _label(r), _fmt(r["final"]["accuracy"]), rc)
+            lines.append(_row(*cells, f"{r['steps']} x {r['batch_size']}"))
+    swept = [r for r in mq if r.get("sweep")]
+    if swept:
+        lines += ["", "## MQAR: MiTA at other k and b, at inference (weights of the trained model)", ""]
+        lines.append(
+            "| N | pairs | trained as | evaluated as | k | b | accuracy | routing recall (layer 1 / 2) |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in swept:
+            for row in r["sweep"]:
+                rc = " / ".join(_fmt(x["recall_any_head"]) for x in row["recall"])
+                lines.append(
+                    f"| {r['data']['seq_len']} | {r['pairs']} | {_label(r)} | mita {row['horizon']} | "
+                    f"{row['topk']} | {row['block_size']} | {_fmt(row['accuracy'])} | {rc} |"
+                )
+    sh = [r for r in recs if r["task"] == "shakespeare-char"]
+    if sh:
+        base = next((r["train_tokens_per_s"] for r in sh if r["attention"] == "full"), None)
+        lines += ["", "## shakespeare-char: held-out plays", ""]
+        lines.append(
+            "| context | attention | val loss (nats) | bits/byte | train tok/s | vs full | steps x batch |"
+        )
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in sh:
+            ratio = r["train_tokens_per_s"] / base if base else None
+            f = r["final"]
+            cells = (r["data"]["seq_len"], _label(r), _fmt(f["loss"], 4), _fmt(f["bits_per_byte"], 4))
+            cells += (
+                f"{r['train_tokens_per_s']:.0f}",
+                f"{_fmt(ratio, 2)}x",
+                f"{r['steps']} x {r['batch_size']}",
+            )
+            lines.append(_row(*cells))
+        for r in sh:
+            if r.get("sample"):
+                lines += ["", f"Sample ({_label(r)}, temperature 0.8, top-k 40, prompt `ROMEO:`):", "", "```"]
+                lines += [r["sample"], "```"]
+    write_text(Path(out).with_suffix(".md"), "\n".join(lines) + "\n")
+    write_json(Path(out).with_suffix(".json"), {"hardware": hw, "torch": torch.__version__, "runs": recs})
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", choices=("mqar", "shakespeare", "report"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--pairs", type=int, nargs="*", default=[16], help="MQAR pair counts")
+    p.add_argument("--vocab", type=int, default=128, help="MQAR vocabulary")
+    p.add_argument("--block-size", type=int, default=16, help="b of mita, moba and window (MQAR)")
+    p.add_argument("--topk", type=int, default=16, help="MiTA's k (MQAR); MoBA gets k / b blocks")
+    p.add_argument("--test-size", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", help="comma-separated substrings: run only the specs whose name has one")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--runs", default="runs/results-causal")
+    p.add_argument("--out", default=str(HERE / "causal"))
+    a = p.parse_args(argv)
+    if a.experiment != "report":
+        defaults = {
+            "mqar": {"steps": 500, "batch_size": 64, "lr": 3e-3, "seq_len": 128, "test_size": 256},
+            "shakespeare": {"steps": 250, "batch_size": 4, "lr": 2e-3, "seq_len": 1024, "test_size": 32},
+        }[a.experiment]
+        for k, v in defaults.items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
+        specs = mqar_specs(a) if a.experiment == "mqar" else shakespeare_specs(a)
+        if a.only:
+            specs = [s for s in specs if any(t in s["name"] for t in a.only.split(","))]
+        Path(a.runs).mkdir(parents=True, exist_ok=True)
+        run_all(specs, a.runs, a.jobs)
+    report(a.runs, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
