@@ -194,6 +194,47 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
+def speed_run(
+    task: str,
+    data: dict[str, Any],
+    models: dict[str, dict[str, Any]],
+    kinds: dict[str, str],
+    batch_size: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """Training-step throughput of each kind, interleaved round by round in one process on one batch
+    (median of ``rounds``), so that every kind sees the same machine load; ratios are against ``full``."""
+    import statistics
+
+    from mita.data import build_dataset
+    from mita.models import build_model
+
+    torch.set_num_threads(1)
+    ds = build_dataset(task, "train", seed=0, **data)
+    x, y = next(_batches(ds, batch_size, 0))
+    built = {}
+    for label, kw in models.items():
+        torch.manual_seed(0)
+        v, n = ds.info.vocab_size, ds.info.seq_len
+        m = build_model("gpt", vocab_size=v, max_len=n, attention=kinds[label], **kw)
+        built[label] = (m, torch.optim.AdamW(m.parameters(), 1e-3))
+    times: dict[str, list[float]] = {k: [] for k in built}
+    for r in range(rounds + 1):  # round 0 warms up
+        for kind, (m, opt) in built.items():
+            t0 = time.perf_counter()
+            loss, _, _ = _loss(m, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if r:
+                times[kind].append(time.perf_counter() - t0)
+    tok = {k: x.numel() / statistics.median(v) for k, v in times.items()}
+    return {
+        "task": task, "data": data, "batch_size": batch_size, "rounds": rounds, "models": models,
+        "tokens_per_s": tok, "vs_full": {k: v / tok["full"] for k, v in tok.items()},
+    }  # fmt: skip
+
+
 def _run_cached(args: tuple[dict[str, Any], str]) -> dict[str, Any]:
     spec, runs = args
     path = Path(runs) / f"{spec['name']}.json"
@@ -361,14 +402,39 @@ def report(runs: str, out: str) -> None:
             if r.get("sample"):
                 lines += ["", f"Sample ({_label(r)}, temperature 0.8, top-k 40, prompt `ROMEO:`):", "", "```"]
                 lines += [r["sample"], "```"]
+    speed = Path(runs) / "speed.json"
+    if speed.is_file():
+        lines += ["", "## Training-step throughput, interleaved in one process (median of the rounds)", ""]
+        lines.append(_row("task", "N", "batch", "attention", "tokens/s", "vs full (SDPA causal)"))
+        lines.append("|---|---|---|---|---|---|")
+        for row in json.loads(speed.read_text())["speed"]:
+            for label, tok in row["tokens_per_s"].items():
+                cells = (row["task"], row["data"]["seq_len"], row["batch_size"], label, f"{tok:.0f}")
+                lines.append(_row(*cells, f"{row['vs_full'][label]:.2f}x"))
     write_text(Path(out).with_suffix(".md"), "\n".join(lines) + "\n")
     write_json(Path(out).with_suffix(".json"), {"hardware": hw, "torch": torch.__version__, "runs": recs})
     print("\n".join(lines))
 
 
+DEFAULTS = {
+    "mqar": {"steps": 500, "batch_size": 64, "lr": 3e-3, "seq_len": 128, "test_size": 256},
+    "shakespeare": {"steps": 250, "batch_size": 4, "lr": 2e-3, "seq_len": 1024, "test_size": 32},
+}
+
+
+def _filled(a: argparse.Namespace, experiment: str) -> argparse.Namespace:
+    """``a`` with the experiment's defaults where a flag was not given."""
+    out = argparse.Namespace(**vars(a))
+    for k, v in DEFAULTS[experiment].items():
+        if getattr(out, k) is None:
+            setattr(out, k, v)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", choices=("mqar", "shakespeare", "report"))
+    p.add_argument("experiment", choices=("mqar", "shakespeare", "speed", "report"))
+    p.add_argument("--rounds", type=int, default=5, help="speed: interleaved timing rounds")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -384,18 +450,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs/results-causal")
     p.add_argument("--out", default=str(HERE / "causal"))
     a = p.parse_args(argv)
-    if a.experiment != "report":
-        defaults = {
-            "mqar": {"steps": 500, "batch_size": 64, "lr": 3e-3, "seq_len": 128, "test_size": 256},
-            "shakespeare": {"steps": 250, "batch_size": 4, "lr": 2e-3, "seq_len": 1024, "test_size": 32},
-        }[a.experiment]
-        for k, v in defaults.items():
-            if getattr(a, k) is None:
-                setattr(a, k, v)
+    Path(a.runs).mkdir(parents=True, exist_ok=True)
+    if a.experiment == "speed":
+        from mita.io import write_json
+
+        rows = []
+        for exp, make in (("shakespeare", shakespeare_specs), ("mqar", mqar_specs)):
+            # shakespeare at its defaults (the MQAR flags do not apply); MQAR: the first pair count
+            given = a if exp == "mqar" else argparse.Namespace(**{**vars(a), **dict.fromkeys(DEFAULTS[exp])})
+            specs = make(_filled(given, exp))[: None if exp == "shakespeare" else 5]
+            models = {_label(s_): s_["model"] for s_ in specs}
+            kinds = {_label(s_): s_["attention"] for s_ in specs}
+            s0 = specs[0]
+            rows.append(speed_run(s0["task"], s0["data"], models, kinds, s0["batch_size"], a.rounds))
+        write_json(Path(a.runs) / "speed.json", {"speed": rows})
+    elif a.experiment != "report":
+        a = _filled(a, a.experiment)
         specs = mqar_specs(a) if a.experiment == "mqar" else shakespeare_specs(a)
         if a.only:
             specs = [s for s in specs if any(t in s["name"] for t in a.only.split(","))]
-        Path(a.runs).mkdir(parents=True, exist_ok=True)
         run_all(specs, a.runs, a.jobs)
     report(a.runs, a.out)
     return 0
