@@ -4,11 +4,13 @@ torch computes ``R K^T`` (its softmax and ``A = P V``, with autograd carrying th
 and ``V`` through ``A``) and ``Q R^T``. The kernels (``kernel.cpp``) choose each landmark's top-k keys,
 route each query (argmax, s = 1) and compute the attention step — one online softmax over the m shared
 logits and the s*k routed logits — expert by expert, with a backward that recomputes the probabilities
-from the saved log-sum-exp. Both are ``torch.library.custom_op``s with fake implementations, so they
-survive ``torch.compile``; nothing here syncs with the host.
+from the saved log-sum-exp. Under ``torch.compile`` they run as ``torch.library.custom_op``s with fake
+implementations and registered autograd; in eager mode the same C++ ops are called through a plain
+``autograd.Function`` (a Python custom op imports ``torch._dynamo`` on its first call: 150 MB of resident
+memory that full attention does not pay). Nothing here syncs with the host.
 
-Top-k ties go to the lower key index and the indices come largest score first; the selected *set* is
-the same as the other backends' (``torch.topk``), whose order within a landmark's list is unspecified.
+Top-k ties go to the lower key index and each landmark's keys come in increasing index order; the
+selected *set* is the same as the other backends' (``torch.topk``, whose order is unspecified).
 """
 
 from __future__ import annotations
@@ -104,9 +106,9 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, landmark_scale, routed)
 
 
-def _backward(ctx, grad_out, grad_lse, grad_routing):
+def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
     q, k, v, qr, sv, key_index, expert_index, pad, dup, out, lse = ctx.saved_tensors
-    dq, dk, dv, dqr, dsv = cpu_attention_backward(
+    dq, dk, dv, dqr, dsv = (bwd or cpu_attention_backward)(
         q, k, v, qr, sv, key_index, expert_index, pad, dup, out, lse, grad_out.contiguous(), *ctx.args
     )
     b, h, hkv = q.shape[0], q.shape[1], k.shape[1]
@@ -119,6 +121,31 @@ def _backward(ctx, grad_out, grad_lse, grad_routing):
 cpu_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as :func:`cpu_attention`, calling the C++ ops directly."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.mita_cpu.fwd(*inputs)
+        ctx.mark_non_differentiable(output[1], output[2])
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, grad_routing):
+        return _backward(ctx, grad_out, grad_lse, grad_routing, bwd=torch.ops.mita_cpu.bwd)
+
+
+def _attention(*inputs):
+    if torch.compiler.is_compiling():
+        return cpu_attention(*inputs)
+    return _EagerAttention.apply(*inputs)
+
+
+def _topk(scores: Tensor, k: int) -> Tensor:
+    return cpu_topk(scores, k) if torch.compiler.is_compiling() else torch.ops.mita_cpu.topk(scores, k)
+
+
 def _landmark_side(
     p: Problem, k: Tensor, v: Tensor, landmarks: Tensor, key_padding_mask: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
@@ -129,7 +156,7 @@ def _landmark_side(
     scores = (r @ k.transpose(-1, -2)) * p.scale  # [B, Hkv, g*m, N]
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    key_index = cpu_topk(scores.detach(), p.topk).reshape(b, h, m, p.topk)
+    key_index = _topk(scores.detach(), p.topk).reshape(b, h, m, p.topk)
     if not p.shared:
         return key_index, None
     values = torch.softmax(scores, dim=-1) @ v
@@ -159,7 +186,7 @@ def cpu_forward(
     dup = None
     if p.routed and p.dedup and expert_index is not None:
         dup = _dedup_mask(p, key_index, expert_index)
-    out, _, routing = cpu_attention(
+    out, _, routing = _attention(
         q.contiguous(), k.contiguous(), v.contiguous(), qr, values, key_index, expert_index,
         key_padding_mask, dup, p.scale, p.landmark_scale, p.routed,
     )  # fmt: skip

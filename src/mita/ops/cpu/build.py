@@ -85,9 +85,11 @@ def _build() -> None:
     )
 
 
-@torch.compiler.disable
 def availability() -> tuple[bool, str]:
-    """Whether the fused CPU kernel is loaded (building it if needed), and if not, why. Cached."""
+    """Whether the fused CPU kernel is loaded (building it if needed), and if not, why. Cached.
+
+    Not wrapped in ``torch.compiler.disable``: that imports ``torch._dynamo`` (150 MB of resident memory)
+    into every process; under ``torch.compile`` the cached answer is a plain dict lookup."""
     if "ok" not in _state:
         ok, why = False, ""
         if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
