@@ -29,9 +29,8 @@ import torch
 
 from mita.data import build_dataset, get_task
 from mita.io import write_json, write_text
-from mita.train.evaluate import count_correct
+from mita.train.evaluate import evaluate
 from mita.train.init_from import init_from
-from mita.train.loop import steps_for_epochs
 from mita.train.presets import build, get_preset, model_spec
 from mita.train.report import markdown_table, pct, run_all, run_training, train_args
 from mita.train.runinfo import hardware
@@ -88,10 +87,10 @@ def zero_shot(kind: str, settings: dict[str, int], pretrained: Path, test_set) -
     builder, kw = model_spec(preset, get_task("fmnist"), kind, settings)
     model = build(builder, kw)
     report = init_from(model, pretrained)
-    correct, n, seconds = count_correct(model, test_set, batch_size=256)
+    ev = evaluate(model, test_set, batch_size=256)
     return {
-        "test_accuracy": int(correct) / n,
-        "eval_samples_per_s": n / seconds,
+        "test_accuracy": ev["test_accuracy"],
+        "eval_samples_per_s": ev["samples_per_s"],
         "missing": report.missing,
         "unexpected": report.unexpected,
     }
@@ -123,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrained: {pretrained} ({pct(pre['test_accuracy'])}% after {pre['epochs']:.2f} epochs)")
 
     test_set = build_dataset("fmnist", "test", size=args.test_size, augment=False)
-    steps = steps_for_epochs(args.ft_epochs, pre["recipe"]["train_size"], pre["recipe"]["batch_size"])
+    recipe = pre["recipe"]  # drop-last batches of the pretraining's size
+    steps = max(1, int(args.ft_epochs * (recipe["train_size"] // recipe["batch_size"])))
     settings = {k: attention_settings(k, args) for k in kinds}
     zs = {}
     for kind in kinds:
