@@ -6,7 +6,7 @@ import sys
 
 # 48 training sequences of 64 tokens, batches of 8 -> 6 steps per epoch; 16 test sequences.
 TINY = [
-    "--task", "listops", "--model", "tiny", "--data-arg", "seq_len=64", "--train-size", "48",
+    "--task", "listops", "--preset", "tiny", "--data-arg", "seq_len=64", "--train-size", "48",
     "--test-size", "16", "--batch-size", "8", "--no-progress",
 ]  # fmt: skip
 

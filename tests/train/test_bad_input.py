@@ -24,9 +24,9 @@ def test_unknown_task_and_attention_are_rejected_by_the_parser(capsys):
 
 
 def test_unknown_or_mismatched_preset(tmp_path, capsys):
-    code, err = _train(TINY[:2] + ["--model", "huge", "--out", str(tmp_path / "a")], capsys)
+    code, err = _train(TINY[:2] + ["--preset", "huge", "--out", str(tmp_path / "a")], capsys)
     assert code == 2 and "unknown model preset 'huge'" in err and "vit-fmnist" in err
-    code, err = _train(["--task", "listops", "--model", "vit-fmnist", "--out", str(tmp_path / "b")], capsys)
+    code, err = _train(["--task", "listops", "--preset", "vit-fmnist", "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "preset 'vit-fmnist' is for task(s) fmnist, not 'listops'" in err
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("listops", "nope")
@@ -41,7 +41,7 @@ def test_unwritable_output_directory(tmp_path, capsys, cache_dir):
 
 def test_missing_data_leaves_no_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--task", "fmnist", "--model", "tiny", "--data-root", str(tmp_path / "nowhere")]
+    args = ["--task", "fmnist", "--preset", "tiny", "--data-root", str(tmp_path / "nowhere")]
     args += ["--out", str(out)]
     code, err = _train(args, capsys)
     assert code == 2 and "nowhere" in err

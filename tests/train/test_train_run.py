@@ -102,7 +102,7 @@ def test_fmnist_vit_smoke(tmp_path):
     if not (fmnist_dir() / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     out = tmp_path / "vit"
-    args = ["--task", "fmnist", "--model", "tiny", "--train-size", "32", "--test-size", "16",
+    args = ["--task", "fmnist", "--preset", "tiny", "--train-size", "32", "--test-size", "16",
             "--batch-size", "8", "--max-steps", "2", "--no-progress", "--out", str(out)]  # fmt: skip
     assert cli.main(args) == 0
     model, meta = load_model(out)
