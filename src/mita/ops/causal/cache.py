@@ -42,7 +42,7 @@ class MiTACache:
     with ``H % Hkv == 0``) returns ``[B, H, T, dv]``, the same as ``mita_attention(..., causal=True)``
     over everything appended so far with ``landmarks = block_mean(q, block_size)``; appending T tokens
     at once (chunked prefill) equals appending them one by one. Options as in ``mita_attention``.
-    Half-precision inputs are computed and stored in float32.
+    Half-precision inputs are computed and stored in float32. ``append`` runs without autograd (decoding).
     """
 
     def __init__(
@@ -171,8 +171,8 @@ class MiTACache:
         bsz, h, t, d = q.shape
         hkv, dv, bs = k.shape[1], v.shape[3], self.block_size
         g = h // hkv
-        c = self._scale if self._scale is not None else d**-0.5
-        lam = self._landmark_scale if self._landmark_scale is not None else 1.0 / d
+        c = self._scale if self._scale is not None else float(d) ** -0.5
+        lam = self._landmark_scale if self._landmark_scale is not None else 1.0 / float(d)
         start, offset = self.length - self.length % bs, self.length % bs
         end = self.length + t
         self._k = _grow(self._k, end, 2, k)
