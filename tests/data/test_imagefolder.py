@@ -171,7 +171,6 @@ def test_build_dataset_task(tmp_path):
         build_dataset("listops", "train", img_size=8)
 
 
-@pytest.mark.slow
 def test_mita_train_on_folders_and_init_from_into_other_classes_and_size(tmp_path):
     """Train on one folder, then fine-tune its weights on another (2 classes, 12 px) into MiTA."""
     from mita.train import cli
