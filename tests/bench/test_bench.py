@@ -28,6 +28,15 @@ def test_flops_follow_the_formulas():
     assert useful_flops(_case(method="sdpa", n=512)) == 4 * useful_flops(_case(method="sdpa"))
 
 
+def test_threads_option_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        run_case(_case(reps=1, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_run_case_reports_time_and_flop_rate():
     row = run_case(_case(mode="fwdbwd", reps=1))
     assert row["time_s"] > 0 and row["reps_timed"] == 1
@@ -92,6 +101,7 @@ def test_deprecated_flag_names_still_work(tmp_path):
         (["--dim", "-1"], "--head-dim must be a positive integer, got -1"),
         (["--landmarks", "0"], "--num-landmarks must be a positive integer, got 0"),
         (["--reps", "0"], "--reps must be a positive integer, got 0"),
+        (["--threads", "-1"], "--threads must be >= 0"),
         (["--backends", "bogus"], "--backends: unknown backend 'bogus'"),
         (["--backends", "triton"], "--backends triton needs --device cuda"),
         (["--device", "foo"], "--device 'foo' is not a device"),

@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (best is reported)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per case (default: torch's default)")
     p.add_argument("--sdpa-max-n", type=int, default=None, help="skip SDPA above this N (then no ratio)")
     p.add_argument(
         "--vision",
@@ -80,7 +81,7 @@ def _backends(args: argparse.Namespace) -> list[str]:
 def _cases(args: argparse.Namespace) -> list[tuple[str, Case]]:
     methods = ["sdpa"] + [f"mita-{b}" for b in _backends(args)]
     modes = [m.strip() for m in args.modes.split(",")]
-    common = dict(dtype=args.dtype, device=args.device, reps=args.reps)
+    common = dict(dtype=args.dtype, device=args.device, reps=args.reps, threads=args.threads)
     out = []
     for n in (int(x) for x in args.n.split(",")):
         for mode in modes:
@@ -131,6 +132,8 @@ def _validate(args: argparse.Namespace) -> None:
     bad = set(args.modes.split(",")) - {"fwd", "fwdbwd"}
     if bad:
         raise ValueError(f"unknown mode(s) {sorted(bad)}; use fwd and/or fwdbwd")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     for name in _backends(args):
@@ -183,9 +186,10 @@ def meta_info(args: argparse.Namespace) -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": cpu_model(),
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_threads": args.threads or torch.get_num_threads(),
         "device": args.device,
-        "args": vars(args),
+        "command": "mita bench " + " ".join(getattr(args, "argv", [])),
+        "args": {k: v for k, v in vars(args).items() if k != "argv"},
     }
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return causal_main(raw)
     args = _parser().parse_args(argv)
+    args.argv = raw  # recorded with the results, to rerun them exactly
     out_dir = Path(args.out)
     try:
         _validate(args)

@@ -32,6 +32,7 @@ class Case:
     device: str
     reps: int = 3
     grid: tuple[int, int] | None = None  # vision layout: cls + h x w patches pooled in 2-D
+    threads: int = 0  # torch.set_num_threads for this case; 0 keeps torch's default
 
 
 def useful_flops(c: Case) -> float:
@@ -108,6 +109,8 @@ def _rss_bytes() -> int:
 def run_case(c: Case) -> dict:
     """Time ``c`` in this process; the memory figure is the rise of the peak over the inputs' footprint."""
     cuda = c.device.startswith("cuda")
+    if c.threads:
+        torch.set_num_threads(c.threads)
     step = _runner(c)
     if cuda:
         torch.cuda.synchronize()

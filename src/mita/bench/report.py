@@ -55,7 +55,10 @@ def markdown_table(rows: Sequence[dict], meta: dict | None = None) -> str:
     head = ""
     if meta is not None:
         where = meta.get("gpu") or f"{meta.get('processor', '?')}, {meta.get('cpu_threads', '?')} threads"
-        head = f"Measured on {where} ({meta.get('device', '?')}), torch {meta.get('torch', '?')}.\n\n"
+        head = f"Measured on {where} ({meta.get('device', '?')}), torch {meta.get('torch', '?')}.\n"
+        if meta.get("command"):
+            head += f"Command: `{meta['command']}`\n"
+        head += "\n"
     head += "| shape | N | mode | method | time (ms) | GFLOP/s | peak mem rise (MiB) | speed-up vs SDPA |\n"
     head += "|---|---:|---|---|---:|---:|---:|---:|\n"
     lines = []
