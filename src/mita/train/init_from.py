@@ -399,7 +399,7 @@ def apply(model: nn.Module, cfg: Any, *, resuming: bool = False, log: Callable[[
     ``resuming``: the run continues from its own checkpoint, so ``init_from`` is ignored (with a note);
     ``attn_only`` still applies (the optimizer state saved in the checkpoint is of the trainable subset).
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or (lambda msg: print(f"note: {msg}", file=sys.stderr))
     path = getattr(cfg, "init_from", None)
     resize = bool(getattr(cfg, "resize_pos_embed", False))
     head = bool(getattr(cfg, "new_head", False))
@@ -407,7 +407,7 @@ def apply(model: nn.Module, cfg: Any, *, resuming: bool = False, log: Callable[[
         raise InitFromError("--resize-pos-embed and --new-head only apply with --init-from")
     out: dict[str, Any] = {}
     if path and resuming:
-        log(f"note: --resume continues the run from its own checkpoint; --init-from {path} is ignored")
+        log(f"--resume continues the run from its own checkpoint; --init-from {path} is ignored")
     elif path:
         report = init_from(model, path, resize_pos_embed=resize, new_head=head)
         for line in report.lines():
