@@ -132,6 +132,20 @@ def test_perturbing_position_p_leaves_earlier_outputs_bitwise_unchanged(backend,
             assert not torch.equal(out[:, :, p:], base[:, :, p:])
 
 
+@pytest.mark.parametrize("horizon", HORIZONS)
+def test_float32_torch_path_is_bitwise_causal_at_a_larger_size(horizon):
+    # Many queries share expert tiles here (frozen) and many steps merge top-k sets (prefix): a query's
+    # output must still not depend, to the bit, on what later queries route to or later keys hold.
+    q, k, v = _inputs(1, 2, 1, 520, 16, seed=31, dtype=torch.float32)
+    kw = dict(bs=32, topk=32, horizon=horizon, backend="torch")
+    base = _op(q, k, v, **kw)
+    for p in (40, 300, 511):
+        x = [t.clone() for t in (q, k, v)]
+        for t in x:
+            t[:, :, p:] += torch.randn_like(t[:, :, p:])
+        assert torch.equal(_op(*x, **kw)[:, :, :p], base[:, :, :p]), p
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("horizon", HORIZONS)
 def test_landmark_j_changes_nothing_before_block_j_plus_1(backend, horizon):
