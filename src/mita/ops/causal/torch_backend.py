@@ -250,15 +250,20 @@ def causal_torch_forward(
     if nl > 0:
         qr, expert_index = route(p, q, landmarks)
         rk = landmarks.reshape(bsz, p.kv_heads, g * nl, d)
-        scores = (rk @ k[:, :, : nl * b].transpose(-1, -2)) * p.scale  # [B, Hkv, g*n_l, n_l*b]
+        prefix_shared = p.shared and p.horizon == "prefix"  # frozen: scores only for top-k, no gradient
+        with torch.set_grad_enabled(torch.is_grad_enabled() and prefix_shared):
+            scores = (rk @ k[:, :, : nl * b].transpose(-1, -2)) * p.scale  # [B, Hkv, g*n_l, n_l*b]
+        horizon = (
+            torch.arange(nl * b, device=q.device)[None, :]
+            < (torch.arange(nl, device=q.device)[:, None] + 1) * b
+        )
         if p.shared:
             allowed = (
                 torch.arange(nl, device=q.device)[None, :] < (torch.arange(n, device=q.device) // b)[:, None]
             )
             logits = (qr * p.landmark_scale).masked_fill(~allowed, float("-inf"))
-            mx, total, num = _block_states(p, scores, v)
             if p.horizon == "prefix":
-                a = _prefix_values(p, mx, total, num)  # [B, Hkv, nq, g*n_l, dv]
+                a = _prefix_values(p, *_block_states(p, scores, v))  # [B, Hkv, nq, g*n_l, dv]
                 a = a.view(bsz, p.kv_heads, nq, g, nl, -1).transpose(2, 3).reshape(bsz, h, nq, nl, -1)
                 lg = F.pad(logits, (0, 0, 0, nq * b - n)).view(bsz, h, nq, b, nl)
                 lse, out = partial_softmax(lg, a)
@@ -266,7 +271,11 @@ def causal_torch_forward(
                     (lse.reshape(bsz, h, nq * b, 1)[:, :, :n], out.reshape(bsz, h, nq * b, -1)[:, :, :n])
                 )
             else:
-                a = _frozen_values(p, mx, total, num).view(bsz, h, nl, -1)
+                # A_j over keys t < (j + 1) b: a masked attention of the landmarks (SDPA's fused kernel).
+                a = F.scaled_dot_product_attention(
+                    landmarks, k[:, :, : nl * b], v[:, :, : nl * b], attn_mask=horizon, scale=p.scale,
+                    enable_gqa=g > 1,
+                )  # fmt: skip
                 parts.append(partial_softmax(logits, a))
         if p.routed or return_routing:
             with torch.no_grad():
@@ -274,8 +283,6 @@ def causal_torch_forward(
                 if p.horizon == "prefix":
                     sets, key_index = _prefix_sets(p, sd, expert_index, kk, return_routing)
                 else:
-                    t = torch.arange(nl * b, device=q.device)
-                    horizon = t[None, :] < (torch.arange(nl, device=q.device)[:, None] + 1) * b
                     top = sd.masked_fill(~horizon, float("-inf")).topk(kk, dim=-1, sorted=False)
                     key_index = torch.where(top.values > float("-inf"), top.indices, -1)  # [B, H, n_l, kk]
             if p.routed and p.horizon == "prefix":
