@@ -221,15 +221,6 @@ inline void bucket_pairs(const int64_t* eidx, const Sizes& z, std::vector<int64_
   for (int64_t p = 0; p < pairs; ++p) order[fill[eidx[p]]++] = p;
 }
 
-// Transpose rows [n][w] into [w][n] (once per head, so experts gather contiguous rows).
-template <typename T>
-void transpose(const T* src, int64_t n, int64_t w, T* dst) {
-  constexpr int64_t B = 16;
-  for (int64_t t0 = 0; t0 < n; t0 += B)
-    for (int64_t c = 0; c < w; ++c)
-      for (int64_t t = t0; t < std::min(n, t0 + B); ++t) dst[c * n + t] = src[t * w + c];
-}
-
 // dst[j] = src[idx[j]]: with 32-bit indices and no aliasing the compiler emits vector gathers.
 template <typename T>
 inline void gather(T* __restrict dst, const T* __restrict src, const int32_t* __restrict idx, int64_t n) {
@@ -268,7 +259,8 @@ inline void gather_rows(const T* src, int64_t width, const int64_t* rows, int64_
 }
 
 template <typename T>
-void forward_head(const T* q, const T* k, const T* v, const T* qr, const T* sv, const int64_t* kidx,
+void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* qr, const T* sv,
+                  const int64_t* kidx,
                   const int64_t* eidx_in, const bool* pad, const bool* dup, T scale, T lam, const Sizes& z,
                   T* out, T* lse, int64_t* eidx_out) {
   std::vector<T> acc(z.n * z.ep, T(0)), acc_m(z.n), acc_z(z.n);
@@ -311,12 +303,10 @@ void forward_head(const T* q, const T* k, const T* v, const T* qr, const T* sv, 
     const int64_t* eidx = eidx_in != nullptr ? eidx_in : eidx_out;
     std::vector<int64_t> start(z.m + 1), order(z.n * z.s);
     bucket_pairs(eidx, z, start, order);
-    std::vector<T> kt_head(z.d * z.nk);
-    transpose(k, z.nk, z.d, kt_head.data());
     ExpertBuf<T> eb(z, false);
     for (int64_t e = 0; e < z.m; ++e) {
       if (start[e] == start[e + 1]) continue;
-      eb.pack(k, v, kt_head.data(), nullptr, kidx + e * z.kk, pad, z);
+      eb.pack(k, v, kt_head, nullptr, kidx + e * z.kk, pad, z);
       for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
         const int64_t nb = std::min(QB, start[e + 1] - t0);
         for (int64_t b = 0; b < QB; ++b) {
@@ -363,7 +353,8 @@ void forward_head(const T* q, const T* k, const T* v, const T* qr, const T* sv, 
 }
 
 template <typename T>
-void backward_head(const T* q, const T* k, const T* v, const T* qr, const T* sv, const int64_t* kidx,
+void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* vt_head, const T* qr,
+                   const T* sv, const int64_t* kidx,
                    const int64_t* eidx, const bool* pad, const bool* dup, const T* out, const T* lse,
                    const T* dout, T scale, T lam, const Sizes& z, T* dq, T* dk, T* dvv, T* dqr, T* dsv) {
   std::vector<T> delta(z.n);
@@ -407,16 +398,14 @@ void backward_head(const T* q, const T* k, const T* v, const T* qr, const T* sv,
   std::vector<int64_t> start(z.m + 1), order(z.n * z.s);
   bucket_pairs(eidx, z, start, order);
   ExpertBuf<T> eb(z, true);
-  std::vector<T> dke(z.kk * z.dp), dve(z.kk * z.ep), kt_head(z.d * z.nk), vt_head(z.dv * z.nk);
-  transpose(k, z.nk, z.d, kt_head.data());
-  transpose(v, z.nk, z.dv, vt_head.data());
+  std::vector<T> dke(z.kk * z.dp), dve(z.kk * z.ep);
   const T* xqr[QB] = {xq.data(), xq.data() + z.dp, xq.data() + 2 * z.dp, xq.data() + 3 * z.dp};
   const T* xdr[QB] = {xd.data(), xd.data() + z.ep, xd.data() + 2 * z.ep, xd.data() + 3 * z.ep};
   T* dqr_rows[QB] = {dqb.data(), dqb.data() + z.dp, dqb.data() + 2 * z.dp, dqb.data() + 3 * z.dp};
   for (int64_t e = 0; e < z.m; ++e) {
     if (start[e] == start[e + 1]) continue;
     const int64_t* ki = kidx + e * z.kk;
-    eb.pack(k, v, kt_head.data(), vt_head.data(), ki, pad, z);
+    eb.pack(k, v, kt_head, vt_head, ki, pad, z);
     std::fill(dke.begin(), dke.end(), T(0));
     std::fill(dve.begin(), dve.end(), T(0));
     for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
@@ -488,6 +477,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
   TORCH_CHECK(k.size(2) < (int64_t(1) << 31), "mita_cpu: N_kv must be < 2^31");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1;
+  // K^T per kv head, once per call (ATen's blocked copy), so experts gather contiguous rows of it.
+  const at::Tensor kt = k.transpose(2, 3).contiguous();
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
   at::Tensor lse = at::empty({b, h, n}, q.options());
   // Computed here for s = 1; with s > 1 the caller's top-s routing is used and an empty tensor returned.
@@ -503,7 +494,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
         const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
         forward_head<scalar_t>(
             q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * z.nk * z.d,
-            v.data_ptr<scalar_t>() + kvh * z.nk * z.dv, qr.data_ptr<scalar_t>() + bh * n * z.m,
+            v.data_ptr<scalar_t>() + kvh * z.nk * z.dv, kt.data_ptr<scalar_t>() + kvh * z.nk * z.d,
+            qr.data_ptr<scalar_t>() + bh * n * z.m,
             sv_p ? sv_p + bh * z.m * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * z.m * z.kk,
             eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, pad_p ? pad_p + bi * z.nk : nullptr,
             dup_p ? dup_p + bh * n * s * z.kk : nullptr, static_cast<scalar_t>(scale),
@@ -527,6 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
   const auto sv = contiguous_opt(sv_), pad = contiguous_opt(pad_), dup = contiguous_opt(dup_);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2);
+  const at::Tensor kt = k.transpose(2, 3).contiguous(), vt = v.transpose(2, 3).contiguous();
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, nk, k.size(3)}, q.options());
   at::Tensor dv = at::zeros({b, h, nk, v.size(3)}, q.options());
@@ -543,7 +536,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
         const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
         backward_head<scalar_t>(
             q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * nk * z.d,
-            v.data_ptr<scalar_t>() + kvh * nk * z.dv, qr.data_ptr<scalar_t>() + bh * n * z.m,
+            v.data_ptr<scalar_t>() + kvh * nk * z.dv, kt.data_ptr<scalar_t>() + kvh * nk * z.d,
+            vt.data_ptr<scalar_t>() + kvh * nk * z.dv, qr.data_ptr<scalar_t>() + bh * n * z.m,
             sv_p ? sv_p + bh * z.m * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * z.m * z.kk,
             eidx.data_ptr<int64_t>() + bh * n * z.s, pad_p ? pad_p + bi * nk : nullptr,
             dup_p ? dup_p + bh * n * z.s * z.kk : nullptr, out.data_ptr<scalar_t>() + bh * n * z.dv,
