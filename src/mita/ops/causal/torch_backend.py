@@ -5,19 +5,23 @@ computed as a partial softmax (normalised output + log-sum-exp) and merged exact
 
 - own block: batched block-diagonal attention ``[nq, b, b]`` with a causal mask;
 - shared expert: logits ``lambda q . r_j`` for ``j < beta`` with values ``A_j``. ``"frozen"``: ``A_j``
-  over keys ``t < (j + 1) b``, one tensor ``[n_l, dv]``. ``"prefix"``: ``A_j^(beta)`` over keys
-  ``t < beta b``, built by a scan over key blocks of per-(landmark, key block) online-softmax states
-  (max, sum, numerator), so each key block is folded in once, not recomputed per query block;
+  over keys ``t < (j + 1) b``, one tensor ``[n_l, dv]``, as one masked attention of the landmarks
+  (SDPA's fused kernel). ``"prefix"``: ``A_j^(beta)`` over keys ``t < beta b``, built by a scan over key
+  blocks of per-(landmark, key block) online-softmax states (max, sum, numerator), so each key block is
+  folded in once, not recomputed per query block;
 - routed experts: each query's ``s`` experts (argmax / top-s of ``q . r_j`` over ``j < beta``, masked
-  before selection) and their top-k key sets, kept as a running top-k merged block by block
-  (``"prefix"``; masked to ``-inf`` before selection, unfilled slots masked after) or one masked
-  top-k per landmark (``"frozen"``); the ``s * k`` keys are gathered per query.
+  before selection) and their top-k key sets. ``"prefix"``: a running top-k merged block by block
+  (``-inf`` before selection, unfilled slots masked after); each query attends to its own gathered
+  keys through a chunked gathered attention with its own backward. ``"frozen"``: one masked top-k per
+  landmark; (query, expert) pairs are packed expert-major into tiles sharing one key set.
 
-Memory per head (n_l = N / b landmarks): both horizons hold the landmark scores ``R K^T`` and their
-exponentials, ``n_l * N`` each (N^2 / b), the query-landmark products ``N * n_l`` and the gathered
-routed keys/values ``N * s * k * (d + dv)``. ``"prefix"`` adds the per-(landmark, key block) states
-and the per-(query block, landmark) values ``A``, ``2 * n_l^2 * dv`` (N^2 dv / b^2) plus the scan's
-saved intermediates; ``"frozen"`` adds ``n_l * dv`` for ``A``. No ``.item()`` or data-dependent shape.
+Memory per head (n_l = N / b landmarks): the landmark scores ``R K^T``, ``n_l * N`` (N^2 / b; kept for
+autograd only by ``"prefix"``, with their exponentials), the query-landmark products ``N * n_l`` and the
+routed key indices ``N * s * k``. ``"prefix"`` adds the per-(landmark, key block) states and the
+per-(query block, landmark) values ``A``, ``2 * n_l^2 * dv`` (N^2 dv / b^2) plus the scan's saved
+intermediates, and ~8 MB chunks for the gathered keys; ``"frozen"`` adds a boolean ``n_l * N`` mask,
+``n_l * dv`` for ``A`` and the tiles' keys/values (about ``2 N s k (d + dv) / T`` for tiles of ``T``
+pairs). No ``.item()`` or data-dependent shape.
 """
 
 from __future__ import annotations
