@@ -382,17 +382,14 @@ def report(runs: str, out: str) -> None:
     swept = [r for r in mq if r.get("sweep")]
     if swept:
         lines += ["", "## MQAR: MiTA at other k and b, at inference (weights of the trained model)", ""]
-        lines.append(
-            "| N | pairs | trained as | evaluated as | k | b | accuracy | routing recall (layer 1 / 2) |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|")
+        head = ("N", "pairs", "steps", "trained as", "evaluated as", "k", "b", "accuracy")
+        lines.append(_row(*head, "routing recall (layer 1 / 2)"))
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in swept:
             for row in r["sweep"]:
                 rc = " / ".join(_fmt(x["recall_any_head"]) for x in row["recall"])
-                lines.append(
-                    f"| {r['data']['seq_len']} | {r['pairs']} | {_label(r)} | mita {row['horizon']} | "
-                    f"{row['topk']} | {row['block_size']} | {_fmt(row['accuracy'])} | {rc} |"
-                )
+                cells = (r["data"]["seq_len"], r["pairs"], r["steps"], _label(r), f"mita {row['horizon']}")
+                lines.append(_row(*cells, row["topk"], row["block_size"], _fmt(row["accuracy"]), rc))
     sh = [r for r in recs if r["task"] == "shakespeare-char"]
     if sh:
         lines += ["", "## shakespeare-char: held-out plays", ""]
