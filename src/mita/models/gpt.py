@@ -5,7 +5,7 @@ RoPE and MiTA: q and k are rotated *before* the mixer, so MiTA's landmarks (bloc
 queries), its top-k key scores and its routing all see post-RoPE vectors. The op takes one q and one k, and
 pre-RoPE routing would need a second copy of both in every backend and in the decoding cache. Post-RoPE
 routing stays exactly causal, since each rotation depends only on its own token's position. Averaging 64
-rotated queries cancels only the fastest-turning channel pairs (those with ``theta^(-2i/d) * b > 2 pi``, 4 of
+rotated queries cancels only the fastest-turning channel pairs (those with ``theta^(-2i/d) * b > 2 pi``, 5 of
 16 pairs at ``d = 32``). The slower pairs keep the block's content, plus a mild bias towards keys near the
 block. ``rope=None`` gives NoPE, with no positional signal at all.
 """
