@@ -77,3 +77,12 @@ def test_language_models_train_with_the_causal_kinds():
     assert "window" not in attention_kinds("seq") and set(attention_kinds()) >= set(CAUSAL_CLASSES)
     with pytest.raises(ValueError, match="unknown attention 'window'; valid kinds: mita, full"):
         TrainConfig("listops", attention="window").validate()
+
+
+def test_model_arg_wins_over_the_presets_attention_settings():
+    preset = get_preset("mqar")
+    kind_default = preset.attention_kwargs["mita"]["block_size"]
+    _, kw = model_spec(preset, get_task("mqar"), "mita", model_overrides={"block_size": kind_default * 2})
+    assert kw["block_size"] == kind_default * 2
+    _, kw = model_spec(preset, get_task("mqar"), "mita", {"topk": 3}, {"topk": 5})
+    assert kw["topk"] == 3  # --topk beats --model-arg topk=...

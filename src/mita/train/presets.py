@@ -216,8 +216,9 @@ def model_spec(
     kinds = attention_kinds(preset.builder)  # the registries, not a copy: new kinds train at once
     if attention not in kinds:
         raise ValueError(f"unknown attention {attention!r}; valid kinds: {', '.join(kinds)}")
-    kwargs = {**preset.model_kwargs, **(model_overrides or {})}
-    kwargs.update(preset.attention_kwargs.get(attention, {}))
+    # preset, then the preset's settings for this kind, then the user's --model-arg, then --num-landmarks
+    # / --topk: anything the user names explicitly wins over the preset
+    kwargs = {**preset.model_kwargs, **preset.attention_kwargs.get(attention, {}), **(model_overrides or {})}
     kwargs.update({k: v for k, v in (attention_overrides or {}).items() if v is not None})
     kwargs["attention"] = attention
     builder = preset.builder
