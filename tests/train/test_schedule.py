@@ -40,8 +40,11 @@ def test_lambda_lr_drives_optimizer_and_restores():
 
 @pytest.mark.parametrize(
     "kw, msg",
-    [({"total": 0, "warmup": 0}, "total"), ({"total": 5, "warmup": 6}, "warm-up"),
-     ({"total": 5, "warmup": 1, "min_ratio": 2.0}, "min_ratio")],
+    [
+        ({"total": 0, "warmup": 0}, "total"),
+        ({"total": 5, "warmup": 6}, "warm-up"),
+        ({"total": 5, "warmup": 1, "min_ratio": 2.0}, "min_ratio"),
+    ],
 )
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import as_bool, as_int, as_scale
+from .arguments import as_bool, as_int, as_scale, check_attention_tensors
 from .causal import CausalRouting, causal_attention
 from .common import Problem, Routing
 from .reference import reference_forward
 from .torch_backend import torch_forward
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cpu")
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
 
 
 def validate(
@@ -34,42 +30,12 @@ def validate(
     backend: str,
 ) -> Problem:
     """Check shapes, dtypes, devices and options; return the resolved :class:`Problem`."""
-    named = {"q": q, "k": k, "v": v, "landmarks": landmarks}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [B, heads, len, dim], got shape {_shape(t)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    for name, t in named.items():
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; all inputs must match")
-        if t.device != q.device:
-            raise ValueError(
-                f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device"
-            )
+    check_attention_tensors(q, k, v, landmarks)
     b, h, nq, d = q.shape
-    bk, hkv, nk, dk = k.shape
+    _, hkv, nk, _ = k.shape
     m = landmarks.shape[2]
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v shape {_shape(v)} must match k shape {_shape(k)} in [B, heads, len]")
-    if bk != b or landmarks.shape[0] != b:
-        raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {v.shape[0]}, landmarks {landmarks.shape[0]}")
-    if dk != d or landmarks.shape[3] != d:
-        raise ValueError(
-            f"head dims differ: q {d}, k {dk}, landmarks {landmarks.shape[3]} (q, k and landmarks must agree)"
-        )
-    if landmarks.shape[1] != h:
-        raise ValueError(f"landmarks have {landmarks.shape[1]} heads but q has {h}")
-    if hkv < 1 or h % hkv != 0:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv}) for grouped-query attention")
-    if nk < 1 or nq < 1 or d < 1:
-        raise ValueError(f"empty inputs: q {_shape(q)}, k {_shape(k)}")
-    if v.shape[3] < 1:
-        raise ValueError(f"v must have a value dim dv >= 1, got shape {_shape(v)}")
     if m < 1:
-        raise ValueError(f"need at least one landmark, got landmarks shape {_shape(landmarks)}")
+        raise ValueError(f"need at least one landmark, got landmarks shape {tuple(landmarks.shape)}")
     topk = as_int("topk", topk, 1, nk, what=f"N={nk}")
     s = as_int("experts_per_query", experts_per_query, 1, m, what=f"m={m}")
     shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)

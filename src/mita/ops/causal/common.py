@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..arguments import check_attention_tensors
+
 HORIZONS = ("prefix", "frozen")
 CAUSAL_BACKENDS = ("auto", "reference", "torch")
 
@@ -65,10 +67,6 @@ class CausalRouting(NamedTuple):
     block_size: int
 
 
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
 def _positive_int(name: str, val: object) -> int:
     if isinstance(val, bool) or not isinstance(val, int) or val < 1:
         raise ValueError(f"{name} must be a positive int, got {val!r}")
@@ -94,36 +92,11 @@ def validate_causal(
     backend: str,
 ) -> CausalProblem:
     """Check the inputs of ``mita_attention(..., causal=True)``; return their :class:`CausalProblem`."""
-    named = {"q": q, "k": k, "v": v, "landmarks": landmarks}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [B, heads, len, dim], got shape {_shape(t)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; all inputs must match")
-        if t.device != q.device:
-            raise ValueError(
-                f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device"
-            )
+    check_attention_tensors(q, k, v, landmarks)
     b, h, n, d = q.shape
-    bk, hkv, nk, dk = k.shape
+    _, hkv, nk, _ = k.shape
     if nk != n:
         raise ValueError(f"causal=True needs k and q of the same length (self-attention), got q {n}, k {nk}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v shape {_shape(v)} must match k shape {_shape(k)} in [B, heads, len]")
-    if bk != b or landmarks.shape[0] != b:
-        raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {v.shape[0]}, landmarks {landmarks.shape[0]}")
-    if dk != d or landmarks.shape[3] != d:
-        raise ValueError(f"head dims differ: q {d}, k {dk}, landmarks {landmarks.shape[3]} (they must agree)")
-    if landmarks.shape[1] != h:
-        raise ValueError(f"landmarks have {landmarks.shape[1]} heads but q has {h}")
-    if hkv < 1 or h % hkv != 0:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv}) for grouped-query attention")
-    if n < 1 or d < 1:
-        raise ValueError(f"empty inputs: q {_shape(q)}, k {_shape(k)}")
     bs = _positive_int("block_size", block_size)
     if landmarks.shape[2] != n // bs:
         raise ValueError(
