@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mita.io import write_json, write_text
+from mita.train.runinfo import cpu_model
 
 GRID_NS = (4096, 16384, 65536, 262144, 1048576)
 LONG = dict(batch=1, heads=16, head_dim=128, m=64, k=64, dtype="bfloat16")
@@ -95,20 +96,8 @@ def _versions() -> dict:
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     else:
         info["gpu"] = None
-    info["cpu"] = _cpu_model()
+    info["cpu"] = cpu_model()
     return info
-
-
-def _cpu_model() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _measure(case) -> dict:

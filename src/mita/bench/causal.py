@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import write_json, write_text
+from ..train.runinfo import cpu_model
 
 DEFAULT_NS = "1024,2048,4096,8192,16384,32768,65536"
 DEFAULT_CONTEXTS = "4096,16384,65536,262144"
@@ -111,21 +112,11 @@ def _meta(args: argparse.Namespace) -> dict:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "args": vars(args),
         "note": "shared machine: other jobs may have run at the same time; the methods are interleaved",
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _progress(items, desc: str):

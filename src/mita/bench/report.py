@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..io import atomic_path
 from ..io import write_json as _write_json
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ..train.runinfo import cpu_model  # noqa: F401  (re-exported: the bench table names the CPU)
 
 
 def _key(r: dict) -> tuple:

@@ -14,7 +14,7 @@ def hardware(device: torch.device) -> dict[str, Any]:
     """The machine a run used: CPU model and count, threads, GPU name, platform."""
     info: dict[str, Any] = {
         "device": str(device),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -27,7 +27,8 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` is often empty on Linux)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -35,7 +36,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
