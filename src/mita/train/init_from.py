@@ -163,7 +163,7 @@ def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for anything but tensors; zip / EOF errors for other files
-        # torch's own text suggests weights_only=False; say only why it was refused
+        # torch's own message suggests turning the weights-only check off; say only why it was refused
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         first = f"it needs the Python object {found.group(1)}" if found else type(err).__name__
         raise InitFromError(
