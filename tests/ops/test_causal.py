@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mita import mita_attention
+from mita import MiTACache, mita_attention
 from mita.landmarks import block_mean
 from mita.ops.causal import CausalRouting
 
@@ -267,9 +268,21 @@ def test_bad_inputs_name_the_argument():
     _bad("backend='triton' has no causal path", backend="triton")
     _bad("backend='cpu' has no causal path", backend="cpu")
     _bad("landmark_scale", landmark_scale=-1.0)
+    _bad("scale", scale=float("inf"))  # the checks the non-causal op makes (issue 13) hold here too
+    _bad("scale", scale=True)
+    _bad("shared must be True or False", shared="no")
     _bad("dtype", v=v.float())
     _bad("multiple of k/v heads", k=k[:, :1].expand(1, 1, 16, 4).repeat(1, 3, 1, 1)[:, :3],
          v=v[:, :1].repeat(1, 3, 1, 1))  # fmt: skip
+
+
+def test_numpy_integer_options_are_accepted():
+    q, k, v = _inputs(1, 2, 2, 16, 4)
+    r = block_mean(q, 4)
+    out = mita_attention(q, k, v, r, topk=np.int64(4), causal=True, block_size=np.int32(4))
+    ref = mita_attention(q, k, v, r, topk=4, causal=True, block_size=4)
+    assert torch.equal(out, ref)
+    assert MiTACache(topk=np.int64(4), block_size=np.int64(4)).topk == 4
 
 
 def test_block_mean():

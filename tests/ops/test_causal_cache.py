@@ -120,6 +120,8 @@ def test_bad_inputs_raise_value_errors_naming_them():
         (dict(topk=2, experts_per_query=0), "experts_per_query"),
         (dict(topk=2, shared=False, routed=False), "shared=False and routed=False"),
         (dict(topk=2, scale=0.0), "scale"),
+        (dict(topk=2, scale=float("inf")), "scale"),
+        (dict(topk=2, routed="no"), "routed must be True or False"),
     ):
         with pytest.raises(ValueError, match=match):
             MiTACache(**kw)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import HORIZONS, _positive_int, merge_parts, partial_softmax
+from ..arguments import as_bool, as_int, as_scale
+from .common import HORIZONS, merge_parts, partial_softmax
 
 
 def _grow(buf: torch.Tensor | None, need: int, dim: int, template: torch.Tensor, fill: float = 0.0):
@@ -57,22 +58,19 @@ class MiTACache:
         shared: bool = True,
         routed: bool = True,
     ) -> None:
-        self.topk = _positive_int("topk", topk)
-        self.block_size = _positive_int("block_size", block_size)
-        self.experts_per_query = _positive_int("experts_per_query", experts_per_query)
+        self.topk = as_int("topk", topk)
+        self.block_size = as_int("block_size", block_size)
+        self.experts_per_query = as_int("experts_per_query", experts_per_query)
         if landmark_horizon not in HORIZONS:
             raise ValueError(f"landmark_horizon must be one of {HORIZONS}, got {landmark_horizon!r}")
+        shared, routed = as_bool("shared", shared), as_bool("routed", routed)
         if not shared and not routed:
             raise ValueError(
                 "shared=False and routed=False leaves no expert to attend to; enable at least one"
             )
-        for name, val in (("scale", scale), ("landmark_scale", landmark_scale)):
-            if val is not None and (
-                isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0
-            ):
-                raise ValueError(f"{name} must be a positive number or None, got {val!r}")
-        self.horizon, self.shared, self.routed = landmark_horizon, bool(shared), bool(routed)
-        self._scale, self._landmark_scale = scale, landmark_scale
+        self.horizon, self.shared, self.routed = landmark_horizon, shared, routed
+        self._scale = as_scale("scale", scale)
+        self._landmark_scale = as_scale("landmark_scale", landmark_scale)
         self.reset()
 
     def reset(self) -> None:

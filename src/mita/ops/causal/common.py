@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..arguments import check_attention_tensors
+from ..arguments import as_bool, as_int, as_scale, check_attention_tensors
 
 HORIZONS = ("prefix", "frozen")
 CAUSAL_BACKENDS = ("auto", "reference", "torch")
@@ -67,12 +67,6 @@ class CausalRouting(NamedTuple):
     block_size: int
 
 
-def _positive_int(name: str, val: object) -> int:
-    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-        raise ValueError(f"{name} must be a positive int, got {val!r}")
-    return val
-
-
 def validate_causal(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -97,7 +91,7 @@ def validate_causal(
     _, hkv, nk, _ = k.shape
     if nk != n:
         raise ValueError(f"causal=True needs k and q of the same length (self-attention), got q {n}, k {nk}")
-    bs = _positive_int("block_size", block_size)
+    bs = as_int("block_size", block_size)
     if landmarks.shape[2] != n // bs:
         raise ValueError(
             f"landmarks must have N // block_size = {n} // {bs} = {n // bs} rows (one per complete block), "
@@ -105,8 +99,10 @@ def validate_causal(
         )
     if landmark_horizon not in HORIZONS:
         raise ValueError(f"landmark_horizon must be one of {HORIZONS}, got {landmark_horizon!r}")
-    _positive_int("topk", topk)
-    _positive_int("experts_per_query", experts_per_query)
+    topk = as_int("topk", topk)
+    experts_per_query = as_int("experts_per_query", experts_per_query)
+    shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
+    scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
     if not shared and not routed:
         raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
     if dedup:
@@ -122,9 +118,6 @@ def validate_causal(
         raise ValueError(
             f"backend={backend!r} has no causal path; with causal=True use one of {CAUSAL_BACKENDS}"
         )
-    for name, val in (("scale", scale), ("landmark_scale", landmark_scale)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0):
-            raise ValueError(f"{name} must be a positive number or None, got {val!r}")
     return CausalProblem(
         batch=b,
         heads=h,
@@ -137,8 +130,8 @@ def validate_causal(
         experts_per_query=experts_per_query,
         scale=float(scale) if scale is not None else float(d) ** -0.5,
         landmark_scale=float(landmark_scale) if landmark_scale is not None else 1.0 / float(d),
-        shared=bool(shared),
-        routed=bool(routed),
+        shared=shared,
+        routed=routed,
         horizon=landmark_horizon,
     )
 
