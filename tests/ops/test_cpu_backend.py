@@ -62,7 +62,7 @@ def test_missing_compiler_warns_once_and_uses_torch(fresh_state):
 def test_build_failure_is_reported_with_its_error_line(fresh_state):
     fresh_state.setattr(build, "_missing_tools", lambda: None)
 
-    def broken() -> None:
+    def broken(lib: str) -> None:
         raise RuntimeError("Error building extension\nkernel.cpp:1: error: boom\nninja: build stopped")
 
     fresh_state.setattr(build, "_build", broken)

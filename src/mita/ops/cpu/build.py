@@ -1,10 +1,12 @@
-"""Build the fused CPU kernel on first use and cache it; say why when it cannot be built.
+"""Build the fused CPU kernels on first use and cache them; say why when one cannot be built.
 
-The kernel (``kernel.cpp``) is compiled with ``torch.utils.cpp_extension`` (needs a C++ compiler and
+Each library in :data:`LIBRARIES` (its op namespace -> its source, all sharing ``kernel_common.h``) is
+compiled with ``torch.utils.cpp_extension`` (needs a C++ compiler and
 ``ninja``) into ``$MITA_CACHE/cpu_kernel/<key>`` (default ``~/.cache/mita``), where the key hashes the
-source, the torch version, the compiler flags and this CPU's model and feature flags (the build uses
-``-march=native``). Later processes load the cached library in well under a second. ``MITA_CPU_KERNEL=0``
-turns the kernel off (``backend="auto"`` then uses the torch backend).
+source and the shared header, the torch version, the compiler flags and this CPU's model and feature flags (the build uses
+``-march=native``). Later processes load the cached library in well under a second. Libraries are built
+and loaded one by one, so one that fails to build leaves the others usable. ``MITA_CPU_KERNEL=0`` turns
+them all off (``backend="auto"`` then uses the torch backend).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernel.cpp")
+HERE = Path(__file__).parent
+LIBRARIES = {"mita_cpu": "kernel.cpp"}  # op namespace (torch.ops.<name>) -> source file
+HEADERS = ("kernel_common.h",)
 CFLAGS = [
     "-O3",
     "-march=native",
@@ -29,7 +33,7 @@ CFLAGS = [
 ]
 ENV_SWITCH = "MITA_CPU_KERNEL"
 
-_state: dict[str, object] = {}  # "ok": bool, "why": str, set once per process
+_state: dict[str, object] = {}  # per library: (ok, why), set once per process; "warned"
 
 
 def cache_root() -> Path:
@@ -46,8 +50,11 @@ def _cpu_signature() -> str:
     return "\n".join(keep) or platform.machine()
 
 
-def build_key() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+def build_key(lib: str = "mita_cpu") -> str:
+    """16 hex digits naming one build of ``lib``: source, headers, torch, flags and CPU."""
+    h = hashlib.sha256((HERE / LIBRARIES[lib]).read_bytes())
+    for header in HEADERS:
+        h.update((HERE / header).read_bytes())
     for part in (torch.__version__, " ".join(CFLAGS), _cpu_signature()):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -64,19 +71,19 @@ def _missing_tools() -> str | None:
     return None
 
 
-def _build() -> None:
+def _build(lib: str) -> None:
     from torch.utils import cpp_extension
 
-    key = build_key()
+    key = build_key(lib)
     build_dir = cache_root() / "cpu_kernel" / key
     build_dir.mkdir(parents=True, exist_ok=True)
-    lib = build_dir / f"mita_cpu_{key}.so"
-    if lib.exists():  # built before: load it without importing the compiler tool chain
-        torch.ops.load_library(str(lib))
+    so = build_dir / f"{lib}_{key}.so"
+    if so.exists():  # built before: load it without importing the compiler tool chain
+        torch.ops.load_library(str(so))
         return
     cpp_extension.load(
-        name=f"mita_cpu_{key}",
-        sources=[str(SOURCE)],
+        name=f"{lib}_{key}",
+        sources=[str(HERE / LIBRARIES[lib])],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
@@ -85,12 +92,13 @@ def _build() -> None:
     )
 
 
-def availability() -> tuple[bool, str]:
-    """Whether the fused CPU kernel is loaded (building it if needed), and if not, why. Cached.
+def availability(lib: str = "mita_cpu", probe: str = "fwd") -> tuple[bool, str]:
+    """Whether library ``lib`` is loaded (building it if needed; ``probe`` is one of its ops), and if not,
+    why. Cached per library.
 
     Not wrapped in ``torch.compiler.disable``: that imports ``torch._dynamo`` (150 MB of resident memory)
     into every process; under ``torch.compile`` the cached answer is a plain dict lookup."""
-    if "ok" not in _state:
+    if lib not in _state:
         ok, why = False, ""
         if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
             why = f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
@@ -98,8 +106,8 @@ def availability() -> tuple[bool, str]:
             why = missing
         else:
             try:
-                _build()
-                ok = hasattr(torch.ops.mita_cpu, "fwd")
+                _build(lib)
+                ok = hasattr(getattr(torch.ops, lib), probe)
                 why = "" if ok else "the built library registered no mita_cpu ops"
             except Exception as err:  # noqa: BLE001 - any build failure means: use the torch backend
                 lines = str(err).strip().splitlines() or [type(err).__name__]
@@ -108,8 +116,9 @@ def availability() -> tuple[bool, str]:
                     (ln for ln in lines if "error" in ln.lower()), lines[-1]
                 )
                 why = f"building the CPU kernel failed: {first_error.strip()[:200]}"
-        _state.update(ok=ok, why=why)
-    return bool(_state["ok"]), str(_state["why"])
+        _state[lib] = (ok, why)
+    ok, why = _state[lib]  # type: ignore[misc]
+    return bool(ok), str(why)
 
 
 def warn_fallback_once(why: str) -> None:

@@ -1,0 +1,333 @@
+// Building blocks shared by the fused CPU kernels (kernel.cpp, and any other kernel source built by
+// build.py): vector types, exp, the register-blocked micro-kernels, expert packing and top-k.
+// Everything is inline in namespace mita_kernels; each kernel library compiles its own copy.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace mita_kernels {
+
+constexpr int64_t QB = 4;  // queries per register block
+
+typedef float vfloat __attribute__((vector_size(64)));
+typedef double vdouble __attribute__((vector_size(64)));
+template <typename T>
+struct VT;
+template <>
+struct VT<float> {
+  using v = vfloat;
+  static constexpr int64_t L = 16;
+};
+template <>
+struct VT<double> {
+  using v = vdouble;
+  static constexpr int64_t L = 8;
+};
+
+template <typename T>
+inline typename VT<T>::v vload(const T* p) {
+  typename VT<T>::v x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+template <typename T>
+inline void vstore(T* p, typename VT<T>::v x) {
+  std::memcpy(p, &x, sizeof(x));
+}
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// exp over an array. float: a Cephes-style polynomial the compiler vectorises (std::exp does not),
+// relative error ~2 ulp, exactly 0 below -87 (so -inf, the mark of a dropped key, gives weight 0).
+template <typename T>
+inline void exp_inplace(T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+template <>
+inline void exp_inplace<float>(float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    float c = v < -87.0f ? -87.0f : v;
+    c = c > 88.0f ? 88.0f : c;
+    const int32_t ni = static_cast<int32_t>(c * 1.44269504088896341f + 128.5f) - 128;  // round(c/ln 2)
+    const float fn = static_cast<float>(ni);
+    float r = c - fn * 0.693359375f;
+    r = r + fn * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.0f;
+    const float two_n = __builtin_bit_cast(float, (ni + 127) << 23);
+    x[i] = v < -87.0f ? 0.0f : y * two_n;
+  }
+}
+
+// Max and sum of x[0..np), np a multiple of the vector length: vector partials, then one fixed-order
+// tree over the lanes (a scalar loop would be one long dependency chain).
+template <typename T>
+inline T lanes_max(typename VT<T>::v a) {
+  T r[VT<T>::L];
+  std::memcpy(r, &a, sizeof(a));
+  for (int64_t w = VT<T>::L / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) r[i] = r[i] < r[i + w] ? r[i + w] : r[i];
+  return r[0];
+}
+template <typename T>
+inline T lanes_sum(typename VT<T>::v a) {
+  T r[VT<T>::L];
+  std::memcpy(r, &a, sizeof(a));
+  for (int64_t w = VT<T>::L / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) r[i] += r[i + w];
+  return r[0];
+}
+template <typename T>
+inline T padded_max(const T* x, int64_t np) {
+  using v = typename VT<T>::v;
+  v a = vload(x);
+  for (int64_t j = VT<T>::L; j < np; j += VT<T>::L) {
+    const v b = vload(x + j);
+    a = a < b ? b : a;
+  }
+  return lanes_max<T>(a);
+}
+template <typename T>
+inline T padded_sum(const T* x, int64_t np) {
+  using v = typename VT<T>::v;
+  v a = vload(x);
+  for (int64_t j = VT<T>::L; j < np; j += VT<T>::L) a += vload(x + j);
+  return lanes_sum<T>(a);
+}
+
+// ---- micro-kernels over QB rows; every padded extent (Jp, Ep) is a multiple of the vector length ----
+
+// out[q][j] = sum_c x[q][c] * bt[c][j]   (x: QB row pointers; bt: [dx][Jp]; out: [QB][Jp])
+template <typename T>
+inline void mk_xbt(const T* const* x, const T* bt, int64_t dx, int64_t jp, T* out) {
+  using v = typename VT<T>::v;
+  const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  for (int64_t j0 = 0; j0 < jp; j0 += VT<T>::L) {
+    v a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t c = 0; c < dx; ++c) {
+      const v b = vload(bt + c * jp + j0);
+      a0 += x0[c] * b;
+      a1 += x1[c] * b;
+      a2 += x2[c] * b;
+      a3 += x3[c] * b;
+    }
+    vstore(out + j0, a0);
+    vstore(out + jp + j0, a1);
+    vstore(out + 2 * jp + j0, a2);
+    vstore(out + 3 * jp + j0, a3);
+  }
+}
+
+// acc[q][e] += sum_j p[q][j] * b[j][e]   (p: QB rows of stride ldp; b: [jn][Ep]; acc: QB row pointers)
+template <typename T>
+inline void mk_pb(const T* p, int64_t ldp, const T* b, int64_t jn, int64_t ep, T* const* acc) {
+  using v = typename VT<T>::v;
+  T *r0 = acc[0], *r1 = acc[1], *r2 = acc[2], *r3 = acc[3];
+  for (int64_t e0 = 0; e0 < ep; e0 += VT<T>::L) {
+    v a0 = vload(r0 + e0), a1 = vload(r1 + e0), a2 = vload(r2 + e0), a3 = vload(r3 + e0);
+    for (int64_t j = 0; j < jn; ++j) {
+      const v bj = vload(b + j * ep + e0);
+      a0 += p[j] * bj;
+      a1 += p[ldp + j] * bj;
+      a2 += p[2 * ldp + j] * bj;
+      a3 += p[3 * ldp + j] * bj;
+    }
+    vstore(r0 + e0, a0);
+    vstore(r1 + e0, a1);
+    vstore(r2 + e0, a2);
+    vstore(r3 + e0, a3);
+  }
+}
+
+// acc[j][e] += sum_q g[q][j] * x[q][e]   (g: QB rows of stride ldg; x: [QB][Ep]; acc: [jn][Ep])
+template <typename T>
+inline void mk_rank(const T* g, int64_t ldg, const T* x, int64_t jn, int64_t ep, T* acc) {
+  using v = typename VT<T>::v;
+  for (int64_t e0 = 0; e0 < ep; e0 += VT<T>::L) {
+    const v x0 = vload(x + e0), x1 = vload(x + ep + e0), x2 = vload(x + 2 * ep + e0),
+            x3 = vload(x + 3 * ep + e0);
+    for (int64_t j = 0; j < jn; ++j) {
+      v a = vload(acc + j * ep + e0);
+      a += g[j] * x0;
+      a += g[ldg + j] * x1;
+      a += g[2 * ldg + j] * x2;
+      a += g[3 * ldg + j] * x3;
+      vstore(acc + j * ep + e0, a);
+    }
+  }
+}
+
+struct Sizes {
+  int64_t n, nk, d, dv, m, kk, s, group, heads;
+  bool shared, routed;
+  int64_t dp, ep, kp, mp;  // padded d, dv, k, m
+};
+
+template <typename T>
+Sizes make_sizes(int64_t n, int64_t nk, int64_t d, int64_t dv, int64_t m, int64_t kk, int64_t s,
+                 int64_t group, int64_t heads, bool shared, bool routed) {
+  const int64_t L = VT<T>::L;
+  return Sizes{n,      nk,     d, dv, m, kk, s, group, heads, shared, routed, round_up(d, L), round_up(dv, L),
+               round_up(kk, L), round_up(m, L)};
+}
+
+// Pairs (query, rank) sorted by expert with a stable counting sort: start[e]..start[e+1] in `order`.
+inline void bucket_pairs(const int64_t* eidx, const Sizes& z, std::vector<int64_t>& start,
+                         std::vector<int64_t>& order) {
+  const int64_t pairs = z.n * z.s;
+  std::fill(start.begin(), start.end(), 0);
+  for (int64_t p = 0; p < pairs; ++p) start[eidx[p] + 1]++;
+  for (int64_t e = 0; e < z.m; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p) order[fill[eidx[p]]++] = p;
+}
+
+// dst[j] = src[idx[j]]: with 32-bit indices and no aliasing the compiler emits vector gathers.
+template <typename T>
+inline void gather(T* __restrict dst, const T* __restrict src, const int32_t* __restrict idx, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[idx[j]];
+}
+
+// One expert's keys transposed [d][Kp], keys [k][Dp], values [k][Ep], values transposed [dv][Kp] (zero
+// padded: the padding is written once and never touched), and a bias row [Kp] that is -inf for padded
+// keys and for the padding columns j >= k. kt_head / vt_head: the head's K^T [d][N_kv], V^T [dv][N_kv].
+template <typename T>
+struct ExpertBuf {
+  std::vector<T> kt, kr, vp, vt, bias;
+  std::vector<int32_t> ki32;
+  ExpertBuf(const Sizes& z, bool backward)
+      : kt(z.d * z.kp, T(0)), kr(backward ? z.kk * z.dp : 0, T(0)), vp(z.kk * z.ep, T(0)),
+        vt(backward ? z.dv * z.kp : 0, T(0)), bias(z.kp, neg_inf<T>()), ki32(z.kk) {}
+  void pack(const T* k, const T* v, const T* kt_head, const T* vt_head, const int64_t* ki, const bool* pad,
+            const Sizes& z) {
+    for (int64_t j = 0; j < z.kk; ++j) ki32[j] = static_cast<int32_t>(ki[j]);
+    for (int64_t c = 0; c < z.d; ++c) gather(kt.data() + c * z.kp, kt_head + c * z.nk, ki32.data(), z.kk);
+    for (int64_t j = 0; j < z.kk; ++j) {
+      std::memcpy(vp.data() + j * z.ep, v + ki[j] * z.dv, sizeof(T) * z.dv);
+      bias[j] = (pad != nullptr && pad[ki[j]]) ? neg_inf<T>() : T(0);
+    }
+    if (kr.empty()) return;
+    for (int64_t j = 0; j < z.kk; ++j) std::memcpy(kr.data() + j * z.dp, k + ki[j] * z.d, sizeof(T) * z.d);
+    for (int64_t c = 0; c < z.dv; ++c) gather(vt.data() + c * z.kp, vt_head + c * z.nk, ki32.data(), z.kk);
+  }
+};
+
+// Copy up to QB rows (row indices rows[0..nb)) of src [., width] into dst [QB][ld], zero elsewhere.
+template <typename T>
+inline void gather_rows(const T* src, int64_t width, const int64_t* rows, int64_t nb, int64_t ld, T* dst) {
+  std::fill(dst, dst + QB * ld, T(0));
+  for (int64_t q = 0; q < nb; ++q) std::memcpy(dst + q * ld, src + rows[q] * width, sizeof(T) * width);
+}
+
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
+// Returns out [B,H,N,dv], lse [B,H,N] and expert_index [B,H,N,s] (computed here as argmax of qr when
+
+inline uint32_t sort_key(float x) {
+  const uint32_t b = __builtin_bit_cast(uint32_t, x);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+inline uint64_t sort_key(double x) {
+  const uint64_t b = __builtin_bit_cast(uint64_t, x);
+  return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+}
+
+template <typename K>
+inline int64_t count_at_least(const K* __restrict keys, int64_t n, K t) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += keys[i] >= t;  // vectorised compare-and-count
+  return c;
+}
+
+// Indices of the k largest entries of row[0..n), in increasing index order; among equal scores the lower
+// indices are taken, so the choice is deterministic. Bisection on the threshold key: the largest T with
+// at least k keys >= T is the k-th largest key; each step is one vectorised counting pass, and the search
+// stops early once some threshold has exactly k keys at or above it.
+template <typename T>
+void topk_row(const T* row, int64_t n, int64_t k, int64_t* dst, std::vector<decltype(sort_key(T()))>& keys) {
+  using K = decltype(sort_key(T()));
+  K lo = ~K(0), hi = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const K x = sort_key(row[t]);
+    keys[t] = x;
+    lo = x < lo ? x : lo;
+    hi = x > hi ? x : hi;
+  }
+  // Invariant: count(>= lo) >= k, count(>= hi + 1) < k (hi + 1 may be past the largest key).
+  K thr = lo;
+  bool exact = false;
+  while (lo < hi) {
+    const K mid = lo + (hi - lo) / 2 + 1;  // in (lo, hi]
+    const int64_t c = count_at_least(keys.data(), n, mid);
+    if (c == k) {
+      thr = mid;
+      exact = true;
+      break;
+    }
+    if (c > k) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  if (!exact) thr = lo;
+  int64_t o = 0;
+  if (exact) {
+    for (int64_t t = 0; t < n; ++t)
+      if (keys[t] >= thr) dst[o++] = t;
+    return;
+  }
+  // thr is the k-th largest key: take every key above it, then the first ties in index order.
+  int64_t ties = k - (count_at_least(keys.data(), n, thr) - [&] {
+                   int64_t e = 0;
+                   for (int64_t t = 0; t < n; ++t) e += keys[t] == thr;
+                   return e;
+                 }());
+  for (int64_t t = 0; t < n; ++t) {
+    if (keys[t] > thr) {
+      dst[o++] = t;
+    } else if (keys[t] == thr && ties > 0) {
+      dst[o++] = t;
+      --ties;
+    }
+  }
+}
+
+}  // namespace mita_kernels
