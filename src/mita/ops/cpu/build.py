@@ -1,10 +1,10 @@
 """Build the fused CPU kernels on first use and cache them; say why when one cannot be built.
 
 Each library in :data:`LIBRARIES` (its op namespace -> its source, all sharing ``kernel_common.h``) is
-compiled with ``torch.utils.cpp_extension`` (needs a C++ compiler and
-``ninja``) into ``$MITA_CACHE/cpu_kernel/<key>`` (default ``~/.cache/mita``), where the key hashes the
-source and the shared header, the torch version, the compiler flags and this CPU's model and feature flags (the build uses
-``-march=native``). Later processes load the cached library in well under a second. Libraries are built
+compiled with ``torch.utils.cpp_extension`` (needs a C++ compiler and ``ninja``) into
+``$MITA_CACHE/cpu_kernel/<key>`` (default ``~/.cache/mita``), where the key hashes the source and the
+shared header, the torch version, the compiler flags and this CPU's model and feature flags (the build
+uses ``-march=native``). Later processes load the cached library in well under a second. Libraries are built
 and loaded one by one, so one that fails to build leaves the others usable. ``MITA_CPU_KERNEL=0`` turns
 them all off (``backend="auto"`` then uses the torch backend).
 """
