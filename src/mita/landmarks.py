@@ -29,14 +29,40 @@ def _check_seq(x: torch.Tensor) -> None:
         raise ValueError(f"landmark input must have shape [..., N, d], got {tuple(x.shape)}")
 
 
-def _pool_grid(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Adaptive 2-D average pooling of ``[..., h*w, d]`` tokens (raster order) to ``[..., mh*mw, d]``."""
-    *lead, n, d = tokens.shape
-    h, w = grid
-    mh, mw = size
-    img = tokens.reshape(-1, h, w, d).permute(0, 3, 1, 2)
-    pooled = F.adaptive_avg_pool2d(img, (mh, mw))
-    return pooled.permute(0, 2, 3, 1).reshape(*lead, mh * mw, d)
+_WINDOW_MATRICES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _window_matrix(n: int, m: int) -> torch.Tensor:
+    """``[m, n]`` float64: row ``j`` is ``1 / |window j|`` on PyTorch's adaptive window ``j``, 0 elsewhere.
+    Cached in eager mode (a plain dict: under ``torch.compile`` the matrix is traced as a constant)."""
+    if torch.compiler.is_compiling():
+        return _windows(n, m)
+    if (n, m) not in _WINDOW_MATRICES:
+        _WINDOW_MATRICES[(n, m)] = _windows(n, m)
+    return _WINDOW_MATRICES[(n, m)]
+
+
+def _windows(n: int, m: int) -> torch.Tensor:
+    starts = torch.arange(m) * n // m
+    ends = -((-(torch.arange(m) + 1) * n) // m)  # ceil((j + 1) n / m)
+    pos = torch.arange(n)
+    inside = (pos >= starts[:, None]) & (pos < ends[:, None])
+    return inside.double() / (ends - starts).double()[:, None]
+
+
+def _pool_matrix(grid: tuple[int, int], size: tuple[int, int], before: int, after: int) -> torch.Tensor:
+    """``[mh*mw, before + h*w + after]``: adaptive 2-D average pooling of a raster grid as one matrix.
+
+    Adaptive pooling is separable (each window is a row range times a column range), so the matrix is
+    the Kronecker product of the two 1-D window matrices, with zero columns for the unpooled tokens."""
+    pool = torch.kron(_window_matrix(grid[0], size[0]), _window_matrix(grid[1], size[1]))
+    return F.pad(pool, (before, after))
+
+
+def _apply_pool(pool: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # One batched product reads x in place and has a product as its backward: adaptive_avg_pool over
+    # [..., N, d] needs a channels-first copy of x and a slow scatter-style backward.
+    return torch.matmul(pool.to(device=x.device, dtype=x.dtype), x)
 
 
 def pool_1d(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -48,9 +74,9 @@ def pool_1d(x: torch.Tensor, m: int) -> torch.Tensor:
     n = x.shape[-2]
     if not 1 <= m <= n:
         raise ValueError(f"pool_1d: number of landmarks m={m} must be in 1..N={n}")
-    *lead, _, d = x.shape
-    flat = x.reshape(-1, n, d).transpose(1, 2)
-    return F.adaptive_avg_pool1d(flat, m).transpose(1, 2).reshape(*lead, m, d)
+    if n % m == 0:  # equal windows: a view and a mean
+        return x.unflatten(-2, (m, n // m)).mean(-2)
+    return _apply_pool(_window_matrix(n, m), x)
 
 
 def pool_2d(
@@ -76,7 +102,7 @@ def pool_2d(
         )
     if mh > h or mw > w:
         raise ValueError(f"pool_2d: landmark grid {mh}x{mw} is larger than the token grid {h}x{w}")
-    return _pool_grid(x[..., prefix : prefix + h * w, :], (h, w), (mh, mw))
+    return _apply_pool(_pool_matrix((h, w), (mh, mw), prefix, suffix), x)
 
 
 def official_pool(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -93,7 +119,7 @@ def official_pool(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"official_pool: needs N = side*side + 1 (cls + square patch grid), got N={n}")
     if mh > side or mw > side:
         raise ValueError(f"official_pool: landmark grid {mh}x{mw} is larger than the grid {side}x{side}")
-    return _pool_grid(x[..., : n - 1, :], (side, side), (mh, mw))
+    return _apply_pool(_pool_matrix((side, side), (mh, mw), 0, 1), x)
 
 
 def block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
