@@ -266,7 +266,7 @@ def test_bad_inputs_name_the_argument():
     _bad("dedup", dedup=True, experts_per_query=2)
     _bad("shared=False and routed=False", shared=False, routed=False)
     _bad("backend='triton' has no causal path", backend="triton")
-    _bad("backend='cpu' has no causal path", backend="cpu")
+    _bad("backend='cpu' with causal=True supports landmark_horizon='frozen' only", backend="cpu")
     _bad("landmark_scale", landmark_scale=-1.0)
     _bad("scale", scale=float("inf"))  # the checks the non-causal op makes (issue 13) hold here too
     _bad("scale", scale=True)

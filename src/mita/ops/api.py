@@ -188,8 +188,10 @@ def mita_attention(
             attends in one softmax to the landmarks of earlier blocks, its experts' top-k keys (over the
             ``landmark_horizon``: ``"prefix"`` = every key before the query's block, ``"frozen"`` = keys
             up to the end of the landmark's block) and causally to its own block. Needs ``k``/``v`` as
-            long as ``q``; ``key_padding_mask`` and ``dedup`` are not supported. Backends: ``"auto"`` /
-            ``"torch"`` (block-major) and ``"reference"``; ``"cpu"`` / ``"triton"`` raise ``ValueError``.
+            long as ``q``; ``key_padding_mask`` and ``dedup`` are not supported. Backends: ``"torch"``
+            (block-major), ``"reference"``, ``"cpu"`` (fused kernels, ``landmark_horizon="frozen"`` only)
+            and ``"auto"`` (``"cpu"`` for ``"frozen"`` on CPU when built, else ``"torch"``; ``"prefix"``
+            runs on ``"torch"``); ``"triton"`` raises ``ValueError``.
             ``topk`` may exceed the visible keys (then every visible key is taken). With
             ``return_routing`` a :class:`mita.ops.causal.CausalRouting` is returned. Decoding:
             :class:`mita.MiTACache`.

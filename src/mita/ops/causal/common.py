@@ -11,7 +11,7 @@ import torch
 from ..arguments import as_bool, as_int, as_scale, check_attention_tensors
 
 HORIZONS = ("prefix", "frozen")
-CAUSAL_BACKENDS = ("auto", "reference", "torch")
+CAUSAL_BACKENDS = ("auto", "reference", "torch", "cpu")  # "cpu": the frozen horizon only
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,35 @@ from __future__ import annotations
 
 import torch
 
-from .common import CausalRouting, validate_causal
+from .common import CausalProblem, CausalRouting, validate_causal
 from .reference import causal_reference_forward
 from .torch_backend import causal_torch_forward
+
+
+def _resolve_causal_backend(backend: str, p: CausalProblem, device: torch.device) -> str:
+    """``"cpu"`` / ``"auto"`` with ``causal=True``: the fused frozen-horizon kernels where they run."""
+    from ..cpu.build import availability, warn_fallback_once
+
+    if backend == "cpu":
+        if p.horizon != "frozen":
+            raise ValueError(
+                "backend='cpu' with causal=True supports landmark_horizon='frozen' only, got "
+                f"{p.horizon!r}; use backend='torch' or 'auto' for 'prefix'"
+            )
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' is unavailable: inputs are on {device}, not the CPU")
+        ok, why = availability("mita_cpu_causal", probe="fwd")
+        if not ok:
+            raise RuntimeError(f"backend='cpu' is unavailable: {why}")
+        return "cpu"
+    if backend == "auto":
+        if device.type == "cpu" and p.horizon == "frozen":
+            ok, why = availability("mita_cpu_causal", probe="fwd")
+            if ok:
+                return "cpu"
+            warn_fallback_once(why)
+        return "torch"
+    return backend
 
 
 def causal_attention(
@@ -30,8 +56,11 @@ def causal_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, CausalRouting]:
     """Causal MiTA (SPEC §5); see :func:`mita.mita_attention` for the arguments.
 
-    ``backend``: ``"reference"`` (dense definition) or ``"torch"`` / ``"auto"`` (block-major, the
-    fast path on every device). Other backends have no causal path and raise ``ValueError``.
+    ``backend``: ``"reference"`` (dense definition), ``"torch"`` (block-major, every device and horizon),
+    ``"cpu"`` (fused C++ kernels, ``landmark_horizon="frozen"`` only; ``RuntimeError`` when they cannot
+    be built, ``ValueError`` for ``"prefix"``) or ``"auto"`` (``"cpu"`` for the frozen horizon on a CPU
+    device when the kernels are available, else ``"torch"``; ``"prefix"`` always runs on ``"torch"``).
+    Other backends have no causal path and raise ``ValueError``.
     """
     p = validate_causal(
         q,
@@ -50,8 +79,13 @@ def causal_attention(
         key_padding_mask=key_padding_mask,
         backend=backend,
     )
-    if backend == "reference":
+    chosen = _resolve_causal_backend(backend, p, q.device)
+    if chosen == "reference":
         out, routing = causal_reference_forward(p, q, k, v, landmarks)
+    elif chosen == "cpu":
+        from ..cpu.causal import cpu_causal_forward
+
+        out, routing = cpu_causal_forward(p, q, k, v, landmarks, return_routing)
     else:
         out, routing = causal_torch_forward(p, q, k, v, landmarks, return_routing)
     return (out, routing) if return_routing else out

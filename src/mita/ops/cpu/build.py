@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-LIBRARIES = {"mita_cpu": "kernel.cpp"}  # op namespace (torch.ops.<name>) -> source file
+LIBRARIES = {  # op namespace (torch.ops.<name>) -> source file
+    "mita_cpu": "kernel.cpp",
+    "mita_cpu_causal": "causal_kernel.cpp",
+}
 HEADERS = ("kernel_common.h",)
 CFLAGS = [
     "-O3",

@@ -1,0 +1,552 @@
+// Fused CPU kernel of causal MiTA with the "frozen" landmark horizon (SPEC §5).
+//
+// torch computes the landmark side (R K^T for the top-k, the shared values A_j over keys t < (j+1) b, and
+// Q R^T; autograd carries their gradients). This library does the rest per (batch, query head):
+//   topk_frozen: each landmark's top-k keys over its horizon t < (j+1) b (masked before selection;
+//                fewer visible keys than k leave the remaining slots -1).
+//   fwd: each query's online softmax opens with its visible shared logits lambda q.r_j, j < beta(i)
+//        (routing by argmax on the way when s = 1), then its own block causally (beta b <= t <= i, the
+//        block's keys packed once and shared by its queries), then, expert by expert, the expert's k
+//        keys packed once into a small buffer that stays in cache while the queries routed to it fold
+//        their k logits in. Frozen keys of expert j all lie before (j+1) b <= beta(i) b, so no per-query
+//        mask is needed beyond the unfilled slots.
+//   bwd: the same order, recomputing probabilities from the saved log-sum-exp; the own block's and each
+//        expert's dK/dV accumulate in a local buffer added to the head's rows once, no scatter.
+// Every query's logits, softmax and output are computed on its row alone (row-wise micro-kernels, a
+// fixed order of parts), so a query's result does not depend on later tokens or on its tile-mates, and
+// results do not depend on the thread count (work is split over (batch, head), one thread per item).
+// GQA heads write their own dK/dV rows (summed over the group by the caller).
+
+#include "kernel_common.h"
+
+namespace {
+
+using namespace mita_kernels;
+
+// out[q][j] = sum_c x[q][c] * bt[c * ldb + j] for j < jp (a multiple of the vector length); out stride ldo.
+template <typename T>
+inline void xbt_ld(const T* const* x, const T* bt, int64_t ldb, int64_t dx, int64_t jp, T* out, int64_t ldo) {
+  using v = typename VT<T>::v;
+  const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  for (int64_t j0 = 0; j0 < jp; j0 += VT<T>::L) {
+    v a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t c = 0; c < dx; ++c) {
+      const v b = vload(bt + c * ldb + j0);
+      a0 += x0[c] * b;
+      a1 += x1[c] * b;
+      a2 += x2[c] * b;
+      a3 += x3[c] * b;
+    }
+    vstore(out + j0, a0);
+    vstore(out + ldo + j0, a1);
+    vstore(out + 2 * ldo + j0, a2);
+    vstore(out + 3 * ldo + j0, a3);
+  }
+}
+
+struct CSizes {
+  int64_t n, d, dv, nl, kk, s, bs, nq;
+  bool shared, routed;
+  int64_t dp, ep, kp, mp, bp;  // padded d, dv, k, n_l, b
+};
+
+template <typename T>
+CSizes make_csizes(int64_t n, int64_t d, int64_t dv, int64_t nl, int64_t kk, int64_t s, int64_t bs, bool shared,
+                   bool routed) {
+  const int64_t L = VT<T>::L;
+  return CSizes{n, d, dv, nl, kk, s, bs, (n + bs - 1) / bs, shared, routed,
+                round_up(d, L), round_up(dv, L), round_up(kk, L), round_up(nl, L), round_up(bs, L)};
+}
+
+// Sizes of kernel_common's ExpertBuf (n_kv = n: causal self-attention).
+template <typename T>
+Sizes expert_sizes(const CSizes& c) {
+  return make_sizes<T>(c.n, c.n, c.d, c.dv, c.nl, c.kk, c.s, 1, 1, c.shared, c.routed);
+}
+
+// Pairs (query, rank) with an expert (eidx >= 0), grouped by expert in increasing pair order.
+inline void bucket_valid(const int64_t* eidx, int64_t pairs, int64_t nl, std::vector<int64_t>& start,
+                         std::vector<int64_t>& order) {
+  std::fill(start.begin(), start.end(), 0);
+  for (int64_t p = 0; p < pairs; ++p)
+    if (eidx[p] >= 0) start[eidx[p] + 1]++;
+  for (int64_t e = 0; e < nl; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p)
+    if (eidx[p] >= 0) order[fill[eidx[p]]++] = p;
+}
+
+// One expert's keys (unfilled slots -1 read key 0 and get bias -inf).
+template <typename T>
+inline void pack_expert(ExpertBuf<T>& eb, const T* k, const T* v, const T* kt_head, const T* vt_head,
+                        const int64_t* ki, const Sizes& z, std::vector<int64_t>& safe) {
+  for (int64_t j = 0; j < z.kk; ++j) safe[j] = ki[j] < 0 ? 0 : ki[j];
+  eb.pack(k, v, kt_head, vt_head, safe.data(), nullptr, z);
+  for (int64_t j = 0; j < z.kk; ++j)
+    if (ki[j] < 0) eb.bias[j] = neg_inf<T>();
+}
+
+// The own block's keys: transposed [d][bp], rows [bp][dp] (backward), values [bp][ep], values transposed
+// [dv][bp] (backward), zero padded.
+template <typename T>
+struct BlockBuf {
+  std::vector<T> kt, kr, vp, vt;
+  BlockBuf(const CSizes& z, bool backward)
+      : kt(z.d * z.bp, T(0)), kr(backward ? z.bp * z.dp : 0, T(0)), vp(z.bp * z.ep, T(0)),
+        vt(backward ? z.dv * z.bp : 0, T(0)) {}
+  void pack(const T* k, const T* v, const T* kt_head, const T* vt_head, int64_t t0, int64_t len,
+            const CSizes& z) {
+    for (int64_t c = 0; c < z.d; ++c) {
+      std::memcpy(kt.data() + c * z.bp, kt_head + c * z.n + t0, sizeof(T) * len);
+      std::fill(kt.data() + c * z.bp + len, kt.data() + (c + 1) * z.bp, T(0));
+    }
+    for (int64_t j = 0; j < z.bp; ++j) {
+      T* dst = vp.data() + j * z.ep;
+      if (j < len) {
+        std::memcpy(dst, v + (t0 + j) * z.dv, sizeof(T) * z.dv);
+      } else {
+        std::fill(dst, dst + z.dv, T(0));
+      }
+    }
+    if (kr.empty()) return;
+    for (int64_t j = 0; j < z.bp; ++j) {
+      T* dst = kr.data() + j * z.dp;
+      if (j < len) {
+        std::memcpy(dst, k + (t0 + j) * z.d, sizeof(T) * z.d);
+      } else {
+        std::fill(dst, dst + z.d, T(0));
+      }
+    }
+    for (int64_t c = 0; c < z.dv; ++c) {
+      std::memcpy(vt.data() + c * z.bp, vt_head + c * z.n + t0, sizeof(T) * len);
+      std::fill(vt.data() + c * z.bp + len, vt.data() + (c + 1) * z.bp, T(0));
+    }
+  }
+};
+
+// Fold logits l[0..jp) (already scaled, -inf = dropped) into query i's online softmax; l becomes the
+// unnormalised weights for acc. Returns false (l zeroed) when every logit is -inf.
+template <typename T>
+inline bool online_fold(T* l, int64_t jp, T& m, T& zsum, T* acc, int64_t ep) {
+  const T lmx = padded_max(l, jp);
+  if (lmx == neg_inf<T>()) {
+    std::fill(l, l + jp, T(0));
+    return false;
+  }
+  const T new_m = std::max(m, lmx);
+  const T alpha = m == neg_inf<T>() ? T(0) : std::exp(m - new_m);
+  for (int64_t j = 0; j < jp; ++j) l[j] -= new_m;
+  exp_inplace(l, jp);
+  zsum = zsum * alpha + padded_sum(l, jp);
+  m = new_m;
+  if (alpha != T(1))
+    for (int64_t c = 0; c < ep; ++c) acc[c] *= alpha;
+  return true;
+}
+
+template <typename T>
+void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* qr, const T* sv,
+                  const int64_t* kidx, const int64_t* eidx_in, T scale, T lam, const CSizes& z, T* out, T* lse,
+                  int64_t* eidx_out) {
+  const int64_t wp = std::max({z.mp, z.kp, z.bp, VT<T>::L});
+  std::vector<T> acc(z.n * z.ep, T(0)), acc_m(z.n, neg_inf<T>()), acc_z(z.n, T(0));
+  std::vector<T> w(QB * wp), zero_row(z.dp, T(0)), junk(z.ep);
+  const T* xr[QB];
+  T* ar[QB];
+  // Shared values padded [n_l][ep].
+  std::vector<T> ap(z.shared ? z.nl * z.ep : 0, T(0));
+  for (int64_t j = 0; z.shared && j < z.nl; ++j) std::memcpy(ap.data() + j * z.ep, sv + j * z.dv, sizeof(T) * z.dv);
+  if (eidx_out != nullptr)
+    for (int64_t i = 0; i < std::min(z.n, z.bs); ++i) eidx_out[i] = -1;  // block 0: no landmark
+  // 1. Shared logits of the landmarks j < beta (and s = 1 routing).
+  for (int64_t beta = 1; beta < z.nq && (z.shared || eidx_out != nullptr); ++beta) {
+    const int64_t vis = std::min(beta, z.nl), jp = round_up(vis, VT<T>::L);
+    const int64_t lo = beta * z.bs, hi = std::min(z.n, lo + z.bs);
+    for (int64_t i0 = lo; i0 < hi; i0 += QB) {
+      const int64_t nb = std::min(QB, hi - i0);
+      std::fill(w.begin(), w.begin() + QB * jp, T(0));
+      for (int64_t b = 0; b < QB; ++b) ar[b] = b < nb ? acc.data() + (i0 + b) * z.ep : junk.data();
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t i = i0 + b;
+        const T* row = qr + i * z.nl;
+        T* wr = w.data() + b * jp;
+        std::memcpy(wr, row, sizeof(T) * vis);
+        std::fill(wr + vis, wr + jp, neg_inf<T>());
+        const T best_score = padded_max(wr, jp);
+        if (eidx_out != nullptr) {
+          int64_t best = 0;
+          while (row[best] != best_score) ++best;  // first maximum, as torch.argmax
+          eidx_out[i] = best;
+        }
+        if (!z.shared) continue;
+        const T mx = best_score * lam;  // lam > 0 and rounding is monotone: the largest shared logit
+        for (int64_t j = 0; j < jp; ++j) wr[j] = wr[j] * lam - mx;
+        exp_inplace(wr, jp);  // -inf padding gives 0
+        acc_m[i] = mx;
+        acc_z[i] = padded_sum(wr, jp);
+      }
+      if (z.shared) mk_pb(w.data(), jp, ap.data(), vis, z.ep, ar);
+    }
+  }
+  // 2. Own block, causally: query i (local r) sees local keys 0..r.
+  {
+    BlockBuf<T> bb(z, false);
+    for (int64_t beta = 0; beta < z.nq; ++beta) {
+      const int64_t t0 = beta * z.bs, len = std::min(z.bs, z.n - t0);
+      bb.pack(k, v, kt_head, nullptr, t0, len, z);
+      for (int64_t r0 = 0; r0 < len; r0 += QB) {
+        const int64_t nb = std::min(QB, len - r0), jn = r0 + nb, jp = round_up(jn, VT<T>::L);
+        for (int64_t b = 0; b < QB; ++b) {
+          xr[b] = b < nb ? q + (t0 + r0 + b) * z.d : zero_row.data();
+          ar[b] = b < nb ? acc.data() + (t0 + r0 + b) * z.ep : junk.data();
+        }
+        xbt_ld(xr, bb.kt.data(), z.bp, z.d, jp, w.data(), jp);
+        for (int64_t b = 0; b < QB; ++b) {
+          T* l = w.data() + b * jp;
+          if (b >= nb) {
+            std::fill(l, l + jp, T(0));
+            continue;
+          }
+          const int64_t r = r0 + b, i = t0 + r;
+          for (int64_t j = 0; j <= r; ++j) l[j] *= scale;
+          std::fill(l + r + 1, l + jp, neg_inf<T>());
+          online_fold(l, jp, acc_m[i], acc_z[i], ar[b], z.ep);
+        }
+        mk_pb(w.data(), jp, bb.vp.data(), jn, z.ep, ar);
+      }
+    }
+  }
+  // 3. Routed experts, expert by expert.
+  if (z.routed && z.nl > 0) {
+    const int64_t* eidx = eidx_in != nullptr ? eidx_in : eidx_out;
+    const Sizes es = expert_sizes<T>(z);
+    std::vector<int64_t> start(z.nl + 1), order(z.n * z.s), safe(z.kk);
+    bucket_valid(eidx, z.n * z.s, z.nl, start, order);
+    ExpertBuf<T> eb(es, false);
+    for (int64_t e = 0; e < z.nl; ++e) {
+      if (start[e] == start[e + 1]) continue;
+      pack_expert(eb, k, v, kt_head, static_cast<const T*>(nullptr), kidx + e * z.kk, es, safe);
+      for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
+        const int64_t nb = std::min(QB, start[e + 1] - t0);
+        for (int64_t b = 0; b < QB; ++b) {
+          xr[b] = b < nb ? q + (order[t0 + b] / z.s) * z.d : zero_row.data();
+          ar[b] = b < nb ? acc.data() + (order[t0 + b] / z.s) * z.ep : junk.data();
+        }
+        mk_xbt(xr, eb.kt.data(), z.d, z.kp, w.data());
+        for (int64_t b = 0; b < QB; ++b) {
+          T* l = w.data() + b * z.kp;
+          if (b >= nb) {
+            std::fill(l, l + z.kp, T(0));
+            continue;
+          }
+          const int64_t i = order[t0 + b] / z.s;
+          for (int64_t j = 0; j < z.kp; ++j) l[j] = l[j] * scale + eb.bias[j];
+          online_fold(l, z.kp, acc_m[i], acc_z[i], ar[b], z.ep);
+        }
+        mk_pb(w.data(), z.kp, eb.vp.data(), z.kk, z.ep, ar);
+      }
+    }
+  }
+  for (int64_t i = 0; i < z.n; ++i) {
+    const T inv = T(1) / acc_z[i];
+    const T* src = acc.data() + i * z.ep;
+    T* o = out + i * z.dv;
+    for (int64_t c = 0; c < z.dv; ++c) o[c] = src[c] * inv;
+    lse[i] = acc_m[i] + std::log(acc_z[i]);
+  }
+}
+
+template <typename T>
+void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* vt_head, const T* qr,
+                   const T* sv, const int64_t* kidx, const int64_t* eidx, const T* out, const T* lse,
+                   const T* dout, T scale, T lam, const CSizes& z, T* dq, T* dk, T* dvv, T* dqr, T* dsv) {
+  std::vector<T> delta(z.n);
+  for (int64_t i = 0; i < z.n; ++i) {
+    T a = T(0);
+    for (int64_t c = 0; c < z.dv; ++c) a += dout[i * z.dv + c] * out[i * z.dv + c];
+    delta[i] = a;
+  }
+  const int64_t wp = std::max({z.mp, z.kp, z.bp, VT<T>::L});
+  std::vector<T> p(QB * wp), g(QB * wp), xq(QB * z.dp), xd(QB * z.ep), dqb(QB * z.dp);
+  std::vector<int64_t> rows(QB);
+  const T* xqr[QB] = {xq.data(), xq.data() + z.dp, xq.data() + 2 * z.dp, xq.data() + 3 * z.dp};
+  const T* xdr[QB] = {xd.data(), xd.data() + z.ep, xd.data() + 2 * z.ep, xd.data() + 3 * z.ep};
+  T* dq_rows[QB] = {dqb.data(), dqb.data() + z.dp, dqb.data() + 2 * z.dp, dqb.data() + 3 * z.dp};
+  // 1. Shared: d qr and d A.
+  if (z.shared && z.nl > 0) {
+    std::vector<T> svt(z.dv * z.mp, T(0)), dsa(z.nl * z.ep, T(0));  // A transposed [dv][Mp]; dA padded
+    for (int64_t j = 0; j < z.nl; ++j)
+      for (int64_t c = 0; c < z.dv; ++c) svt[c * z.mp + j] = sv[j * z.dv + c];
+    for (int64_t beta = 1; beta < z.nq; ++beta) {
+      const int64_t vis = std::min(beta, z.nl), jp = round_up(vis, VT<T>::L);
+      const int64_t lo = beta * z.bs, hi = std::min(z.n, lo + z.bs);
+      for (int64_t i0 = lo; i0 < hi; i0 += QB) {
+        const int64_t nb = std::min(QB, hi - i0);
+        for (int64_t b = 0; b < QB; ++b) rows[b] = i0 + std::min(b, nb - 1);
+        gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
+        std::fill(p.begin(), p.begin() + QB * jp, T(0));
+        for (int64_t b = 0; b < nb; ++b) {
+          const T* row = qr + (i0 + b) * z.nl;
+          T* pr = p.data() + b * jp;
+          for (int64_t j = 0; j < vis; ++j) pr[j] = row[j] * lam - lse[i0 + b];
+          exp_inplace(pr, vis);  // columns >= vis stay 0
+        }
+        xbt_ld(xdr, svt.data(), z.mp, z.dv, jp, g.data(), jp);
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t i = i0 + b;
+          const T* pr = p.data() + b * jp;
+          const T* gr = g.data() + b * jp;
+          T* o = dqr + i * z.nl;
+          for (int64_t j = 0; j < vis; ++j) o[j] = lam * pr[j] * (gr[j] - delta[i]);
+        }
+        mk_rank(p.data(), jp, xd.data(), vis, z.ep, dsa.data());
+      }
+    }
+    for (int64_t j = 0; j < z.nl; ++j) std::memcpy(dsv + j * z.dv, dsa.data() + j * z.ep, sizeof(T) * z.dv);
+  }
+  // 2. Own block.
+  {
+    BlockBuf<T> bb(z, true);
+    std::vector<T> dkb(z.bp * z.dp), dvb(z.bp * z.ep);
+    for (int64_t beta = 0; beta < z.nq; ++beta) {
+      const int64_t t0 = beta * z.bs, len = std::min(z.bs, z.n - t0);
+      bb.pack(k, v, kt_head, vt_head, t0, len, z);
+      std::fill(dkb.begin(), dkb.end(), T(0));
+      std::fill(dvb.begin(), dvb.end(), T(0));
+      for (int64_t r0 = 0; r0 < len; r0 += QB) {
+        const int64_t nb = std::min(QB, len - r0), jn = r0 + nb, jp = round_up(jn, VT<T>::L);
+        for (int64_t b = 0; b < QB; ++b) rows[b] = t0 + r0 + std::min(b, nb - 1);
+        gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
+        gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
+        xbt_ld(xqr, bb.kt.data(), z.bp, z.d, jp, p.data(), jp);
+        xbt_ld(xdr, bb.vt.data(), z.bp, z.dv, jp, g.data(), jp);
+        for (int64_t b = 0; b < QB; ++b) {
+          T* l = p.data() + b * jp;
+          T* gr = g.data() + b * jp;
+          if (b >= nb) {
+            std::fill(l, l + jp, T(0));
+            std::fill(gr, gr + jp, T(0));
+            continue;
+          }
+          const int64_t r = r0 + b, i = t0 + r;
+          for (int64_t j = 0; j <= r; ++j) l[j] = l[j] * scale - lse[i];
+          std::fill(l + r + 1, l + jp, neg_inf<T>());
+          exp_inplace(l, jp);
+          for (int64_t j = 0; j < jp; ++j) gr[j] = l[j] * (gr[j] - delta[i]) * scale;
+        }
+        std::fill(dqb.begin(), dqb.end(), T(0));
+        mk_pb(g.data(), jp, bb.kr.data(), jn, z.dp, dq_rows);
+        for (int64_t b = 0; b < nb; ++b) {
+          T* dqi = dq + (t0 + r0 + b) * z.d;
+          const T* src = dqb.data() + b * z.dp;
+          for (int64_t c = 0; c < z.d; ++c) dqi[c] += src[c];
+        }
+        mk_rank(g.data(), jp, xq.data(), jn, z.dp, dkb.data());
+        mk_rank(p.data(), jp, xd.data(), jn, z.ep, dvb.data());
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        T* dkr = dk + (t0 + j) * z.d;
+        const T* src = dkb.data() + j * z.dp;
+        for (int64_t c = 0; c < z.d; ++c) dkr[c] += src[c];
+        T* dvr = dvv + (t0 + j) * z.dv;
+        const T* srcv = dvb.data() + j * z.ep;
+        for (int64_t c = 0; c < z.dv; ++c) dvr[c] += srcv[c];
+      }
+    }
+  }
+  // 3. Routed experts.
+  if (!z.routed || z.nl == 0) return;
+  const Sizes es = expert_sizes<T>(z);
+  std::vector<int64_t> start(z.nl + 1), order(z.n * z.s), safe(z.kk);
+  bucket_valid(eidx, z.n * z.s, z.nl, start, order);
+  ExpertBuf<T> eb(es, true);
+  std::vector<T> dke(z.kk * z.dp), dve(z.kk * z.ep);
+  for (int64_t e = 0; e < z.nl; ++e) {
+    if (start[e] == start[e + 1]) continue;
+    const int64_t* ki = kidx + e * z.kk;
+    pack_expert(eb, k, v, kt_head, vt_head, ki, es, safe);
+    std::fill(dke.begin(), dke.end(), T(0));
+    std::fill(dve.begin(), dve.end(), T(0));
+    for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
+      const int64_t nb = std::min(QB, start[e + 1] - t0);
+      for (int64_t b = 0; b < nb; ++b) rows[b] = order[t0 + b] / z.s;
+      gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
+      gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
+      mk_xbt(xqr, eb.kt.data(), z.d, z.kp, p.data());
+      mk_xbt(xdr, eb.vt.data(), z.dv, z.kp, g.data());
+      for (int64_t b = 0; b < QB; ++b) {
+        T* l = p.data() + b * z.kp;
+        T* gr = g.data() + b * z.kp;
+        if (b >= nb) {
+          std::fill(l, l + z.kp, T(0));
+          std::fill(gr, gr + z.kp, T(0));
+          continue;
+        }
+        const int64_t i = rows[b];
+        for (int64_t j = 0; j < z.kp; ++j) l[j] = l[j] * scale + eb.bias[j] - lse[i];
+        exp_inplace(l, z.kp);  // probabilities, exactly 0 for unfilled slots
+        for (int64_t j = 0; j < z.kp; ++j) gr[j] = l[j] * (gr[j] - delta[i]) * scale;
+      }
+      std::fill(dqb.begin(), dqb.end(), T(0));
+      mk_pb(g.data(), z.kp, eb.kr.data(), z.kk, z.dp, dq_rows);
+      for (int64_t b = 0; b < nb; ++b) {
+        T* dqi = dq + rows[b] * z.d;
+        const T* src = dqb.data() + b * z.dp;
+        for (int64_t c = 0; c < z.d; ++c) dqi[c] += src[c];
+      }
+      mk_rank(g.data(), z.kp, xq.data(), z.kk, z.dp, dke.data());
+      mk_rank(p.data(), z.kp, xd.data(), z.kk, z.ep, dve.data());
+    }
+    for (int64_t j = 0; j < z.kk; ++j) {
+      if (ki[j] < 0) continue;  // unfilled slot: weight 0, nothing to add
+      T* dkr = dk + ki[j] * z.d;
+      const T* src = dke.data() + j * z.dp;
+      for (int64_t c = 0; c < z.d; ++c) dkr[c] += src[c];
+      T* dvr = dvv + ki[j] * z.dv;
+      const T* srcv = dve.data() + j * z.ep;
+      for (int64_t c = 0; c < z.dv; ++c) dvr[c] += srcv[c];
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qr,
+                  const at::Tensor& kidx, int64_t block_size) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "mita_cpu_causal: q, k, v must be 4-D");
+  TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "mita_cpu_causal: q, k, v of one length");
+  TORCH_CHECK(q.size(2) < (int64_t(1) << 31), "mita_cpu_causal: N must be < 2^31");
+  TORCH_CHECK(block_size >= 1, "mita_cpu_causal: block_size must be >= 1");
+  const int64_t nl = q.size(2) / block_size;
+  TORCH_CHECK(qr.dim() == 4 && qr.size(3) == nl, "mita_cpu_causal: qr must be [B, H, N, N // b]");
+  TORCH_CHECK(kidx.dim() == 4 && kidx.size(2) == nl, "mita_cpu_causal: key_index must be [B, H, N // b, k]");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "mita_cpu_causal: H must be a multiple of H_kv");
+}
+
+// out [B,H,N,dv], lse [B,H,N] and, when no expert_index is passed (s = 1), the routing [B,H,N,1]
+// (-1 in block 0; an empty tensor otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& qr_,
+    const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const std::optional<at::Tensor>& eidx_,
+    double scale, double landmark_scale, int64_t block_size, bool routed) {
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), qr = qr_.contiguous();
+  const at::Tensor kidx = kidx_.contiguous();
+  const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_);
+  check_inputs(q, k, v, qr, kidx, block_size);
+  const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = qr.size(3);
+  const int64_t s = eidx_in ? eidx_in->size(3) : 1, group = h / hkv;
+  const at::Tensor kt = k.transpose(2, 3).contiguous();  // K^T per kv head, once per call
+  at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
+  at::Tensor lse = at::empty({b, h, n}, q.options());
+  at::Tensor eidx = at::empty({eidx_in ? 0 : b, h, n, 1}, kidx.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_causal_fwd", [&] {
+    const CSizes z = make_csizes<scalar_t>(n, q.size(3), v.size(3), nl, kidx.size(3), s, block_size,
+                                           sv.has_value(), routed);
+    const scalar_t* sv_p = ptr_or_null<scalar_t>(sv);
+    at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t kvh = (bh / h) * hkv + (bh % h) / group;
+        forward_head<scalar_t>(
+            q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
+            v.data_ptr<scalar_t>() + kvh * n * z.dv, kt.data_ptr<scalar_t>() + kvh * n * z.d,
+            qr.data_ptr<scalar_t>() + bh * n * nl, sv_p ? sv_p + bh * nl * z.dv : nullptr,
+            kidx.data_ptr<int64_t>() + bh * nl * z.kk,
+            eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, static_cast<scalar_t>(scale),
+            static_cast<scalar_t>(landmark_scale), z, out.data_ptr<scalar_t>() + bh * n * z.dv,
+            lse.data_ptr<scalar_t>() + bh * n, eidx_in ? nullptr : eidx.data_ptr<int64_t>() + bh * n);
+      }
+    });
+  });
+  return {out, lse, eidx};
+}
+
+// dq (own block and routed parts), dk and dv per *query* head [B, H, N, .] (the caller sums each GQA
+// group), d qr (shared logits) and d shared_values.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bwd(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& qr_,
+    const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const at::Tensor& eidx_,
+    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& dout_, double scale,
+    double landmark_scale, int64_t block_size, bool routed) {
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), qr = qr_.contiguous();
+  const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
+  const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
+  const auto sv = contiguous_opt(sv_);
+  check_inputs(q, k, v, qr, kidx, block_size);
+  const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = qr.size(3);
+  const int64_t group = h / hkv;
+  const at::Tensor kt = k.transpose(2, 3).contiguous(), vt = v.transpose(2, 3).contiguous();
+  at::Tensor dq = at::zeros_like(q);
+  at::Tensor dk = at::zeros({b, h, n, k.size(3)}, q.options());
+  at::Tensor dv = at::zeros({b, h, n, v.size(3)}, q.options());
+  at::Tensor dqr = at::zeros_like(qr);
+  at::Tensor dsv = sv ? at::zeros_like(*sv) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_causal_bwd", [&] {
+    const CSizes z = make_csizes<scalar_t>(n, q.size(3), v.size(3), nl, kidx.size(3), eidx.size(3),
+                                           block_size, sv.has_value(), routed);
+    const scalar_t* sv_p = ptr_or_null<scalar_t>(sv);
+    at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t kvh = (bh / h) * hkv + (bh % h) / group;
+        backward_head<scalar_t>(
+            q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
+            v.data_ptr<scalar_t>() + kvh * n * z.dv, kt.data_ptr<scalar_t>() + kvh * n * z.d,
+            vt.data_ptr<scalar_t>() + kvh * n * z.dv, qr.data_ptr<scalar_t>() + bh * n * nl,
+            sv_p ? sv_p + bh * nl * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * nl * z.kk,
+            eidx.data_ptr<int64_t>() + bh * n * z.s, out.data_ptr<scalar_t>() + bh * n * z.dv,
+            lse.data_ptr<scalar_t>() + bh * n, dout.data_ptr<scalar_t>() + bh * n * z.dv,
+            static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z,
+            dq.data_ptr<scalar_t>() + bh * n * z.d, dk.data_ptr<scalar_t>() + bh * n * z.d,
+            dv.data_ptr<scalar_t>() + bh * n * z.dv, dqr.data_ptr<scalar_t>() + bh * n * nl,
+            sv ? dsv.data_ptr<scalar_t>() + bh * nl * z.dv : nullptr);
+      }
+    });
+  });
+  return {dq, dk, dv, dqr, dsv};
+}
+
+// Frozen key sets: scores [..., n_l, L] (L >= n_l * b); row j's top-k over its first min((j+1) b, L)
+// entries, increasing index order, ties to the lower index; slots beyond the visible keys are -1.
+at::Tensor causal_topk(const at::Tensor& scores_, int64_t k, int64_t block_size) {
+  const at::Tensor scores = scores_.contiguous();
+  TORCH_CHECK(scores.dim() >= 2, "mita_cpu_causal.topk_frozen: scores must be [..., n_l, L]");
+  TORCH_CHECK(k >= 1 && block_size >= 1, "mita_cpu_causal.topk_frozen: k and block_size must be >= 1");
+  const int64_t len = scores.size(-1), nl = scores.size(-2), rows = nl == 0 ? 0 : scores.numel() / len;
+  std::vector<int64_t> shape(scores.sizes().begin(), scores.sizes().end());
+  shape.back() = k;
+  at::Tensor idx = at::empty(shape, scores.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mita_cpu_causal_topk", [&] {
+    const scalar_t* src = scores.data_ptr<scalar_t>();
+    int64_t* dst = idx.data_ptr<int64_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<decltype(sort_key(scalar_t()))> keys(len);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t j = r % nl, vis = std::min((j + 1) * block_size, len);
+        int64_t* o = dst + r * k;
+        if (vis <= k) {
+          for (int64_t t = 0; t < k; ++t) o[t] = t < vis ? t : -1;
+        } else {
+          topk_row(src + r * len, vis, k, o, keys);
+        }
+      }
+    });
+  });
+  return idx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mita_cpu_causal, m) {
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor? shared_values, Tensor key_index, "
+      "Tensor? expert_index, float scale, float landmark_scale, int block_size, bool routed) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor? shared_values, Tensor key_index, "
+      "Tensor expert_index, Tensor out, Tensor lse, Tensor dout, float scale, float landmark_scale, "
+      "int block_size, bool routed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk_frozen(Tensor scores, int k, int block_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mita_cpu_causal, CPU, m) {
+  m.impl("fwd", &causal_fwd);
+  m.impl("bwd", &causal_bwd);
+  m.impl("topk_frozen", &causal_topk);
+}
