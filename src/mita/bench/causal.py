@@ -1,8 +1,9 @@
 """``mita bench --causal`` and ``mita bench --decode``: causal MiTA against SDPA in the same run.
 
 ``--causal``: forward and forward+backward of ``mita_attention(..., causal=True)`` (torch backend, each
-horizon) against ``F.scaled_dot_product_attention(is_causal=True)``. The methods are interleaved rep by
-rep (best time of each is kept), so a busy machine slows them alike; ratios are SDPA time / MiTA time.
+horizon; ``--backends torch,cpu`` adds the fused CPU kernels, frozen horizon only, as ``mita-frozen-cpu``)
+against ``F.scaled_dot_product_attention(is_causal=True)``. The methods are interleaved rep by rep (best
+time of each is kept), so a busy machine slows them alike; ratios are SDPA time / MiTA time.
 
 ``--decode``: one new token at a given context: :class:`mita.MiTACache` (prefilled with ``context``
 tokens, chunked) against dense decoding over the same K/V cache (SDPA with one query over a
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=64, help="b")
     p.add_argument("--topk", type=int, default=64, help="k")
     p.add_argument("--horizons", default="prefix,frozen", help="landmark horizons to measure")
+    p.add_argument(
+        "--backends", default="torch",
+        help="--causal: MiTA backends, torch and/or cpu (fused kernels, frozen only: 'mita-frozen-cpu')",
+    )  # fmt: skip
     p.add_argument("--modes", default="fwd,fwdbwd", help="--causal: fwd and/or fwdbwd")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     p.add_argument("--reps", type=int, default=3, help="--causal: interleaved repetitions (best is kept)")
@@ -74,6 +79,9 @@ def _check(args: argparse.Namespace) -> None:
     bad = set(args.horizons.split(",")) - {"prefix", "frozen"}
     if bad:
         raise SystemExit(f"mita bench: unknown horizon(s) {sorted(bad)}; use prefix and/or frozen")
+    bad = set(args.backends.split(",")) - {"torch", "cpu"}
+    if bad:
+        raise SystemExit(f"mita bench: unknown backend(s) {sorted(bad)}; use torch and/or cpu")
     bad = set(args.modes.split(",")) - {"fwd", "fwdbwd"}
     if bad:
         raise SystemExit(f"mita bench: unknown mode(s) {sorted(bad)}; use fwd and/or fwdbwd")
@@ -145,10 +153,15 @@ def _causal_case(args: argparse.Namespace, n: int, mode: str) -> list[dict]:
             q, k, v, is_causal=True, enable_gqa=hkv != args.heads
         )
     for hor in args.horizons.split(","):
-        methods[f"mita-{hor}"] = lambda hor=hor: mita_attention(
-            q, k, v, block_mean(q, args.block_size), topk=args.topk, causal=True,
-            block_size=args.block_size, landmark_horizon=hor, backend="torch",
-        )  # fmt: skip
+        for backend in args.backends.split(","):
+            if backend == "cpu" and hor != "frozen":
+                continue  # the fused kernels have the frozen horizon only
+            methods[f"mita-{hor}" + ("-cpu" if backend == "cpu" else "")] = lambda hor=hor, be=backend: (
+                mita_attention(
+                    q, k, v, block_mean(q, args.block_size), topk=args.topk, causal=True,
+                    block_size=args.block_size, landmark_horizon=hor, backend=be,
+                )
+            )  # fmt: skip
 
     def step(fn) -> float:
         t0 = time.perf_counter()

@@ -1,17 +1,18 @@
 // Fused CPU kernel of causal MiTA with the "frozen" landmark horizon (SPEC §5).
 //
-// torch computes the landmark side (R K^T for the top-k, the shared values A_j over keys t < (j+1) b, and
-// Q R^T; autograd carries their gradients). This library does the rest per (batch, query head):
-//   topk_frozen: each landmark's top-k keys over its horizon t < (j+1) b (masked before selection;
+// torch computes the shared values A_j = softmax_t(c r_j . k_t) v_t over keys t < (j+1) b (autograd
+// carries their gradients). This library does the rest per (batch, query head):
+//   topk_frozen: each landmark's top-k keys over its horizon t < (j+1) b (only those scores computed;
 //                fewer visible keys than k leave the remaining slots -1).
-//   fwd: each query's online softmax opens with its visible shared logits lambda q.r_j, j < beta(i)
-//        (routing by argmax on the way when s = 1), then its own block causally (beta b <= t <= i, the
+//   fwd: each query's online softmax opens with its visible shared logits lambda q.r_j, j < beta(i),
+//        computed here (routing by argmax on the way when s = 1; no N x n_l tensor), then its own block causally (beta b <= t <= i, the
 //        block's keys packed once and shared by its queries), then, expert by expert, the expert's k
 //        keys packed once into a small buffer that stays in cache while the queries routed to it fold
 //        their k logits in. Frozen keys of expert j all lie before (j+1) b <= beta(i) b, so no per-query
 //        mask is needed beyond the unfilled slots.
-//   bwd: the same order, recomputing probabilities from the saved log-sum-exp; the own block's and each
-//        expert's dK/dV accumulate in a local buffer added to the head's rows once, no scatter.
+//   bwd: the same order, recomputing logits and probabilities from the saved log-sum-exp; the landmarks'
+//        gradient (through the shared logits), the own block's and each expert's dK/dV accumulate in local
+//        buffers added to the head's rows once, no scatter.
 // Every query's logits, softmax and output are computed on its row alone (row-wise micro-kernels, a
 // fixed order of parts), so a query's result does not depend on later tokens or on its tile-mates, and
 // results do not depend on the thread count (work is split over (batch, head), one thread per item).
@@ -144,8 +145,17 @@ inline bool online_fold(T* l, int64_t jp, T& m, T& zsum, T* acc, int64_t ep) {
   return true;
 }
 
+// Landmarks transposed and padded: [d][mp] (zeros beyond n_l).
 template <typename T>
-void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* qr, const T* sv,
+std::vector<T> landmarks_t(const T* r, const CSizes& z) {
+  std::vector<T> rt(z.d * z.mp, T(0));
+  for (int64_t j = 0; j < z.nl; ++j)
+    for (int64_t c = 0; c < z.d; ++c) rt[c * z.mp + j] = r[j * z.d + c];
+  return rt;
+}
+
+template <typename T>
+void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* r, const T* sv,
                   const int64_t* kidx, const int64_t* eidx_in, T scale, T lam, const CSizes& z, T* out, T* lse,
                   int64_t* eidx_out) {
   const int64_t wp = std::max({z.mp, z.kp, z.bp, VT<T>::L});
@@ -158,24 +168,27 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
   for (int64_t j = 0; z.shared && j < z.nl; ++j) std::memcpy(ap.data() + j * z.ep, sv + j * z.dv, sizeof(T) * z.dv);
   if (eidx_out != nullptr)
     for (int64_t i = 0; i < std::min(z.n, z.bs); ++i) eidx_out[i] = -1;  // block 0: no landmark
-  // 1. Shared logits of the landmarks j < beta (and s = 1 routing).
+  // 1. Shared logits lambda q_i . r_j of the landmarks j < beta (and s = 1 routing by their argmax).
+  const std::vector<T> rt = landmarks_t(r, z);
   for (int64_t beta = 1; beta < z.nq && (z.shared || eidx_out != nullptr); ++beta) {
     const int64_t vis = std::min(beta, z.nl), jp = round_up(vis, VT<T>::L);
     const int64_t lo = beta * z.bs, hi = std::min(z.n, lo + z.bs);
     for (int64_t i0 = lo; i0 < hi; i0 += QB) {
       const int64_t nb = std::min(QB, hi - i0);
-      std::fill(w.begin(), w.begin() + QB * jp, T(0));
-      for (int64_t b = 0; b < QB; ++b) ar[b] = b < nb ? acc.data() + (i0 + b) * z.ep : junk.data();
+      for (int64_t b = 0; b < QB; ++b) {
+        xr[b] = b < nb ? q + (i0 + b) * z.d : zero_row.data();
+        ar[b] = b < nb ? acc.data() + (i0 + b) * z.ep : junk.data();
+      }
+      xbt_ld(xr, rt.data(), z.mp, z.d, jp, w.data(), jp);  // q . r_j
+      for (int64_t b = nb; b < QB; ++b) std::fill(w.begin() + b * jp, w.begin() + (b + 1) * jp, T(0));
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t i = i0 + b;
-        const T* row = qr + i * z.nl;
         T* wr = w.data() + b * jp;
-        std::memcpy(wr, row, sizeof(T) * vis);
         std::fill(wr + vis, wr + jp, neg_inf<T>());
         const T best_score = padded_max(wr, jp);
         if (eidx_out != nullptr) {
           int64_t best = 0;
-          while (row[best] != best_score) ++best;  // first maximum, as torch.argmax
+          while (wr[best] != best_score) ++best;  // first maximum, as torch.argmax
           eidx_out[i] = best;
         }
         if (!z.shared) continue;
@@ -257,9 +270,9 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
 }
 
 template <typename T>
-void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* vt_head, const T* qr,
+void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* vt_head, const T* r,
                    const T* sv, const int64_t* kidx, const int64_t* eidx, const T* out, const T* lse,
-                   const T* dout, T scale, T lam, const CSizes& z, T* dq, T* dk, T* dvv, T* dqr, T* dsv) {
+                   const T* dout, T scale, T lam, const CSizes& z, T* dq, T* dk, T* dvv, T* dr, T* dsv) {
   std::vector<T> delta(z.n);
   for (int64_t i = 0; i < z.n; ++i) {
     T a = T(0);
@@ -272,37 +285,55 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
   const T* xqr[QB] = {xq.data(), xq.data() + z.dp, xq.data() + 2 * z.dp, xq.data() + 3 * z.dp};
   const T* xdr[QB] = {xd.data(), xd.data() + z.ep, xd.data() + 2 * z.ep, xd.data() + 3 * z.ep};
   T* dq_rows[QB] = {dqb.data(), dqb.data() + z.dp, dqb.data() + 2 * z.dp, dqb.data() + 3 * z.dp};
-  // 1. Shared: d qr and d A.
+  // 1. Shared: the logits' gradient ds_ij = lambda p_ij (dout_i . A_j - delta_i) gives dq_i += ds_ij r_j
+  // and dr_j += ds_ij q_i; dA_j += p_ij dout_i.
   if (z.shared && z.nl > 0) {
     std::vector<T> svt(z.dv * z.mp, T(0)), dsa(z.nl * z.ep, T(0));  // A transposed [dv][Mp]; dA padded
-    for (int64_t j = 0; j < z.nl; ++j)
+    std::vector<T> rp(z.nl * z.dp, T(0)), dra(z.nl * z.dp, T(0));   // landmarks [n_l][Dp]; dR padded
+    const std::vector<T> rt = landmarks_t(r, z);
+    for (int64_t j = 0; j < z.nl; ++j) {
       for (int64_t c = 0; c < z.dv; ++c) svt[c * z.mp + j] = sv[j * z.dv + c];
+      std::memcpy(rp.data() + j * z.dp, r + j * z.d, sizeof(T) * z.d);
+    }
     for (int64_t beta = 1; beta < z.nq; ++beta) {
       const int64_t vis = std::min(beta, z.nl), jp = round_up(vis, VT<T>::L);
       const int64_t lo = beta * z.bs, hi = std::min(z.n, lo + z.bs);
       for (int64_t i0 = lo; i0 < hi; i0 += QB) {
         const int64_t nb = std::min(QB, hi - i0);
         for (int64_t b = 0; b < QB; ++b) rows[b] = i0 + std::min(b, nb - 1);
+        gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
         gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
-        std::fill(p.begin(), p.begin() + QB * jp, T(0));
-        for (int64_t b = 0; b < nb; ++b) {
-          const T* row = qr + (i0 + b) * z.nl;
-          T* pr = p.data() + b * jp;
-          for (int64_t j = 0; j < vis; ++j) pr[j] = row[j] * lam - lse[i0 + b];
-          exp_inplace(pr, vis);  // columns >= vis stay 0
-        }
+        xbt_ld(xqr, rt.data(), z.mp, z.d, jp, p.data(), jp);  // q . r_j, as in the forward
         xbt_ld(xdr, svt.data(), z.mp, z.dv, jp, g.data(), jp);
-        for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t b = 0; b < QB; ++b) {
+          T* pr = p.data() + b * jp;
+          T* gr = g.data() + b * jp;
+          if (b >= nb) {
+            std::fill(pr, pr + jp, T(0));
+            std::fill(gr, gr + jp, T(0));
+            continue;
+          }
           const int64_t i = i0 + b;
-          const T* pr = p.data() + b * jp;
-          const T* gr = g.data() + b * jp;
-          T* o = dqr + i * z.nl;
-          for (int64_t j = 0; j < vis; ++j) o[j] = lam * pr[j] * (gr[j] - delta[i]);
+          for (int64_t j = 0; j < vis; ++j) pr[j] = pr[j] * lam - lse[i];
+          std::fill(pr + vis, pr + jp, neg_inf<T>());
+          exp_inplace(pr, jp);  // columns >= vis: 0
+          for (int64_t j = 0; j < jp; ++j) gr[j] = lam * pr[j] * (gr[j] - delta[i]);
         }
+        std::fill(dqb.begin(), dqb.end(), T(0));
+        mk_pb(g.data(), jp, rp.data(), vis, z.dp, dq_rows);
+        for (int64_t b = 0; b < nb; ++b) {
+          T* dqi = dq + (i0 + b) * z.d;
+          const T* src = dqb.data() + b * z.dp;
+          for (int64_t c = 0; c < z.d; ++c) dqi[c] += src[c];
+        }
+        mk_rank(g.data(), jp, xq.data(), vis, z.dp, dra.data());
         mk_rank(p.data(), jp, xd.data(), vis, z.ep, dsa.data());
       }
     }
-    for (int64_t j = 0; j < z.nl; ++j) std::memcpy(dsv + j * z.dv, dsa.data() + j * z.ep, sizeof(T) * z.dv);
+    for (int64_t j = 0; j < z.nl; ++j) {
+      std::memcpy(dsv + j * z.dv, dsa.data() + j * z.ep, sizeof(T) * z.dv);
+      std::memcpy(dr + j * z.d, dra.data() + j * z.dp, sizeof(T) * z.d);
+    }
   }
   // 2. Own block.
   {
@@ -409,14 +440,16 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
   }
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qr,
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r,
                   const at::Tensor& kidx, int64_t block_size) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "mita_cpu_causal: q, k, v must be 4-D");
   TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "mita_cpu_causal: q, k, v of one length");
   TORCH_CHECK(q.size(2) < (int64_t(1) << 31), "mita_cpu_causal: N must be < 2^31");
   TORCH_CHECK(block_size >= 1, "mita_cpu_causal: block_size must be >= 1");
   const int64_t nl = q.size(2) / block_size;
-  TORCH_CHECK(qr.dim() == 4 && qr.size(3) == nl, "mita_cpu_causal: qr must be [B, H, N, N // b]");
+  TORCH_CHECK(r.dim() == 4 && r.size(0) == q.size(0) && r.size(1) == q.size(1) && r.size(2) == nl &&
+                  r.size(3) == q.size(3),
+              "mita_cpu_causal: landmarks must be [B, H, N // b, d]");
   TORCH_CHECK(kidx.dim() == 4 && kidx.size(2) == nl, "mita_cpu_causal: key_index must be [B, H, N // b, k]");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "mita_cpu_causal: H must be a multiple of H_kv");
 }
@@ -424,14 +457,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // out [B,H,N,dv], lse [B,H,N] and, when no expert_index is passed (s = 1), the routing [B,H,N,1]
 // (-1 in block 0; an empty tensor otherwise).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
-    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& qr_,
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const std::optional<at::Tensor>& eidx_,
     double scale, double landmark_scale, int64_t block_size, bool routed) {
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), qr = qr_.contiguous();
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous();
   const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_);
-  check_inputs(q, k, v, qr, kidx, block_size);
-  const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = qr.size(3);
+  check_inputs(q, k, v, r, kidx, block_size);
+  const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = r.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1, group = h / hkv;
   const at::Tensor kt = k.transpose(2, 3).contiguous();  // K^T per kv head, once per call
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
@@ -447,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
         forward_head<scalar_t>(
             q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
             v.data_ptr<scalar_t>() + kvh * n * z.dv, kt.data_ptr<scalar_t>() + kvh * n * z.d,
-            qr.data_ptr<scalar_t>() + bh * n * nl, sv_p ? sv_p + bh * nl * z.dv : nullptr,
+            r.data_ptr<scalar_t>() + bh * nl * z.d, sv_p ? sv_p + bh * nl * z.dv : nullptr,
             kidx.data_ptr<int64_t>() + bh * nl * z.kk,
             eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, static_cast<scalar_t>(scale),
             static_cast<scalar_t>(landmark_scale), z, out.data_ptr<scalar_t>() + bh * n * z.dv,
@@ -458,25 +491,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
   return {out, lse, eidx};
 }
 
-// dq (own block and routed parts), dk and dv per *query* head [B, H, N, .] (the caller sums each GQA
-// group), d qr (shared logits) and d shared_values.
+// dq, dk and dv per *query* head [B, H, N, .] (the caller sums each GQA group), d landmarks (through the
+// shared logits; their part through A is torch's) and d shared_values.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bwd(
-    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& qr_,
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const at::Tensor& eidx_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& dout_, double scale,
     double landmark_scale, int64_t block_size, bool routed) {
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), qr = qr_.contiguous();
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
   const auto sv = contiguous_opt(sv_);
-  check_inputs(q, k, v, qr, kidx, block_size);
-  const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = qr.size(3);
+  check_inputs(q, k, v, r, kidx, block_size);
+  const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = r.size(2);
   const int64_t group = h / hkv;
   const at::Tensor kt = k.transpose(2, 3).contiguous(), vt = v.transpose(2, 3).contiguous();
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, n, k.size(3)}, q.options());
   at::Tensor dv = at::zeros({b, h, n, v.size(3)}, q.options());
-  at::Tensor dqr = at::zeros_like(qr);
+  at::Tensor dr = at::zeros_like(r);
   at::Tensor dsv = sv ? at::zeros_like(*sv) : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_causal_bwd", [&] {
     const CSizes z = make_csizes<scalar_t>(n, q.size(3), v.size(3), nl, kidx.size(3), eidx.size(3),
@@ -488,42 +521,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
         backward_head<scalar_t>(
             q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
             v.data_ptr<scalar_t>() + kvh * n * z.dv, kt.data_ptr<scalar_t>() + kvh * n * z.d,
-            vt.data_ptr<scalar_t>() + kvh * n * z.dv, qr.data_ptr<scalar_t>() + bh * n * nl,
+            vt.data_ptr<scalar_t>() + kvh * n * z.dv, r.data_ptr<scalar_t>() + bh * nl * z.d,
             sv_p ? sv_p + bh * nl * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * nl * z.kk,
             eidx.data_ptr<int64_t>() + bh * n * z.s, out.data_ptr<scalar_t>() + bh * n * z.dv,
             lse.data_ptr<scalar_t>() + bh * n, dout.data_ptr<scalar_t>() + bh * n * z.dv,
             static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z,
             dq.data_ptr<scalar_t>() + bh * n * z.d, dk.data_ptr<scalar_t>() + bh * n * z.d,
-            dv.data_ptr<scalar_t>() + bh * n * z.dv, dqr.data_ptr<scalar_t>() + bh * n * nl,
+            dv.data_ptr<scalar_t>() + bh * n * z.dv, dr.data_ptr<scalar_t>() + bh * nl * z.d,
             sv ? dsv.data_ptr<scalar_t>() + bh * nl * z.dv : nullptr);
       }
     });
   });
-  return {dq, dk, dv, dqr, dsv};
+  return {dq, dk, dv, dr, dsv};
 }
 
-// Frozen key sets: scores [..., n_l, L] (L >= n_l * b); row j's top-k over its first min((j+1) b, L)
-// entries, increasing index order, ties to the lower index; slots beyond the visible keys are -1.
-at::Tensor causal_topk(const at::Tensor& scores_, int64_t k, int64_t block_size) {
-  const at::Tensor scores = scores_.contiguous();
-  TORCH_CHECK(scores.dim() >= 2, "mita_cpu_causal.topk_frozen: scores must be [..., n_l, L]");
-  TORCH_CHECK(k >= 1 && block_size >= 1, "mita_cpu_causal.topk_frozen: k and block_size must be >= 1");
-  const int64_t len = scores.size(-1), nl = scores.size(-2), rows = nl == 0 ? 0 : scores.numel() / len;
-  std::vector<int64_t> shape(scores.sizes().begin(), scores.sizes().end());
-  shape.back() = k;
-  at::Tensor idx = at::empty(shape, scores.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mita_cpu_causal_topk", [&] {
-    const scalar_t* src = scores.data_ptr<scalar_t>();
+// Frozen key sets [B, H, n_l, k] from the landmarks r [B, H, n_l, d] and keys [B, H_kv, N, d]: landmark j's
+// top-k of r_j . k_t over t < (j+1) b (only those scores are computed: mask before selection), in
+// increasing index order, ties to the lower index; slots beyond the visible keys are -1. The scores are
+// not multiplied by the (positive) key scale: the order is the same.
+at::Tensor causal_topk(const at::Tensor& r_, const at::Tensor& k_, int64_t kk, int64_t block_size) {
+  const at::Tensor r = r_.contiguous(), k = k_.contiguous();
+  TORCH_CHECK(r.dim() == 4 && k.dim() == 4 && r.size(3) == k.size(3) && r.size(0) == k.size(0),
+              "mita_cpu_causal.topk_frozen: landmarks [B, H, n_l, d] and keys [B, H_kv, N, d]");
+  TORCH_CHECK(kk >= 1 && block_size >= 1, "mita_cpu_causal.topk_frozen: k and block_size must be >= 1");
+  const int64_t b = r.size(0), h = r.size(1), nl = r.size(2), d = r.size(3), hkv = k.size(1), n = k.size(2);
+  TORCH_CHECK(h % hkv == 0 && nl * block_size <= n, "mita_cpu_causal.topk_frozen: bad sizes");
+  at::Tensor idx = at::empty({b, h, nl, kk}, r.options().dtype(at::kLong));
+  if (nl == 0) return idx;
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "mita_cpu_causal_topk", [&] {
+    using T = scalar_t;
+    const int64_t L = VT<T>::L, len = nl * block_size, np = round_up(len, L), groups = (nl + QB - 1) / QB;
+    // K^T of the keys t < n_l b per kv head, rows padded to np (so vector loads stay inside).
+    at::Tensor kt = at::zeros({b, hkv, d, np}, r.options());
+    kt.narrow(3, 0, len).copy_(k.narrow(2, 0, len).transpose(2, 3));
+    const T* ktp = kt.data_ptr<T>();
+    const T* rp = r.data_ptr<T>();
     int64_t* dst = idx.data_ptr<int64_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<decltype(sort_key(scalar_t()))> keys(len);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t j = r % nl, vis = std::min((j + 1) * block_size, len);
-        int64_t* o = dst + r * k;
-        if (vis <= k) {
-          for (int64_t t = 0; t < k; ++t) o[t] = t < vis ? t : -1;
-        } else {
-          topk_row(src + r * len, vis, k, o, keys);
+    at::parallel_for(0, b * h * groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<decltype(sort_key(T()))> keys(len);
+      std::vector<T> sc(QB * np), zero_row(d, T(0));
+      const T* xr[QB];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bh = item / groups, j0 = (item % groups) * QB, nb = std::min(QB, nl - j0);
+        const int64_t kvh = (bh / h) * hkv + (bh % h) / (h / hkv);
+        const int64_t vis_max = (j0 + nb) * block_size, jp = round_up(vis_max, L);
+        for (int64_t q = 0; q < QB; ++q) xr[q] = q < nb ? rp + (bh * nl + j0 + q) * d : zero_row.data();
+        xbt_ld(xr, ktp + kvh * d * np, np, d, jp, sc.data(), jp);
+        for (int64_t q = 0; q < nb; ++q) {
+          const int64_t j = j0 + q, vis = (j + 1) * block_size;
+          int64_t* o = dst + (bh * nl + j) * kk;
+          if (vis <= kk) {
+            for (int64_t t = 0; t < kk; ++t) o[t] = t < vis ? t : -1;
+          } else {
+            topk_row(sc.data() + q * jp, vis, kk, o, keys);
+          }
         }
       }
     });
@@ -535,14 +586,14 @@ at::Tensor causal_topk(const at::Tensor& scores_, int64_t k, int64_t block_size)
 
 TORCH_LIBRARY(mita_cpu_causal, m) {
   m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor? shared_values, Tensor key_index, "
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? shared_values, Tensor key_index, "
       "Tensor? expert_index, float scale, float landmark_scale, int block_size, bool routed) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "bwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor? shared_values, Tensor key_index, "
+      "bwd(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? shared_values, Tensor key_index, "
       "Tensor expert_index, Tensor out, Tensor lse, Tensor dout, float scale, float landmark_scale, "
       "int block_size, bool routed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("topk_frozen(Tensor scores, int k, int block_size) -> Tensor");
+  m.def("topk_frozen(Tensor landmarks, Tensor k, int topk, int block_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mita_cpu_causal, CPU, m) {
