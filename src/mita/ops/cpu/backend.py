@@ -1,4 +1,10 @@
-"""The ``"cpu"`` backend: torch for the dense landmark products, fused kernels for everything else.
+"""The ``"cpu"`` backend: fused C++ kernels (``kernel.cpp``), in one of two shapes.
+
+Whole-op path (``fused_fwd`` / ``fused_bwd``), for s = 1 without ``dedup`` and head dims that are a
+multiple of the vector length, up to :data:`FUSED_MAX_KEYS` keys: one pass per (batch, head) computes the
+landmark side too (``R K^T``, top-k, softmax, ``A = P V``, ``Q R^T``) with the attention step, and the
+backward recomputes it, so nothing of size ``m x N`` is kept for autograd. Beyond that length torch's
+batched products (oneDNN/MKL) compute the landmark side faster than the kernel's, so the split path is used:
 
 torch computes ``R K^T`` (its softmax and ``A = P V``, with autograd carrying the gradients of ``R``, ``K``
 and ``V`` through ``A``) and ``Q R^T``. The kernels (``kernel.cpp``) choose each landmark's top-k keys,
@@ -21,6 +27,130 @@ from ..common import Problem, Routing
 from ..torch_backend import _dedup_mask
 
 Tensor = torch.Tensor
+
+# Longest key sequence the whole-op path takes. Measured on an Intel Xeon (Sapphire Rapids class),
+# 1 thread, CPU time, d = 32..64, m = k = 25..64: the whole-op path is ahead at N = 197 (fwd and fwd+bwd)
+# and level at 1024, and 8-12 % behind at 4096, where the landmark products dominate.
+FUSED_MAX_KEYS = 2048
+
+
+def _fused_applies(p: Problem, q: Tensor, v: Tensor) -> bool:
+    lanes = 8 if q.dtype == torch.float64 else 16  # float32 is used for half-precision inputs
+    return (
+        p.experts_per_query == 1
+        and not p.dedup
+        and p.kv_len <= FUSED_MAX_KEYS
+        and p.head_dim % lanes == 0
+        and p.value_dim % lanes == 0
+    )
+
+
+@torch.library.custom_op("mita::cpu_fused", mutates_args=())
+def cpu_fused(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    landmarks: Tensor,
+    pad: Tensor | None,
+    topk: int,
+    scale: float,
+    landmark_scale: float,
+    shared: bool,
+    routed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The whole op: output [B, H, N, dv], log-sum-exp [B, H, N], expert index [B, H, N, 1] and key index
+    [B, H, m, k]. float32 or float64, head dims a multiple of the vector length."""
+    return torch.ops.mita_cpu.fused_fwd(q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed)
+
+
+@cpu_fused.register_fake
+def _(q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed):
+    b, h, n, _ = q.shape
+    idx = dict(dtype=torch.long)
+    return (q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), q.new_empty(b, h, n, 1, **idx),
+            q.new_empty(b, h, landmarks.shape[2], topk, **idx))  # fmt: skip
+
+
+@torch.library.custom_op("mita::cpu_fused_backward", mutates_args=())
+def cpu_fused_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    landmarks: Tensor,
+    pad: Tensor | None,
+    key_index: Tensor,
+    expert_index: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    scale: float,
+    landmark_scale: float,
+    shared: bool,
+    routed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk and dv per query head [B, H, N_kv, .], d landmarks."""
+    return torch.ops.mita_cpu.fused_bwd(
+        q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out, scale, landmark_scale, shared,
+        routed,
+    )  # fmt: skip
+
+
+@cpu_fused_backward.register_fake
+def _(q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out, scale, landmark_scale, shared,
+      routed):  # fmt: skip
+    b, h, nk = q.shape[0], q.shape[1], k.shape[2]
+    return (torch.empty_like(q), q.new_empty(b, h, nk, k.shape[-1]), q.new_empty(b, h, nk, v.shape[-1]),
+            torch.empty_like(landmarks))  # fmt: skip
+
+
+def _sum_groups(h: int, t: Tensor, kv_heads: int) -> Tensor:
+    """GQA: each query head wrote its own dK/dV rows; sum them over the group, in a fixed order."""
+    if h == kv_heads:
+        return t
+    return t.reshape(t.shape[0], kv_heads, h // kv_heads, *t.shape[2:]).sum(2)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed = inputs
+    out, lse, expert_index, key_index = output
+    ctx.save_for_backward(q, k, v, landmarks, pad, key_index, expert_index, out, lse)
+    ctx.args = (scale, landmark_scale, shared, routed)
+
+
+def _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, bwd=None):
+    q, k, v, landmarks, pad, key_index, expert_index, out, lse = ctx.saved_tensors
+    dq, dk, dv, dr = (bwd or cpu_fused_backward)(
+        q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out.contiguous(), *ctx.args
+    )
+    h, hkv = q.shape[1], k.shape[1]
+    shared = ctx.args[2]
+    return (dq, _sum_groups(h, dk, hkv), _sum_groups(h, dv, hkv), dr if shared else None,
+            None, None, None, None, None, None)  # fmt: skip
+
+
+cpu_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+class _EagerFused(torch.autograd.Function):
+    """The same forward and backward as :func:`cpu_fused`, calling the C++ ops directly."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.mita_cpu.fused_fwd(*inputs)
+        ctx.mark_non_differentiable(*output[1:])
+        _fused_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, grad_experts, grad_keys):
+        bwd = torch.ops.mita_cpu.fused_bwd
+        return _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, bwd=bwd)
+
+
+def _fused(*inputs):
+    if torch.compiler.is_compiling():
+        return cpu_fused(*inputs)
+    return _EagerFused.apply(*inputs)
 
 
 @torch.library.custom_op("mita::cpu_topk", mutates_args=())
@@ -111,10 +241,8 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
     dq, dk, dv, dqr, dsv = (bwd or cpu_attention_backward)(
         q, k, v, qr, sv, key_index, expert_index, pad, dup, out, lse, grad_out.contiguous(), *ctx.args
     )
-    b, h, hkv = q.shape[0], q.shape[1], k.shape[1]
-    if h != hkv:  # GQA: each query head wrote its own rows; sum them over the group, in a fixed order
-        dk = dk.reshape(b, hkv, h // hkv, *dk.shape[2:]).sum(2)
-        dv = dv.reshape(b, hkv, h // hkv, *dv.shape[2:]).sum(2)
+    h, hkv = q.shape[1], k.shape[1]
+    dk, dv = _sum_groups(h, dk, hkv), _sum_groups(h, dv, hkv)
     return dq, dk, dv, dqr, (dsv if sv is not None else None), None, None, None, None, None, None, None
 
 
@@ -176,6 +304,12 @@ def cpu_forward(
     if out_dtype not in (torch.float32, torch.float64):
         # bf16/fp16 inputs: compute in float32 (half-precision softmax statistics lose too much).
         q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    if _fused_applies(p, q, v):
+        out, _, expert_index, key_index = _fused(
+            q.contiguous(), k.contiguous(), v.contiguous(), landmarks.contiguous(), key_padding_mask, p.topk,
+            p.scale, p.landmark_scale, p.shared, p.routed,
+        )  # fmt: skip
+        return out.to(out_dtype), Routing(expert_index, key_index)
     key_index, values = _landmark_side(p, k, v, landmarks, key_padding_mask)
     qr = q @ landmarks.transpose(-1, -2)  # [B, H, N, m]: routing scores and (times lambda) shared logits
     if not p.shared:

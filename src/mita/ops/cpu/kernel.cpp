@@ -225,11 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
   const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_), pad = contiguous_opt(pad_),
              dup = contiguous_opt(dup_);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "mita_cpu: q, k, v must be 4-D");
-  TORCH_CHECK(k.size(2) < (int64_t(1) << 31), "mita_cpu: N_kv must be < 2^31");
+  TORCH_CHECK(k.size(2) * std::max(k.size(3), v.size(3)) < (int64_t(1) << 31),
+              "mita_cpu: N_kv * head dim must be < 2^31 (32-bit gather offsets)");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1;
-  // K^T per kv head, once per call (ATen's blocked copy), so experts gather contiguous rows of it.
-  const at::Tensor kt = k.transpose(2, 3).contiguous();
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
   at::Tensor lse = at::empty({b, h, n}, q.options());
   // Computed here for s = 1; with s > 1 the caller's top-s routing is used and an empty tensor returned.
@@ -245,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
         const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
         forward_head<scalar_t>(
             q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * z.nk * z.d,
-            v.data_ptr<scalar_t>() + kvh * z.nk * z.dv, kt.data_ptr<scalar_t>() + kvh * z.nk * z.d,
+            v.data_ptr<scalar_t>() + kvh * z.nk * z.dv, nullptr,
             qr.data_ptr<scalar_t>() + bh * n * z.m,
             sv_p ? sv_p + bh * z.m * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * z.m * z.kk,
             eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, pad_p ? pad_p + bi * z.nk : nullptr,
@@ -270,7 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
   const auto sv = contiguous_opt(sv_), pad = contiguous_opt(pad_), dup = contiguous_opt(dup_);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2);
-  const at::Tensor kt = k.transpose(2, 3).contiguous(), vt = v.transpose(2, 3).contiguous();
+  TORCH_CHECK(nk * std::max(k.size(3), v.size(3)) < (int64_t(1) << 31),
+              "mita_cpu: N_kv * head dim must be < 2^31 (32-bit gather offsets)");
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, nk, k.size(3)}, q.options());
   at::Tensor dv = at::zeros({b, h, nk, v.size(3)}, q.options());
@@ -287,8 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
         const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
         backward_head<scalar_t>(
             q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * nk * z.d,
-            v.data_ptr<scalar_t>() + kvh * nk * z.dv, kt.data_ptr<scalar_t>() + kvh * nk * z.d,
-            vt.data_ptr<scalar_t>() + kvh * nk * z.dv, qr.data_ptr<scalar_t>() + bh * n * z.m,
+            v.data_ptr<scalar_t>() + kvh * nk * z.dv, nullptr, nullptr, qr.data_ptr<scalar_t>() + bh * n * z.m,
             sv_p ? sv_p + bh * z.m * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * z.m * z.kk,
             eidx.data_ptr<int64_t>() + bh * n * z.s, pad_p ? pad_p + bi * nk : nullptr,
             dup_p ? dup_p + bh * n * z.s * z.kk : nullptr, out.data_ptr<scalar_t>() + bh * n * z.dv,
@@ -304,6 +303,227 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
 }
 
 // Order-preserving unsigned keys: larger score -> larger key (IEEE bits with the sign folded).
+
+
+// ---- the whole op per head: landmark side (R K^T, top-k, softmax, A = P V, Q R^T) fused as well ----
+// Needs d and dv multiples of the vector length (rows of K, V, Q and R are then used in place); the
+// caller falls back to the torch-plus-kernel path otherwise. The backward recomputes the landmark side,
+// so nothing of size m x N is kept between forward and backward.
+
+// Landmark side of one head, computed identically by the fused forward and backward.
+template <typename T>
+struct LandmarkHead {
+  int64_t nkp, mq;  // N_kv padded to the vector length; m rounded up to QB
+  std::vector<T> kt, p, a, qr, rt, w;
+  std::vector<decltype(sort_key(T()))> keys;
+  explicit LandmarkHead(const Sizes& z)
+      : nkp(round_up(z.nk, VT<T>::L)), mq(round_up(z.m, QB)), kt(z.d * nkp), p(mq * nkp, T(0)),
+        a(z.shared ? mq * z.ep : 0, T(0)), qr(round_up(z.n, QB) * z.m, T(0)), rt(z.d * z.mp, T(0)),
+        w(QB * std::max(nkp, z.mp)), keys(z.nk) {}
+
+  // Scores c R K^T (-inf at padded keys and padding columns), top-k per landmark when kidx_out is given,
+  // then (shared expert) probabilities P in place and A = P V; and qr = Q R^T.
+  void compute(const T* q, const T* k, const T* v, const T* r, const bool* pad, T scale, const Sizes& z,
+               int64_t* kidx_out) {
+    for (int64_t t = 0; t < z.nk; ++t)
+      for (int64_t c = 0; c < z.d; ++c) kt[c * nkp + t] = k[t * z.d + c];
+    for (int64_t c = 0; c < z.d; ++c) std::fill(kt.begin() + c * nkp + z.nk, kt.begin() + (c + 1) * nkp, T(0));
+    const T* xr[QB];
+    for (int64_t j0 = 0; j0 < z.m; j0 += QB) {
+      const int64_t nb = std::min(QB, z.m - j0);
+      for (int64_t b = 0; b < QB; ++b) xr[b] = r + (j0 + std::min(b, nb - 1)) * z.d;
+      mk_xbt(xr, kt.data(), z.d, nkp, w.data());
+      for (int64_t b = 0; b < nb; ++b) {
+        T* row = p.data() + (j0 + b) * nkp;
+        const T* src = w.data() + b * nkp;
+        for (int64_t t = 0; t < z.nk; ++t) row[t] = (pad != nullptr && pad[t]) ? neg_inf<T>() : src[t] * scale;
+        std::fill(row + z.nk, row + nkp, neg_inf<T>());
+        if (kidx_out != nullptr) topk_row(row, z.nk, z.kk, kidx_out + (j0 + b) * z.kk, keys);
+      }
+    }
+    if (z.shared) {
+      for (int64_t j = 0; j < z.m; ++j) {
+        T* row = p.data() + j * nkp;
+        const T mx = padded_max(row, nkp);
+        if (mx == neg_inf<T>()) {  // every key padded: no shared value (0), as no key is attended
+          std::fill(row, row + nkp, T(0));
+          continue;
+        }
+        for (int64_t t = 0; t < nkp; ++t) row[t] -= mx;
+        exp_inplace(row, nkp);
+        const T inv = T(1) / padded_sum(row, nkp);
+        for (int64_t t = 0; t < nkp; ++t) row[t] *= inv;
+      }
+      std::fill(a.begin(), a.end(), T(0));  // reused across heads; mk_pb accumulates
+      T* ar[QB];
+      for (int64_t j0 = 0; j0 < z.m; j0 += QB) {
+        for (int64_t b = 0; b < QB; ++b) ar[b] = a.data() + (j0 + b) * z.ep;
+        mk_pb(p.data() + j0 * nkp, nkp, v, z.nk, z.ep, ar);
+      }
+    }
+    for (int64_t j = 0; j < z.m; ++j)
+      for (int64_t c = 0; c < z.d; ++c) rt[c * z.mp + j] = r[j * z.d + c];
+    for (int64_t i0 = 0; i0 < z.n; i0 += QB) {
+      const int64_t nb = std::min(QB, z.n - i0);
+      for (int64_t b = 0; b < QB; ++b) xr[b] = q + (i0 + std::min(b, nb - 1)) * z.d;
+      mk_xbt(xr, rt.data(), z.d, z.mp, w.data());
+      for (int64_t b = 0; b < nb; ++b) std::memcpy(qr.data() + (i0 + b) * z.m, w.data() + b * z.mp, sizeof(T) * z.m);
+    }
+  }
+};
+
+template <typename T>
+void backward_landmarks(const T* q, const T* k, const T* v, const T* r, const LandmarkHead<T>& lh,
+                        const T* dqr, const T* da, T scale, const Sizes& z, T* dq, T* dk, T* dvv, T* dr) {
+  // d qr = [n x m] (the qr rows past n are zero): dQ += dqr R, dR += dqr^T Q.
+  std::vector<T> dra(lh.mq * z.dp, T(0)), xb(QB * std::max(z.dp, z.ep)), junk(z.dp);
+  T* rows[QB];
+  int64_t idx[QB];
+  for (int64_t i0 = 0; i0 < z.n; i0 += QB) {
+    const int64_t nb = std::min(QB, z.n - i0);
+    for (int64_t b = 0; b < QB; ++b) rows[b] = b < nb ? dq + (i0 + b) * z.d : junk.data();
+    mk_pb(dqr + i0 * z.m, z.m, r, z.m, z.dp, rows);
+    for (int64_t b = 0; b < nb; ++b) idx[b] = i0 + b;
+    gather_rows(q, z.d, idx, nb, z.dp, xb.data());
+    mk_rank(dqr + i0 * z.m, z.m, xb.data(), z.m, z.dp, dra.data());
+  }
+  // Shared values A = softmax(c R K^T) V: dP = dA V^T, dS = P (dP - rowsum(dA A)) c,
+  // dR += dS K, dK += dS^T R, dV += P^T dA; four landmarks at a time.
+  if (z.shared) {
+    const int64_t nkp = lh.nkp;
+    std::vector<T> vt(z.dv * nkp, T(0)), ds(QB * nkp), dab(QB * z.ep);
+    for (int64_t t = 0; t < z.nk; ++t)
+      for (int64_t c = 0; c < z.dv; ++c) vt[c * nkp + t] = v[t * z.dv + c];
+    for (int64_t j0 = 0; j0 < z.m; j0 += QB) {
+      const int64_t nb = std::min(QB, z.m - j0);
+      for (int64_t b = 0; b < nb; ++b) idx[b] = j0 + b;
+      gather_rows(da, z.dv, idx, nb, z.ep, dab.data());
+      const T* xr[QB] = {dab.data(), dab.data() + z.ep, dab.data() + 2 * z.ep, dab.data() + 3 * z.ep};
+      mk_xbt(xr, vt.data(), z.dv, nkp, ds.data());  // dP
+      for (int64_t b = 0; b < QB; ++b) {
+        T* g = ds.data() + b * nkp;
+        if (b >= nb) {
+          std::fill(g, g + nkp, T(0));
+          continue;
+        }
+        const T* pr = lh.p.data() + (j0 + b) * nkp;
+        const T* ar = lh.a.data() + (j0 + b) * z.ep;
+        T dot = T(0);
+        for (int64_t c = 0; c < z.dv; ++c) dot += dab[b * z.ep + c] * ar[c];
+        for (int64_t t = 0; t < nkp; ++t) g[t] = pr[t] * (g[t] - dot) * scale;
+      }
+      T* rr[QB] = {dra.data() + j0 * z.dp, dra.data() + (j0 + 1) * z.dp, dra.data() + (j0 + 2) * z.dp,
+                   dra.data() + (j0 + 3) * z.dp};
+      mk_pb(ds.data(), nkp, k, z.nk, z.dp, rr);
+      gather_rows(r, z.d, idx, nb, z.dp, xb.data());
+      mk_rank(ds.data(), nkp, xb.data(), z.nk, z.dp, dk);
+      mk_rank(lh.p.data() + j0 * nkp, nkp, dab.data(), z.nk, z.ep, dvv);
+    }
+  }
+  for (int64_t j = 0; j < z.m; ++j) std::memcpy(dr + j * z.d, dra.data() + j * z.dp, sizeof(T) * z.d);
+}
+
+void check_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && r.dim() == 4, "mita_cpu: q, k, v, r must be 4-D");
+  TORCH_CHECK(k.size(2) * std::max(k.size(3), v.size(3)) < (int64_t(1) << 31),
+              "mita_cpu: N_kv * head dim must be < 2^31 (32-bit gather offsets)");
+  const int64_t lanes = q.scalar_type() == at::kDouble ? 8 : 16;
+  TORCH_CHECK(q.size(3) % lanes == 0 && v.size(3) % lanes == 0,
+              "mita_cpu.fused: head dims must be multiples of ", lanes);
+}
+
+// out [B,H,N,dv], lse [B,H,N], expert_index [B,H,N,1] (argmax routing), key_index [B,H,m,k].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_fwd(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
+    const std::optional<at::Tensor>& pad_, int64_t topk, double scale, double landmark_scale, bool shared,
+    bool routed) {
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
+  const auto pad = contiguous_opt(pad_);
+  check_fused(q, k, v, r);
+  const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2), m = r.size(2);
+  TORCH_CHECK(topk >= 1 && topk <= nk, "mita_cpu.fused: topk must be in 1..N_kv");
+  at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
+  at::Tensor lse = at::empty({b, h, n}, q.options());
+  at::Tensor eidx = at::empty({b, h, n, 1}, q.options().dtype(at::kLong));
+  at::Tensor kidx = at::empty({b, h, m, topk}, q.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_fused_fwd", [&] {
+    const Sizes z = make_sizes<scalar_t>(n, nk, q.size(3), v.size(3), m, topk, 1, h / hkv, h, shared, routed);
+    const bool* pad_p = ptr_or_null<bool>(pad);
+    at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+      LandmarkHead<scalar_t> lh(z);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
+        const scalar_t* qh = q.data_ptr<scalar_t>() + bh * n * z.d;
+        const scalar_t* kh = k.data_ptr<scalar_t>() + kvh * nk * z.d;
+        const scalar_t* vh = v.data_ptr<scalar_t>() + kvh * nk * z.dv;
+        const bool* padh = pad_p ? pad_p + bi * nk : nullptr;
+        int64_t* ki = kidx.data_ptr<int64_t>() + bh * m * topk;
+        lh.compute(qh, kh, vh, r.data_ptr<scalar_t>() + bh * m * z.d, padh, static_cast<scalar_t>(scale), z, ki);
+        forward_head<scalar_t>(qh, kh, vh, nullptr, lh.qr.data(), shared ? lh.a.data() : nullptr, ki, nullptr,
+                               padh, nullptr, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale),
+                               z, out.data_ptr<scalar_t>() + bh * n * z.dv, lse.data_ptr<scalar_t>() + bh * n,
+                               eidx.data_ptr<int64_t>() + bh * n);
+      }
+    });
+  });
+  return {out, lse, eidx, kidx};
+}
+
+// dq [B,H,N,d], dk and dv per *query* head [B,H,N_kv,.] (the caller sums GQA groups), dr [B,H,m,d].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
+    const std::optional<at::Tensor>& pad_, const at::Tensor& kidx_, const at::Tensor& eidx_,
+    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& dout_, double scale,
+    double landmark_scale, bool shared, bool routed) {
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
+  const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
+  const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
+  const auto pad = contiguous_opt(pad_);
+  check_fused(q, k, v, r);
+  const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2), m = r.size(2);
+  const int64_t topk = kidx.size(3);
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::empty({b, h, nk, k.size(3)}, q.options());
+  at::Tensor dv = at::empty({b, h, nk, v.size(3)}, q.options());
+  at::Tensor dr = at::empty_like(r);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_fused_bwd", [&] {
+    using T = scalar_t;
+    const Sizes z = make_sizes<T>(n, nk, q.size(3), v.size(3), m, topk, 1, h / hkv, h, shared, routed);
+    const bool* pad_p = ptr_or_null<bool>(pad);
+    at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+      LandmarkHead<T> lh(z);
+      std::vector<T> dqr(round_up(z.n, QB) * z.m, T(0)), da(shared ? z.m * z.dv : 0);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
+        const T* qh = q.data_ptr<T>() + bh * n * z.d;
+        const T* kh = k.data_ptr<T>() + kvh * nk * z.d;
+        const T* vh = v.data_ptr<T>() + kvh * nk * z.dv;
+        const T* rh = r.data_ptr<T>() + bh * m * z.d;
+        const bool* padh = pad_p ? pad_p + bi * nk : nullptr;
+        const int64_t* ki = kidx.data_ptr<int64_t>() + bh * m * topk;
+        T* dqh = dq.data_ptr<T>() + bh * n * z.d;
+        T* dkh = dk.data_ptr<T>() + bh * nk * z.d;
+        T* dvh = dv.data_ptr<T>() + bh * nk * z.dv;
+        std::fill(dqh, dqh + n * z.d, T(0));
+        std::fill(dkh, dkh + nk * z.d, T(0));
+        std::fill(dvh, dvh + nk * z.dv, T(0));
+        lh.compute(qh, kh, vh, rh, padh, static_cast<T>(scale), z, nullptr);
+        backward_head<T>(qh, kh, vh, nullptr, nullptr, lh.qr.data(), shared ? lh.a.data() : nullptr, ki,
+                         eidx.data_ptr<int64_t>() + bh * n, padh, nullptr, out.data_ptr<T>() + bh * n * z.dv,
+                         lse.data_ptr<T>() + bh * n, dout.data_ptr<T>() + bh * n * z.dv, static_cast<T>(scale),
+                         static_cast<T>(landmark_scale), z, dqh, dkh, dvh, dqr.data(), shared ? da.data() : nullptr);
+        T* drh = dr.data_ptr<T>() + bh * m * z.d;
+        if (shared) {
+          backward_landmarks<T>(qh, kh, vh, rh, lh, dqr.data(), da.data(), static_cast<T>(scale), z, dqh, dkh, dvh,
+                                drh);
+        } else {
+          std::fill(drh, drh + m * z.d, T(0));  // routing only: the landmarks only choose (no gradient)
+        }
+      }
+    });
+  });
+  return {dq, dk, dv, dr};
+}
 
 at::Tensor mita_topk(const at::Tensor& scores_, int64_t k) {
   const at::Tensor scores = scores_.contiguous();
@@ -335,10 +555,19 @@ TORCH_LIBRARY(mita_cpu, m) {
       "Tensor expert_index, Tensor? pad, Tensor? dup, Tensor out, Tensor lse, Tensor dout, float scale, "
       "float landmark_scale, bool routed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("topk(Tensor scores, int k) -> Tensor");
+  m.def(
+      "fused_fwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor? pad, int topk, float scale, "
+      "float landmark_scale, bool shared, bool routed) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_bwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor? pad, Tensor key_index, Tensor expert_index, "
+      "Tensor out, Tensor lse, Tensor dout, float scale, float landmark_scale, bool shared, bool routed) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mita_cpu, CPU, m) {
   m.impl("fwd", &mita_fwd);
   m.impl("bwd", &mita_bwd);
   m.impl("topk", &mita_topk);
+  m.impl("fused_fwd", &mita_fused_fwd);
+  m.impl("fused_bwd", &mita_fused_bwd);
 }

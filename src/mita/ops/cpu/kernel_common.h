@@ -21,6 +21,10 @@
 #include <tuple>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace mita_kernels {
 
 constexpr int64_t QB = 4;  // queries per register block
@@ -88,7 +92,30 @@ inline void exp_inplace<float>(float* __restrict x, int64_t n) {
 }
 
 // Max and sum of x[0..np), np a multiple of the vector length: vector partials, then one fixed-order
-// tree over the lanes (a scalar loop would be one long dependency chain).
+// tree over the lanes (a scalar loop would be one long dependency chain); AVX-512's reduce sequences
+// where the CPU has them (a fixed order of shuffles too).
+#ifdef __AVX512F__
+template <typename T>
+inline T lanes_max(typename VT<T>::v a);
+template <>
+inline float lanes_max<float>(vfloat a) {
+  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(a));
+}
+template <>
+inline double lanes_max<double>(vdouble a) {
+  return _mm512_reduce_max_pd(reinterpret_cast<__m512d>(a));
+}
+template <typename T>
+inline T lanes_sum(typename VT<T>::v a);
+template <>
+inline float lanes_sum<float>(vfloat a) {
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(a));
+}
+template <>
+inline double lanes_sum<double>(vdouble a) {
+  return _mm512_reduce_add_pd(reinterpret_cast<__m512d>(a));
+}
+#else
 template <typename T>
 inline T lanes_max(typename VT<T>::v a) {
   T r[VT<T>::L];
@@ -105,6 +132,7 @@ inline T lanes_sum(typename VT<T>::v a) {
     for (int64_t i = 0; i < w; ++i) r[i] += r[i + w];
   return r[0];
 }
+#endif
 template <typename T>
 inline T padded_max(const T* x, int64_t np) {
   using v = typename VT<T>::v;
@@ -126,11 +154,37 @@ inline T padded_sum(const T* x, int64_t np) {
 // ---- micro-kernels over QB rows; every padded extent (Jp, Ep) is a multiple of the vector length ----
 
 // out[q][j] = sum_c x[q][c] * bt[c][j]   (x: QB row pointers; bt: [dx][Jp]; out: [QB][Jp])
+// Two output vectors at a time where they fit: 8 independent accumulators keep both FMA ports busy.
 template <typename T>
 inline void mk_xbt(const T* const* x, const T* bt, int64_t dx, int64_t jp, T* out) {
   using v = typename VT<T>::v;
+  constexpr int64_t L = VT<T>::L;
   const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-  for (int64_t j0 = 0; j0 < jp; j0 += VT<T>::L) {
+  int64_t j0 = 0;
+  for (; j0 + 2 * L <= jp; j0 += 2 * L) {
+    v a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+    for (int64_t c = 0; c < dx; ++c) {
+      const v u = vload(bt + c * jp + j0), w = vload(bt + c * jp + j0 + L);
+      const T s0 = x0[c], s1 = x1[c], s2 = x2[c], s3 = x3[c];
+      a0 += s0 * u;
+      b0 += s0 * w;
+      a1 += s1 * u;
+      b1 += s1 * w;
+      a2 += s2 * u;
+      b2 += s2 * w;
+      a3 += s3 * u;
+      b3 += s3 * w;
+    }
+    vstore(out + j0, a0);
+    vstore(out + j0 + L, b0);
+    vstore(out + jp + j0, a1);
+    vstore(out + jp + j0 + L, b1);
+    vstore(out + 2 * jp + j0, a2);
+    vstore(out + 2 * jp + j0 + L, b2);
+    vstore(out + 3 * jp + j0, a3);
+    vstore(out + 3 * jp + j0 + L, b3);
+  }
+  for (; j0 < jp; j0 += L) {
     v a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t c = 0; c < dx; ++c) {
       const v b = vload(bt + c * jp + j0);
@@ -150,15 +204,42 @@ inline void mk_xbt(const T* const* x, const T* bt, int64_t dx, int64_t jp, T* ou
 template <typename T>
 inline void mk_pb(const T* p, int64_t ldp, const T* b, int64_t jn, int64_t ep, T* const* acc) {
   using v = typename VT<T>::v;
+  constexpr int64_t L = VT<T>::L;
   T *r0 = acc[0], *r1 = acc[1], *r2 = acc[2], *r3 = acc[3];
-  for (int64_t e0 = 0; e0 < ep; e0 += VT<T>::L) {
+  const T *p0 = p, *p1 = p + ldp, *p2 = p + 2 * ldp, *p3 = p + 3 * ldp;
+  int64_t e0 = 0;
+  for (; e0 + 2 * L <= ep; e0 += 2 * L) {
+    v a0 = vload(r0 + e0), a1 = vload(r1 + e0), a2 = vload(r2 + e0), a3 = vload(r3 + e0);
+    v b0 = vload(r0 + e0 + L), b1 = vload(r1 + e0 + L), b2 = vload(r2 + e0 + L), b3 = vload(r3 + e0 + L);
+    for (int64_t j = 0; j < jn; ++j) {
+      const v u = vload(b + j * ep + e0), w = vload(b + j * ep + e0 + L);
+      const T s0 = p0[j], s1 = p1[j], s2 = p2[j], s3 = p3[j];
+      a0 += s0 * u;
+      b0 += s0 * w;
+      a1 += s1 * u;
+      b1 += s1 * w;
+      a2 += s2 * u;
+      b2 += s2 * w;
+      a3 += s3 * u;
+      b3 += s3 * w;
+    }
+    vstore(r0 + e0, a0);
+    vstore(r0 + e0 + L, b0);
+    vstore(r1 + e0, a1);
+    vstore(r1 + e0 + L, b1);
+    vstore(r2 + e0, a2);
+    vstore(r2 + e0 + L, b2);
+    vstore(r3 + e0, a3);
+    vstore(r3 + e0 + L, b3);
+  }
+  for (; e0 < ep; e0 += L) {
     v a0 = vload(r0 + e0), a1 = vload(r1 + e0), a2 = vload(r2 + e0), a3 = vload(r3 + e0);
     for (int64_t j = 0; j < jn; ++j) {
       const v bj = vload(b + j * ep + e0);
-      a0 += p[j] * bj;
-      a1 += p[ldp + j] * bj;
-      a2 += p[2 * ldp + j] * bj;
-      a3 += p[3 * ldp + j] * bj;
+      a0 += p0[j] * bj;
+      a1 += p1[j] * bj;
+      a2 += p2[j] * bj;
+      a3 += p3[j] * bj;
     }
     vstore(r0 + e0, a0);
     vstore(r1 + e0, a1);
@@ -210,33 +291,75 @@ inline void bucket_pairs(const int64_t* eidx, const Sizes& z, std::vector<int64_
   for (int64_t p = 0; p < pairs; ++p) order[fill[eidx[p]]++] = p;
 }
 
-// dst[j] = src[idx[j]]: with 32-bit indices and no aliasing the compiler emits vector gathers.
+// dst[j] = src[idx[j]] for j < n and 0 for n <= j < np (np a multiple of the vector length, idx 32-bit
+// element offsets). AVX-512: masked vector gathers (the compiler's own code for the loop inserts one
+// element at a time).
 template <typename T>
-inline void gather(T* __restrict dst, const T* __restrict src, const int32_t* __restrict idx, int64_t n) {
+inline void gather_padded(T* __restrict dst, const T* __restrict src, const int32_t* __restrict idx, int64_t n,
+                          int64_t np) {
   for (int64_t j = 0; j < n; ++j) dst[j] = src[idx[j]];
+  for (int64_t j = n; j < np; ++j) dst[j] = T(0);
 }
+#ifdef __AVX512F__
+template <>
+inline void gather_padded<float>(float* __restrict dst, const float* __restrict src,
+                                 const int32_t* __restrict idx, int64_t n, int64_t np) {
+  for (int64_t j = 0; j < np; j += 16) {
+    const int64_t left = n - j;
+    const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+    const __m512i ix = _mm512_maskz_loadu_epi32(mask, idx + j);
+    _mm512_storeu_ps(dst + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, ix, src, 4));
+  }
+}
+template <>
+inline void gather_padded<double>(double* __restrict dst, const double* __restrict src,
+                                  const int32_t* __restrict idx, int64_t n, int64_t np) {
+  for (int64_t j = 0; j < np; j += 8) {
+    const int64_t left = n - j;
+    const __mmask8 mask = left >= 8 ? __mmask8(0xFF) : left <= 0 ? __mmask8(0) : __mmask8((1u << left) - 1);
+    const __m256i ix = _mm256_maskz_loadu_epi32(mask, idx + j);
+    _mm512_storeu_pd(dst + j, _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, ix, src, 8));
+  }
+}
+#endif
 
 // One expert's keys transposed [d][Kp], keys [k][Dp], values [k][Ep], values transposed [dv][Kp] (zero
 // padded: the padding is written once and never touched), and a bias row [Kp] that is -inf for padded
-// keys and for the padding columns j >= k. kt_head / vt_head: the head's K^T [d][N_kv], V^T [dv][N_kv].
+// keys and for the padding columns j >= k. The transposes are gathered straight from the head's K and V
+// rows (k [N_kv][d], v [N_kv][dv]; offsets fit 32 bits, checked by the callers), so no head-wide
+// transposed copy is needed; kt_head / vt_head, when given, are used instead (K^T [d][N_kv], V^T [dv][N_kv]).
 template <typename T>
 struct ExpertBuf {
   std::vector<T> kt, kr, vp, vt, bias;
-  std::vector<int32_t> ki32;
+  std::vector<int32_t> ki32, koff, voff;
   ExpertBuf(const Sizes& z, bool backward)
       : kt(z.d * z.kp, T(0)), kr(backward ? z.kk * z.dp : 0, T(0)), vp(z.kk * z.ep, T(0)),
-        vt(backward ? z.dv * z.kp : 0, T(0)), bias(z.kp, neg_inf<T>()), ki32(z.kk) {}
+        vt(backward ? z.dv * z.kp : 0, T(0)), bias(z.kp, neg_inf<T>()), ki32(z.kk), koff(z.kk), voff(z.kk) {}
   void pack(const T* k, const T* v, const T* kt_head, const T* vt_head, const int64_t* ki, const bool* pad,
             const Sizes& z) {
-    for (int64_t j = 0; j < z.kk; ++j) ki32[j] = static_cast<int32_t>(ki[j]);
-    for (int64_t c = 0; c < z.d; ++c) gather(kt.data() + c * z.kp, kt_head + c * z.nk, ki32.data(), z.kk);
+    for (int64_t j = 0; j < z.kk; ++j) {
+      ki32[j] = static_cast<int32_t>(ki[j]);
+      koff[j] = static_cast<int32_t>(ki[j] * z.d);
+      voff[j] = static_cast<int32_t>(ki[j] * z.dv);
+    }
+    for (int64_t c = 0; c < z.d; ++c) {
+      if (kt_head != nullptr)
+        gather_padded(kt.data() + c * z.kp, kt_head + c * z.nk, ki32.data(), z.kk, z.kp);
+      else
+        gather_padded(kt.data() + c * z.kp, k + c, koff.data(), z.kk, z.kp);
+    }
     for (int64_t j = 0; j < z.kk; ++j) {
       std::memcpy(vp.data() + j * z.ep, v + ki[j] * z.dv, sizeof(T) * z.dv);
       bias[j] = (pad != nullptr && pad[ki[j]]) ? neg_inf<T>() : T(0);
     }
     if (kr.empty()) return;
     for (int64_t j = 0; j < z.kk; ++j) std::memcpy(kr.data() + j * z.dp, k + ki[j] * z.d, sizeof(T) * z.d);
-    for (int64_t c = 0; c < z.dv; ++c) gather(vt.data() + c * z.kp, vt_head + c * z.nk, ki32.data(), z.kk);
+    for (int64_t c = 0; c < z.dv; ++c) {
+      if (vt_head != nullptr)
+        gather_padded(vt.data() + c * z.kp, vt_head + c * z.nk, ki32.data(), z.kk, z.kp);
+      else
+        gather_padded(vt.data() + c * z.kp, v + c, voff.data(), z.kk, z.kp);
+    }
   }
 };
 
