@@ -1,30 +1,33 @@
 """``backend="cpu"`` with ``causal=True``: causal MiTA with the ``"frozen"`` horizon on fused CPU kernels.
 
-torch computes the shared values ``A_j`` over keys ``t < (j + 1) b`` (one masked attention of the
-landmarks through SDPA, autograd carrying the gradients of ``R``, ``K`` and ``V``). The kernels of
-``causal_kernel.cpp`` choose each landmark's top-k keys over its horizon (computing only the visible
-scores ``r_j . k_t``, ``t < (j + 1) b``) and compute, per (batch, head) in one pass, each query's single
-online softmax over its visible shared logits ``lambda q_i . r_j`` (computed in the kernel: no ``N x n_l``
-tensor), its routed experts' keys and its own block (causal), with a backward that recomputes the
-logits and probabilities from the saved log-sum-exp and returns the gradients of q, k, v, the landmarks
-(through the shared logits) and ``A``. Supported: s >= 1 (top-s routing in torch for s > 1, argmax in
-the kernel for s = 1), GQA, ``shared=False``, ``routed=False``, float32 and float64 (half precision
-computed in float32). The ``"prefix"`` horizon has no fused kernel (each query block sees its own key
-sets); ``backend="cpu"`` refuses it and ``"auto"`` uses the torch backend for it.
+Two kernels of ``causal_kernel.cpp``, each with its own backward, chained by autograd:
+
+- the landmark side: each landmark's visible scores ``c r_j . k_t``, ``t < (j + 1) b``, computed once
+  (mask before selection) for its top-k keys and its shared value ``A_j = softmax_t(.) v_t``; the
+  backward runs key block by key block (block c is seen whole by the landmarks ``j >= c``);
+- the attention: per (batch, head) in one pass, each query's single online softmax over its visible
+  shared logits ``lambda q_i . r_j`` (computed in the kernel: no ``N x n_l`` tensor), its routed experts'
+  keys and its own block (causal); the backward recomputes logits and probabilities from the saved
+  log-sum-exp and returns the gradients of q, k, v, the landmarks (through the shared logits) and ``A``.
+
+Supported: s >= 1 (top-s routing in torch for s > 1, argmax in the kernel for s = 1), GQA,
+``shared=False``, ``routed=False``, float32 and float64 (half precision computed in float32). The
+``"prefix"`` horizon has no fused kernel (each query block sees its own key sets); ``backend="cpu"``
+refuses it and ``"auto"`` uses the torch backend for it.
 
 Under ``torch.compile`` the kernels run as ``torch.library.custom_op``s with fake implementations and
-registered autograd; in eager mode through a plain ``autograd.Function`` (as :mod:`.backend`, to keep
+registered autograd; in eager mode through plain ``autograd.Function``s (as :mod:`.backend`, to keep
 ``torch._dynamo`` out of processes that never compile). No host sync.
 
-Memory per head (``n_l = N / b``): a boolean ``n_l * N`` mask for SDPA (and its working memory), ``A``
-``n_l * dv``, the key sets ``n_l * k``, a copy of ``K^T``, and per query head dK/dV rows in the backward
-(summed over GQA groups); with ``s > 1`` also ``Q R^T`` (``N * n_l``, no gradient) for the top-s.
+Memory per head (``n_l = N / b``): ``A`` ``n_l * dv`` and its lse, the key sets ``n_l * k``, padded copies
+of ``K^T`` and ``V`` (``N * (d + dv)``), and per query head dK/dV rows in the backwards (summed over GQA
+groups); with ``s > 1`` also ``Q R^T`` (``N * n_l``, no gradient) for the top-s. Nothing ``N x N`` or
+``N x n_l`` otherwise.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..causal.common import CausalProblem, CausalRouting
 from .build import availability
@@ -38,16 +41,83 @@ def causal_kernel_available() -> tuple[bool, str]:
     return availability(LIB, probe="fwd")
 
 
-@torch.library.custom_op("mita::cpu_causal_topk", mutates_args=())
-def cpu_causal_topk(landmarks: Tensor, k: Tensor, topk: int, block_size: int) -> Tensor:
-    """Frozen key sets [B, H, n_l, topk]: landmark j's top-k of ``r_j . k_t`` over ``t < (j + 1) b``
-    (increasing index order, -1 in slots beyond the visible keys)."""
-    return torch.ops.mita_cpu_causal.topk_frozen(landmarks, k, topk, block_size)
+@torch.library.custom_op("mita::cpu_causal_landmarks", mutates_args=())
+def cpu_causal_landmarks(
+    landmarks: Tensor, k: Tensor, v: Tensor, scale: float, block_size: int, topk: int, values: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Shared values A [B, H, n_l, dv] over keys ``t < (j + 1) b`` and their lse [B, H, n_l] (empty when
+    ``values`` is False), and the key sets [B, H, n_l, topk] (-1 beyond the visible keys)."""
+    return torch.ops.mita_cpu_causal.landmark_fwd(landmarks, k, v, scale, block_size, topk, values)
 
 
-@cpu_causal_topk.register_fake
-def _(landmarks, k, topk, block_size):
-    return landmarks.new_empty(*landmarks.shape[:-1], topk, dtype=torch.long)
+@cpu_causal_landmarks.register_fake
+def _(landmarks, k, v, scale, block_size, topk, values):
+    b, h, nl, _ = landmarks.shape
+    m = nl if values else 0
+    return (landmarks.new_empty(b, h, m, v.shape[-1]), landmarks.new_empty(b, h, m),
+            landmarks.new_empty(b, h, nl, topk, dtype=torch.long))  # fmt: skip
+
+
+@torch.library.custom_op("mita::cpu_causal_landmarks_backward", mutates_args=())
+def cpu_causal_landmarks_backward(
+    landmarks: Tensor, k: Tensor, v: Tensor, values: Tensor, lse: Tensor, grad_values: Tensor, scale: float,
+    block_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """d landmarks [B, H, n_l, d]; dk, dv per query head [B, H, N, .]."""
+    return torch.ops.mita_cpu_causal.landmark_bwd(
+        landmarks, k, v, values, lse, grad_values, scale, block_size
+    )
+
+
+@cpu_causal_landmarks_backward.register_fake
+def _(landmarks, k, v, values, lse, grad_values, scale, block_size):
+    b, h, n = landmarks.shape[0], landmarks.shape[1], k.shape[2]
+    return torch.empty_like(landmarks), k.new_empty(b, h, n, k.shape[-1]), v.new_empty(b, h, n, v.shape[-1])
+
+
+def _sum_groups(x: Tensor, hkv: int) -> Tensor:
+    """GQA: each query head wrote its own rows; sum them over the group, in a fixed order."""
+    b, h = x.shape[:2]
+    return x if h == hkv else x.reshape(b, hkv, h // hkv, *x.shape[2:]).sum(2)
+
+
+def _landmarks_setup(ctx, inputs, output):
+    r, k, v, scale, block_size, _, _ = inputs
+    a, lse, _ = output
+    ctx.save_for_backward(r, k, v, a, lse)
+    ctx.args = (scale, block_size)
+
+
+def _landmarks_backward(ctx, grad_a, grad_lse, grad_idx, bwd=None):
+    r, k, v, a, lse = ctx.saved_tensors
+    dr, dk, dv = (bwd or cpu_causal_landmarks_backward)(r, k, v, a, lse, grad_a.contiguous(), *ctx.args)
+    return dr, _sum_groups(dk, k.shape[1]), _sum_groups(dv, v.shape[1]), None, None, None, None
+
+
+cpu_causal_landmarks.register_autograd(_landmarks_backward, setup_context=_landmarks_setup)
+
+
+class _EagerLandmarks(torch.autograd.Function):
+    """The same forward and backward as :func:`cpu_causal_landmarks`, calling the C++ ops directly."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.mita_cpu_causal.landmark_fwd(*inputs)
+        ctx.mark_non_differentiable(output[1], output[2])
+        _landmarks_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_lse, grad_idx):
+        return _landmarks_backward(
+            ctx, grad_a, grad_lse, grad_idx, bwd=torch.ops.mita_cpu_causal.landmark_bwd
+        )
+
+
+def _landmark_side(*inputs):
+    if torch.compiler.is_compiling():
+        return cpu_causal_landmarks(*inputs)
+    return _EagerLandmarks.apply(*inputs)
 
 
 @torch.library.custom_op("mita::cpu_causal_attention", mutates_args=())
@@ -125,10 +195,7 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
     dq, dk, dv, dr, dsv = (bwd or cpu_causal_attention_backward)(
         q, k, v, r, sv, key_index, expert_index, out, lse, grad_out.contiguous(), *ctx.args
     )
-    b, h, hkv = q.shape[0], q.shape[1], k.shape[1]
-    if h != hkv:  # GQA: each query head wrote its own rows; sum them over the group, in a fixed order
-        dk = dk.reshape(b, hkv, h // hkv, *dk.shape[2:]).sum(2)
-        dv = dv.reshape(b, hkv, h // hkv, *dv.shape[2:]).sum(2)
+    dk, dv = _sum_groups(dk, k.shape[1]), _sum_groups(dv, v.shape[1])
     if sv is None:  # landmarks only route: no gradient
         return dq, dk, dv, None, None, None, None, None, None, None, None
     return dq, dk, dv, dr, dsv, None, None, None, None, None, None
@@ -156,12 +223,6 @@ def _attention(*inputs):
     if torch.compiler.is_compiling():
         return cpu_causal_attention(*inputs)
     return _EagerCausal.apply(*inputs)
-
-
-def _topk(landmarks: Tensor, k: Tensor, topk: int, block_size: int) -> Tensor:
-    if torch.compiler.is_compiling():
-        return cpu_causal_topk(landmarks, k, topk, block_size)
-    return torch.ops.mita_cpu_causal.topk_frozen(landmarks, k, topk, block_size)
 
 
 def _top_s(p: CausalProblem, qr: Tensor) -> Tensor:
@@ -201,24 +262,22 @@ def cpu_causal_forward(
         # bf16/fp16 inputs: compute in float32 (half-precision softmax statistics lose too much).
         q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
     bsz, h, n, _ = q.shape
-    nl, b, s, g = p.num_landmarks, p.block_size, p.experts_per_query, p.group
+    nl, b, s = p.num_landmarks, p.block_size, p.experts_per_query
     kk = min(p.topk, max(1, nl * b))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     landmarks = landmarks.contiguous()
-    if nl > 0 and (p.routed or return_routing):
-        key_index = _topk(landmarks.detach(), k.detach(), kk, b)
-    else:
-        width = kk if return_routing else 0  # nothing to select: no landmark, or routing off and unasked
-        key_index = torch.full((bsz, h, nl, width), -1, dtype=torch.long, device=q.device)
+    sets = nl > 0 and (p.routed or return_routing)
+    width = kk if sets or return_routing else 0  # no sets: no landmark, or routing off and unasked
     values = None
     if p.shared and nl > 0:
-        t = torch.arange(nl * b, device=q.device)
-        horizon = t[None, :] < (torch.arange(nl, device=q.device)[:, None] + 1) * b  # [n_l, n_l * b]
-        # A_j over keys t < (j + 1) b: one masked attention of the landmarks (SDPA's fused kernel).
-        values = F.scaled_dot_product_attention(
-            landmarks, k[:, :, : nl * b], v[:, :, : nl * b], attn_mask=horizon, scale=p.scale,
-            enable_gqa=g > 1,
-        ).contiguous()  # fmt: skip
+        values, _, key_index = _landmark_side(landmarks, k, v, p.scale, b, width, True)
+    elif sets:
+        with torch.no_grad():
+            _, _, key_index = _landmark_side(
+                landmarks.detach(), k.detach(), v.detach(), p.scale, b, width, False
+            )
+    if not sets:
+        key_index = torch.full((bsz, h, nl, width), -1, dtype=torch.long, device=q.device)
     expert_index = None
     if s > 1 and nl > 0:
         with torch.no_grad():

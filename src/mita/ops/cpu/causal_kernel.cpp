@@ -1,9 +1,10 @@
 // Fused CPU kernel of causal MiTA with the "frozen" landmark horizon (SPEC §5).
 //
-// torch computes the shared values A_j = softmax_t(c r_j . k_t) v_t over keys t < (j+1) b (autograd
-// carries their gradients). This library does the rest per (batch, query head):
-//   topk_frozen: each landmark's top-k keys over its horizon t < (j+1) b (only those scores computed;
-//                fewer visible keys than k leave the remaining slots -1).
+// Per (batch, query head), with autograd glue in causal.py:
+//   landmark_fwd: each landmark's visible scores c r_j . k_t, t < (j+1) b, computed once (mask before
+//                selection) for its top-k keys (fewer visible keys than k leave the remaining slots -1)
+//                and its shared value A_j = softmax_t(.) v_t; landmark_bwd: A's gradients, key block by
+//                key block.
 //   fwd: each query's online softmax opens with its visible shared logits lambda q.r_j, j < beta(i),
 //        computed here (routing by argmax on the way when s = 1; no N x n_l tensor), then its own block causally (beta b <= t <= i, the
 //        block's keys packed once and shared by its queries), then, expert by expert, the expert's k
@@ -535,51 +536,187 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
   return {dq, dk, dv, dr, dsv};
 }
 
-// Frozen key sets [B, H, n_l, k] from the landmarks r [B, H, n_l, d] and keys [B, H_kv, N, d]: landmark j's
-// top-k of r_j . k_t over t < (j+1) b (only those scores are computed: mask before selection), in
-// increasing index order, ties to the lower index; slots beyond the visible keys are -1. The scores are
-// not multiplied by the (positive) key scale: the order is the same.
-at::Tensor causal_topk(const at::Tensor& r_, const at::Tensor& k_, int64_t kk, int64_t block_size) {
-  const at::Tensor r = r_.contiguous(), k = k_.contiguous();
-  TORCH_CHECK(r.dim() == 4 && k.dim() == 4 && r.size(3) == k.size(3) && r.size(0) == k.size(0),
-              "mita_cpu_causal.topk_frozen: landmarks [B, H, n_l, d] and keys [B, H_kv, N, d]");
-  TORCH_CHECK(kk >= 1 && block_size >= 1, "mita_cpu_causal.topk_frozen: k and block_size must be >= 1");
-  const int64_t b = r.size(0), h = r.size(1), nl = r.size(2), d = r.size(3), hkv = k.size(1), n = k.size(2);
-  TORCH_CHECK(h % hkv == 0 && nl * block_size <= n, "mita_cpu_causal.topk_frozen: bad sizes");
+// ---- the landmark side: A_j = softmax_t(c r_j . k_t) v_t over t < (j+1) b, with the key sets ----
+
+// Padded copies of one call's keys/values: K^T [B,Hkv,d,np], V [B,Hkv,np,ep] (zero beyond n_l b).
+template <typename T>
+std::pair<at::Tensor, at::Tensor> padded_kv(const at::Tensor& k, const at::Tensor& v, int64_t len, int64_t np,
+                                            int64_t ep) {
+  at::Tensor kt = at::zeros({k.size(0), k.size(1), k.size(3), np}, k.options());
+  kt.narrow(3, 0, len).copy_(k.narrow(2, 0, len).transpose(2, 3));
+  at::Tensor vp = at::zeros({v.size(0), v.size(1), np, ep}, v.options());
+  vp.narrow(2, 0, len).narrow(3, 0, v.size(3)).copy_(v.narrow(2, 0, len));
+  return {kt, vp};
+}
+
+// Forward: per (batch, head, QB landmarks) the visible scores c r_j . k_t (t < (j+1) b) once, for the
+// top-k (same scaled scores as the torch backend) and the softmax. Returns A [B,H,n_l,dv], its lse
+// [B,H,n_l] and the key sets [B,H,n_l,topk] (-1 beyond the visible keys; empty when topk = 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_fwd(const at::Tensor& r_, const at::Tensor& k_,
+                                                            const at::Tensor& v_, double scale,
+                                                            int64_t block_size, int64_t kk, bool want_values) {
+  const at::Tensor r = r_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  TORCH_CHECK(r.dim() == 4 && k.dim() == 4 && v.dim() == 4 && r.size(3) == k.size(3) && r.size(0) == k.size(0),
+              "mita_cpu_causal.landmark_fwd: landmarks [B, H, n_l, d], keys/values [B, H_kv, N, .]");
+  TORCH_CHECK(kk >= 0 && block_size >= 1, "mita_cpu_causal.landmark_fwd: topk >= 0, block_size >= 1");
+  const int64_t b = r.size(0), h = r.size(1), nl = r.size(2), d = r.size(3), hkv = k.size(1), dv = v.size(3);
+  TORCH_CHECK(h % hkv == 0 && nl * block_size <= k.size(2), "mita_cpu_causal.landmark_fwd: bad sizes");
+  at::Tensor a = at::zeros({b, h, want_values ? nl : 0, dv}, r.options());
+  at::Tensor lse = at::zeros({b, h, want_values ? nl : 0}, r.options());
   at::Tensor idx = at::empty({b, h, nl, kk}, r.options().dtype(at::kLong));
-  if (nl == 0) return idx;
-  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "mita_cpu_causal_topk", [&] {
+  if (nl == 0) return {a, lse, idx};
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "mita_cpu_causal_landmark_fwd", [&] {
     using T = scalar_t;
-    const int64_t L = VT<T>::L, len = nl * block_size, np = round_up(len, L), groups = (nl + QB - 1) / QB;
-    // K^T of the keys t < n_l b per kv head, rows padded to np (so vector loads stay inside).
-    at::Tensor kt = at::zeros({b, hkv, d, np}, r.options());
-    kt.narrow(3, 0, len).copy_(k.narrow(2, 0, len).transpose(2, 3));
-    const T* ktp = kt.data_ptr<T>();
-    const T* rp = r.data_ptr<T>();
+    const int64_t L = VT<T>::L, len = nl * block_size, np = round_up(len, L), ep = round_up(dv, L);
+    const int64_t groups = (nl + QB - 1) / QB;
+    auto [kt, vp] = padded_kv<T>(k, v, len, np, ep);
+    const T *ktp = kt.data_ptr<T>(), *vpp = vp.data_ptr<T>(), *rp = r.data_ptr<T>();
+    const T c = static_cast<T>(scale);
     int64_t* dst = idx.data_ptr<int64_t>();
+    T* ap = a.data_ptr<T>();
+    T* lp = lse.data_ptr<T>();
     at::parallel_for(0, b * h * groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<decltype(sort_key(T()))> keys(len);
-      std::vector<T> sc(QB * np), zero_row(d, T(0));
+      std::vector<T> sc(QB * np), zero_row(d, T(0)), acc(QB * ep);
       const T* xr[QB];
+      T* ar[QB];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / groups, j0 = (item % groups) * QB, nb = std::min(QB, nl - j0);
         const int64_t kvh = (bh / h) * hkv + (bh % h) / (h / hkv);
-        const int64_t vis_max = (j0 + nb) * block_size, jp = round_up(vis_max, L);
-        for (int64_t q = 0; q < QB; ++q) xr[q] = q < nb ? rp + (bh * nl + j0 + q) * d : zero_row.data();
+        const int64_t jn = (j0 + nb) * block_size, jp = round_up(jn, L);
+        for (int64_t q = 0; q < QB; ++q) {
+          xr[q] = q < nb ? rp + (bh * nl + j0 + q) * d : zero_row.data();
+          ar[q] = acc.data() + q * ep;
+        }
         xbt_ld(xr, ktp + kvh * d * np, np, d, jp, sc.data(), jp);
-        for (int64_t q = 0; q < nb; ++q) {
-          const int64_t j = j0 + q, vis = (j + 1) * block_size;
-          int64_t* o = dst + (bh * nl + j) * kk;
-          if (vis <= kk) {
-            for (int64_t t = 0; t < kk; ++t) o[t] = t < vis ? t : -1;
-          } else {
-            topk_row(sc.data() + q * jp, vis, kk, o, keys);
+        std::fill(acc.begin(), acc.end(), T(0));
+        T zsum[QB] = {}, mx[QB] = {};
+        for (int64_t q = 0; q < QB; ++q) {
+          T* l = sc.data() + q * jp;
+          if (q >= nb) {
+            std::fill(l, l + jp, T(0));
+            continue;
           }
+          const int64_t j = j0 + q, vis = (j + 1) * block_size;
+          for (int64_t t = 0; t < vis; ++t) l[t] *= c;
+          std::fill(l + vis, l + jp, neg_inf<T>());  // mask before selection
+          if (kk > 0) {
+            int64_t* o = dst + (bh * nl + j) * kk;
+            if (vis <= kk) {
+              for (int64_t t = 0; t < kk; ++t) o[t] = t < vis ? t : -1;
+            } else {
+              topk_row(l, vis, kk, o, keys);
+            }
+          }
+          if (!want_values) continue;
+          mx[q] = padded_max(l, jp);
+          for (int64_t t = 0; t < jp; ++t) l[t] -= mx[q];
+          exp_inplace(l, jp);
+          zsum[q] = padded_sum(l, jp);
+        }
+        if (!want_values) continue;
+        mk_pb(sc.data(), jp, vpp + kvh * np * ep, jn, ep, ar);
+        for (int64_t q = 0; q < nb; ++q) {
+          const int64_t row = bh * nl + j0 + q;
+          const T inv = T(1) / zsum[q];
+          for (int64_t e = 0; e < dv; ++e) ap[row * dv + e] = acc[q * ep + e] * inv;
+          lp[row] = mx[q] + std::log(zsum[q]);
         }
       }
     });
   });
-  return idx;
+  return {a, lse, idx};
+}
+
+// Backward of A, key block by key block (key block c is seen whole by the landmarks j >= c): dK/dV of a
+// block accumulate locally, dR in a small per-head buffer. dK, dV per *query* head [B,H,N,.] (the caller
+// sums each GQA group); dR [B,H,n_l,d].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_bwd(const at::Tensor& r_, const at::Tensor& k_,
+                                                            const at::Tensor& v_, const at::Tensor& a_,
+                                                            const at::Tensor& lse_, const at::Tensor& da_,
+                                                            double scale, int64_t block_size) {
+  const at::Tensor r = r_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), a = a_.contiguous();
+  const at::Tensor lse = lse_.contiguous(), da = da_.contiguous();
+  const int64_t b = r.size(0), h = r.size(1), nl = r.size(2), d = r.size(3), hkv = k.size(1), n = k.size(2);
+  const int64_t dv = v.size(3), group = h / hkv;
+  at::Tensor dr = at::zeros_like(r);
+  at::Tensor dk = at::zeros({b, h, n, d}, r.options());
+  at::Tensor dvv = at::zeros({b, h, n, dv}, r.options());
+  if (nl == 0) return {dr, dk, dvv};
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "mita_cpu_causal_landmark_bwd", [&] {
+    using T = scalar_t;
+    const int64_t L = VT<T>::L, bs = block_size, bp = round_up(bs, L), dp = round_up(d, L), ep = round_up(dv, L);
+    const T c = static_cast<T>(scale);
+    at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> rpad((nl + QB) * dp, T(0)), dapad((nl + QB) * ep, T(0)), dra(nl * dp, T(0)), delta(nl);
+      std::vector<T> ktb(d * bp, T(0)), kb(bp * dp, T(0)), vtb(dv * bp, T(0));
+      std::vector<T> p(QB * bp), g(QB * bp), dkb(bp * dp), dvb(bp * ep), junk(dp);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t kvh = (bh / h) * hkv + (bh % h) / group;
+        const T* rh = r.data_ptr<T>() + bh * nl * d;
+        const T* ah = a.data_ptr<T>() + bh * nl * dv;
+        const T* dah = da.data_ptr<T>() + bh * nl * dv;
+        const T* lh = lse.data_ptr<T>() + bh * nl;
+        const T* kh = k.data_ptr<T>() + kvh * n * d;
+        const T* vh = v.data_ptr<T>() + kvh * n * dv;
+        std::fill(dra.begin(), dra.end(), T(0));
+        for (int64_t j = 0; j < nl; ++j) {
+          std::memcpy(rpad.data() + j * dp, rh + j * d, sizeof(T) * d);
+          std::memcpy(dapad.data() + j * ep, dah + j * dv, sizeof(T) * dv);
+          T s = T(0);
+          for (int64_t e = 0; e < dv; ++e) s += dah[j * dv + e] * ah[j * dv + e];
+          delta[j] = s;
+        }
+        for (int64_t cb = 0; cb < nl; ++cb) {
+          const int64_t t0 = cb * bs;
+          for (int64_t t = 0; t < bs; ++t) {
+            std::memcpy(kb.data() + t * dp, kh + (t0 + t) * d, sizeof(T) * d);
+            for (int64_t e = 0; e < d; ++e) ktb[e * bp + t] = kh[(t0 + t) * d + e];
+            for (int64_t e = 0; e < dv; ++e) vtb[e * bp + t] = vh[(t0 + t) * dv + e];
+          }
+          std::fill(dkb.begin(), dkb.end(), T(0));
+          std::fill(dvb.begin(), dvb.end(), T(0));
+          for (int64_t j0 = cb; j0 < nl; j0 += QB) {
+            const int64_t nb = std::min(QB, nl - j0);
+            const T* xr[QB] = {rpad.data() + j0 * dp, rpad.data() + (j0 + 1) * dp, rpad.data() + (j0 + 2) * dp,
+                               rpad.data() + (j0 + 3) * dp};
+            const T* xd[QB] = {dapad.data() + j0 * ep, dapad.data() + (j0 + 1) * ep,
+                               dapad.data() + (j0 + 2) * ep, dapad.data() + (j0 + 3) * ep};
+            xbt_ld(xr, ktb.data(), bp, d, bp, p.data(), bp);
+            xbt_ld(xd, vtb.data(), bp, dv, bp, g.data(), bp);
+            for (int64_t q = 0; q < QB; ++q) {
+              T* l = p.data() + q * bp;
+              T* gr = g.data() + q * bp;
+              if (q >= nb) {
+                std::fill(l, l + bp, T(0));
+                std::fill(gr, gr + bp, T(0));
+                continue;
+              }
+              const int64_t j = j0 + q;
+              for (int64_t t = 0; t < bs; ++t) l[t] = l[t] * c - lh[j];
+              std::fill(l + bs, l + bp, neg_inf<T>());
+              exp_inplace(l, bp);
+              for (int64_t t = 0; t < bp; ++t) gr[t] = l[t] * (gr[t] - delta[j]) * c;
+            }
+            T* drr[QB];
+            for (int64_t q = 0; q < QB; ++q) drr[q] = q < nb ? dra.data() + (j0 + q) * dp : junk.data();
+            mk_pb(g.data(), bp, kb.data(), bs, dp, drr);
+            mk_rank(g.data(), bp, rpad.data() + j0 * dp, bs, dp, dkb.data());
+            mk_rank(p.data(), bp, dapad.data() + j0 * ep, bs, ep, dvb.data());
+          }
+          T* dkh = dk.data_ptr<T>() + (bh * n + t0) * d;
+          T* dvh = dvv.data_ptr<T>() + (bh * n + t0) * dv;
+          for (int64_t t = 0; t < bs; ++t) {
+            std::memcpy(dkh + t * d, dkb.data() + t * dp, sizeof(T) * d);
+            std::memcpy(dvh + t * dv, dvb.data() + t * ep, sizeof(T) * dv);
+          }
+        }
+        T* drh = dr.data_ptr<T>() + bh * nl * d;
+        for (int64_t j = 0; j < nl; ++j) std::memcpy(drh + j * d, dra.data() + j * dp, sizeof(T) * d);
+      }
+    });
+  });
+  return {dr, dk, dvv};
 }
 
 }  // namespace
@@ -593,11 +730,17 @@ TORCH_LIBRARY(mita_cpu_causal, m) {
       "bwd(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? shared_values, Tensor key_index, "
       "Tensor expert_index, Tensor out, Tensor lse, Tensor dout, float scale, float landmark_scale, "
       "int block_size, bool routed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("topk_frozen(Tensor landmarks, Tensor k, int topk, int block_size) -> Tensor");
+  m.def(
+      "landmark_fwd(Tensor landmarks, Tensor k, Tensor v, float scale, int block_size, int topk, "
+      "bool values) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "landmark_bwd(Tensor landmarks, Tensor k, Tensor v, Tensor values, Tensor lse, Tensor dvalues, "
+      "float scale, int block_size) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mita_cpu_causal, CPU, m) {
   m.impl("fwd", &causal_fwd);
   m.impl("bwd", &causal_bwd);
-  m.impl("topk_frozen", &causal_topk);
+  m.impl("landmark_fwd", &landmark_fwd);
+  m.impl("landmark_bwd", &landmark_bwd);
 }
