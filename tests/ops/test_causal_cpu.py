@@ -236,3 +236,20 @@ def test_unavailable_kernel_raises_for_cpu_and_falls_back_for_auto(fresh_state, 
         _op(q, k, v, bs=4, topk=3, backend="auto"), _op(q, k, v, bs=4, topk=3, backend="torch")
     )
     assert not [w for w in recwarn if "CPU kernel" in str(w.message)]
+
+
+@needs_tools
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager_forward_and_gradients():
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 50, 8, seed=4))
+
+    def f(q, k, v):
+        return _op(q, k, v, bs=8, topk=4, backend="cpu", experts_per_query=2)
+
+    eager = f(q, k, v)
+    g_eager = torch.autograd.grad((eager * eager).sum(), (q, k, v))
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)  # the custom ops' fake kernels trace it
+    g_compiled = torch.autograd.grad((compiled * compiled).sum(), (q, k, v))
+    torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-10)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
