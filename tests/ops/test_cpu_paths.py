@@ -151,3 +151,35 @@ def test_whole_op_under_torch_compile():
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
     for a, e in zip(_grads(compiled, inputs), _grads(eager, inputs)):
         torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["heads_last", "qkv_slices"])
+def test_whole_op_reads_strided_heads_in_place(layout, calls):
+    """q, k, v as views of a projection (heads last, or slices of one qkv output) give the same output
+    and gradients as contiguous copies; the output is [B, N, H, dv] underneath, so merging the heads is a
+    view, and each gradient comes back in its input's layout."""
+    b, h, n, d, m = 2, 3, 41, 16, 5
+    g = torch.Generator().manual_seed(3)
+    if layout == "heads_last":
+        leaves = [
+            torch.randn(b, n, h, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)
+        ]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+    else:
+        leaves = [torch.randn(b, n, 3 * h * d, generator=g, dtype=torch.float64, requires_grad=True)]
+        q, k, v = leaves[0].view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    r = torch.randn(b, h, m, d, generator=g, dtype=torch.float64, requires_grad=True)
+    out = mita_attention(q, k, v, r, topk=7, backend="cpu")
+    assert out.transpose(1, 2).is_contiguous()
+    copies = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    ref = mita_attention(*copies, r, topk=7, backend="cpu")
+    assert torch.equal(out, ref)
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weight).sum(), [q, k, v, r])
+    expected = torch.autograd.grad((ref * weight).sum(), [*copies, r])
+    for a, e in zip(grads, expected):
+        assert torch.equal(a, e)
+    if layout == "heads_last":
+        for a, x in zip(grads, (q, k, v)):
+            assert a.stride() == x.stride()
+    assert calls["whole"] == 2

@@ -67,8 +67,13 @@ def cpu_fused(
 def _(q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed):
     b, h, n, _ = q.shape
     idx = dict(dtype=torch.long)
-    return (q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), q.new_empty(b, h, n, 1, **idx),
-            q.new_empty(b, h, landmarks.shape[2], topk, **idx))  # fmt: skip
+    out = q.new_empty(b, n, h, v.shape[-1]).permute(0, 2, 1, 3)  # the kernel's [B, N, H, dv] layout
+    return (
+        out,
+        q.new_empty(b, h, n),
+        q.new_empty(b, h, n, 1, **idx),
+        q.new_empty(b, h, landmarks.shape[2], topk, **idx),
+    )
 
 
 @torch.library.custom_op("mita::cpu_fused_backward", mutates_args=())
@@ -99,6 +104,8 @@ def cpu_fused_backward(
 def _(q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out, scale, landmark_scale, shared,
       routed):  # fmt: skip
     b, h, nk = q.shape[0], q.shape[1], k.shape[2]
+    if h == k.shape[1]:  # gradients in their inputs' layouts
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(landmarks)
     return (torch.empty_like(q), q.new_empty(b, h, nk, k.shape[-1]), q.new_empty(b, h, nk, v.shape[-1]),
             torch.empty_like(landmarks))  # fmt: skip
 
@@ -120,7 +127,7 @@ def _fused_setup_context(ctx, inputs, output):
 def _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, bwd=None):
     q, k, v, landmarks, pad, key_index, expert_index, out, lse = ctx.saved_tensors
     dq, dk, dv, dr = (bwd or cpu_fused_backward)(
-        q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out.contiguous(), *ctx.args
+        q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out, *ctx.args
     )
     h, hkv = q.shape[1], k.shape[1]
     shared = ctx.args[2]
@@ -305,9 +312,10 @@ def cpu_forward(
         # bf16/fp16 inputs: compute in float32 (half-precision softmax statistics lose too much).
         q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
     if _fused_applies(p, q, v):
+        # q, k, v are read in place whatever their batch/head/row strides (rows must be unit-stride)
         out, _, expert_index, key_index = _fused(
-            q.contiguous(), k.contiguous(), v.contiguous(), landmarks.contiguous(), key_padding_mask, p.topk,
-            p.scale, p.landmark_scale, p.shared, p.routed,
+            q, k, v, landmarks.contiguous(), key_padding_mask, p.topk, p.scale, p.landmark_scale, p.shared,
+            p.routed,
         )  # fmt: skip
         return out.to(out_dtype), Routing(expert_index, key_index)
     key_index, values = _landmark_side(p, k, v, landmarks, key_padding_mask)

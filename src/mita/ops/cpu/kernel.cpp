@@ -24,7 +24,8 @@ template <typename T>
 void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* qr, const T* sv,
                   const int64_t* kidx,
                   const int64_t* eidx_in, const bool* pad, const bool* dup, T scale, T lam, const Sizes& z,
-                  T* out, T* lse, int64_t* eidx_out) {
+                  T* out, T* lse, int64_t* eidx_out, int64_t ld_out = -1) {
+  if (ld_out < 0) ld_out = z.dv;  // row stride of out
   std::vector<T> acc(z.n * z.ep, T(0)), acc_m(z.n), acc_z(z.n);
   std::vector<T> w(QB * std::max(z.mp, z.kp)), zero_row(z.dp, T(0)), junk(z.ep);
   const T* xr[QB];
@@ -108,7 +109,7 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
   for (int64_t i = 0; i < z.n; ++i) {
     const T inv = T(1) / acc_z[i];
     const T* src = acc.data() + i * z.ep;
-    T* o = out + i * z.dv;
+    T* o = out + i * ld_out;
     for (int64_t c = 0; c < z.dv; ++c) o[c] = src[c] * inv;
     lse[i] = acc_m[i] + std::log(acc_z[i]);
   }
@@ -423,6 +424,46 @@ void backward_landmarks(const T* q, const T* k, const T* v, const T* r, const La
   for (int64_t j = 0; j < z.m; ++j) std::memcpy(dr + j * z.d, dra.data() + j * z.dp, sizeof(T) * z.d);
 }
 
+// One (batch, head) of a [B, H, N, w] tensor whose rows are unit-stride: its first row and row stride.
+template <typename T>
+struct HeadView {
+  T* p;
+  int64_t ld;
+};
+template <typename T>
+HeadView<T> head_of(const at::Tensor& t, int64_t bi, int64_t hi) {
+  return {t.data_ptr<T>() + bi * t.stride(0) + hi * t.stride(1), t.stride(2)};
+}
+
+// The head's n rows of width w, packed: the tensor's own memory when they already are, else a copy in buf
+// (q, k, v as views of a [B, N, H, d] projection are read in place of a whole-tensor .contiguous()).
+template <typename T>
+const T* packed(HeadView<T> h, int64_t n, int64_t w, std::vector<T>& buf) {
+  if (h.ld == w) return h.p;
+  buf.resize(n * w);
+  for (int64_t i = 0; i < n; ++i) std::memcpy(buf.data() + i * w, h.p + i * h.ld, sizeof(T) * w);
+  return buf.data();
+}
+
+// Gradient rows to accumulate into, zeroed: the destination itself when packed, else buf (see flush).
+template <typename T>
+T* zeroed(HeadView<T> h, int64_t n, int64_t w, std::vector<T>& buf) {
+  T* dst = h.p;
+  if (h.ld != w) {
+    buf.resize(n * w);
+    dst = buf.data();
+  }
+  std::fill(dst, dst + n * w, T(0));
+  return dst;
+}
+template <typename T>
+void flush(HeadView<T> h, int64_t n, int64_t w, const T* src) {
+  if (src == h.p) return;
+  for (int64_t i = 0; i < n; ++i) std::memcpy(h.p + i * h.ld, src + i * w, sizeof(T) * w);
+}
+
+at::Tensor unit_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 void check_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && r.dim() == 4, "mita_cpu: q, k, v, r must be 4-D");
   TORCH_CHECK(k.size(2) * std::max(k.size(3), v.size(3)) < (int64_t(1) << 31),
@@ -437,12 +478,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_fwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& pad_, int64_t topk, double scale, double landmark_scale, bool shared,
     bool routed) {
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
+  const at::Tensor q = unit_rows(q_), k = unit_rows(k_), v = unit_rows(v_), r = r_.contiguous();
   const auto pad = contiguous_opt(pad_);
   check_fused(q, k, v, r);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2), m = r.size(2);
   TORCH_CHECK(topk >= 1 && topk <= nk, "mita_cpu.fused: topk must be in 1..N_kv");
-  at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
+  // [B, N, H, dv] underneath, as SDPA's output: merging the heads afterwards is a view, not a copy.
+  at::Tensor out = at::empty({b, n, h, v.size(3)}, q.options()).permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({b, h, n}, q.options());
   at::Tensor eidx = at::empty({b, h, n, 1}, q.options().dtype(at::kLong));
   at::Tensor kidx = at::empty({b, h, m, topk}, q.options().dtype(at::kLong));
@@ -451,18 +493,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_fwd(
     const bool* pad_p = ptr_or_null<bool>(pad);
     at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
       LandmarkHead<scalar_t> lh(z);
+      std::vector<scalar_t> qb, kb, vb;
       for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
-        const scalar_t* qh = q.data_ptr<scalar_t>() + bh * n * z.d;
-        const scalar_t* kh = k.data_ptr<scalar_t>() + kvh * nk * z.d;
-        const scalar_t* vh = v.data_ptr<scalar_t>() + kvh * nk * z.dv;
+        const int64_t bi = bh / h, hi = bh % h, kvi = hi / z.group;
+        const scalar_t* qh = packed(head_of<scalar_t>(q, bi, hi), n, z.d, qb);
+        const scalar_t* kh = packed(head_of<scalar_t>(k, bi, kvi), nk, z.d, kb);
+        const scalar_t* vh = packed(head_of<scalar_t>(v, bi, kvi), nk, z.dv, vb);
+        const HeadView<scalar_t> oh = head_of<scalar_t>(out, bi, hi);
         const bool* padh = pad_p ? pad_p + bi * nk : nullptr;
         int64_t* ki = kidx.data_ptr<int64_t>() + bh * m * topk;
         lh.compute(qh, kh, vh, r.data_ptr<scalar_t>() + bh * m * z.d, padh, static_cast<scalar_t>(scale), z, ki);
         forward_head<scalar_t>(qh, kh, vh, nullptr, lh.qr.data(), shared ? lh.a.data() : nullptr, ki, nullptr,
                                padh, nullptr, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale),
-                               z, out.data_ptr<scalar_t>() + bh * n * z.dv, lse.data_ptr<scalar_t>() + bh * n,
-                               eidx.data_ptr<int64_t>() + bh * n);
+                               z, oh.p, lse.data_ptr<scalar_t>() + bh * n, eidx.data_ptr<int64_t>() + bh * n, oh.ld);
       }
     });
   });
@@ -475,16 +518,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
     const std::optional<at::Tensor>& pad_, const at::Tensor& kidx_, const at::Tensor& eidx_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& dout_, double scale,
     double landmark_scale, bool shared, bool routed) {
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
+  const at::Tensor q = unit_rows(q_), k = unit_rows(k_), v = unit_rows(v_), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
-  const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
+  const at::Tensor out = unit_rows(out_), lse = lse_.contiguous(), dout = unit_rows(dout_);
   const auto pad = contiguous_opt(pad_);
   check_fused(q, k, v, r);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2), m = r.size(2);
   const int64_t topk = kidx.size(3);
+  // Gradients in their inputs' layouts (empty_like keeps a dense permuted layout), so the backward of the
+  // head split is a view too. GQA: per query head, summed over the group by the caller.
   at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty({b, h, nk, k.size(3)}, q.options());
-  at::Tensor dv = at::empty({b, h, nk, v.size(3)}, q.options());
+  at::Tensor dk = h == hkv ? at::empty_like(k) : at::empty({b, h, nk, k.size(3)}, q.options());
+  at::Tensor dv = h == hkv ? at::empty_like(v) : at::empty({b, h, nk, v.size(3)}, q.options());
   at::Tensor dr = at::empty_like(r);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_fused_bwd", [&] {
     using T = scalar_t;
@@ -493,25 +538,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
     at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
       LandmarkHead<T> lh(z);
       std::vector<T> dqr(round_up(z.n, QB) * z.m, T(0)), da(shared ? z.m * z.dv : 0);
+      std::vector<T> qb, kb, vb, ob, gb, dqb, dkb, dvb;
       for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
-        const T* qh = q.data_ptr<T>() + bh * n * z.d;
-        const T* kh = k.data_ptr<T>() + kvh * nk * z.d;
-        const T* vh = v.data_ptr<T>() + kvh * nk * z.dv;
+        const int64_t bi = bh / h, hi = bh % h, kvi = hi / z.group;
+        const T* qh = packed(head_of<T>(q, bi, hi), n, z.d, qb);
+        const T* kh = packed(head_of<T>(k, bi, kvi), nk, z.d, kb);
+        const T* vh = packed(head_of<T>(v, bi, kvi), nk, z.dv, vb);
+        const T* oh = packed(head_of<T>(out, bi, hi), n, z.dv, ob);
+        const T* gh = packed(head_of<T>(dout, bi, hi), n, z.dv, gb);
         const T* rh = r.data_ptr<T>() + bh * m * z.d;
         const bool* padh = pad_p ? pad_p + bi * nk : nullptr;
         const int64_t* ki = kidx.data_ptr<int64_t>() + bh * m * topk;
-        T* dqh = dq.data_ptr<T>() + bh * n * z.d;
-        T* dkh = dk.data_ptr<T>() + bh * nk * z.d;
-        T* dvh = dv.data_ptr<T>() + bh * nk * z.dv;
-        std::fill(dqh, dqh + n * z.d, T(0));
-        std::fill(dkh, dkh + nk * z.d, T(0));
-        std::fill(dvh, dvh + nk * z.dv, T(0));
+        const int64_t gk = h == hkv ? kvi : hi;  // which head of dk/dv this query head writes
+        const HeadView<T> dqv = head_of<T>(dq, bi, hi), dkv = head_of<T>(dk, bi, gk), dvv = head_of<T>(dv, bi, gk);
+        T* dqh = zeroed(dqv, n, z.d, dqb);
+        T* dkh = zeroed(dkv, nk, z.d, dkb);
+        T* dvh = zeroed(dvv, nk, z.dv, dvb);
         lh.compute(qh, kh, vh, rh, padh, static_cast<T>(scale), z, nullptr);
         backward_head<T>(qh, kh, vh, nullptr, nullptr, lh.qr.data(), shared ? lh.a.data() : nullptr, ki,
-                         eidx.data_ptr<int64_t>() + bh * n, padh, nullptr, out.data_ptr<T>() + bh * n * z.dv,
-                         lse.data_ptr<T>() + bh * n, dout.data_ptr<T>() + bh * n * z.dv, static_cast<T>(scale),
-                         static_cast<T>(landmark_scale), z, dqh, dkh, dvh, dqr.data(), shared ? da.data() : nullptr);
+                         eidx.data_ptr<int64_t>() + bh * n, padh, nullptr, oh, lse.data_ptr<T>() + bh * n, gh,
+                         static_cast<T>(scale), static_cast<T>(landmark_scale), z, dqh, dkh, dvh, dqr.data(),
+                         shared ? da.data() : nullptr);
         T* drh = dr.data_ptr<T>() + bh * m * z.d;
         if (shared) {
           backward_landmarks<T>(qh, kh, vh, rh, lh, dqr.data(), da.data(), static_cast<T>(scale), z, dqh, dkh, dvh,
@@ -519,6 +566,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
         } else {
           std::fill(drh, drh + m * z.d, T(0));  // routing only: the landmarks only choose (no gradient)
         }
+        flush(dqv, n, z.d, dqh);
+        flush(dkv, nk, z.d, dkh);
+        flush(dvv, nk, z.dv, dvh);
       }
     });
   });
