@@ -326,8 +326,7 @@ struct LandmarkHead {
   // then (shared expert) probabilities P in place and A = P V; and qr = Q R^T.
   void compute(const T* q, const T* k, const T* v, const T* r, const bool* pad, T scale, const Sizes& z,
                int64_t* kidx_out) {
-    for (int64_t t = 0; t < z.nk; ++t)
-      for (int64_t c = 0; c < z.d; ++c) kt[c * nkp + t] = k[t * z.d + c];
+    transpose_rows(k, z.nk, z.d, z.d, kt.data(), nkp);
     for (int64_t c = 0; c < z.d; ++c) std::fill(kt.begin() + c * nkp + z.nk, kt.begin() + (c + 1) * nkp, T(0));
     const T* xr[QB];
     for (int64_t j0 = 0; j0 < z.m; j0 += QB) {
@@ -393,8 +392,7 @@ void backward_landmarks(const T* q, const T* k, const T* v, const T* r, const La
   if (z.shared) {
     const int64_t nkp = lh.nkp;
     std::vector<T> vt(z.dv * nkp, T(0)), ds(QB * nkp), dab(QB * z.ep);
-    for (int64_t t = 0; t < z.nk; ++t)
-      for (int64_t c = 0; c < z.dv; ++c) vt[c * nkp + t] = v[t * z.dv + c];
+    transpose_rows(v, z.nk, z.dv, z.dv, vt.data(), nkp);
     for (int64_t j0 = 0; j0 < z.m; j0 += QB) {
       const int64_t nb = std::min(QB, z.m - j0);
       for (int64_t b = 0; b < nb; ++b) idx[b] = j0 + b;

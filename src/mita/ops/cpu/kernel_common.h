@@ -323,6 +323,54 @@ inline void gather_padded<double>(double* __restrict dst, const double* __restri
 }
 #endif
 
+// dst[c][t] = src[t][c] for t < n, c < w (src rows of stride lds, dst rows of stride ldd >= n; dst's
+// columns n..ldd are left alone). float with AVX-512: 16 x 16 tiles transposed in registers.
+template <typename T>
+inline void transpose_rows(const T* src, int64_t n, int64_t w, int64_t lds, T* dst, int64_t ldd) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < w; ++c) dst[c * ldd + t] = src[t * lds + c];
+}
+#ifdef __AVX512F__
+inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16], o[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // r[4g + p]: in each 128-bit lane j, column 4j + p of rows 4g .. 4g + 3
+  for (int g = 0; g < 16; g += 4) {
+    r[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
+    r[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xEE);
+    r[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    r[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+  }
+  // gather lane j of r[p], r[4 + p], r[8 + p], r[12 + p] into output row 4j + p
+  for (int p = 0; p < 4; ++p) {
+    const __m512 x = _mm512_shuffle_f32x4(r[p], r[4 + p], 0x88), y = _mm512_shuffle_f32x4(r[p], r[4 + p], 0xDD);
+    const __m512 x2 = _mm512_shuffle_f32x4(r[8 + p], r[12 + p], 0x88);
+    const __m512 y2 = _mm512_shuffle_f32x4(r[8 + p], r[12 + p], 0xDD);
+    o[p] = _mm512_shuffle_f32x4(x, x2, 0x88);
+    o[8 + p] = _mm512_shuffle_f32x4(x, x2, 0xDD);
+    o[4 + p] = _mm512_shuffle_f32x4(y, y2, 0x88);
+    o[12 + p] = _mm512_shuffle_f32x4(y, y2, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, o[i]);
+}
+template <>
+inline void transpose_rows<float>(const float* src, int64_t n, int64_t w, int64_t lds, float* dst, int64_t ldd) {
+  int64_t t0 = 0;
+  for (; t0 + 16 <= n; t0 += 16) {
+    int64_t c0 = 0;
+    for (; c0 + 16 <= w; c0 += 16) transpose16(src + t0 * lds + c0, lds, dst + c0 * ldd + t0, ldd);
+    for (int64_t t = t0; t < t0 + 16; ++t)
+      for (int64_t c = c0; c < w; ++c) dst[c * ldd + t] = src[t * lds + c];
+  }
+  for (int64_t t = t0; t < n; ++t)
+    for (int64_t c = 0; c < w; ++c) dst[c * ldd + t] = src[t * lds + c];
+}
+#endif
+
 // One expert's keys transposed [d][Kp], keys [k][Dp], values [k][Ep], values transposed [dv][Kp] (zero
 // padded: the padding is written once and never touched), and a bias row [Kp] that is -inf for padded
 // keys and for the padding columns j >= k. The transposes are gathered straight from the head's K and V
@@ -399,6 +447,40 @@ inline int64_t count_at_least(const K* __restrict keys, int64_t n, K t) {
   return c;
 }
 
+// dst <- the indices t (increasing) with keys[t] >= thr. AVX-512: compare 16 (8) keys at once and
+// compress-store their indices (the scalar loop's data-dependent branch mispredicts half the time).
+template <typename K>
+inline void select_at_least(const K* keys, int64_t n, K thr, int64_t* dst) {
+  int64_t o = 0;
+  for (int64_t t = 0; t < n; ++t)
+    if (keys[t] >= thr) dst[o++] = t;
+}
+#ifdef __AVX512F__
+template <>
+inline void select_at_least<uint32_t>(const uint32_t* keys, int64_t n, uint32_t thr, int64_t* dst) {
+  const __m512i tv = _mm512_set1_epi32(static_cast<int>(thr));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t o = 0, t = 0;
+  for (; t + 16 <= n && n <= (int64_t(1) << 31); t += 16) {
+    const __mmask16 hit = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + t), tv);
+    if (hit == 0) continue;
+    const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(t)));
+    const __m512i packed = _mm512_maskz_compress_epi32(hit, idx);
+    const int cnt = __builtin_popcount(hit);
+    // widen the cnt indices to 64 bits, two halves of 8, storing only those (dst holds exactly k)
+    const __mmask8 lo8 = static_cast<__mmask8>(cnt >= 8 ? 0xFF : (1u << cnt) - 1);
+    _mm512_mask_storeu_epi64(dst + o, lo8, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(packed)));
+    if (cnt > 8) {
+      const __mmask8 hi8 = static_cast<__mmask8>((1u << (cnt - 8)) - 1);
+      _mm512_mask_storeu_epi64(dst + o + 8, hi8, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(packed, 1)));
+    }
+    o += cnt;
+  }
+  for (; t < n; ++t)
+    if (keys[t] >= thr) dst[o++] = t;
+}
+#endif
+
 // Indices of the k largest entries of row[0..n), in increasing index order; among equal scores the lower
 // indices are taken, so the choice is deterministic. Bisection on the threshold key: the largest T with
 // at least k keys >= T is the k-th largest key; each step is one vectorised counting pass, and the search
@@ -433,8 +515,7 @@ void topk_row(const T* row, int64_t n, int64_t k, int64_t* dst, std::vector<decl
   if (!exact) thr = lo;
   int64_t o = 0;
   if (exact) {
-    for (int64_t t = 0; t < n; ++t)
-      if (keys[t] >= thr) dst[o++] = t;
+    select_at_least(keys.data(), n, thr, dst);
     return;
   }
   // thr is the k-th largest key: take every key above it, then the first ties in index order.
