@@ -73,7 +73,14 @@ def masked_pool_1d(x: torch.Tensor, valid: torch.Tensor, m: int) -> torch.Tensor
     end = -torch.div(-(j + 1) * count, m, rounding_mode="floor")  # ceil
     inside = (rank[:, None, :] >= start[..., None]) & (rank[:, None, :] < end[..., None]) & valid[:, None, :]
     weights = inside.to(x.dtype)
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)  # [B, m, L]
+    b, h, length, d = x.shape
+    if h > 1 and x.stride(1) == d and x.stride(3) == 1:
+        # Heads side by side in each row (split off a [B, L, ..., H*d] projection, whatever the row
+        # stride): one product reads them in place. Broadcasting over H would copy x into a batch of
+        # heads and keep H copies of the weights for the backward.
+        rows = x.transpose(1, 2).reshape(b, length, h * d)  # a view under this condition
+        return (weights @ rows).view(b, -1, h, d).transpose(1, 2)
     return weights[:, None] @ x  # [B, 1, m, L] @ [B, H, L, d]
 
 
