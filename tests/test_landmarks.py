@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -72,13 +73,20 @@ def test_errors_name_sizes():
 def test_pooling_heads_split_off_a_projection_reads_them_in_place():
     """[B, H, N, d] views of a [B, N, H*d] projection (and prefix slices of them) pool to the same values
     and gradients as contiguous copies."""
-    proj = torch.randn(2, 17, 3 * 4, dtype=torch.float64, requires_grad=True)
-    heads = proj.view(2, 17, 3, 4).transpose(1, 2)
-    for pool in (lambda x: pool_1d(x[:, :, 1:], 5), lambda x: pool_2d(x, (4, 4), 3, prefix=1)):
+    proj = torch.randn(2, 17, 2 * 3 * 4, dtype=torch.float64, requires_grad=True)
+    for heads, pool in itertools.product(
+        (
+            proj[..., :12].view(2, 17, 3, 4).transpose(1, 2),
+            proj.view(2, 17, 2, 3, 4).permute(2, 0, 3, 1, 4)[1],
+        ),
+        (lambda x: pool_1d(x[:, :, 1:], 5), lambda x: pool_2d(x, (4, 4), 3, prefix=1)),
+    ):
         copy = heads.detach().contiguous().requires_grad_()
         got, want = pool(heads), pool(copy)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
         w = torch.randn_like(want)
         (g,) = torch.autograd.grad((got * w).sum(), proj)
         (e,) = torch.autograd.grad((want * w).sum(), copy)
-        torch.testing.assert_close(g.view(2, 17, 3, 4).transpose(1, 2), e, atol=1e-12, rtol=0)
+        (g_heads,) = torch.autograd.grad((pool(heads) * w).sum(), heads)
+        torch.testing.assert_close(g_heads, e, atol=1e-12, rtol=0)
+        assert g.abs().sum() > 0

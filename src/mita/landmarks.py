@@ -63,8 +63,9 @@ def _apply_pool(pool: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # One batched product reads x in place and has a product as its backward: adaptive_avg_pool over
     # [..., N, d] needs a channels-first copy of x and a slow scatter-style backward.
     pool = pool.to(device=x.device, dtype=x.dtype)
-    if x.dim() == 4 and x.shape[1] > 1 and x.stride()[1:] == (x.shape[3], x.shape[1] * x.shape[3], 1):
-        # heads split off a [B, N, H*d] projection: pool that directly (no copy to make the heads batched)
+    if x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == x.shape[3] and x.stride(3) == 1:
+        # heads split off a [B, N, ..., H*d, ...] projection: pool its [B, N, H*d] view directly (no copy
+        # to make the heads a batch dimension)
         b, h, n, d = x.shape
         return torch.matmul(pool, x.transpose(1, 2).reshape(b, n, h * d)).view(b, -1, h, d).transpose(1, 2)
     return torch.matmul(pool, x)
