@@ -26,11 +26,37 @@ namespace {
 using namespace mita_kernels;
 
 // out[q][j] = sum_c x[q][c] * bt[c * ldb + j] for j < jp (a multiple of the vector length); out stride ldo.
+// As kernel_common's mk_xbt with a row stride: two output vectors at a time where they fit (8 accumulators).
 template <typename T>
 inline void xbt_ld(const T* const* x, const T* bt, int64_t ldb, int64_t dx, int64_t jp, T* out, int64_t ldo) {
   using v = typename VT<T>::v;
+  constexpr int64_t L = VT<T>::L;
   const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-  for (int64_t j0 = 0; j0 < jp; j0 += VT<T>::L) {
+  int64_t j0 = 0;
+  for (; j0 + 2 * L <= jp; j0 += 2 * L) {
+    v a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+    for (int64_t c = 0; c < dx; ++c) {
+      const v u = vload(bt + c * ldb + j0), w = vload(bt + c * ldb + j0 + L);
+      const T s0 = x0[c], s1 = x1[c], s2 = x2[c], s3 = x3[c];
+      a0 += s0 * u;
+      b0 += s0 * w;
+      a1 += s1 * u;
+      b1 += s1 * w;
+      a2 += s2 * u;
+      b2 += s2 * w;
+      a3 += s3 * u;
+      b3 += s3 * w;
+    }
+    vstore(out + j0, a0);
+    vstore(out + j0 + L, b0);
+    vstore(out + ldo + j0, a1);
+    vstore(out + ldo + j0 + L, b1);
+    vstore(out + 2 * ldo + j0, a2);
+    vstore(out + 2 * ldo + j0 + L, b2);
+    vstore(out + 3 * ldo + j0, a3);
+    vstore(out + 3 * ldo + j0 + L, b3);
+  }
+  for (; j0 < jp; j0 += L) {
     v a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t c = 0; c < dx; ++c) {
       const v b = vload(bt + c * ldb + j0);
@@ -78,12 +104,12 @@ inline void bucket_valid(const int64_t* eidx, int64_t pairs, int64_t nl, std::ve
     if (eidx[p] >= 0) order[fill[eidx[p]]++] = p;
 }
 
-// One expert's keys (unfilled slots -1 read key 0 and get bias -inf).
+// One expert's keys, gathered from the rows of k and v (unfilled slots -1 read key 0, bias -inf).
 template <typename T>
-inline void pack_expert(ExpertBuf<T>& eb, const T* k, const T* v, const T* kt_head, const T* vt_head,
-                        const int64_t* ki, const Sizes& z, std::vector<int64_t>& safe) {
+inline void pack_expert(ExpertBuf<T>& eb, const T* k, const T* v, const int64_t* ki, const Sizes& z,
+                        std::vector<int64_t>& safe) {
   for (int64_t j = 0; j < z.kk; ++j) safe[j] = ki[j] < 0 ? 0 : ki[j];
-  eb.pack(k, v, kt_head, vt_head, safe.data(), nullptr, z);
+  eb.pack(k, v, nullptr, nullptr, safe.data(), nullptr, z);
   for (int64_t j = 0; j < z.kk; ++j)
     if (ki[j] < 0) eb.bias[j] = neg_inf<T>();
 }
@@ -96,12 +122,11 @@ struct BlockBuf {
   BlockBuf(const CSizes& z, bool backward)
       : kt(z.d * z.bp, T(0)), kr(backward ? z.bp * z.dp : 0, T(0)), vp(z.bp * z.ep, T(0)),
         vt(backward ? z.dv * z.bp : 0, T(0)) {}
-  void pack(const T* k, const T* v, const T* kt_head, const T* vt_head, int64_t t0, int64_t len,
-            const CSizes& z) {
-    for (int64_t c = 0; c < z.d; ++c) {
-      std::memcpy(kt.data() + c * z.bp, kt_head + c * z.n + t0, sizeof(T) * len);
-      std::fill(kt.data() + c * z.bp + len, kt.data() + (c + 1) * z.bp, T(0));
-    }
+  // From the rows of k and v (a b x d transpose per block: no head-wide transposed copy).
+  void pack(const T* k, const T* v, int64_t t0, int64_t len, const CSizes& z) {
+    std::fill(kt.begin(), kt.end(), T(0));
+    for (int64_t j = 0; j < len; ++j)
+      for (int64_t c = 0; c < z.d; ++c) kt[c * z.bp + j] = k[(t0 + j) * z.d + c];
     for (int64_t j = 0; j < z.bp; ++j) {
       T* dst = vp.data() + j * z.ep;
       if (j < len) {
@@ -119,10 +144,9 @@ struct BlockBuf {
         std::fill(dst, dst + z.d, T(0));
       }
     }
-    for (int64_t c = 0; c < z.dv; ++c) {
-      std::memcpy(vt.data() + c * z.bp, vt_head + c * z.n + t0, sizeof(T) * len);
-      std::fill(vt.data() + c * z.bp + len, vt.data() + (c + 1) * z.bp, T(0));
-    }
+    std::fill(vt.begin(), vt.end(), T(0));
+    for (int64_t j = 0; j < len; ++j)
+      for (int64_t c = 0; c < z.dv; ++c) vt[c * z.bp + j] = v[(t0 + j) * z.dv + c];
   }
 };
 
@@ -156,7 +180,7 @@ std::vector<T> landmarks_t(const T* r, const CSizes& z) {
 }
 
 template <typename T>
-void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* r, const T* sv,
+void forward_head(const T* q, const T* k, const T* v, const T* r, const T* sv,
                   const int64_t* kidx, const int64_t* eidx_in, T scale, T lam, const CSizes& z, T* out, T* lse,
                   int64_t* eidx_out) {
   const int64_t wp = std::max({z.mp, z.kp, z.bp, VT<T>::L});
@@ -207,7 +231,7 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
     BlockBuf<T> bb(z, false);
     for (int64_t beta = 0; beta < z.nq; ++beta) {
       const int64_t t0 = beta * z.bs, len = std::min(z.bs, z.n - t0);
-      bb.pack(k, v, kt_head, nullptr, t0, len, z);
+      bb.pack(k, v, t0, len, z);
       for (int64_t r0 = 0; r0 < len; r0 += QB) {
         const int64_t nb = std::min(QB, len - r0), jn = r0 + nb, jp = round_up(jn, VT<T>::L);
         for (int64_t b = 0; b < QB; ++b) {
@@ -239,7 +263,7 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
     ExpertBuf<T> eb(es, false);
     for (int64_t e = 0; e < z.nl; ++e) {
       if (start[e] == start[e + 1]) continue;
-      pack_expert(eb, k, v, kt_head, static_cast<const T*>(nullptr), kidx + e * z.kk, es, safe);
+      pack_expert(eb, k, v, kidx + e * z.kk, es, safe);
       for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
         const int64_t nb = std::min(QB, start[e + 1] - t0);
         for (int64_t b = 0; b < QB; ++b) {
@@ -271,7 +295,7 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
 }
 
 template <typename T>
-void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* vt_head, const T* r,
+void backward_head(const T* q, const T* k, const T* v, const T* r,
                    const T* sv, const int64_t* kidx, const int64_t* eidx, const T* out, const T* lse,
                    const T* dout, T scale, T lam, const CSizes& z, T* dq, T* dk, T* dvv, T* dr, T* dsv) {
   std::vector<T> delta(z.n);
@@ -342,7 +366,7 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
     std::vector<T> dkb(z.bp * z.dp), dvb(z.bp * z.ep);
     for (int64_t beta = 0; beta < z.nq; ++beta) {
       const int64_t t0 = beta * z.bs, len = std::min(z.bs, z.n - t0);
-      bb.pack(k, v, kt_head, vt_head, t0, len, z);
+      bb.pack(k, v, t0, len, z);
       std::fill(dkb.begin(), dkb.end(), T(0));
       std::fill(dvb.begin(), dvb.end(), T(0));
       for (int64_t r0 = 0; r0 < len; r0 += QB) {
@@ -396,7 +420,7 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
   for (int64_t e = 0; e < z.nl; ++e) {
     if (start[e] == start[e + 1]) continue;
     const int64_t* ki = kidx + e * z.kk;
-    pack_expert(eb, k, v, kt_head, vt_head, ki, es, safe);
+    pack_expert(eb, k, v, ki, es, safe);
     std::fill(dke.begin(), dke.end(), T(0));
     std::fill(dve.begin(), dve.end(), T(0));
     for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
@@ -467,7 +491,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
   check_inputs(q, k, v, r, kidx, block_size);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = r.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1, group = h / hkv;
-  const at::Tensor kt = k.transpose(2, 3).contiguous();  // K^T per kv head, once per call
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
   at::Tensor lse = at::empty({b, h, n}, q.options());
   at::Tensor eidx = at::empty({eidx_in ? 0 : b, h, n, 1}, kidx.options());
@@ -480,8 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
         const int64_t kvh = (bh / h) * hkv + (bh % h) / group;
         forward_head<scalar_t>(
             q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
-            v.data_ptr<scalar_t>() + kvh * n * z.dv, kt.data_ptr<scalar_t>() + kvh * n * z.d,
-            r.data_ptr<scalar_t>() + bh * nl * z.d, sv_p ? sv_p + bh * nl * z.dv : nullptr,
+            v.data_ptr<scalar_t>() + kvh * n * z.dv, r.data_ptr<scalar_t>() + bh * nl * z.d, sv_p ? sv_p + bh * nl * z.dv : nullptr,
             kidx.data_ptr<int64_t>() + bh * nl * z.kk,
             eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, static_cast<scalar_t>(scale),
             static_cast<scalar_t>(landmark_scale), z, out.data_ptr<scalar_t>() + bh * n * z.dv,
@@ -506,7 +528,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
   check_inputs(q, k, v, r, kidx, block_size);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = r.size(2);
   const int64_t group = h / hkv;
-  const at::Tensor kt = k.transpose(2, 3).contiguous(), vt = v.transpose(2, 3).contiguous();
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, n, k.size(3)}, q.options());
   at::Tensor dv = at::zeros({b, h, n, v.size(3)}, q.options());
@@ -521,8 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
         const int64_t kvh = (bh / h) * hkv + (bh % h) / group;
         backward_head<scalar_t>(
             q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
-            v.data_ptr<scalar_t>() + kvh * n * z.dv, kt.data_ptr<scalar_t>() + kvh * n * z.d,
-            vt.data_ptr<scalar_t>() + kvh * n * z.dv, r.data_ptr<scalar_t>() + bh * nl * z.d,
+            v.data_ptr<scalar_t>() + kvh * n * z.dv, r.data_ptr<scalar_t>() + bh * nl * z.d,
             sv_p ? sv_p + bh * nl * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * nl * z.kk,
             eidx.data_ptr<int64_t>() + bh * n * z.s, out.data_ptr<scalar_t>() + bh * n * z.dv,
             lse.data_ptr<scalar_t>() + bh * n, dout.data_ptr<scalar_t>() + bh * n * z.dv,
