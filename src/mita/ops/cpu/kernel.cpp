@@ -121,11 +121,7 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
                    const int64_t* eidx, const bool* pad, const bool* dup, const T* out, const T* lse,
                    const T* dout, T scale, T lam, const Sizes& z, T* dq, T* dk, T* dvv, T* dqr, T* dsv) {
   std::vector<T> delta(z.n);
-  for (int64_t i = 0; i < z.n; ++i) {
-    T acc = T(0);
-    for (int64_t c = 0; c < z.dv; ++c) acc += dout[i * z.dv + c] * out[i * z.dv + c];
-    delta[i] = acc;
-  }
+  for (int64_t i = 0; i < z.n; ++i) delta[i] = dot_row(dout + i * z.dv, out + i * z.dv, z.dv);
   const int64_t wp = std::max(z.mp, z.kp);
   std::vector<T> p(QB * wp), dp(QB * wp), xq(QB * z.dp), xd(QB * z.ep), dqb(QB * z.dp);
   std::vector<int64_t> rows(QB);
@@ -162,25 +158,34 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
   bucket_pairs(eidx, z, start, order);
   ExpertBuf<T> eb(z, true);
   std::vector<T> dke(z.kk * z.dp), dve(z.kk * z.ep);
-  const T* xqr[QB] = {xq.data(), xq.data() + z.dp, xq.data() + 2 * z.dp, xq.data() + 3 * z.dp};
-  const T* xdr[QB] = {xd.data(), xd.data() + z.ep, xd.data() + 2 * z.ep, xd.data() + 3 * z.ep};
+  // One expert's probabilities, their gradients, queries and output gradients, all its queries at once
+  // (rows past the last query stay zero), so dK and dV take one rank update per expert.
+  int64_t most = 0;
+  for (int64_t e = 0; e < z.m; ++e) most = std::max(most, start[e + 1] - start[e]);
+  most = round_up(most, QB);
+  std::vector<T> pa(most * z.kp), ga(most * z.kp), xqa(most * z.dp), xda(most * z.ep);
   T* dqr_rows[QB] = {dqb.data(), dqb.data() + z.dp, dqb.data() + 2 * z.dp, dqb.data() + 3 * z.dp};
   for (int64_t e = 0; e < z.m; ++e) {
     if (start[e] == start[e + 1]) continue;
     const int64_t* ki = kidx + e * z.kk;
+    const int64_t ne = start[e + 1] - start[e];
     eb.pack(k, v, kt_head, vt_head, ki, pad, z);
     std::fill(dke.begin(), dke.end(), T(0));
     std::fill(dve.begin(), dve.end(), T(0));
     for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
-      const int64_t nb = std::min(QB, start[e + 1] - t0);
+      const int64_t nb = std::min(QB, start[e + 1] - t0), at = t0 - start[e];
+      T *pb = pa.data() + at * z.kp, *gb = ga.data() + at * z.kp;
+      T *xqb = xqa.data() + at * z.dp, *xdb = xda.data() + at * z.ep;
       for (int64_t b = 0; b < nb; ++b) rows[b] = order[t0 + b] / z.s;
-      gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
-      gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
-      mk_xbt(xqr, eb.kt.data(), z.d, z.kp, p.data());
-      mk_xbt(xdr, eb.vt.data(), z.dv, z.kp, dp.data());
+      gather_rows(q, z.d, rows.data(), nb, z.dp, xqb);
+      gather_rows(dout, z.dv, rows.data(), nb, z.ep, xdb);
+      const T* xqr[QB] = {xqb, xqb + z.dp, xqb + 2 * z.dp, xqb + 3 * z.dp};
+      const T* xdr[QB] = {xdb, xdb + z.ep, xdb + 2 * z.ep, xdb + 3 * z.ep};
+      mk_xbt(xqr, eb.kt.data(), z.d, z.kp, pb);
+      mk_xbt(xdr, eb.vt.data(), z.dv, z.kp, gb);
       for (int64_t b = 0; b < QB; ++b) {
-        T* l = p.data() + b * z.kp;
-        T* g = dp.data() + b * z.kp;
+        T* l = pb + b * z.kp;
+        T* g = gb + b * z.kp;
         if (b >= nb) {
           std::fill(l, l + z.kp, T(0));
           std::fill(g, g + z.kp, T(0));
@@ -195,22 +200,16 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
         for (int64_t j = 0; j < z.kp; ++j) g[j] = l[j] * (g[j] - delta[i]) * scale;
       }
       std::fill(dqb.begin(), dqb.end(), T(0));
-      mk_pb(dp.data(), z.kp, eb.kr.data(), z.kk, z.dp, dqr_rows);
+      mk_pb(gb, z.kp, eb.kr.data(), z.kk, z.dp, dqr_rows);
       for (int64_t b = 0; b < nb; ++b) {
-        T* dqi = dq + rows[b] * z.d;
-        const T* src = dqb.data() + b * z.dp;
-        for (int64_t c = 0; c < z.d; ++c) dqi[c] += src[c];
+        add_row(dq + rows[b] * z.d, dqb.data() + b * z.dp, z.d);
       }
-      mk_rank(dp.data(), z.kp, xq.data(), z.kk, z.dp, dke.data());
-      mk_rank(p.data(), z.kp, xd.data(), z.kk, z.ep, dve.data());
     }
+    mk_rank_n(ga.data(), z.kp, xqa.data(), z.dp, ne, z.kk, z.dp, dke.data());
+    mk_rank_n(pa.data(), z.kp, xda.data(), z.ep, ne, z.kk, z.ep, dve.data());
     for (int64_t j = 0; j < z.kk; ++j) {
-      T* dkr = dk + ki[j] * z.d;
-      const T* src = dke.data() + j * z.dp;
-      for (int64_t c = 0; c < z.d; ++c) dkr[c] += src[c];
-      T* dvr = dvv + ki[j] * z.dv;
-      const T* srcv = dve.data() + j * z.ep;
-      for (int64_t c = 0; c < z.dv; ++c) dvr[c] += srcv[c];
+      add_row(dk + ki[j] * z.d, dke.data() + j * z.dp, z.d);
+      add_row(dvv + ki[j] * z.dv, dve.data() + j * z.ep, z.dv);
     }
   }
 }
@@ -407,8 +406,7 @@ void backward_landmarks(const T* q, const T* k, const T* v, const T* r, const La
         }
         const T* pr = lh.p.data() + (j0 + b) * nkp;
         const T* ar = lh.a.data() + (j0 + b) * z.ep;
-        T dot = T(0);
-        for (int64_t c = 0; c < z.dv; ++c) dot += dab[b * z.ep + c] * ar[c];
+        const T dot = dot_row(dab.data() + b * z.ep, ar, z.dv);
         for (int64_t t = 0; t < nkp; ++t) g[t] = pr[t] * (g[t] - dot) * scale;
       }
       T* rr[QB] = {dra.data() + j0 * z.dp, dra.data() + (j0 + 1) * z.dp, dra.data() + (j0 + 2) * z.dp,

@@ -151,6 +151,28 @@ inline T padded_sum(const T* x, int64_t np) {
   return lanes_sum<T>(a);
 }
 
+// dst[c] += src[c] (no aliasing: the compiler vectorises it)
+template <typename T>
+inline void add_row(T* __restrict dst, const T* __restrict src, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] += src[c];
+}
+
+// sum_c a[c] b[c]: vector partials, then a fixed-order lane tree and the scalar tail
+template <typename T>
+inline T dot_row(const T* a, const T* b, int64_t n) {
+  using v = typename VT<T>::v;
+  constexpr int64_t L = VT<T>::L;
+  int64_t c = 0;
+  T acc = T(0);
+  if (n >= L) {
+    v s = vload(a) * vload(b);
+    for (c = L; c + L <= n; c += L) s += vload(a + c) * vload(b + c);
+    acc = lanes_sum<T>(s);
+  }
+  for (; c < n; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
 // ---- micro-kernels over QB rows; every padded extent (Jp, Ep) is a multiple of the vector length ----
 
 // out[q][j] = sum_c x[q][c] * bt[c][j]   (x: QB row pointers; bt: [dx][Jp]; out: [QB][Jp])
@@ -261,6 +283,49 @@ inline void mk_rank(const T* g, int64_t ldg, const T* x, int64_t jn, int64_t ep,
       a += g[ldg + j] * x1;
       a += g[2 * ldg + j] * x2;
       a += g[3 * ldg + j] * x3;
+      vstore(acc + j * ep + e0, a);
+    }
+  }
+}
+
+// acc[j][e] += sum_{q < nq} g[q][j] * x[q][e]   (g: rows of stride ldg; x: rows of stride ldx, each Ep
+// wide; acc: [jn][Ep]). All of an expert's queries at once, eight rows of acc in registers: each acc
+// vector is loaded and stored once per call instead of once per QB queries.
+template <typename T>
+inline void mk_rank_n(const T* g, int64_t ldg, const T* x, int64_t ldx, int64_t nq, int64_t jn, int64_t ep,
+                      T* acc) {
+  using v = typename VT<T>::v;
+  constexpr int64_t L = VT<T>::L;
+  for (int64_t e0 = 0; e0 < ep; e0 += L) {
+    int64_t j = 0;
+    for (; j + 8 <= jn; j += 8) {
+      T* r = acc + j * ep + e0;
+      v a0 = vload(r), a1 = vload(r + ep), a2 = vload(r + 2 * ep), a3 = vload(r + 3 * ep);
+      v a4 = vload(r + 4 * ep), a5 = vload(r + 5 * ep), a6 = vload(r + 6 * ep), a7 = vload(r + 7 * ep);
+      for (int64_t q = 0; q < nq; ++q) {
+        const v xv = vload(x + q * ldx + e0);
+        const T* gq = g + q * ldg + j;
+        a0 += gq[0] * xv;
+        a1 += gq[1] * xv;
+        a2 += gq[2] * xv;
+        a3 += gq[3] * xv;
+        a4 += gq[4] * xv;
+        a5 += gq[5] * xv;
+        a6 += gq[6] * xv;
+        a7 += gq[7] * xv;
+      }
+      vstore(r, a0);
+      vstore(r + ep, a1);
+      vstore(r + 2 * ep, a2);
+      vstore(r + 3 * ep, a3);
+      vstore(r + 4 * ep, a4);
+      vstore(r + 5 * ep, a5);
+      vstore(r + 6 * ep, a6);
+      vstore(r + 7 * ep, a7);
+    }
+    for (; j < jn; ++j) {
+      v a = vload(acc + j * ep + e0);
+      for (int64_t q = 0; q < nq; ++q) a += g[q * ldg + j] * vload(x + q * ldx + e0);
       vstore(acc + j * ep + e0, a);
     }
   }
