@@ -79,6 +79,22 @@ def test_cpu_matches_reference_forward_routing_and_all_gradients(case):
 
 
 @needs_tools
+def test_custom_scales_and_strided_inputs():
+    q, k, v = _inputs(2, 4, 2, 45, 6, seed=8)
+    r = block_mean(q, 5)
+    kw = dict(bs=5, topk=7, experts_per_query=2, scale=0.7, landmark_scale=0.3)
+    o_ref, _, g_ref = _run("reference", q, k, v, r, **kw)
+    o_cpu, _, g_cpu = _run("cpu", q, k, v, r, **kw)
+    torch.testing.assert_close(o_cpu, o_ref, atol=1e-12, rtol=1e-10)
+    for name, a, b in zip("qkvr", g_cpu, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9, msg=f"grad of {name}")
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, d] underneath, as a projection's
+    assert torch.equal(
+        _op(strided, k, v, r, bs=5, topk=7, backend="cpu"), _op(q, k, v, r, bs=5, topk=7, backend="cpu")
+    )
+
+
+@needs_tools
 def test_float32_and_bfloat16_match_the_float64_reference():
     q, k, v = _inputs(1, 4, 2, 300, 32, seed=3)
     r = block_mean(q, 32)
