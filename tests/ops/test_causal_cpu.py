@@ -269,3 +269,19 @@ def test_torch_compile_fullgraph_matches_eager_forward_and_gradients():
     torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-10)
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@needs_tools
+@pytest.mark.slow
+def test_custom_ops_pass_opcheck():
+    # Fake kernels, schemas and registered autograd of the torch.library ops used under torch.compile.
+    from mita.ops.cpu import causal as kernels
+
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 21, 4, seed=6))
+    r = block_mean(q, 4).detach().requires_grad_()
+    a, _, key_index = kernels.cpu_causal_landmarks(r, k, v, 0.5, 4, 3, True)
+    torch.library.opcheck(kernels.cpu_causal_landmarks, (r, k, v, 0.5, 4, 3, True))
+    a = a.detach().requires_grad_()
+    for values in (a, None):
+        args = (q, k, v, r, values, key_index, None, 0.5, 0.25, 4, True)
+        torch.library.opcheck(kernels.cpu_causal_attention, args)
