@@ -33,6 +33,7 @@ from .batches import batch_size_of, forward, to_device
 from .config import TrainConfig
 from .errors import Diverged, Interrupted, TrainError
 from .evaluate import eval_sums
+from .heap import release_free_heap
 from .metrics import Clock, Metrics
 from .objective import bits_per_byte, hits, loss_fn
 from .runinfo import format_summary, hardware, peak_memory
@@ -137,6 +138,7 @@ class Trainer:
         self.metrics.ensure_finite(self.state.step)
         parts = self.parts
         with self.clock.paused():
+            release_free_heap()  # what training freed, before evaluation's larger batches add theirs
             sums = eval_sums(
                 parts.model, parts.test_set, batch_size=self.cfg.eval_batch_size, device=self.device,
                 amp=self.cfg.amp,
