@@ -7,6 +7,8 @@ test_agreement.py, test_gradcheck.py and test_known_answers.py.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -219,3 +221,27 @@ def test_topk_takes_the_largest_lowest_index_first_on_ties():
             )
     ties = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 2.0]])
     assert cpu_topk(ties, 3).tolist() == [[1, 2, 4]]
+
+
+def test_a_library_still_being_written_is_not_loaded(tmp_path, monkeypatch):
+    """While another process holds cpp_extension's build lock the cached .so may be half written: _build
+    goes through cpp_extension.load (which waits for the lock) instead of loading it; a lock older than
+    STALE_LOCK_S (a killed build) is removed first."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("MITA_CACHE", str(tmp_path))
+    key = build.build_key("mita_cpu")
+    build_dir = tmp_path / "cpu_kernel" / key
+    build_dir.mkdir(parents=True)
+    (build_dir / f"mita_cpu_{key}.so").write_bytes(b"half written")
+    lock = build_dir / "lock"
+    lock.touch()
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append("load"))
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: seen.append("load_library"))
+    build._build("mita_cpu")
+    assert seen == ["load"] and lock.exists()
+    old = build.time.time() - build.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    build._build("mita_cpu")
+    assert seen == ["load", "load_library"] and not lock.exists()

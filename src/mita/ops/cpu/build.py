@@ -15,6 +15,7 @@ import hashlib
 import os
 import platform
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -35,6 +36,7 @@ CFLAGS = [
     "-fno-trapping-math",
 ]
 ENV_SWITCH = "MITA_CPU_KERNEL"
+STALE_LOCK_S = 600  # a build lock older than this belongs to a killed build
 
 _state: dict[str, object] = {}  # per library: (ok, why), set once per process; "warned"
 
@@ -81,9 +83,14 @@ def _build(lib: str) -> None:
     build_dir = cache_root() / "cpu_kernel" / key
     build_dir.mkdir(parents=True, exist_ok=True)
     so = build_dir / f"{lib}_{key}.so"
-    if so.exists():  # built before: load it without importing the compiler tool chain
+    lock = build_dir / "lock"  # cpp_extension's baton: held while a process builds into build_dir
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # left by a build that was killed: it would make every load wait
+    if so.exists() and not lock.exists():  # built before: load it without importing the tool chain
         torch.ops.load_library(str(so))
         return
+    # Not built, or another process is still writing the library: load() waits for its baton, then
+    # builds (or finds the build up to date) and loads; a half-written .so is never loaded.
     cpp_extension.load(
         name=f"{lib}_{key}",
         sources=[str(HERE / LIBRARIES[lib])],
