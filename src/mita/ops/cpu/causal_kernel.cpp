@@ -25,53 +25,6 @@ namespace {
 
 using namespace mita_kernels;
 
-// out[q][j] = sum_c x[q][c] * bt[c * ldb + j] for j < jp (a multiple of the vector length); out stride ldo.
-// As kernel_common's mk_xbt with a row stride: two output vectors at a time where they fit (8 accumulators).
-template <typename T>
-inline void xbt_ld(const T* const* x, const T* bt, int64_t ldb, int64_t dx, int64_t jp, T* out, int64_t ldo) {
-  using v = typename VT<T>::v;
-  constexpr int64_t L = VT<T>::L;
-  const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-  int64_t j0 = 0;
-  for (; j0 + 2 * L <= jp; j0 += 2 * L) {
-    v a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
-    for (int64_t c = 0; c < dx; ++c) {
-      const v u = vload(bt + c * ldb + j0), w = vload(bt + c * ldb + j0 + L);
-      const T s0 = x0[c], s1 = x1[c], s2 = x2[c], s3 = x3[c];
-      a0 += s0 * u;
-      b0 += s0 * w;
-      a1 += s1 * u;
-      b1 += s1 * w;
-      a2 += s2 * u;
-      b2 += s2 * w;
-      a3 += s3 * u;
-      b3 += s3 * w;
-    }
-    vstore(out + j0, a0);
-    vstore(out + j0 + L, b0);
-    vstore(out + ldo + j0, a1);
-    vstore(out + ldo + j0 + L, b1);
-    vstore(out + 2 * ldo + j0, a2);
-    vstore(out + 2 * ldo + j0 + L, b2);
-    vstore(out + 3 * ldo + j0, a3);
-    vstore(out + 3 * ldo + j0 + L, b3);
-  }
-  for (; j0 < jp; j0 += L) {
-    v a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (int64_t c = 0; c < dx; ++c) {
-      const v b = vload(bt + c * ldb + j0);
-      a0 += x0[c] * b;
-      a1 += x1[c] * b;
-      a2 += x2[c] * b;
-      a3 += x3[c] * b;
-    }
-    vstore(out + j0, a0);
-    vstore(out + ldo + j0, a1);
-    vstore(out + 2 * ldo + j0, a2);
-    vstore(out + 3 * ldo + j0, a3);
-  }
-}
-
 struct CSizes {
   int64_t n, d, dv, nl, kk, s, bs, nq;
   bool shared, routed;
@@ -204,7 +157,7 @@ void forward_head(const T* q, const T* k, const T* v, const T* r, const T* sv,
         xr[b] = b < nb ? q + (i0 + b) * z.d : zero_row.data();
         ar[b] = b < nb ? acc.data() + (i0 + b) * z.ep : junk.data();
       }
-      xbt_ld(xr, rt.data(), z.mp, z.d, jp, w.data(), jp);  // q . r_j
+      mk_xbt(xr, rt.data(), z.d, jp, w.data(), z.mp, jp);  // q . r_j
       for (int64_t b = nb; b < QB; ++b) std::fill(w.begin() + b * jp, w.begin() + (b + 1) * jp, T(0));
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t i = i0 + b;
@@ -238,7 +191,7 @@ void forward_head(const T* q, const T* k, const T* v, const T* r, const T* sv,
           xr[b] = b < nb ? q + (t0 + r0 + b) * z.d : zero_row.data();
           ar[b] = b < nb ? acc.data() + (t0 + r0 + b) * z.ep : junk.data();
         }
-        xbt_ld(xr, bb.kt.data(), z.bp, z.d, jp, w.data(), jp);
+        mk_xbt(xr, bb.kt.data(), z.d, jp, w.data(), z.bp, jp);
         for (int64_t b = 0; b < QB; ++b) {
           T* l = w.data() + b * jp;
           if (b >= nb) {
@@ -328,8 +281,8 @@ void backward_head(const T* q, const T* k, const T* v, const T* r,
         for (int64_t b = 0; b < QB; ++b) rows[b] = i0 + std::min(b, nb - 1);
         gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
         gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
-        xbt_ld(xqr, rt.data(), z.mp, z.d, jp, p.data(), jp);  // q . r_j, as in the forward
-        xbt_ld(xdr, svt.data(), z.mp, z.dv, jp, g.data(), jp);
+        mk_xbt(xqr, rt.data(), z.d, jp, p.data(), z.mp, jp);  // q . r_j, as in the forward
+        mk_xbt(xdr, svt.data(), z.dv, jp, g.data(), z.mp, jp);
         for (int64_t b = 0; b < QB; ++b) {
           T* pr = p.data() + b * jp;
           T* gr = g.data() + b * jp;
@@ -374,8 +327,8 @@ void backward_head(const T* q, const T* k, const T* v, const T* r,
         for (int64_t b = 0; b < QB; ++b) rows[b] = t0 + r0 + std::min(b, nb - 1);
         gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
         gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
-        xbt_ld(xqr, bb.kt.data(), z.bp, z.d, jp, p.data(), jp);
-        xbt_ld(xdr, bb.vt.data(), z.bp, z.dv, jp, g.data(), jp);
+        mk_xbt(xqr, bb.kt.data(), z.d, jp, p.data(), z.bp, jp);
+        mk_xbt(xdr, bb.vt.data(), z.dv, jp, g.data(), z.bp, jp);
         for (int64_t b = 0; b < QB; ++b) {
           T* l = p.data() + b * jp;
           T* gr = g.data() + b * jp;
@@ -608,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_fwd(const at::Tensor& r_
           xr[q] = q < nb ? rp + (bh * nl + j0 + q) * d : zero_row.data();
           ar[q] = acc.data() + q * ep;
         }
-        xbt_ld(xr, ktp + kvh * d * np, np, d, jp, sc.data(), jp);
+        mk_xbt(xr, ktp + kvh * d * np, d, jp, sc.data(), np, jp);
         std::fill(acc.begin(), acc.end(), T(0));
         T zsum[QB] = {}, mx[QB] = {};
         for (int64_t q = 0; q < QB; ++q) {
@@ -702,8 +655,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_bwd(const at::Tensor& r_
                                rpad.data() + (j0 + 3) * dp};
             const T* xd[QB] = {dapad.data() + j0 * ep, dapad.data() + (j0 + 1) * ep,
                                dapad.data() + (j0 + 2) * ep, dapad.data() + (j0 + 3) * ep};
-            xbt_ld(xr, ktb.data(), bp, d, bp, p.data(), bp);
-            xbt_ld(xd, vtb.data(), bp, dv, bp, g.data(), bp);
+            mk_xbt(xr, ktb.data(), d, bp, p.data(), bp, bp);
+            mk_xbt(xd, vtb.data(), dv, bp, g.data(), bp, bp);
             for (int64_t q = 0; q < QB; ++q) {
               T* l = p.data() + q * bp;
               T* gr = g.data() + q * bp;

@@ -175,10 +175,14 @@ inline T dot_row(const T* a, const T* b, int64_t n) {
 
 // ---- micro-kernels over QB rows; every padded extent (Jp, Ep) is a multiple of the vector length ----
 
-// out[q][j] = sum_c x[q][c] * bt[c][j]   (x: QB row pointers; bt: [dx][Jp]; out: [QB][Jp])
+// out[q][j] = sum_c x[q][c] * bt[c][j]   (x: QB row pointers; bt: [dx][Jp] of row stride ldb; out: [QB][Jp]
+// of row stride ldo; both strides default to Jp)
 // Two output vectors at a time where they fit: 8 independent accumulators keep both FMA ports busy.
 template <typename T>
-inline void mk_xbt(const T* const* x, const T* bt, int64_t dx, int64_t jp, T* out) {
+inline void mk_xbt(const T* const* x, const T* bt, int64_t dx, int64_t jp, T* out, int64_t ldb = -1,
+                   int64_t ldo = -1) {
+  if (ldb < 0) ldb = jp;
+  if (ldo < 0) ldo = jp;
   using v = typename VT<T>::v;
   constexpr int64_t L = VT<T>::L;
   const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
@@ -186,7 +190,7 @@ inline void mk_xbt(const T* const* x, const T* bt, int64_t dx, int64_t jp, T* ou
   for (; j0 + 2 * L <= jp; j0 += 2 * L) {
     v a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
     for (int64_t c = 0; c < dx; ++c) {
-      const v u = vload(bt + c * jp + j0), w = vload(bt + c * jp + j0 + L);
+      const v u = vload(bt + c * ldb + j0), w = vload(bt + c * ldb + j0 + L);
       const T s0 = x0[c], s1 = x1[c], s2 = x2[c], s3 = x3[c];
       a0 += s0 * u;
       b0 += s0 * w;
@@ -199,26 +203,26 @@ inline void mk_xbt(const T* const* x, const T* bt, int64_t dx, int64_t jp, T* ou
     }
     vstore(out + j0, a0);
     vstore(out + j0 + L, b0);
-    vstore(out + jp + j0, a1);
-    vstore(out + jp + j0 + L, b1);
-    vstore(out + 2 * jp + j0, a2);
-    vstore(out + 2 * jp + j0 + L, b2);
-    vstore(out + 3 * jp + j0, a3);
-    vstore(out + 3 * jp + j0 + L, b3);
+    vstore(out + ldo + j0, a1);
+    vstore(out + ldo + j0 + L, b1);
+    vstore(out + 2 * ldo + j0, a2);
+    vstore(out + 2 * ldo + j0 + L, b2);
+    vstore(out + 3 * ldo + j0, a3);
+    vstore(out + 3 * ldo + j0 + L, b3);
   }
   for (; j0 < jp; j0 += L) {
     v a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t c = 0; c < dx; ++c) {
-      const v b = vload(bt + c * jp + j0);
+      const v b = vload(bt + c * ldb + j0);
       a0 += x0[c] * b;
       a1 += x1[c] * b;
       a2 += x2[c] * b;
       a3 += x3[c] * b;
     }
     vstore(out + j0, a0);
-    vstore(out + jp + j0, a1);
-    vstore(out + 2 * jp + j0, a2);
-    vstore(out + 3 * jp + j0, a3);
+    vstore(out + ldo + j0, a1);
+    vstore(out + 2 * ldo + j0, a2);
+    vstore(out + 3 * ldo + j0, a3);
   }
 }
 
