@@ -11,9 +11,8 @@ and ``V`` through ``A``) and ``Q R^T``. The kernels (``kernel.cpp``) choose each
 route each query (argmax, s = 1) and compute the attention step — one online softmax over the m shared
 logits and the s*k routed logits — expert by expert, with a backward that recomputes the probabilities
 from the saved log-sum-exp. Under ``torch.compile`` they run as ``torch.library.custom_op``s with fake
-implementations and registered autograd; in eager mode the same C++ ops are called through a plain
-``autograd.Function`` (a Python custom op imports ``torch._dynamo`` on its first call: 150 MB of resident
-memory that full attention does not pay). Nothing here syncs with the host.
+implementations and registered autograd, in eager mode as plain autograd Functions (:mod:`.dispatch`).
+Nothing here syncs with the host.
 
 Top-k ties go to the lower key index and each landmark's keys come in increasing index order; the
 selected *set* is the same as the other backends' (``torch.topk``, whose order is unspecified).
@@ -25,6 +24,7 @@ import torch
 
 from ..common import Problem, Routing
 from ..torch_backend import _dedup_mask
+from .dispatch import eager_or_compiled
 
 Tensor = torch.Tensor
 
@@ -138,26 +138,9 @@ def _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, bwd=None):
 cpu_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
-class _EagerFused(torch.autograd.Function):
-    """The same forward and backward as :func:`cpu_fused`, calling the C++ ops directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = torch.ops.mita_cpu.fused_fwd(*inputs)
-        ctx.mark_non_differentiable(*output[1:])
-        _fused_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_experts, grad_keys):
-        bwd = torch.ops.mita_cpu.fused_bwd
-        return _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, bwd=bwd)
-
-
-def _fused(*inputs):
-    if torch.compiler.is_compiling():
-        return cpu_fused(*inputs)
-    return _EagerFused.apply(*inputs)
+_fused = eager_or_compiled(
+    cpu_fused, "mita_cpu", "fused_fwd", "fused_bwd", _fused_setup_context, _fused_backward, (1, 2, 3)
+)
 
 
 @torch.library.custom_op("mita::cpu_topk", mutates_args=())
@@ -256,25 +239,7 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
 cpu_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerAttention(torch.autograd.Function):
-    """The same forward and backward as :func:`cpu_attention`, calling the C++ ops directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = torch.ops.mita_cpu.fwd(*inputs)
-        ctx.mark_non_differentiable(output[1], output[2])
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_routing):
-        return _backward(ctx, grad_out, grad_lse, grad_routing, bwd=torch.ops.mita_cpu.bwd)
-
-
-def _attention(*inputs):
-    if torch.compiler.is_compiling():
-        return cpu_attention(*inputs)
-    return _EagerAttention.apply(*inputs)
+_attention = eager_or_compiled(cpu_attention, "mita_cpu", "fwd", "bwd", _setup_context, _backward, (1, 2))
 
 
 def _topk(scores: Tensor, k: int) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from ..causal.common import CausalProblem, CausalRouting
 from .build import availability
+from .dispatch import eager_or_compiled
 
 Tensor = torch.Tensor
 LIB = "mita_cpu_causal"
@@ -97,27 +98,10 @@ def _landmarks_backward(ctx, grad_a, grad_lse, grad_idx, bwd=None):
 cpu_causal_landmarks.register_autograd(_landmarks_backward, setup_context=_landmarks_setup)
 
 
-class _EagerLandmarks(torch.autograd.Function):
-    """The same forward and backward as :func:`cpu_causal_landmarks`, calling the C++ ops directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = torch.ops.mita_cpu_causal.landmark_fwd(*inputs)
-        ctx.mark_non_differentiable(output[1], output[2])
-        _landmarks_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_a, grad_lse, grad_idx):
-        return _landmarks_backward(
-            ctx, grad_a, grad_lse, grad_idx, bwd=torch.ops.mita_cpu_causal.landmark_bwd
-        )
-
-
-def _landmark_side(*inputs):
-    if torch.compiler.is_compiling():
-        return cpu_causal_landmarks(*inputs)
-    return _EagerLandmarks.apply(*inputs)
+_landmark_side = eager_or_compiled(
+    cpu_causal_landmarks, "mita_cpu_causal", "landmark_fwd", "landmark_bwd", _landmarks_setup,
+    _landmarks_backward, (1, 2),
+)  # fmt: skip
 
 
 @torch.library.custom_op("mita::cpu_causal_attention", mutates_args=())
@@ -204,25 +188,9 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
 cpu_causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerCausal(torch.autograd.Function):
-    """The same forward and backward as :func:`cpu_causal_attention`, calling the C++ ops directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = torch.ops.mita_cpu_causal.fwd(*inputs)
-        ctx.mark_non_differentiable(output[1], output[2])
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_routing):
-        return _backward(ctx, grad_out, grad_lse, grad_routing, bwd=torch.ops.mita_cpu_causal.bwd)
-
-
-def _attention(*inputs):
-    if torch.compiler.is_compiling():
-        return cpu_causal_attention(*inputs)
-    return _EagerCausal.apply(*inputs)
+_attention = eager_or_compiled(
+    cpu_causal_attention, "mita_cpu_causal", "fwd", "bwd", _setup_context, _backward, (1, 2)
+)
 
 
 def _top_s(p: CausalProblem, qr: Tensor) -> Tensor:
