@@ -235,14 +235,6 @@ def test_auto_picks_the_kernel_for_frozen_on_cpu_and_torch_for_prefix():
         mita_attention(q, k, v, block_mean(q, 4), topk=3, causal=True, block_size=4, backend="cpu")
 
 
-@pytest.fixture
-def fresh_state(monkeypatch):
-    build.reset_for_tests()
-    yield monkeypatch
-    monkeypatch.undo()
-    build.reset_for_tests()
-
-
 def test_unavailable_kernel_raises_for_cpu_and_falls_back_for_auto(fresh_state, recwarn):
     fresh_state.setenv("MITA_CPU_KERNEL", "0")
     q, k, v = _inputs(1, 2, 2, 30, 4, seed=2)

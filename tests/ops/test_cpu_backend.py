@@ -21,15 +21,6 @@ from .helpers import make_inputs, padding_mask
 needs_tools = pytest.mark.skipif(build._missing_tools() is not None, reason="no C++ compiler or ninja")
 
 
-@pytest.fixture
-def fresh_state(monkeypatch):
-    """Forget the cached availability before and after (the next call re-detects, loading the cache)."""
-    build.reset_for_tests()
-    yield monkeypatch
-    monkeypatch.undo()
-    build.reset_for_tests()
-
-
 def _grads(out, inputs):
     return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum(), inputs)
 
