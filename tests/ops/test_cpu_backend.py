@@ -59,6 +59,9 @@ def test_build_failure_is_reported_with_its_error_line(fresh_state):
         raise RuntimeError("Error building extension\nkernel.cpp:1: error: boom\nninja: build stopped")
 
     fresh_state.setattr(build, "_build", broken)
+    fresh_state.setattr(
+        build, "_registered", lambda lib, probe: False
+    )  # as in a process that has not loaded it
     ok, why = build.availability()
     assert not ok and why == "building the CPU kernel failed: kernel.cpp:1: error: boom"
     with pytest.raises(RuntimeError, match="backend='cpu' is unavailable: building the CPU kernel failed"):
@@ -236,3 +239,13 @@ def test_a_library_still_being_written_is_not_loaded(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     build._build("mita_cpu")
     assert seen == ["load", "load_library"] and not lock.exists()
+
+
+def test_a_loaded_library_is_not_loaded_again_from_another_cache(fresh_state, tmp_path):
+    """Once this process has the ops, a later availability check under another $MITA_CACHE (where a copy
+    of the same build could sit) loads nothing: two copies of one op namespace abort the process."""
+    assert build.availability()[0]
+    build.reset_for_tests()
+    fresh_state.setenv("MITA_CACHE", str(tmp_path))
+    fresh_state.setattr(build, "_build", lambda lib: pytest.fail("loaded a second copy"))
+    assert build.availability() == (True, "")

@@ -76,6 +76,13 @@ def _missing_tools() -> str | None:
     return None
 
 
+def _registered(lib: str, probe: str) -> bool:
+    """Whether this process already has ``lib``'s ops. Then nothing is loaded again: a second copy of the
+    library (e.g. the same build cached under another ``$MITA_CACHE``) would register the namespace twice,
+    which aborts the process."""
+    return hasattr(getattr(torch.ops, lib), probe)
+
+
 def _build(lib: str) -> None:
     from torch.utils import cpp_extension
 
@@ -116,8 +123,9 @@ def availability(lib: str = "mita_cpu", probe: str = "fwd") -> tuple[bool, str]:
             why = missing
         else:
             try:
-                _build(lib)
-                ok = hasattr(getattr(torch.ops, lib), probe)
+                if not _registered(lib, probe):
+                    _build(lib)
+                ok = _registered(lib, probe)
                 why = "" if ok else "the built library registered no mita_cpu ops"
             except Exception as err:  # noqa: BLE001 - any build failure means: use the torch backend
                 lines = str(err).strip().splitlines() or [type(err).__name__]
