@@ -66,14 +66,15 @@ def masked_pool_1d(x: torch.Tensor, valid: torch.Tensor, m: int) -> torch.Tensor
     ceil((j+1) L_b / m) - 1``, the windows of :func:`mita.landmarks.pool_1d`; so a padded row gives the
     landmarks of the same row unpadded. Costs one ``[m, L]`` membership matmul per row.
     """
-    rank = valid.long().cumsum(1) - 1  # [B, L]: rank among valid tokens
     count = valid.sum(1, keepdim=True)  # [B, 1]
+    rank = (valid.long().cumsum(1) - 1).masked_fill(~valid, -1)  # [B, L]: rank among valid tokens; padding -1
     j = torch.arange(m, device=x.device)
     start = torch.div(j * count, m, rounding_mode="floor")  # [B, m]
     end = -torch.div(-(j + 1) * count, m, rounding_mode="floor")  # ceil
-    inside = (rank[:, None, :] >= start[..., None]) & (rank[:, None, :] < end[..., None]) & valid[:, None, :]
-    weights = inside.to(x.dtype)
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)  # [B, m, L]
+    # Window j holds end - start tokens (padding, ranked -1, lies in none): dividing in place by that spares
+    # [B, m, L] temporaries, which at evaluation batches stay in the C heap after they are freed.
+    weights = ((rank[:, None, :] >= start[..., None]) & (rank[:, None, :] < end[..., None])).to(x.dtype)
+    weights.div_((end - start).clamp_min(1).unsqueeze(-1).to(x.dtype))  # [B, m, L]
     b, h, length, d = x.shape
     if h > 1 and x.stride(1) == d and x.stride(3) == 1:
         # Heads side by side in each row (split off a [B, L, ..., H*d] projection, whatever the row
