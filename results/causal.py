@@ -365,8 +365,9 @@ def report(runs: str, out: str) -> None:
             "s = k / b blocks, window b; all also see their own block."
         )
         lines.append("")
-        lines.append("| N | pairs | attention | accuracy | routing recall (layer 1 / 2) | steps x batch |")
-        lines.append("|---|---|---|---|---|---|")
+        head = ("N", "pairs", "vocab", "attention", "accuracy", "routing recall (layer 1 / 2)")
+        lines.append(_row(*head, "steps x batch", "lr", "train s"))
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         order = {"full": 0, "mita": 1, "moba": 2, "window": 3}
 
         def key(r: dict[str, Any]) -> tuple:
@@ -377,8 +378,10 @@ def report(runs: str, out: str) -> None:
         mq = sorted(mq, key=key)
         for r in mq:
             rc = " / ".join(_fmt(x["recall_any_head"]) for x in r.get("recall", [])) or "—"
-            cells = (r["data"]["seq_len"], r["pairs"], _label(r), _fmt(r["final"]["accuracy"]), rc)
-            lines.append(_row(*cells, f"{r['steps']} x {r['batch_size']}"))
+            d = r["data"]
+            cells = (d["seq_len"], r["pairs"], d["vocab_size"], _label(r), _fmt(r["final"]["accuracy"]), rc)
+            run = (f"{r['steps']} x {r['batch_size']}", f"{r['lr']:g}", f"{r['train_seconds']:.0f}")
+            lines.append(_row(*cells, *run))
     swept = [r for r in mq if r.get("sweep")]
     if swept:
         lines += ["", "## MQAR: MiTA at other k and b, at inference (weights of the trained model)", ""]
