@@ -134,7 +134,7 @@ def test_whole_op_gradcheck():
 def test_whole_op_custom_op_passes_opcheck():
     q, k, v, r = make_inputs(1, 2, 2, 12, 8, 3, dtype=torch.float64, seed=1)
     mask = padding_mask(1, 12, [3])
-    args = (q, k, v, r, mask, 5, 8**-0.5, 1.0 / 8, True, True)
+    args = (q, k, v, r, mask, 5, 8**-0.5, 1.0 / 8, True, True, True)
     torch.library.opcheck(cpu_backend.cpu_fused, args)
 
 
@@ -183,3 +183,29 @@ def test_whole_op_reads_strided_heads_in_place(layout, calls):
         for a, x in zip(grads, (q, k, v)):
             assert a.stride() == x.stride()
     assert calls["whole"] == 2
+
+
+def test_whole_op_keeps_qr_and_shared_values_only_for_a_backward(monkeypatch):
+    """With a gradient to come, the forward hands Q R^T and A to the backward (which then recomputes only
+    the probabilities); without one (no_grad, or no input needing a gradient) it keeps nothing."""
+    seen = []
+    whole = cpu_backend._fused
+
+    def spy(*a):
+        out = whole(*a)
+        seen.append((a[-1], tuple(out[4].shape), tuple(out[5].shape)))
+        return out
+
+    monkeypatch.setattr(cpu_backend, "_fused", spy)
+    q, k, v, r = make_inputs(2, 2, 2, 30, 16, 4, dtype=torch.float32)
+    mita_attention(q, k, v, r, topk=5, backend="cpu").sum().backward()
+    with torch.no_grad():
+        mita_attention(q, k, v, r, topk=5, backend="cpu")
+    mita_attention(*(t.detach() for t in (q, k, v, r)), topk=5, backend="cpu")
+    mita_attention(q, k, v, r, topk=5, shared=False, backend="cpu")
+    assert seen == [
+        (True, (2, 2, 30, 4), (2, 2, 4, 16)),
+        (False, (0, 2, 30, 4), (0, 2, 4, 16)),
+        (False, (0, 2, 30, 4), (0, 2, 4, 16)),
+        (True, (0, 2, 30, 4), (0, 2, 4, 16)),  # routing only: the backward needs neither
+    ]

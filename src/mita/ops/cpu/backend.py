@@ -57,23 +57,24 @@ def cpu_fused(
     landmark_scale: float,
     shared: bool,
     routed: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The whole op: output [B, H, N, dv], log-sum-exp [B, H, N], expert index [B, H, N, 1] and key index
-    [B, H, m, k]. float32 or float64, head dims a multiple of the vector length."""
-    return torch.ops.mita_cpu.fused_fwd(q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed)
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole op: output [B, H, N, dv], log-sum-exp [B, H, N], expert index [B, H, N, 1], key index
+    [B, H, m, k] and, with ``save`` and the shared expert on, ``Q R^T`` [B, H, N, m] and the shared values
+    [B, H, m, dv] for the backward (else empty). float32 or float64, head dims a multiple of the vector
+    length."""
+    return torch.ops.mita_cpu.fused_fwd(
+        q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed, save
+    )
 
 
 @cpu_fused.register_fake
-def _(q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed):
+def _(q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed, save):
     b, h, n, _ = q.shape
-    idx = dict(dtype=torch.long)
+    m, idx, keep = landmarks.shape[2], dict(dtype=torch.long), b if save and shared else 0
     out = q.new_empty(b, n, h, v.shape[-1]).permute(0, 2, 1, 3)  # the kernel's [B, N, H, dv] layout
-    return (
-        out,
-        q.new_empty(b, h, n),
-        q.new_empty(b, h, n, 1, **idx),
-        q.new_empty(b, h, landmarks.shape[2], topk, **idx),
-    )
+    return (out, q.new_empty(b, h, n), q.new_empty(b, h, n, 1, **idx), q.new_empty(b, h, m, topk, **idx),
+            q.new_empty(keep, h, n, m), q.new_empty(keep, h, m, v.shape[-1]))  # fmt: skip
 
 
 @torch.library.custom_op("mita::cpu_fused_backward", mutates_args=())
@@ -87,6 +88,8 @@ def cpu_fused_backward(
     expert_index: Tensor,
     out: Tensor,
     lse: Tensor,
+    qr: Tensor,
+    shared_values: Tensor,
     grad_out: Tensor,
     scale: float,
     landmark_scale: float,
@@ -95,14 +98,14 @@ def cpu_fused_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk and dv per query head [B, H, N_kv, .], d landmarks."""
     return torch.ops.mita_cpu.fused_bwd(
-        q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out, scale, landmark_scale, shared,
-        routed,
+        q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, shared_values, grad_out, scale,
+        landmark_scale, shared, routed,
     )  # fmt: skip
 
 
 @cpu_fused_backward.register_fake
-def _(q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out, scale, landmark_scale, shared,
-      routed):  # fmt: skip
+def _(q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, shared_values, grad_out, scale,
+      landmark_scale, shared, routed):  # fmt: skip
     b, h, nk = q.shape[0], q.shape[1], k.shape[2]
     if h == k.shape[1]:  # gradients in their inputs' layouts
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(landmarks)
@@ -118,28 +121,28 @@ def _sum_groups(h: int, t: Tensor, kv_heads: int) -> Tensor:
 
 
 def _fused_setup_context(ctx, inputs, output):
-    q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed = inputs
-    out, lse, expert_index, key_index = output
-    ctx.save_for_backward(q, k, v, landmarks, pad, key_index, expert_index, out, lse)
+    q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed, save = inputs
+    out, lse, expert_index, key_index, qr, values = output
+    ctx.save_for_backward(q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, values)
     ctx.args = (scale, landmark_scale, shared, routed)
 
 
-def _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, bwd=None):
-    q, k, v, landmarks, pad, key_index, expert_index, out, lse = ctx.saved_tensors
+def _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, grad_qr, grad_values, bwd=None):
+    q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, values = ctx.saved_tensors
     dq, dk, dv, dr = (bwd or cpu_fused_backward)(
-        q, k, v, landmarks, pad, key_index, expert_index, out, lse, grad_out, *ctx.args
+        q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, values, grad_out, *ctx.args
     )
     h, hkv = q.shape[1], k.shape[1]
     shared = ctx.args[2]
     return (dq, _sum_groups(h, dk, hkv), _sum_groups(h, dv, hkv), dr if shared else None,
-            None, None, None, None, None, None)  # fmt: skip
+            None, None, None, None, None, None, None)  # fmt: skip
 
 
 cpu_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
 _fused = eager_or_compiled(
-    cpu_fused, "mita_cpu", "fused_fwd", "fused_bwd", _fused_setup_context, _fused_backward, (1, 2, 3)
+    cpu_fused, "mita_cpu", "fused_fwd", "fused_bwd", _fused_setup_context, _fused_backward, (1, 2, 3, 4, 5)
 )
 
 
@@ -278,9 +281,11 @@ def cpu_forward(
         q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
     if _fused_applies(p, q, v):
         # q, k, v are read in place whatever their batch/head/row strides (rows must be unit-stride)
-        out, _, expert_index, key_index = _fused(
+        # Q R^T and A are kept for the backward (only P is recomputed) when a gradient will be asked for
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, landmarks))
+        out, _, expert_index, key_index, _, _ = _fused(
             q, k, v, landmarks.contiguous(), key_padding_mask, p.topk, p.scale, p.landmark_scale, p.shared,
-            p.routed,
+            p.routed, save,
         )  # fmt: skip
         return out.to(out_dtype), Routing(expert_index, key_index)
     key_index, values = _landmark_side(p, k, v, landmarks, key_padding_mask)

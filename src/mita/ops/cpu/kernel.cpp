@@ -323,8 +323,9 @@ struct LandmarkHead {
 
   // Scores c R K^T (-inf at padded keys and padding columns), top-k per landmark when kidx_out is given,
   // then (shared expert) probabilities P in place and A = P V; and qr = Q R^T.
+  // outputs = false (the backward, which has A and qr saved): only the probabilities P.
   void compute(const T* q, const T* k, const T* v, const T* r, const bool* pad, T scale, const Sizes& z,
-               int64_t* kidx_out) {
+               int64_t* kidx_out, bool outputs = true) {
     transpose_rows(k, z.nk, z.d, z.d, kt.data(), nkp);
     for (int64_t c = 0; c < z.d; ++c) std::fill(kt.begin() + c * nkp + z.nk, kt.begin() + (c + 1) * nkp, T(0));
     const T* xr[QB];
@@ -353,6 +354,7 @@ struct LandmarkHead {
         const T inv = T(1) / padded_sum(row, nkp);
         for (int64_t t = 0; t < nkp; ++t) row[t] *= inv;
       }
+      if (!outputs) return;
       std::fill(a.begin(), a.end(), T(0));  // reused across heads; mk_pb accumulates
       T* ar[QB];
       for (int64_t j0 = 0; j0 < z.m; j0 += QB) {
@@ -360,6 +362,7 @@ struct LandmarkHead {
         mk_pb(p.data() + j0 * nkp, nkp, v, z.nk, z.ep, ar);
       }
     }
+    if (!outputs) return;
     for (int64_t j = 0; j < z.m; ++j)
       for (int64_t c = 0; c < z.d; ++c) rt[c * z.mp + j] = r[j * z.d + c];
     for (int64_t i0 = 0; i0 < z.n; i0 += QB) {
@@ -372,7 +375,7 @@ struct LandmarkHead {
 };
 
 template <typename T>
-void backward_landmarks(const T* q, const T* k, const T* v, const T* r, const LandmarkHead<T>& lh,
+void backward_landmarks(const T* q, const T* k, const T* v, const T* r, const LandmarkHead<T>& lh, const T* a,
                         const T* dqr, const T* da, T scale, const Sizes& z, T* dq, T* dk, T* dvv, T* dr) {
   // d qr = [n x m] (the qr rows past n are zero): dQ += dqr R, dR += dqr^T Q.
   std::vector<T> dra(lh.mq * z.dp, T(0)), xb(QB * std::max(z.dp, z.ep)), junk(z.dp);
@@ -405,7 +408,7 @@ void backward_landmarks(const T* q, const T* k, const T* v, const T* r, const La
           continue;
         }
         const T* pr = lh.p.data() + (j0 + b) * nkp;
-        const T* ar = lh.a.data() + (j0 + b) * z.ep;
+        const T* ar = a + (j0 + b) * z.dv;
         const T dot = dot_row(dab.data() + b * z.ep, ar, z.dv);
         for (int64_t t = 0; t < nkp; ++t) g[t] = pr[t] * (g[t] - dot) * scale;
       }
@@ -470,10 +473,12 @@ void check_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 }
 
 // out [B,H,N,dv], lse [B,H,N], expert_index [B,H,N,1] (argmax routing), key_index [B,H,m,k].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_fwd(
+// With save = true and the shared expert on, also qr = Q R^T [B,H,N,m] and the shared values A [B,H,m,dv]
+// for the backward (which then recomputes only the probabilities P); else two empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_fwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& pad_, int64_t topk, double scale, double landmark_scale, bool shared,
-    bool routed) {
+    bool routed, bool save) {
   const at::Tensor q = unit_rows(q_), k = unit_rows(k_), v = unit_rows(v_), r = r_.contiguous();
   const auto pad = contiguous_opt(pad_);
   check_fused(q, k, v, r);
@@ -484,6 +489,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_fwd(
   at::Tensor lse = at::empty({b, h, n}, q.options());
   at::Tensor eidx = at::empty({b, h, n, 1}, q.options().dtype(at::kLong));
   at::Tensor kidx = at::empty({b, h, m, topk}, q.options().dtype(at::kLong));
+  at::Tensor qr_s = at::empty({save && shared ? b : 0, h, n, m}, q.options());  // read only by the shared part
+  at::Tensor a_s = at::empty({save && shared ? b : 0, h, m, v.size(3)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_fused_fwd", [&] {
     const Sizes z = make_sizes<scalar_t>(n, nk, q.size(3), v.size(3), m, topk, 1, h / hkv, h, shared, routed);
     const bool* pad_p = ptr_or_null<bool>(pad);
@@ -502,20 +509,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_fwd(
         forward_head<scalar_t>(qh, kh, vh, nullptr, lh.qr.data(), shared ? lh.a.data() : nullptr, ki, nullptr,
                                padh, nullptr, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale),
                                z, oh.p, lse.data_ptr<scalar_t>() + bh * n, eidx.data_ptr<int64_t>() + bh * n, oh.ld);
+        if (save && shared) {
+          std::memcpy(qr_s.data_ptr<scalar_t>() + bh * n * m, lh.qr.data(), sizeof(scalar_t) * n * m);
+          std::memcpy(a_s.data_ptr<scalar_t>() + bh * m * z.dv, lh.a.data(), sizeof(scalar_t) * m * z.dv);
+        }
       }
     });
   });
-  return {out, lse, eidx, kidx};
+  return {out, lse, eidx, kidx, qr_s, a_s};
 }
 
 // dq [B,H,N,d], dk and dv per *query* head [B,H,N_kv,.] (the caller sums GQA groups), dr [B,H,m,d].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& pad_, const at::Tensor& kidx_, const at::Tensor& eidx_,
-    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& dout_, double scale,
-    double landmark_scale, bool shared, bool routed) {
+    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& qr_, const at::Tensor& a_,
+    const at::Tensor& dout_, double scale, double landmark_scale, bool shared, bool routed) {
   const at::Tensor q = unit_rows(q_), k = unit_rows(k_), v = unit_rows(v_), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
+  const at::Tensor qr = qr_.contiguous(), a = a_.contiguous();  // saved by the forward (save = true)
   const at::Tensor out = unit_rows(out_), lse = lse_.contiguous(), dout = unit_rows(dout_);
   const auto pad = contiguous_opt(pad_);
   check_fused(q, k, v, r);
@@ -550,14 +562,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
         T* dqh = zeroed(dqv, n, z.d, dqb);
         T* dkh = zeroed(dkv, nk, z.d, dkb);
         T* dvh = zeroed(dvv, nk, z.dv, dvb);
-        lh.compute(qh, kh, vh, rh, padh, static_cast<T>(scale), z, nullptr);
-        backward_head<T>(qh, kh, vh, nullptr, nullptr, lh.qr.data(), shared ? lh.a.data() : nullptr, ki,
+        const T* qrh = shared ? qr.data_ptr<T>() + bh * n * m : nullptr;
+        const T* ah = shared ? a.data_ptr<T>() + bh * m * z.dv : nullptr;
+        if (shared) lh.compute(qh, kh, vh, rh, padh, static_cast<T>(scale), z, nullptr, false);  // P only
+        backward_head<T>(qh, kh, vh, nullptr, nullptr, qrh, ah, ki,
                          eidx.data_ptr<int64_t>() + bh * n, padh, nullptr, oh, lse.data_ptr<T>() + bh * n, gh,
                          static_cast<T>(scale), static_cast<T>(landmark_scale), z, dqh, dkh, dvh, dqr.data(),
                          shared ? da.data() : nullptr);
         T* drh = dr.data_ptr<T>() + bh * m * z.d;
         if (shared) {
-          backward_landmarks<T>(qh, kh, vh, rh, lh, dqr.data(), da.data(), static_cast<T>(scale), z, dqh, dkh, dvh,
+          backward_landmarks<T>(qh, kh, vh, rh, lh, ah, dqr.data(), da.data(), static_cast<T>(scale), z, dqh, dkh, dvh,
                                 drh);
         } else {
           std::fill(drh, drh + m * z.d, T(0));  // routing only: the landmarks only choose (no gradient)
@@ -603,10 +617,12 @@ TORCH_LIBRARY(mita_cpu, m) {
   m.def("topk(Tensor scores, int k) -> Tensor");
   m.def(
       "fused_fwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor? pad, int topk, float scale, "
-      "float landmark_scale, bool shared, bool routed) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float landmark_scale, bool shared, bool routed, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
   m.def(
       "fused_bwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor? pad, Tensor key_index, Tensor expert_index, "
-      "Tensor out, Tensor lse, Tensor dout, float scale, float landmark_scale, bool shared, bool routed) "
+      "Tensor out, Tensor lse, Tensor qr, Tensor shared_values, Tensor dout, float scale, float landmark_scale, "
+      "bool shared, bool routed) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
