@@ -1,5 +1,5 @@
 """What a MiTA layer keeps for its backward on the fused CPU path: what full attention keeps, plus the
-routing and the pooling weights (issue 15: training memory no higher than full attention's)."""
+routing, the pooling weights and Q R^T (issue 15: training memory no higher than full attention's)."""
 
 from __future__ import annotations
 
@@ -40,5 +40,7 @@ def test_saved_for_backward_is_full_attentions_plus_routing(b, n, dim, heads, m,
     full = f * (b * n * dim + 3 * b * n * dim + b * n * dim + b * heads * n) + b * n
     # MiTA adds per query its expert, per landmark its keys and its vector, per sample the pooling weights
     routing = i * b * heads * n + i * b * heads * m * k + f * b * heads * m * d + f * b * m * n
-    # no copy of q, k, v or the output, no [m, N] score or probability matrix per head
-    assert _saved_bytes(layer, x, pad) <= full + routing
+    # and, so that the backward recomputes only the probabilities, Q R^T [N, m] and A [m, d] per head
+    kept = f * b * heads * (n * m + m * d)
+    # no copy of q, k, v or the output, no other [N, m] or [m, N] matrix per head
+    assert _saved_bytes(layer, x, pad) <= full + routing + kept
