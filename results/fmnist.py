@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,10 +45,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs/results-fmnist", help="where the runs' directories go")
     p.add_argument("--out", default=str(HERE / "fmnist"), help="output stem: writes STEM.md and STEM.json")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs in --runs")
+    p.add_argument("--fresh", action="store_true", help="train again: delete earlier runs in --runs")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--reeval", action="store_true", help="re-evaluate the reloaded checkpoints")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="train this many attention kinds at once, CPU threads split evenly between them")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many attention kinds at once, CPU threads split evenly between them",
+    )
     return p.parse_args(argv)
 
 
@@ -70,13 +76,32 @@ def main(argv: list[str] | None = None) -> int:
     rows, records = [], []
     attentions = [a.strip() for a in args.attentions.split(",") if a.strip()]
     outs = {a: Path(args.runs) / f"{a}-s{args.seed}" for a in attentions}
+    taken = [out for out in outs.values() if out.exists()]
+    if taken and args.fresh:
+        for out in taken:
+            shutil.rmtree(out)
+    elif taken and not args.resume:  # say so now, not from inside two training subprocesses
+        raise SystemExit(
+            f"results/fmnist.py: {', '.join(map(str, taken))} already hold runs; pass --resume to continue "
+            "(or re-report) them, --fresh to train again, or --runs DIR for a new place"
+        )
     switches = {"--resume": args.resume, "--amp": args.amp, "--no-progress": args.no_progress}
     cmds = {
         attention: train_args(
-            {"--task": "fmnist", "--attention": attention, "--seed": args.seed, "--out": outs[attention],
-             "--device": args.device, "--epochs": args.epochs, "--max-steps": args.max_steps,
-             "--batch-size": args.batch_size, "--lr": args.lr, "--train-size": args.train_size,
-             "--test-size": args.test_size, "--data-root": args.data_root},
+            {
+                "--task": "fmnist",
+                "--attention": attention,
+                "--seed": args.seed,
+                "--out": outs[attention],
+                "--device": args.device,
+                "--epochs": args.epochs,
+                "--max-steps": args.max_steps,
+                "--batch-size": args.batch_size,
+                "--lr": args.lr,
+                "--train-size": args.train_size,
+                "--test-size": args.test_size,
+                "--data-root": args.data_root,
+            },
             switches,
         )  # fmt: skip
         for attention in attentions
@@ -92,18 +117,36 @@ def main(argv: list[str] | None = None) -> int:
             ev = evaluate(model, "fmnist", device=device, amp=args.amp, data_kwargs=data_kwargs)
         record = {**summary, "out": str(out), "reloaded_eval": ev if args.reeval else None}
         records.append(record)
-        rows.append([
-            attention_label(summary), pct(ev["test_accuracy"]), pct(summary["best_test_accuracy"]),
-            summary["steps"], f"{summary['epochs']:.2f}", f"{summary['train_samples_per_s']:.0f}",
-            f"{ev['samples_per_s']:.0f}", f"{summary['wall_time_s'] / 60:.1f}",
-            f"{summary['peak_memory_bytes'] / 2**20:.0f}", f"{summary['num_params'] / 1e6:.2f}",
-        ])
+        rows.append(
+            [
+                attention_label(summary),
+                pct(ev["test_accuracy"]),
+                pct(summary["best_test_accuracy"]),
+                summary["steps"],
+                f"{summary['epochs']:.2f}",
+                f"{summary['train_samples_per_s']:.0f}",
+                f"{ev['samples_per_s']:.0f}",
+                f"{summary['wall_time_s'] / 60:.1f}",
+                f"{summary['peak_memory_bytes'] / 2**20:.0f}",
+                f"{summary['num_params'] / 1e6:.2f}",
+            ]
+        )
         print(f"{attention}: test accuracy {pct(ev['test_accuracy'])}%", file=sys.stderr)
     hw = hardware(torch.device(records[0]["hardware"]["device"])) if records else {}
     if records:  # the threads the runs used, not this launcher's
         hw["torch_threads"] = records[0]["hardware"].get("torch_threads", "?")
-    headers = ["attention", "test acc %", "best acc %", "steps", "epochs", "train samples/s",
-               "eval samples/s", "wall min", "peak MiB", "params M"]
+    headers = [
+        "attention",
+        "test acc %",
+        "best acc %",
+        "steps",
+        "epochs",
+        "train samples/s",
+        "eval samples/s",
+        "wall min",
+        "peak MiB",
+        "params M",
+    ]
     table = markdown_table(headers, rows)
     total_min = (time.perf_counter() - t_start) / 60
     cuts = []
@@ -116,29 +159,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.test_size is not None:
         cuts.append(f"--test-size {args.test_size}")
     gpu = f", GPU {hw['gpu']}" if "gpu" in hw else ""
-    md = "\n".join([
-        "# Fashion-MNIST: MiTA ViT vs. full attention",
-        "",
-        "Generated by `python results/fmnist.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`.",
-        "Model: preset `vit-fmnist` (28x28, patch 2, 196 patches + cls = 197 tokens); the same weight shapes",
-        "for every attention kind. `test acc`: the final weights on the 10,000 test images;",
-        "`best acc`: the best evaluation during training. Throughputs are pessimistic when other jobs",
-        "shared the machine; peak memory is each run's peak RSS on CPU.",
-        "",
-        table,
-        "",
-        "Test accuracy % at each evaluation during training:",
-        "",
-        curve_table(records),
-        "",
-        f"Run length: {', '.join(cuts) or 'preset default'}; total wall time {total_min:.1f} min"
-        + (f"; {args.jobs} runs trained at a time, {hw.get('torch_threads', '?')} torch "
-           "thread(s) each (throughputs compare the kinds at equal threads)." if args.jobs > 1 else "."),
-        f"Hardware: {hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} CPUs, "
-        f"{hw.get('torch_threads', '?')} torch threads){gpu}; torch {torch.__version__}; "
-        f"{hw.get('platform', '')}.",
-        "",
-    ])
+    md = "\n".join(
+        [
+            "# Fashion-MNIST: MiTA ViT vs. full attention",
+            "",
+            "Generated by `python results/fmnist.py "
+            + " ".join(sys.argv[1:] if argv is None else argv)
+            + "`.",
+            "Model: preset `vit-fmnist` (28x28, patch 2, 196 patches + cls = 197 tokens); the same weight shapes",
+            "for every attention kind. `test acc`: the final weights on the 10,000 test images;",
+            "`best acc`: the best evaluation during training. Throughputs are pessimistic when other jobs",
+            "shared the machine; peak memory is each run's peak RSS on CPU.",
+            "",
+            table,
+            "",
+            "Test accuracy % at each evaluation during training:",
+            "",
+            curve_table(records),
+            "",
+            f"Run length: {', '.join(cuts) or 'preset default'}; total wall time {total_min:.1f} min"
+            + (
+                f"; {args.jobs} runs trained at a time, {hw.get('torch_threads', '?')} torch "
+                "thread(s) each (throughputs compare the kinds at equal threads)."
+                if args.jobs > 1
+                else "."
+            ),
+            f"Hardware: {hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} CPUs, "
+            f"{hw.get('torch_threads', '?')} torch threads){gpu}; torch {torch.__version__}; "
+            f"{hw.get('platform', '')}.",
+            "",
+        ]
+    )
     write_text(f"{args.out}.md", md)
     doc = {"runs": records, "hardware": hw, "total_wall_time_s": total_min * 60, "cuts": cuts}
     write_json(f"{args.out}.json", doc, default=str)
