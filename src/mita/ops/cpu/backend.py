@@ -3,8 +3,9 @@
 Whole-op path (``fused_fwd`` / ``fused_bwd``), for s = 1 without ``dedup`` and head dims that are a
 multiple of the vector length, up to :data:`FUSED_MAX_KEYS` keys: one pass per (batch, head) computes the
 landmark side too (``R K^T``, top-k, softmax, ``A = P V``, ``Q R^T``) with the attention step, and the
-backward recomputes it, so nothing of size ``m x N`` is kept for autograd. Beyond that length torch's
-batched products (oneDNN/MKL) compute the landmark side faster than the kernel's, so the split path is used:
+backward recomputes its probabilities (``Q R^T`` and ``A`` are kept), so nothing of size ``m x N`` is
+kept. Beyond that length torch's batched products (oneDNN/MKL) compute the landmark side faster than the
+kernel's, so the split path is used:
 
 torch computes ``R K^T`` (its softmax and ``A = P V``, with autograd carrying the gradients of ``R``, ``K``
 and ``V`` through ``A``) and ``Q R^T``. The kernels (``kernel.cpp``) choose each landmark's top-k keys,

@@ -307,8 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
 
 // ---- the whole op per head: landmark side (R K^T, top-k, softmax, A = P V, Q R^T) fused as well ----
 // Needs d and dv multiples of the vector length (rows of K, V, Q and R are then used in place); the
-// caller falls back to the torch-plus-kernel path otherwise. The backward recomputes the landmark side,
-// so nothing of size m x N is kept between forward and backward.
+// caller falls back to the torch-plus-kernel path otherwise. The backward recomputes the landmark side's
+// probabilities P (Q R^T and A come saved from the forward), so nothing of size m x N is kept between
+// forward and backward.
 
 // Landmark side of one head, computed identically by the fused forward and backward.
 template <typename T>
