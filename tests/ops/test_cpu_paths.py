@@ -209,3 +209,31 @@ def test_whole_op_keeps_qr_and_shared_values_only_for_a_backward(monkeypatch):
         (False, (0, 2, 30, 4), (0, 2, 4, 16)),
         (True, (0, 2, 30, 4), (0, 2, 4, 16)),  # routing only: the backward needs neither
     ]
+
+
+def test_whole_op_backward_refuses_a_forward_that_kept_nothing():
+    assert build.availability()[0]
+    q, k, v, r = make_inputs(1, 2, 2, 20, 16, 3, dtype=torch.float32, requires_grad=False)
+    out, lse, experts, keys, qr, values = torch.ops.mita_cpu.fused_fwd(
+        q, k, v, r, None, 4, 0.25, 1 / 16, True, True, False
+    )
+    assert qr.shape[0] == 0 and values.shape[0] == 0
+    with pytest.raises(RuntimeError, match="must come from a forward run with save=True"):
+        torch.ops.mita_cpu.fused_bwd(
+            q,
+            k,
+            v,
+            r,
+            None,
+            keys,
+            experts,
+            out,
+            lse,
+            qr,
+            values,
+            torch.ones_like(out),
+            0.25,
+            1 / 16,
+            True,
+            True,
+        )

@@ -529,6 +529,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
   const at::Tensor q = unit_rows(q_), k = unit_rows(k_), v = unit_rows(v_), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
   const at::Tensor qr = qr_.contiguous(), a = a_.contiguous();  // saved by the forward (save = true)
+  TORCH_CHECK(!shared || (qr.dim() == 4 && qr.size(0) == q.size(0) && a.dim() == 4 && a.size(0) == q.size(0)),
+              "mita_cpu.fused_bwd: qr and shared_values must come from a forward run with save=True");
   const at::Tensor out = unit_rows(out_), lse = lse_.contiguous(), dout = unit_rows(dout_);
   const auto pad = contiguous_opt(pad_);
   check_fused(q, k, v, r);
