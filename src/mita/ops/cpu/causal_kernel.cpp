@@ -422,7 +422,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& kidx, int64_t block_size) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "mita_cpu_causal: q, k, v must be 4-D");
   TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "mita_cpu_causal: q, k, v of one length");
-  TORCH_CHECK(q.size(2) < (int64_t(1) << 31), "mita_cpu_causal: N must be < 2^31");
+  check_gather_offsets(k, v, "mita_cpu_causal");
   TORCH_CHECK(block_size >= 1, "mita_cpu_causal: block_size must be >= 1");
   const int64_t nl = q.size(2) / block_size;
   TORCH_CHECK(r.dim() == 4 && r.size(0) == q.size(0) && r.size(1) == q.size(1) && r.size(2) == nl &&

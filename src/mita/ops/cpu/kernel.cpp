@@ -225,8 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
   const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_), pad = contiguous_opt(pad_),
              dup = contiguous_opt(dup_);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "mita_cpu: q, k, v must be 4-D");
-  TORCH_CHECK(k.size(2) * std::max(k.size(3), v.size(3)) < (int64_t(1) << 31),
-              "mita_cpu: N_kv * head dim must be < 2^31 (32-bit gather offsets)");
+  check_gather_offsets(k, v, "mita_cpu");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1;
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
@@ -269,8 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
   const auto sv = contiguous_opt(sv_), pad = contiguous_opt(pad_), dup = contiguous_opt(dup_);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2);
-  TORCH_CHECK(nk * std::max(k.size(3), v.size(3)) < (int64_t(1) << 31),
-              "mita_cpu: N_kv * head dim must be < 2^31 (32-bit gather offsets)");
+  check_gather_offsets(k, v, "mita_cpu");
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, nk, k.size(3)}, q.options());
   at::Tensor dv = at::zeros({b, h, nk, v.size(3)}, q.options());
@@ -466,8 +464,7 @@ at::Tensor unit_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.con
 
 void check_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && r.dim() == 4, "mita_cpu: q, k, v, r must be 4-D");
-  TORCH_CHECK(k.size(2) * std::max(k.size(3), v.size(3)) < (int64_t(1) << 31),
-              "mita_cpu: N_kv * head dim must be < 2^31 (32-bit gather offsets)");
+  check_gather_offsets(k, v, "mita_cpu");
   const int64_t lanes = q.scalar_type() == at::kDouble ? 8 : 16;
   TORCH_CHECK(q.size(3) % lanes == 0 && v.size(3) % lanes == 0,
               "mita_cpu.fused: head dims must be multiples of ", lanes);

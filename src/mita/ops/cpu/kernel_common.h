@@ -488,6 +488,12 @@ inline void gather_rows(const T* src, int64_t width, const int64_t* rows, int64_
 }
 
 
+// ExpertBuf gathers with 32-bit element offsets key * head dim: every op that packs experts checks this.
+inline void check_gather_offsets(const at::Tensor& k, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(k.size(2) * std::max(k.size(3), v.size(3)) < (int64_t(1) << 31), op,
+              ": N_kv * head dim must be < 2^31 (32-bit gather offsets)");
+}
+
 template <typename T>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
