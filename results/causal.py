@@ -11,6 +11,10 @@ torch thread each.
     python results/causal.py mqar --jobs 2                 # the MQAR table (accuracy, routing recall)
     python results/causal.py shakespeare --jobs 2          # the shakespeare-char table and a sample
     python results/causal.py report                        # rewrite the tables from the cached runs
+
+MQAR at N >= 512 learns on a CPU budget only with a curriculum (``--curriculum``: short stages with few
+pairs first, one learning-rate schedule over all stages), and ``--full-first S`` adds MiTA runs that are
+the full-attention run for their first S steps and MiTA after (docs/causal.md has the commands).
 """
 
 from __future__ import annotations
@@ -124,9 +128,8 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec.get("threads", 1))
     torch.manual_seed(spec["seed"])
     data = spec["data"]
-    train = build_dataset(spec["task"], "train", seed=0, **data)
     test = build_dataset(spec["task"], "test", seed=0, size=spec["test_size"], **data)
-    info = train.info
+    info = test.info
     model = build_model(
         "gpt", vocab_size=info.vocab_size, max_len=info.seq_len, attention=spec["attention"], **spec["model"]
     )
@@ -136,7 +139,9 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
         [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=spec["lr"], betas=(0.9, 0.95),
     )  # fmt: skip
-    steps, warm = spec["steps"], max(1, int(0.05 * spec["steps"]))
+    stages = _stages(spec)
+    steps = sum(st["steps"] for st in stages)
+    warm = max(1, int(0.05 * steps))
 
     def lr_at(s: int) -> float:
         if s < warm:
@@ -144,10 +149,24 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    batches = _batches(train, spec["batch_size"], spec["seed"])
-    curve, seen, train_time = [], 0, 0.0
+    curve, seen, train_time, stage_end = [], 0, 0.0, 0
     evals = set(spec.get("eval_at", [])) | {steps}
+    own = [blk.attn.mixer for blk in model.blocks]
+    full_first = spec.get("full_first", 0)
+    if full_first:  # full attention for the first steps (the same run as the full model's), then the kind
+        from mita.nn.causal import FullCausal
+
+        for blk in model.blocks:
+            blk.attn.mixer = FullCausal()
     for step in range(1, steps + 1):
+        if step == full_first + 1:
+            for blk, mixer in zip(model.blocks, own):
+                blk.attn.mixer = mixer
+        if step > stage_end:  # the next stage of the curriculum (one stage without one)
+            st = stages.pop(0)
+            train = build_dataset(spec["task"], "train", seed=0, **st["data"])
+            batches = _batches(train, st["batch_size"], spec["seed"] + len(stages))
+            stage_end = step - 1 + st["steps"]
         x, y = next(batches)
         t0 = time.perf_counter()
         loss, _, _ = _loss(model, x, y)
@@ -163,9 +182,10 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
                   f"({seen / train_time:.0f} tok/s)", flush=True)  # fmt: skip
         if step in evals:
             ev = evaluate_lm(model, test, spec["eval_batch_size"])
-            curve.append({"step": step, "train_loss": float(loss), **ev})
-            print(f"[{spec['name']}] step {step}/{steps} train {float(loss):.4f} test {ev['loss']:.4f} "
-                  f"acc {ev['accuracy']:.4f} ({seen / train_time:.0f} tok/s)", flush=True)  # fmt: skip
+            curve.append({"step": step, "train_loss": float(loss.detach()), **ev})
+            print(f"[{spec['name']}] step {step}/{steps} train {curve[-1]['train_loss']:.4f} "
+                  f"test {ev['loss']:.4f} acc {ev['accuracy']:.4f} ({seen / train_time:.0f} tok/s)",
+                  flush=True)  # fmt: skip
     rec = {
         **{k: v for k, v in spec.items() if k != "threads"},
         "final": curve[-1],
@@ -192,6 +212,14 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
                 "data_kwargs": data, "step": steps}  # fmt: skip
         save_model_file(spec["save"], model, meta)
     return rec
+
+
+def _stages(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training stages of ``spec``: its ``curriculum`` (data sizes, steps and batch of each stage, the
+    last at ``spec["data"]``), or one stage of ``spec["steps"]`` at ``spec["data"]``."""
+    if not spec.get("curriculum"):
+        return [{"data": spec["data"], "steps": spec["steps"], "batch_size": spec["batch_size"]}]
+    return [dict(st) for st in spec["curriculum"]]
 
 
 def speed_run(
@@ -258,6 +286,36 @@ def run_all(specs: list[dict[str, Any]], runs: str, jobs: int) -> list[dict[str,
 
 # ---- the experiments ----------------------------------------------------------------------------------
 
+
+def _curriculum(a: argparse.Namespace, pairs: int) -> list[dict[str, Any]]:
+    """The stages of ``--curriculum LEN:PAIRS:STEPS[:BATCH],...`` followed by the task itself
+    (``--seq-len``, ``pairs``, ``--steps``); a stage without BATCH has ``--batch-size x --seq-len`` tokens
+    per step. Empty without the flag. Zoology trains MQAR on a mixture of lengths, most of it short;
+    stages do the same in order, with one learning-rate schedule over all of them."""
+    from mita.data import build_dataset
+
+    if not a.curriculum:
+        return []
+    stages = []
+    for item in a.curriculum.split(","):
+        try:
+            n, p, steps, *batch = (int(v) for v in item.split(":"))
+        except ValueError:
+            batch = [0, 0]
+        if len(batch) > 1:
+            raise ValueError(f"--curriculum: stage {item!r} is not LEN:PAIRS:STEPS[:BATCH] (integers)")
+        batch = batch[0] if batch else max(1, a.batch_size * a.seq_len // n)
+        if steps < 1 or batch < 1 or not 1 <= n <= a.seq_len:
+            raise ValueError(
+                f"--curriculum: stage {item!r} needs STEPS, BATCH >= 1 and 1 <= LEN <= --seq-len"
+            )
+        data = {"seq_len": n, "num_pairs": p, "vocab_size": a.vocab}
+        build_dataset("mqar", "test", size=1, **data)  # the task's own checks, before any training
+        stages.append({"data": data, "steps": steps, "batch_size": batch})
+    final = {"seq_len": a.seq_len, "num_pairs": pairs, "vocab_size": a.vocab}
+    return stages + [{"data": final, "steps": a.steps, "batch_size": a.batch_size}]
+
+
 # 2 layers, width 64, 2 heads of 32 (Zoology's small MQAR models are 2 layers at width 64-128)
 MQAR_MODEL = {"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "token_shift": True}
 
@@ -268,30 +326,48 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
     b, k = a.block_size, a.topk
     grid = [(kk, bb) for kk, bb in ((k // 2, b), (k, b), (2 * k, b), (k, b // 2), (k, 2 * b)) if kk and bb]
     specs = []
+    total = sum(st["steps"] for st in _curriculum(a, a.pairs[0])) or a.steps
+    if a.full_first and not 0 < a.full_first < total:
+        raise ValueError(f"--full-first {a.full_first} must be between 1 and the run's {total} steps - 1")
 
-    def add(pairs: int, kind: str, horizon: str = "prefix") -> None:
+    def add(pairs: int, kind: str, horizon: str = "prefix", shared: bool = True) -> None:
         opts: dict[str, Any] = {"block_size": b}
         tag = f"{kind}-b{b}"
         if kind == "mita":
-            opts |= {"topk": k, "landmark_horizon": horizon}
-            tag = f"mita-{horizon}-k{k}-b{b}"
+            opts |= {"topk": k, "landmark_horizon": horizon} | ({} if shared else {"shared": False})
+            tag = f"mita-{horizon}-k{k}-b{b}" + ("" if shared else "-routed")
         elif kind == "moba":
             opts |= {"top_blocks": max(1, k // b)}
             tag = f"moba-s{max(1, k // b)}-b{b}"
         elif kind == "full":
             opts, tag = {}, "full"
+        cur = _curriculum(a, pairs)
+        ctag = "-c" + ".".join(
+            f"{c['data']['seq_len']}x{c['data']['num_pairs']}x{c['steps']}x{c['batch_size']}"
+            for c in cur[:-1]
+        )
+        seed = f"-seed{a.seed}" if a.seed else ""
         specs.append({
-            "name": f"mqar-n{a.seq_len}-p{pairs}-v{a.vocab}-{tag}-s{a.steps}", "task": "mqar",
+            "name": f"mqar-n{a.seq_len}-p{pairs}-v{a.vocab}-{tag}-s{a.steps}{ctag if cur else ''}{seed}",
+            "task": "mqar", "curriculum": cur,
             "attention": kind,
             "data": {"seq_len": a.seq_len, "num_pairs": pairs, "vocab_size": a.vocab},
             "model": {**MQAR_MODEL, **opts}, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "weight_decay": 0.1, "seed": a.seed, "test_size": a.test_size, "eval_batch_size": 64,
-            "eval_at": [a.steps // 2], "pairs": pairs, "sweep_grid": grid,
+            "eval_at": [sum(c["steps"] for c in cur[:-1]) + a.steps // 2], "pairs": pairs, "sweep_grid": grid,
         })  # fmt: skip
 
     for pairs in a.pairs:  # the slow MiTA runs first, so that --jobs 2 overlaps them with the rest
         add(pairs, "mita", "prefix")
         add(pairs, "mita", "frozen")
+        for shared in (True, False) if a.routed_only else (True,):
+            if not shared:
+                add(pairs, "mita", "prefix", shared)
+                add(pairs, "mita", "frozen", shared)
+            for horizon in ("prefix", "frozen") if a.full_first else ():
+                add(pairs, "mita", horizon, shared)
+                specs[-1]["full_first"] = a.full_first
+                specs[-1]["name"] += f"-full{a.full_first}"
         for kind in ("full", "moba", "window"):
             add(pairs, kind)
     return specs
@@ -304,18 +380,21 @@ SHAKESPEARE_MODEL = {"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0}
 def shakespeare_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
     """One run per attention kind at context ``--seq-len``, b = k = 64, equal steps."""
     specs = []
-    for kind, opts in (  # mita first: the longest run starts first when --jobs > 1
+    for kind, opts in (  # mita prefix first: the longest run starts first when --jobs > 1
         ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "prefix"}),
+        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "frozen"}),
         ("full", {}),
         ("moba", {"block_size": 64, "top_blocks": 1}),
         ("window", {"block_size": 64}),
     ):
+        tag = f"{kind}-{opts['landmark_horizon']}" if kind == "mita" else kind
+        name = f"shakespeare-n{a.seq_len}-{tag}-s{a.steps}x{a.batch_size}-seed{a.seed}"
         specs.append({
-            "name": f"shakespeare-n{a.seq_len}-{kind}", "task": "shakespeare-char", "attention": kind,
+            "name": name, "task": "shakespeare-char", "attention": kind,
             "data": {"seq_len": a.seq_len}, "model": {**SHAKESPEARE_MODEL, **opts}, "steps": a.steps,
             "batch_size": a.batch_size, "lr": a.lr, "weight_decay": 0.1, "seed": a.seed,
             "test_size": a.test_size, "eval_batch_size": 8, "eval_at": [a.steps // 2],
-            "save": str(Path(a.runs) / f"shakespeare-n{a.seq_len}-{kind}.safetensors"),
+            "save": str(Path(a.runs) / f"{name}.safetensors"),
         })  # fmt: skip
     return specs
 
@@ -336,10 +415,52 @@ def _label(r: dict[str, Any]) -> str:
     if r["attention"] == "full":
         return "full"
     if r["attention"] == "mita":
-        return f"mita {m['landmark_horizon']} (k={m['topk']}, b={m['block_size']})"
+        first = f", full for steps 1-{r['full_first']}" if r.get("full_first") else ""
+        routed = " routed-only" if m.get("shared") is False else ""
+        return f"mita {m['landmark_horizon']}{routed} (k={m['topk']}, b={m['block_size']}{first})"
     if r["attention"] == "moba":
         return f"moba (s={m['top_blocks']}, b={m['block_size']})"
     return f"window (b={m['block_size']})"
+
+
+def _schedule(r: dict[str, Any]) -> str:
+    """``steps x batch`` of a run, after its curriculum stages (``N/pairs: steps x batch``) if it had one."""
+    last = f"{r['steps']} x {r['batch_size']}"
+    stages = r.get("curriculum") or []
+    pre = [
+        f"{st['data']['seq_len']}/{st['data']['num_pairs']}: {st['steps']} x {st['batch_size']}"
+        for st in stages[:-1]
+    ]
+    return ", ".join(pre + [f"then {last}" if pre else last])
+
+
+def _seed_means(sh: list[dict[str, Any]]) -> list[str]:
+    """Mean validation loss over seeds per (steps, batch, kind), and its difference from full attention's
+    with the seeds paired (same seed, same data order); only settings with at least two seeds."""
+    groups: dict[tuple, dict[str, dict[int, float]]] = {}
+    for r in sh:
+        groups.setdefault((r["data"]["seq_len"], r["steps"], r["batch_size"]), {}).setdefault(_label(r), {})[
+            r["seed"]
+        ] = r["final"]["loss"]
+    out = []
+    for (n, steps, batch), kinds in groups.items():
+        full = kinds.get("full", {})
+        if len(full) < 2:
+            continue
+        out += [
+            "",
+            f"Mean over seeds, context {n}, {steps} x {batch} (difference to full: same seed, paired):",
+            "",
+        ]
+        out += [_row("attention", "seeds", "mean val loss", "minus full (mean)", "minus full (per seed)")]
+        out.append("|---|---|---|---|---|")
+        for label, by_seed in kinds.items():
+            seeds = sorted(set(by_seed) & set(full))
+            mean = sum(by_seed.values()) / len(by_seed)
+            diffs = [by_seed[s_] - full[s_] for s_ in seeds]
+            per = ", ".join(f"{d:+.4f}" for d in diffs)
+            out.append(_row(label, len(by_seed), _fmt(mean, 4), f"{sum(diffs) / len(diffs):+.4f}", per))
+    return out
 
 
 def report(runs: str, out: str) -> None:
@@ -366,21 +487,22 @@ def report(runs: str, out: str) -> None:
         )
         lines.append("")
         head = ("N", "pairs", "vocab", "attention", "accuracy", "routing recall (layer 1 / 2)")
-        lines.append(_row(*head, "steps x batch", "lr", "train s"))
+        lines.append(_row(*head, "curriculum, then steps x batch", "lr", "train s"))
         lines.append("|---|---|---|---|---|---|---|---|---|")
         order = {"full": 0, "mita": 1, "moba": 2, "window": 3}
 
         def key(r: dict[str, Any]) -> tuple:
             m = r["model"]
-            return (r["data"]["seq_len"], r["pairs"], r["steps"], order[r["attention"]],
-                    m.get("landmark_horizon", ""), m.get("topk", 0), m.get("block_size", 0))  # fmt: skip
+            return (r["data"]["seq_len"], r["pairs"], r["data"]["vocab_size"], bool(r.get("curriculum")),
+                    r["steps"], order[r["attention"]], m.get("landmark_horizon", ""), m.get("topk", 0),
+                    m.get("block_size", 0), r.get("seed", 0))  # fmt: skip
 
         mq = sorted(mq, key=key)
         for r in mq:
             rc = " / ".join(_fmt(x["recall_any_head"]) for x in r.get("recall", [])) or "—"
             d = r["data"]
             cells = (d["seq_len"], r["pairs"], d["vocab_size"], _label(r), _fmt(r["final"]["accuracy"]), rc)
-            run = (f"{r['steps']} x {r['batch_size']}", f"{r['lr']:g}", f"{r['train_seconds']:.0f}")
+            run = (_schedule(r), f"{r['lr']:g}", f"{r['train_seconds']:.0f}")
             lines.append(_row(*cells, *run))
     swept = [r for r in mq if r.get("sweep")]
     if swept:
@@ -391,7 +513,8 @@ def report(runs: str, out: str) -> None:
         for r in swept:
             for row in r["sweep"]:
                 rc = " / ".join(_fmt(x["recall_any_head"]) for x in row["recall"])
-                cells = (r["data"]["seq_len"], r["pairs"], r["steps"], _label(r), f"mita {row['horizon']}")
+                steps = f"{r['steps']}" + (" (curriculum)" if r.get("curriculum") else "")
+                cells = (r["data"]["seq_len"], r["pairs"], steps, _label(r), f"mita {row['horizon']}")
                 lines.append(_row(*cells, row["topk"], row["block_size"], _fmt(row["accuracy"]), rc))
     sh = [r for r in recs if r["task"] == "shakespeare-char"]
     if sh:
@@ -400,17 +523,34 @@ def report(runs: str, out: str) -> None:
             "Train tokens/s is each run's own, measured while other jobs shared the machine differently; "
             "the interleaved table at the end compares speeds fairly."
         )
-        lines += [
-            "",
-            _row("context", "attention", "val loss (nats)", "bits/byte", "train tok/s", "steps x batch"),
-        ]
-        lines.append("|---|---|---|---|---|---|")
+        head = (
+            "context",
+            "attention",
+            "steps x batch",
+            "seed",
+            "val loss (nats)",
+            "bits/byte",
+            "train tok/s",
+        )
+        lines += ["", _row(*head), "|---|---|---|---|---|---|---|"]
+        order = {"full": 0, "mita": 1, "moba": 2, "window": 3}
+        sh = sorted(
+            sh, key=lambda r: (r["steps"], r["batch_size"], order[r["attention"]], _label(r), r["seed"])
+        )
         for r in sh:
-            f = r["final"]
-            cells = (r["data"]["seq_len"], _label(r), _fmt(f["loss"], 4), _fmt(f["bits_per_byte"], 4))
-            lines.append(_row(*cells, f"{r['train_tokens_per_s']:.0f}", f"{r['steps']} x {r['batch_size']}"))
+            f, run = r["final"], f"{r['steps']} x {r['batch_size']}"
+            cells = (
+                r["data"]["seq_len"],
+                _label(r),
+                run,
+                r["seed"],
+                _fmt(f["loss"], 4),
+                _fmt(f["bits_per_byte"], 4),
+            )
+            lines.append(_row(*cells, f"{r['train_tokens_per_s']:.0f}"))
+        lines += _seed_means(sh)
         for r in sh:
-            if r.get("sample"):
+            if r.get("sample") and r["seed"] == 0 and r["steps"] == max(x["steps"] for x in sh):
                 lines += ["", f"Sample ({_label(r)}, temperature 0.8, top-k 40, prompt `ROMEO:`):", "", "```"]
                 lines += [r["sample"], "```"]
     speed = Path(runs) / "speed.json"
@@ -456,6 +596,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=16, help="MiTA's k (MQAR); MoBA gets k / b blocks")
     p.add_argument("--test-size", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--curriculum",
+        help="MQAR: stages before the task, LEN:PAIRS:STEPS[:BATCH],... (e.g. 64:4:600:32,128:8:400:32)",
+    )
+    p.add_argument(
+        "--full-first",
+        type=int,
+        default=0,
+        help="MQAR: also train MiTA runs that use full attention for their first STEPS (of the same total)",
+    )
+    p.add_argument(
+        "--routed-only",
+        action="store_true",
+        help="MQAR: also train MiTA without its shared expert (shared=False; with --full-first too)",
+    )
     p.add_argument("--only", help="comma-separated substrings: run only the specs whose name has one")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--runs", default="runs/results-causal")

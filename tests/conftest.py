@@ -9,6 +9,26 @@ when torchvision is absent or healthy.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import pytest
+
 from mita.integrations import torchvision_shim
 
 torchvision_shim.install()
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.fixture
+def results_script():
+    """``load(name)``: the script ``results/NAME.py`` as a fresh module (the scripts are not a package)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"results_{name}", RESULTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

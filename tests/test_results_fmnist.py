@@ -3,31 +3,19 @@ directories that already hold runs unless told to (--resume re-reports them, --f
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "results" / "fmnist.py"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("results_fmnist", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_existing_runs_are_refused_before_any_training(tmp_path, monkeypatch):
-    fmnist = _load()
+def test_existing_runs_are_refused_before_any_training(tmp_path, monkeypatch, results_script):
+    fmnist = results_script("fmnist")
     (tmp_path / "mita-s0").mkdir()
     monkeypatch.setattr(fmnist, "run_all", lambda *a, **k: pytest.fail("trained despite existing runs"))
     with pytest.raises(SystemExit, match=r"mita-s0 already hold runs; pass --resume .* --fresh"):
         fmnist.main(["--runs", str(tmp_path), "--attentions", "mita,full"])
 
 
-def test_fresh_deletes_only_the_scripts_own_run_directories(tmp_path, monkeypatch):
-    fmnist = _load()
+def test_fresh_deletes_only_the_scripts_own_run_directories(tmp_path, monkeypatch, results_script):
+    fmnist = results_script("fmnist")
     (tmp_path / "mita-s0").mkdir()
     (tmp_path / "other").mkdir()
     seen = {}

@@ -14,6 +14,7 @@ KINDS_OPTS = {
     "moba": {"block_size": 4, "top_blocks": 2},
     "mita": {"block_size": 4, "topk": 3, "landmark_horizon": "prefix"},
     "mita-frozen": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen"},
+    "mita-routed": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen", "shared": False},
 }
 
 
@@ -124,7 +125,13 @@ def test_moba_never_selects_a_future_block_even_when_it_scores_highest():
 
 
 @pytest.mark.parametrize(
-    "kind, opts", [("window", {"block_size": 32}), ("moba", {"block_size": 4, "top_blocks": 5})]
+    "kind, opts",
+    [
+        ("window", {"block_size": 32}),
+        ("moba", {"block_size": 4, "top_blocks": 5}),
+        # SPEC §5.6, prefix horizon only: its routed expert holds every key before the query's block
+        ("mita", {"block_size": 4, "topk": 19, "landmark_horizon": "prefix", "shared": False}),
+    ],
 )
 def test_wide_enough_budgets_are_exactly_causal_attention(kind, opts):
     q, k, v = _qkv(n=19)
@@ -142,6 +149,7 @@ def test_wide_enough_budgets_are_exactly_causal_attention(kind, opts):
         ("moba", {"top_blocks": 1.5}, "top_blocks must be a positive int"),
         ("mita", {"landmark_horizon": "future"}, "landmark_horizon must be 'prefix' or 'frozen'"),
         ("mita", {"topk": 0}, "topk must be a positive int"),
+        ("mita", {"shared": "no"}, "shared must be a bool, got 'no'"),
         ("full", {"num_landmarks": 4}, r"unknown causal attention options \['num_landmarks'\]"),
     ],
 )

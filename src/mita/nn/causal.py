@@ -218,6 +218,8 @@ class MiTACausal(CausalMixer):
         landmark_horizon: ``"prefix"`` (keys before the query's block) or ``"frozen"`` (keys up to the
             end of the landmark's own block); SPEC §5.2.
         backend: the op backend (``"auto"`` | ``"torch"`` | ``"reference"``).
+        shared: keep the shared expert (the landmarks' logits and values); ``False`` attends to the routed
+            expert and the own block only (SPEC §2.5's ablation; docs/causal.md shows where it matters).
 
     Set ``record_routing = True`` to keep the last forward's routing in ``last_routing``.
     """
@@ -225,9 +227,17 @@ class MiTACausal(CausalMixer):
     kind = "mita"
 
     def __init__(
-        self, block_size: int = 64, topk: int = 64, landmark_horizon: str = "prefix", backend: str = "auto"
+        self,
+        block_size: int = 64,
+        topk: int = 64,
+        landmark_horizon: str = "prefix",
+        backend: str = "auto",
+        shared: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(shared, bool):
+            raise ValueError(f"shared must be a bool, got {shared!r}")
+        self.shared = shared
         self.block_size = _positive_int("block_size", block_size)
         self.topk = _positive_int("topk", topk)
         if landmark_horizon not in ("prefix", "frozen"):
@@ -244,7 +254,7 @@ class MiTACausal(CausalMixer):
         res = mita_attention(
             q, k, v, block_mean(q, self.block_size), topk=self.topk, causal=True,
             block_size=self.block_size, landmark_horizon=self.landmark_horizon, backend=self.backend,
-            return_routing=self.record_routing,
+            shared=self.shared, return_routing=self.record_routing,
         )  # fmt: skip
         if not self.record_routing:
             return res
@@ -254,7 +264,12 @@ class MiTACausal(CausalMixer):
     def new_cache(self) -> Any:
         from mita import MiTACache
 
-        return MiTACache(topk=self.topk, block_size=self.block_size, landmark_horizon=self.landmark_horizon)
+        return MiTACache(
+            topk=self.topk,
+            block_size=self.block_size,
+            landmark_horizon=self.landmark_horizon,
+            shared=self.shared,
+        )
 
 
 CAUSAL_CLASSES: dict[str, type[CausalMixer]] = {
@@ -268,7 +283,7 @@ CAUSAL_KINDS = tuple(CAUSAL_CLASSES)
 #: settings can be carried across kinds, as ``mita train --attention`` does).
 CAUSAL_OPTIONS: dict[str, tuple[str, ...]] = {
     "full": (),
-    "mita": ("block_size", "topk", "landmark_horizon", "backend"),
+    "mita": ("block_size", "topk", "landmark_horizon", "backend", "shared"),
     "moba": ("block_size", "top_blocks"),
     "window": ("block_size",),
 }
