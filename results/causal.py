@@ -486,9 +486,9 @@ def report(runs: str, out: str) -> None:
             "s = k / b blocks, window b; all also see their own block."
         )
         lines.append("")
-        head = ("N", "pairs", "vocab", "attention", "accuracy", "routing recall (layer 1 / 2)")
+        head = ("N", "pairs", "vocab", "attention", "seed", "accuracy", "routing recall (layer 1 / 2)")
         lines.append(_row(*head, "curriculum, then steps x batch", "lr", "train s"))
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         order = {"full": 0, "mita": 1, "moba": 2, "window": 3}
 
         def key(r: dict[str, Any]) -> tuple:
@@ -501,7 +501,8 @@ def report(runs: str, out: str) -> None:
         for r in mq:
             rc = " / ".join(_fmt(x["recall_any_head"]) for x in r.get("recall", [])) or "—"
             d = r["data"]
-            cells = (d["seq_len"], r["pairs"], d["vocab_size"], _label(r), _fmt(r["final"]["accuracy"]), rc)
+            acc = _fmt(r["final"]["accuracy"])
+            cells = (d["seq_len"], r["pairs"], d["vocab_size"], _label(r), r.get("seed", 0), acc, rc)
             run = (_schedule(r), f"{r['lr']:g}", f"{r['train_seconds']:.0f}")
             lines.append(_row(*cells, *run))
     swept = [r for r in mq if r.get("sweep")]
@@ -514,6 +515,7 @@ def report(runs: str, out: str) -> None:
             for row in r["sweep"]:
                 rc = " / ".join(_fmt(x["recall_any_head"]) for x in row["recall"])
                 steps = f"{r['steps']}" + (" (curriculum)" if r.get("curriculum") else "")
+                steps += f", seed {r['seed']}" if r.get("seed") else ""
                 cells = (r["data"]["seq_len"], r["pairs"], steps, _label(r), f"mita {row['horizon']}")
                 lines.append(_row(*cells, row["topk"], row["block_size"], _fmt(row["accuracy"]), rc))
     sh = [r for r in recs if r["task"] == "shakespeare-char"]
