@@ -149,7 +149,7 @@ def test_wide_enough_budgets_are_exactly_causal_attention(kind, opts):
         ("moba", {"top_blocks": 1.5}, "top_blocks must be a positive int"),
         ("mita", {"landmark_horizon": "future"}, "landmark_horizon must be 'prefix' or 'frozen'"),
         ("mita", {"topk": 0}, "topk must be a positive int"),
-        ("mita", {"shared": "no"}, "shared must be a bool, got 'no'"),
+        ("mita", {"shared": "no"}, "shared must be True or False, got 'no'"),
         ("full", {"num_landmarks": 4}, r"unknown causal attention options \['num_landmarks'\]"),
     ],
 )

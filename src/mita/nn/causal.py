@@ -235,9 +235,9 @@ class MiTACausal(CausalMixer):
         shared: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(shared, bool):
-            raise ValueError(f"shared must be a bool, got {shared!r}")
-        self.shared = shared
+        from mita.ops.arguments import as_bool
+
+        self.shared = as_bool("shared", shared)
         self.block_size = _positive_int("block_size", block_size)
         self.topk = _positive_int("topk", topk)
         if landmark_horizon not in ("prefix", "frozen"):
