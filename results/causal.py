@@ -287,11 +287,11 @@ def run_all(specs: list[dict[str, Any]], runs: str, jobs: int) -> list[dict[str,
 # ---- the experiments ----------------------------------------------------------------------------------
 
 
-def _curriculum(a: argparse.Namespace, pairs: int) -> list[dict[str, Any]]:
-    """The stages of ``--curriculum LEN:PAIRS:STEPS[:BATCH],...`` followed by the task itself
-    (``--seq-len``, ``pairs``, ``--steps``); a stage without BATCH has ``--batch-size x --seq-len`` tokens
-    per step. Empty without the flag. Zoology trains MQAR on a mixture of lengths, most of it short;
-    stages do the same in order, with one learning-rate schedule over all of them."""
+def _curriculum(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """The stages of ``--curriculum LEN:PAIRS:STEPS[:BATCH],...``, trained before the task itself; a stage
+    without BATCH has ``--batch-size x --seq-len`` tokens per step. Empty without the flag. Zoology trains
+    MQAR on a mixture of lengths, most of it short; stages do the same in order, with one learning-rate
+    schedule over all of them and the task."""
     from mita.data import build_dataset
 
     if not a.curriculum:
@@ -312,8 +312,7 @@ def _curriculum(a: argparse.Namespace, pairs: int) -> list[dict[str, Any]]:
         data = {"seq_len": n, "num_pairs": p, "vocab_size": a.vocab}
         build_dataset("mqar", "test", size=1, **data)  # the task's own checks, before any training
         stages.append({"data": data, "steps": steps, "batch_size": batch})
-    final = {"seq_len": a.seq_len, "num_pairs": pairs, "vocab_size": a.vocab}
-    return stages + [{"data": final, "steps": a.steps, "batch_size": a.batch_size}]
+    return stages
 
 
 # 2 layers, width 64, 2 heads of 32 (Zoology's small MQAR models are 2 layers at width 64-128)
@@ -326,11 +325,16 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
     b, k = a.block_size, a.topk
     grid = [(kk, bb) for kk, bb in ((k // 2, b), (k, b), (2 * k, b), (k, b // 2), (k, 2 * b)) if kk and bb]
     specs = []
-    total = sum(st["steps"] for st in _curriculum(a, a.pairs[0])) or a.steps
+    pre = _curriculum(a)
+    stage_tags = (
+        f"{c['data']['seq_len']}x{c['data']['num_pairs']}x{c['steps']}x{c['batch_size']}" for c in pre
+    )
+    ctag = "-c" + ".".join(stage_tags) if pre else ""
+    total = sum(c["steps"] for c in pre) + a.steps
     if a.full_first and not 0 < a.full_first < total:
         raise ValueError(f"--full-first {a.full_first} must be between 1 and the run's {total} steps - 1")
 
-    def add(pairs: int, kind: str, horizon: str = "prefix", shared: bool = True) -> None:
+    def add(pairs: int, kind: str, horizon: str = "prefix", shared: bool = True, full_first: int = 0) -> None:
         opts: dict[str, Any] = {"block_size": b}
         tag = f"{kind}-b{b}"
         if kind == "mita":
@@ -341,33 +345,22 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
             tag = f"moba-s{max(1, k // b)}-b{b}"
         elif kind == "full":
             opts, tag = {}, "full"
-        cur = _curriculum(a, pairs)
-        ctag = "-c" + ".".join(
-            f"{c['data']['seq_len']}x{c['data']['num_pairs']}x{c['steps']}x{c['batch_size']}"
-            for c in cur[:-1]
-        )
-        seed = f"-seed{a.seed}" if a.seed else ""
+        data = {"seq_len": a.seq_len, "num_pairs": pairs, "vocab_size": a.vocab}
+        cur = pre + [{"data": data, "steps": a.steps, "batch_size": a.batch_size}] if pre else []
+        name = f"mqar-n{a.seq_len}-p{pairs}-v{a.vocab}-{tag}-s{a.steps}{ctag}"
+        name += (f"-seed{a.seed}" if a.seed else "") + (f"-full{full_first}" if full_first else "")
         specs.append({
-            "name": f"mqar-n{a.seq_len}-p{pairs}-v{a.vocab}-{tag}-s{a.steps}{ctag if cur else ''}{seed}",
-            "task": "mqar", "curriculum": cur,
-            "attention": kind,
-            "data": {"seq_len": a.seq_len, "num_pairs": pairs, "vocab_size": a.vocab},
+            "name": name, "task": "mqar", "curriculum": cur, "attention": kind, "data": data,
             "model": {**MQAR_MODEL, **opts}, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "weight_decay": 0.1, "seed": a.seed, "test_size": a.test_size, "eval_batch_size": 64,
-            "eval_at": [sum(c["steps"] for c in cur[:-1]) + a.steps // 2], "pairs": pairs, "sweep_grid": grid,
-        })  # fmt: skip
+            "eval_at": [total - a.steps + a.steps // 2], "pairs": pairs, "sweep_grid": grid,
+        } | ({"full_first": full_first} if full_first else {}))  # fmt: skip
 
     for pairs in a.pairs:  # the slow MiTA runs first, so that --jobs 2 overlaps them with the rest
-        add(pairs, "mita", "prefix")
-        add(pairs, "mita", "frozen")
         for shared in (True, False) if a.routed_only else (True,):
-            if not shared:
-                add(pairs, "mita", "prefix", shared)
-                add(pairs, "mita", "frozen", shared)
-            for horizon in ("prefix", "frozen") if a.full_first else ():
-                add(pairs, "mita", horizon, shared)
-                specs[-1]["full_first"] = a.full_first
-                specs[-1]["name"] += f"-full{a.full_first}"
+            for full_first in (0, a.full_first) if a.full_first else (0,):
+                for horizon in ("prefix", "frozen"):
+                    add(pairs, "mita", horizon, shared, full_first)
         for kind in ("full", "moba", "window"):
             add(pairs, kind)
     return specs
@@ -400,6 +393,9 @@ def shakespeare_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ---- tables -------------------------------------------------------------------------------------------
+
+
+KIND_ORDER = {"full": 0, "mita": 1, "moba": 2, "window": 3}  # row order of the tables
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -489,12 +485,11 @@ def report(runs: str, out: str) -> None:
         head = ("N", "pairs", "vocab", "attention", "seed", "accuracy", "routing recall (layer 1 / 2)")
         lines.append(_row(*head, "curriculum, then steps x batch", "lr", "train s"))
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
-        order = {"full": 0, "mita": 1, "moba": 2, "window": 3}
 
         def key(r: dict[str, Any]) -> tuple:
             m = r["model"]
             return (r["data"]["seq_len"], r["pairs"], r["data"]["vocab_size"], bool(r.get("curriculum")),
-                    r["steps"], order[r["attention"]], m.get("landmark_horizon", ""), m.get("topk", 0),
+                    r["steps"], KIND_ORDER[r["attention"]], m.get("landmark_horizon", ""), m.get("topk", 0),
                     m.get("block_size", 0), r.get("seed", 0))  # fmt: skip
 
         mq = sorted(mq, key=key)
@@ -535,9 +530,8 @@ def report(runs: str, out: str) -> None:
             "train tok/s",
         )
         lines += ["", _row(*head), "|---|---|---|---|---|---|---|"]
-        order = {"full": 0, "mita": 1, "moba": 2, "window": 3}
         sh = sorted(
-            sh, key=lambda r: (r["steps"], r["batch_size"], order[r["attention"]], _label(r), r["seed"])
+            sh, key=lambda r: (r["steps"], r["batch_size"], KIND_ORDER[r["attention"]], _label(r), r["seed"])
         )
         for r in sh:
             f, run = r["final"], f"{r['steps']} x {r['batch_size']}"

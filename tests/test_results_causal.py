@@ -18,14 +18,17 @@ def _args(causal, **kw):
 
 def test_curriculum_stages_keep_tokens_per_step_and_end_at_the_task(results_script):
     causal = results_script("causal")
-    stages = causal._curriculum(_args(causal, curriculum="16:1:3,32:2:5"), pairs=4)
-    assert [st["data"]["seq_len"] for st in stages] == [16, 32, 64]
-    assert [st["data"]["num_pairs"] for st in stages] == [1, 2, 4]
-    assert [st["steps"] for st in stages] == [3, 5, 4]
-    assert [st["batch_size"] * st["data"]["seq_len"] for st in stages] == [128, 128, 128]
-    assert causal._curriculum(_args(causal), pairs=4) == []
-    given = causal._curriculum(_args(causal, curriculum="16:1:3:5"), pairs=4)
-    assert [st["batch_size"] for st in given] == [5, 2]
+    specs = causal.mqar_specs(_args(causal, curriculum="16:1:3,32:2:5"))
+    for spec in specs:  # every kind trains the same stages, the last one the task itself
+        stages = spec["curriculum"]
+        assert [st["data"]["seq_len"] for st in stages] == [16, 32, 64]
+        assert [st["data"]["num_pairs"] for st in stages] == [1, 2, 4]
+        assert [st["steps"] for st in stages] == [3, 5, 4]
+        assert [st["batch_size"] * st["data"]["seq_len"] for st in stages] == [128, 128, 128]
+        assert stages[-1]["data"] == spec["data"]
+    assert all(s["curriculum"] == [] for s in causal.mqar_specs(_args(causal)))
+    given = causal._curriculum(_args(causal, curriculum="16:1:3:5"))
+    assert [st["batch_size"] for st in given] == [5]
 
 
 @pytest.mark.parametrize(
@@ -44,7 +47,7 @@ def test_curriculum_stages_keep_tokens_per_step_and_end_at_the_task(results_scri
 def test_bad_curriculum_stages_are_refused_naming_them(bad, match, results_script):
     causal = results_script("causal")
     with pytest.raises(ValueError, match=match):
-        causal._curriculum(_args(causal, curriculum=bad), pairs=4)
+        causal._curriculum(_args(causal, curriculum=bad))
 
 
 def test_run_names_tell_curricula_and_seeds_apart(results_script):
