@@ -226,6 +226,11 @@ def mita_attention(
         backend=backend,
     )
     chosen = _resolve_backend(backend, q.device)
+    if key_padding_mask is not None:
+        # Padding is excluded by selection: a NaN/Inf in a padded key or value must reach no output
+        # (the backends give padded keys weight 0, and 0 * NaN is NaN).
+        pad = key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     if chosen == "reference":
         out, routing = reference_forward(p, q, k, v, landmarks, key_padding_mask)
     elif chosen == "torch":

@@ -20,6 +20,7 @@ import torch
 
 from ..arguments import as_bool, as_int, as_scale
 from .common import HORIZONS, merge_parts, partial_softmax
+from .nonfinite import bad_tokens, finite_or_zero, poison
 
 
 def _grow(buf: torch.Tensor | None, need: int, dim: int, template: torch.Tensor, fill: float = 0.0):
@@ -83,6 +84,10 @@ class MiTACache:
         self._max = self._sum = self._num = None  # prefix online-softmax state [B, H, capL(, dv)]
         self._top_val = self._top_idx = None  # [B, H, capL, topk]: scores (prefix) and key indices
         self._qblock = None  # [B, H, b, d]: queries of the current block
+        # Non-finite inputs (nonfinite.py): tokens are stored cleaned; these flags say which were not.
+        self._bad_k = self._bad_v = None  # [B, Hkv, cap] per token
+        self._bad_qblock = None  # [B, H, b]: per query of the current block
+        self._bad_r = None  # [B, H, capL]: landmark j averages a non-finite query
 
     def __len__(self) -> int:
         return self.length
@@ -152,12 +157,16 @@ class MiTACache:
         if q.dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
         with torch.no_grad():
+            bad_q, bad_k, bad_v = bad_tokens(q), bad_tokens(k), bad_tokens(v)
+            q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
             outs, pos, t = [], 0, q.shape[2]
             while pos < t:  # one segment per block touched
                 take = min(t - pos, self.block_size - self.length % self.block_size)
+                seg = slice(pos, pos + take)
                 outs.append(
                     self._segment(
-                        q[:, :, pos : pos + take], k[:, :, pos : pos + take], v[:, :, pos : pos + take]
+                        q[:, :, seg], k[:, :, seg], v[:, :, seg], bad_q[:, :, seg], bad_k[:, :, seg],
+                        bad_v[:, :, seg],
                     )
                 )
                 pos += take
@@ -165,7 +174,7 @@ class MiTACache:
         return out.to(self._shape[5])
 
     # ------------------------------------------------------------------ internals
-    def _segment(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _segment(self, q, k, v, bad_q, bad_k, bad_v) -> torch.Tensor:
         bsz, h, t, d = q.shape
         hkv, dv, bs = k.shape[1], v.shape[3], self.block_size
         g = h // hkv
@@ -177,9 +186,15 @@ class MiTACache:
         self._v = _grow(self._v, end, 2, v)
         self._k[:, :, self.length : end].copy_(k)
         self._v[:, :, self.length : end].copy_(v)
+        self._bad_k = _grow(self._bad_k, end, 2, bad_k)
+        self._bad_v = _grow(self._bad_v, end, 2, bad_v)
+        self._bad_k[:, :, self.length : end] = bad_k
+        self._bad_v[:, :, self.length : end] = bad_v
         if self._qblock is None:
             self._qblock = q.new_zeros(bsz, h, bs, d)
+            self._bad_qblock = bad_q.new_zeros(bsz, h, bs)
         self._qblock[:, :, offset : offset + t].copy_(q)
+        self._bad_qblock[:, :, offset : offset + t] = bad_q
 
         # Own block: keys start .. i, causal inside the segment.
         qg = q.view(bsz, hkv, g, t, d)
@@ -194,14 +209,18 @@ class MiTACache:
         parts = [(lse.view(bsz, h, t, 1), out.view(bsz, h, t, dv))]
 
         nl = self.num_landmarks
+        reads = self._reads_bad(bad_q, start, offset, end)
         if nl > 0:
             r = self._r[:, :, :nl]
             qr = q @ r.transpose(-1, -2)  # [B, H, t, n_l]
             if self.shared:
                 parts.append(partial_softmax(qr * lam, self._a[:, :, :nl]))
             if self.routed:
-                parts.append(self._routed(q, qr, c))
-        out = merge_parts(parts)
+                lse_r, out_r, e, idx = self._routed(q, qr, c)
+                parts.append((lse_r, out_r))
+                if not self.shared:
+                    reads = reads | self._routed_reads_bad(e, idx, start, end)
+        out = poison(merge_parts(parts), reads)
         self.length = end
         if self.length % bs == 0:
             self._complete_block(c)
@@ -223,7 +242,42 @@ class MiTACache:
         logits = (q.reshape(bsz * h * t, 1, d) @ kg.transpose(1, 2)) * c
         logits = logits.masked_fill(~valid.view(bsz * h * t, 1, s * kk), float("-inf"))
         lse, out = partial_softmax(logits, vg)
-        return lse.view(bsz, h, t, 1), out.view(bsz, h, t, -1)
+        return lse.view(bsz, h, t, 1), out.view(bsz, h, t, -1), e, idx
+
+    def _kv_flags(self, flags: torch.Tensor) -> torch.Tensor:
+        """Per-token flags of the k/v heads, seen from every query head: [B, H, L]."""
+        g = self._shape[1] // self._shape[2]
+        return flags.repeat_interleave(g, dim=1) if g > 1 else flags
+
+    def _reads_bad(self, bad_q: torch.Tensor, start: int, offset: int, end: int) -> torch.Tensor:
+        """Rows of the segment that read a non-finite input through their query, their own block, the
+        landmarks and (shared expert) every key/value before the block: [B, H, t]."""
+        t = bad_q.shape[2]
+        own = self._kv_flags(self._bad_k[:, :, start:end] | self._bad_v[:, :, start:end])
+        own = own.to(torch.int32).cumsum(-1)[:, :, offset:] > 0  # t' <= i inside the block
+        rows = bad_q | own
+        nl = self.num_landmarks
+        if nl > 0:
+            rows = rows | self._bad_r[:, :, :nl].any(-1, keepdim=True).expand(-1, -1, t)
+            if self.shared:
+                before = self._bad_k[:, :, :start] | self._bad_v[:, :, :start]
+                rows = rows | self._kv_flags(before).any(-1, keepdim=True)
+        return rows
+
+    def _routed_reads_bad(self, e: torch.Tensor, idx: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Without the shared expert: the keys each expert's top-k was chosen over and the values of the
+        chosen keys. ``e`` [B, H, t, s] (the experts), ``idx`` [B, H, t, s * k] (their keys, -1 = none)."""
+        bs = self.block_size
+        bad_k = self._kv_flags(self._bad_k[:, :, :end])
+        if self.horizon == "frozen":
+            count = bad_k.to(torch.int32).cumsum(-1)
+            stop = ((e + 1) * bs).flatten(2)  # keys t < (e + 1) b
+            horizon = (count.gather(-1, stop - 1) > 0).view_as(e).any(-1)
+        else:
+            horizon = bad_k[:, :, :start].any(-1, keepdim=True).expand(*e.shape[:3])
+        bad_v = self._kv_flags(self._bad_v[:, :, :end])
+        v_hit = (bad_v.gather(2, idx.clamp_min(0).flatten(2)).view_as(idx) & (idx >= 0)).any(-1)
+        return horizon | v_hit
 
     def _scores(self, r: torch.Tensor, lo: int, hi: int, c: float) -> torch.Tensor:
         """``c r . k_t`` for landmarks r [B, H, L, d] and keys lo..hi-1: [B, H, L, hi - lo]."""
@@ -249,6 +303,9 @@ class MiTACache:
         bsz, h = r.shape[:2]
         self._r = _grow(self._r, nl + 1, 2, self._qblock)
         self._r[:, :, nl : nl + 1] = r
+        bad_r = self._bad_qblock.any(-1, keepdim=True)  # block_mean of a non-finite query is not finite
+        self._bad_r = _grow(self._bad_r, nl + 1, 2, bad_r)
+        self._bad_r[:, :, nl : nl + 1] = bad_r
         sc = self._scores(r, 0, end, c)  # [B, H, 1, end]
         if self.shared:
             mx = sc.amax(-1)

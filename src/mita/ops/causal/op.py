@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .common import CausalProblem, CausalRouting, validate_causal
+from .nonfinite import bad_tokens, finite_or_zero, poison, poisoned_rows
 from .reference import causal_reference_forward
 from .torch_backend import causal_torch_forward
 
@@ -80,12 +81,18 @@ def causal_attention(
         backend=backend,
     )
     chosen = _resolve_causal_backend(backend, p, q.device)
+    # Non-finite inputs are excluded by selection (see nonfinite.py): every backend runs on finite copies
+    # and the rows that read a NaN/Inf become NaN, so nothing leaks to earlier rows, in either direction.
+    bad = [bad_tokens(t) for t in (q, k, v, landmarks)]
+    q, k, v, landmarks = (finite_or_zero(t) for t in (q, k, v, landmarks))
+    want_routing = return_routing or not p.shared  # routed-only rows read what their routing chose
     if chosen == "reference":
         out, routing = causal_reference_forward(p, q, k, v, landmarks)
     elif chosen == "cpu":
         from ..cpu.causal import cpu_causal_forward
 
-        out, routing = cpu_causal_forward(p, q, k, v, landmarks, return_routing)
+        out, routing = cpu_causal_forward(p, q, k, v, landmarks, want_routing)
     else:
-        out, routing = causal_torch_forward(p, q, k, v, landmarks, return_routing)
+        out, routing = causal_torch_forward(p, q, k, v, landmarks, want_routing)
+    out = poison(out, poisoned_rows(p, *bad, routing))
     return (out, routing) if return_routing else out

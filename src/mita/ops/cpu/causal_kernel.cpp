@@ -163,15 +163,16 @@ void forward_head(const T* q, const T* k, const T* v, const T* r, const T* sv,
         const int64_t i = i0 + b;
         T* wr = w.data() + b * jp;
         std::fill(wr + vis, wr + jp, neg_inf<T>());
-        const T best_score = padded_max(wr, jp);
-        if (eidx_out != nullptr) {
-          int64_t best = 0;
-          while (wr[best] != best_score) ++best;  // first maximum, as torch.argmax
-          eidx_out[i] = best;
-        }
+        const int64_t best = first_argmax(wr, vis);  // visible landmarks only; NaN-safe, bounded
+        const T best_score = wr[best];
+        if (eidx_out != nullptr) eidx_out[i] = best;
         if (!z.shared) continue;
         const T mx = best_score * lam;  // lam > 0 and rounding is monotone: the largest shared logit
-        for (int64_t j = 0; j < jp; ++j) wr[j] = wr[j] * lam - mx;
+        if (mx == neg_inf<T>()) {  // every visible shared logit -inf: the part adds nothing
+          std::fill(wr, wr + jp, T(0));
+          continue;
+        }
+        for (int64_t j = 0; j < jp; ++j) wr[j] = (wr[j] - best_score) * lam;  // as kernel.cpp: no FMA error
         exp_inplace(wr, jp);  // -inf padding gives 0
         acc_m[i] = mx;
         acc_z[i] = padded_sum(wr, jp);

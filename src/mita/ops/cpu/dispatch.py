@@ -37,6 +37,11 @@ def eager_or_compiled(
 
         @staticmethod
         def backward(ctx, *grads):
+            if torch.is_grad_enabled():  # create_graph=True: the C++ backward is not differentiable
+                raise RuntimeError(
+                    "mita: the cpu backend's backward is not differentiable (second-order gradients, "
+                    "gradgradcheck, Hessian-vector products); use backend='torch' or 'reference' for those"
+                )
             return backward_fn(ctx, *grads, bwd=getattr(getattr(torch.ops, namespace), backward))
 
     Eager.__name__ = Eager.__qualname__ = f"Eager_{namespace}_{forward}"

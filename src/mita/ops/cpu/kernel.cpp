@@ -43,19 +43,24 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
       T* wr = w.data() + b * z.mp;
       std::memcpy(wr, row, sizeof(T) * z.m);
       std::fill(wr + z.m, wr + z.mp, neg_inf<T>());
-      const T best_score = padded_max(wr, z.mp);
-      if (eidx_out != nullptr) {
-        int64_t best = 0;
-        while (row[best] != best_score) ++best;  // first maximum, as torch.argmax
-        eidx_out[i] = best;
-      }
+      const int64_t best = first_argmax(row, z.m);  // NaN-safe, bounded; as torch.argmax
+      const T best_score = row[best];
+      if (eidx_out != nullptr) eidx_out[i] = best;
       if (!z.shared) {
         acc_m[i] = neg_inf<T>();
         acc_z[i] = T(0);
         continue;
       }
       const T mx = best_score * lam;  // rounding is monotone, so this is the largest shared logit
-      for (int64_t j = 0; j < z.mp; ++j) wr[j] = wr[j] * lam - mx;
+      if (mx == neg_inf<T>()) {  // every shared logit -inf: the part adds nothing (no -inf - -inf)
+        std::fill(wr, wr + z.mp, T(0));
+        acc_m[i] = neg_inf<T>();
+        acc_z[i] = T(0);
+        continue;
+      }
+      // (l - best) * lam, not l * lam - mx: a fused multiply-add would leave the rounding error of mx,
+      // e^(ulp(mx) / 2), in every weight, and that overflows for large lam (landmark_scale=1e9 in float32).
+      for (int64_t j = 0; j < z.mp; ++j) wr[j] = (wr[j] - best_score) * lam;
       exp_inplace(wr, z.mp);
       acc_m[i] = mx;
       acc_z[i] = padded_sum(wr, z.mp);

@@ -75,6 +75,7 @@ inline void exp_inplace<float>(float* __restrict x, int64_t n) {
     const float v = x[i];
     float c = v < -87.0f ? -87.0f : v;
     c = c > 88.0f ? 88.0f : c;
+    c = c == c ? c : 0.0f;  // NaN: no float->int conversion of NaN (undefined); the result is v below
     const int32_t ni = static_cast<int32_t>(c * 1.44269504088896341f + 128.5f) - 128;  // round(c/ln 2)
     const float fn = static_cast<float>(ni);
     float r = c - fn * 0.693359375f;
@@ -87,7 +88,7 @@ inline void exp_inplace<float>(float* __restrict x, int64_t n) {
     p = p * r + 5.0000001201e-1f;
     const float y = p * r * r + r + 1.0f;
     const float two_n = __builtin_bit_cast(float, (ni + 127) << 23);
-    x[i] = v < -87.0f ? 0.0f : y * two_n;
+    x[i] = v < -87.0f ? 0.0f : (v == v ? y * two_n : v);
   }
 }
 
@@ -149,6 +150,20 @@ inline T padded_sum(const T* x, int64_t np) {
   v a = vload(x);
   for (int64_t j = VT<T>::L; j < np; j += VT<T>::L) a += vload(x + j);
   return lanes_sum<T>(a);
+}
+
+// Index of the first maximum of row[0..n), or of the first NaN if there is one (torch.argmax's rule);
+// 0 when every entry is -inf. One bounded pass: a search for a value that is not there (NaN != NaN)
+// must never walk past the row.
+template <typename T>
+inline int64_t first_argmax(const T* row, int64_t n) {
+  int64_t best = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = row[j];
+    if (x != x) return j;
+    if (x > row[best]) best = j;
+  }
+  return best;
 }
 
 // dst[c] += src[c] (no aliasing: the compiler vectorises it)
@@ -506,11 +521,14 @@ inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>&
 
 // Returns out [B,H,N,dv], lse [B,H,N] and expert_index [B,H,N,s] (computed here as argmax of qr when
 
+// Every NaN (either sign) maps to the largest key: torch.topk ranks NaN above +inf.
 inline uint32_t sort_key(float x) {
+  if (x != x) return ~uint32_t(0);
   const uint32_t b = __builtin_bit_cast(uint32_t, x);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 inline uint64_t sort_key(double x) {
+  if (x != x) return ~uint64_t(0);
   const uint64_t b = __builtin_bit_cast(uint64_t, x);
   return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
 }
