@@ -39,7 +39,8 @@ def _values(draw, shape, kind: str, dtype: torch.dtype, seed: int) -> torch.Tens
     if kind == "nonfinite" and x.numel():
         flat = x.view(-1)
         for _ in range(draw(st.integers(1, 2))):
-            flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+            bad = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+            flat[draw(st.integers(0, flat.numel() - 1))] = bad
     return x
 
 

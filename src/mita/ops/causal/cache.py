@@ -165,7 +165,11 @@ class MiTACache:
                 seg = slice(pos, pos + take)
                 outs.append(
                     self._segment(
-                        q[:, :, seg], k[:, :, seg], v[:, :, seg], bad_q[:, :, seg], bad_k[:, :, seg],
+                        q[:, :, seg],
+                        k[:, :, seg],
+                        v[:, :, seg],
+                        bad_q[:, :, seg],
+                        bad_k[:, :, seg],
                         bad_v[:, :, seg],
                     )
                 )
