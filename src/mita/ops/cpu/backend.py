@@ -253,8 +253,9 @@ def _topk(scores: Tensor, k: int) -> Tensor:
 def _landmark_side(
     p: Problem, k: Tensor, v: Tensor, landmarks: Tensor, key_padding_mask: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """As :func:`mita.ops.common.landmark_side` (same scores, so the same key sets), with the fused
-    top-k; the shared values only when the shared expert is on."""
+    """As :func:`mita.ops.common.landmark_side` (same scores), with the fused top-k: the same key sets
+    except among exactly tied scores, where it keeps the lower key indices (``torch.topk``'s choice is
+    unspecified); the shared values only when the shared expert is on."""
     b, h, m, d = landmarks.shape
     r = landmarks.reshape(b, p.kv_heads, p.group * m, d)
     scores = (r @ k.transpose(-1, -2)) * p.scale  # [B, Hkv, g*m, N]

@@ -216,7 +216,8 @@ def cpu_causal_forward(
     return_routing: bool = False,
 ) -> tuple[Tensor, CausalRouting | None]:
     """SPEC §5 with the ``"frozen"`` horizon on the fused CPU kernels; the same choices as
-    :func:`mita.ops.causal.torch_backend.causal_torch_forward` (same routing, same key sets)."""
+    :func:`mita.ops.causal.torch_backend.causal_torch_forward` (same routing; the same key
+    sets except among exactly tied scores, where the fused top-k keeps the lower key indices)."""
     if p.horizon != "frozen":
         raise ValueError(
             f"backend='cpu' with causal=True supports landmark_horizon='frozen' only, got {p.horizon!r}; "
