@@ -13,6 +13,7 @@ from pathlib import Path
 from mita.ops.cpu import build
 
 ROOT = Path(__file__).resolve().parents[2]
+PROBE = "from mita.ops.cpu import build; print(*build.availability({lib!r}), sep='|')"
 # The kernel test files, without their torch.compile / opcheck cases (slow, and about the custom-op
 # registrations, not the kernels' arithmetic) and without slow tests.
 KERNEL_TESTS = [
@@ -44,7 +45,7 @@ def build_all(env: dict[str, str], timeout: float = 900) -> float:
     start = time.monotonic()
     procs = {
         lib: subprocess.Popen(
-            [sys.executable, "-c", f"from mita.ops.cpu import build; print(*build.availability({lib!r}), sep='|')"],
+            [sys.executable, "-c", PROBE.format(lib=lib)],
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,

@@ -131,7 +131,8 @@ def test_sanitizer_build_needs_its_runtime_preloaded(fake, monkeypatch):
 def test_first_build_says_so_installs_privately_and_records_the_hash(fake, capfd):
     assert build.availability() == (True, "")
     err = capfd.readouterr().err
-    assert f"mita: compiling the fused CPU kernel mita_cpu once (about 20-50 s; cached in {fake.so().parent})" in err
+    said = f"mita: compiling the fused CPU kernel mita_cpu once (about 20-50 s; cached in {fake.so().parent})"
+    assert said in err
     so = fake.so()
     record = json.loads(so.with_suffix(".json").read_text())
     assert record["sha256"] == kernel_cache.sha256(so) and record["size"] == so.stat().st_size
@@ -241,9 +242,9 @@ ninja: build stopped: subcommand failed."""
     ("error", "why"),
     [
         (RuntimeError(NINJA_ENOSPC), "/usr/bin/ld: final link failed: No space left on device"),
-        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/cache/x.so"), "No space left on device: /cache/x.so"),
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/c/x.so"), "No space left on device: /c/x.so"),
         (
-            RuntimeError("Error building extension\nkernel.cpp:7:3: error: 'foo' was not declared\nninja: stopped"),
+            RuntimeError("Error building extension\nkernel.cpp:7:3: error: 'foo' was not declared\nstopped"),
             "kernel.cpp:7:3: error: 'foo' was not declared",
         ),
     ],
@@ -284,7 +285,8 @@ time.sleep(float(sys.argv[2]))
 
 
 def _hold_lock(path: Path, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -297,7 +299,7 @@ def test_a_build_waits_for_a_live_builder_and_says_so(fake, capfd):
     assert time.monotonic() - start >= 1.0  # waited for the holder
     holder.wait(5)
     err = capfd.readouterr().err
-    assert f"mita: waiting for another process building the mita CPU kernel mita_cpu (pid {holder.pid})" in err
+    assert f"waiting for another process building the mita CPU kernel mita_cpu (pid {holder.pid})" in err
 
 
 def test_a_lock_left_by_a_killed_builder_blocks_nobody(fake):
@@ -341,7 +343,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(script: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-c", script]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @needs_tools

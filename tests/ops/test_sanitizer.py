@@ -59,7 +59,8 @@ def _runtime(name: str) -> str | None:
 
     cxx = os.environ.get("CXX", "c++")
     try:
-        path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        found = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True)
+        path = found.stdout.strip()
     except OSError:
         return None
     return path if os.path.isabs(path) and os.path.exists(path) else None
@@ -87,7 +88,8 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
     found = next((s for s in SANITIZER_REPORTS if s in output), None)
     start = output.find(found) if found else len(output) - 4000
     assert found is None and run.returncode == 0, (
-        f"under sanitizers (built in {seconds:.0f} s), exit {run.returncode}: {output[max(0, start - 300):][:5000]}"
+        f"under sanitizers (built in {seconds:.0f} s), exit {run.returncode}: "
+        f"{output[max(0, start - 300) :][:5000]}"
     )
     summary = run.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary

@@ -75,7 +75,9 @@ def target_march() -> str:
     """``$MITA_CPU_MARCH`` (default ``native``), checked to be one compiler word."""
     march = os.environ.get(ENV_MARCH, "").strip() or "native"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", march):
-        raise KernelUnavailable(f"{ENV_MARCH}={march!r} is not a CPU name such as native, x86-64-v3 or x86-64")
+        raise KernelUnavailable(
+            f"{ENV_MARCH}={march!r} is not a CPU name such as native, x86-64-v3 or x86-64"
+        )
     return march
 
 
@@ -89,7 +91,9 @@ def sanitizers() -> tuple[str, ...]:
     chosen = tuple(s.strip() for s in value.split(",") if s.strip())
     unknown = [s for s in chosen if s not in SANITIZERS]
     if unknown:
-        raise KernelUnavailable(f"{ENV_SANITIZE}={value!r}: unknown sanitizer {unknown[0]!r} (use address,undefined)")
+        raise KernelUnavailable(
+            f"{ENV_SANITIZE}={value!r}: unknown sanitizer {unknown[0]!r} (use address,undefined)"
+        )
     return chosen
 
 
@@ -174,7 +178,9 @@ def _sanitizer_runtime_missing() -> str | None:
     )
 
 
-_OS_ERRORS = tuple(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOMEM, errno.EIO))
+_OS_ERRORS = tuple(
+    os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOMEM, errno.EIO)
+)
 
 
 def failure_reason(err: BaseException) -> str:

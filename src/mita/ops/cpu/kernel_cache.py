@@ -43,7 +43,8 @@ def _check_private(path: Path, st: os.stat_result, what: str) -> None:
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafeCacheError(
-            f"the kernel cache {what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):#o}); "
+            f"the kernel cache {what} {path} is writable by other users "
+            f"(mode {stat.S_IMODE(st.st_mode):#o}); "
             f"run chmod go-w {path} or set MITA_CACHE to a private directory"
         )
 
@@ -164,7 +165,9 @@ def build_lock(build_dir: Path, what: str) -> Iterator[None]:
                     )
                     said = True
                 if waited > LOCK_WAIT_S:
-                    raise TimeoutError(f"another process has been building {what} for over {LOCK_WAIT_S} s")
+                    raise TimeoutError(
+                        f"another process has been building {what} for over {LOCK_WAIT_S} s"
+                    ) from None
                 time.sleep(POLL_S)
                 waited += POLL_S
         os.ftruncate(fd, 0)
