@@ -1,13 +1,12 @@
 """The fused CPU backend (``backend="cpu"``): its choice by ``"auto"``, its fallback, thread independence,
-low precision, ``torch.compile``, its custom-op registrations and its top-k.
+low precision, ``torch.compile``, its custom-op registrations and its top-k. The build layer (flags, cache,
+locks, failures) is tested in test_cpu_build.py.
 
 Agreement with the reference (forward and every gradient) is tested with the other backends in
 test_agreement.py, test_gradcheck.py and test_known_answers.py.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -42,7 +41,10 @@ def test_switch_off_falls_back_to_torch_silently(fresh_state, recwarn):
         mita_attention(q, k, v, r, topk=4, backend="cpu")
 
 
-def test_missing_compiler_warns_once_and_uses_torch(fresh_state):
+def test_missing_compiler_warns_once_and_uses_torch(fresh_state, tmp_path):
+    """Nothing cached (an empty cache, a process without the ops) and no compiler: torch, one warning."""
+    fresh_state.setenv("MITA_CACHE", str(tmp_path))
+    fresh_state.setattr(build, "_registered", lambda lib, probe: False)
     fresh_state.setattr(build, "_missing_tools", lambda: "no C++ compiler ('c++' not found)")
     q, k, v, r = make_inputs(1, 2, 2, 16, 8, 3, requires_grad=False)
     with pytest.warns(UserWarning, match=r"fused CPU kernel unavailable \(no C\+\+ compiler") as record:
@@ -215,30 +217,6 @@ def test_topk_takes_the_largest_lowest_index_first_on_ties():
             )
     ties = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 2.0]])
     assert cpu_topk(ties, 3).tolist() == [[1, 2, 4]]
-
-
-def test_a_library_still_being_written_is_not_loaded(tmp_path, monkeypatch):
-    """While another process holds cpp_extension's build lock the cached .so may be half written: _build
-    goes through cpp_extension.load (which waits for the lock) instead of loading it; a lock older than
-    STALE_LOCK_S (a killed build) is removed first."""
-    from torch.utils import cpp_extension
-
-    monkeypatch.setenv("MITA_CACHE", str(tmp_path))
-    key = build.build_key("mita_cpu")
-    build_dir = tmp_path / "cpu_kernel" / key
-    build_dir.mkdir(parents=True)
-    (build_dir / f"mita_cpu_{key}.so").write_bytes(b"half written")
-    lock = build_dir / "lock"
-    lock.touch()
-    seen = []
-    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append("load"))
-    monkeypatch.setattr(torch.ops, "load_library", lambda path: seen.append("load_library"))
-    build._build("mita_cpu")
-    assert seen == ["load"] and lock.exists()
-    old = build.time.time() - build.STALE_LOCK_S - 5
-    os.utime(lock, (old, old))
-    build._build("mita_cpu")
-    assert seen == ["load", "load_library"] and not lock.exists()
 
 
 def test_a_loaded_library_is_not_loaded_again_from_another_cache(fresh_state, tmp_path):
