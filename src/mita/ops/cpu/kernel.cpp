@@ -219,6 +219,32 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
   }
 }
 
+// The split path's inputs: shapes, and key/expert indices in range (they address k, v and the experts).
+void check_split_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qr,
+                        const std::optional<at::Tensor>& sv, const at::Tensor& kidx,
+                        const std::optional<at::Tensor>& eidx, const std::optional<at::Tensor>& pad,
+                        const std::optional<at::Tensor>& dup, const char* op) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kidx.dim() == 4, op, ": q, k, v, key_index 4-D");
+  check_gather_offsets(k, v, op);
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), nk = k.size(2), m = kidx.size(2);
+  const int64_t s = eidx ? eidx->size(3) : 1;
+  TORCH_CHECK(k.size(0) == b && v.size(0) == b && k.size(1) >= 1 && h % k.size(1) == 0 && v.size(1) == k.size(1) &&
+                  v.size(2) == nk && k.size(3) == q.size(3),
+              op, ": k, v must be [B, H_kv, N_kv, d] with H % H_kv == 0");
+  check_shape(qr, {b, h, n, m}, op, "qr");
+  check_shape(sv, {b, h, m, v.size(3)}, op, "shared_values");
+  TORCH_CHECK(kidx.size(0) == b && kidx.size(1) == h && kidx.size(3) >= 1 && kidx.size(3) <= nk, op,
+              ": key_index must be [B, H, m, k] with 1 <= k <= N_kv");
+  check_range(kidx, 0, nk, op, "key_index");
+  if (eidx) {
+    check_shape(*eidx, {b, h, n, s}, op, "expert_index");
+    check_range(*eidx, 0, m, op, "expert_index");
+  }
+  check_mask(pad, {b, nk}, op, "pad");
+  check_mask(dup, {b, h, n, s * kidx.size(3)}, op, "dup");
+}
+
+// Returns out [B,H,N,dv], lse [B,H,N] and expert_index [B,H,N,s] (computed here as argmax of qr when
 // s = 1, i.e. when no expert_index is passed in; copied otherwise).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& qr_,
@@ -229,8 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
   const at::Tensor kidx = kidx_.contiguous();
   const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_), pad = contiguous_opt(pad_),
              dup = contiguous_opt(dup_);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "mita_cpu: q, k, v must be 4-D");
-  check_gather_offsets(k, v, "mita_cpu");
+  check_split_inputs(q, k, v, qr, sv, kidx, eidx_in, pad, dup, "mita_cpu.fwd");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1;
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
@@ -272,8 +297,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
   const auto sv = contiguous_opt(sv_), pad = contiguous_opt(pad_), dup = contiguous_opt(dup_);
+  check_split_inputs(q, k, v, qr, sv, kidx, eidx, pad, dup, "mita_cpu.bwd");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2);
-  check_gather_offsets(k, v, "mita_cpu");
+  for (const at::Tensor* t : {&out, &dout}) check_shape(*t, {b, h, n, v.size(3)}, "mita_cpu.bwd", "out/dout");
+  check_shape(lse, {b, h, n}, "mita_cpu.bwd", "lse");
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, nk, k.size(3)}, q.options());
   at::Tensor dv = at::zeros({b, h, nk, v.size(3)}, q.options());
@@ -473,6 +500,10 @@ void check_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const int64_t lanes = q.scalar_type() == at::kDouble ? 8 : 16;
   TORCH_CHECK(q.size(3) % lanes == 0 && v.size(3) % lanes == 0,
               "mita_cpu.fused: head dims must be multiples of ", lanes);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0 &&
+                  v.size(1) == k.size(1) && v.size(2) == k.size(2) && k.size(3) == q.size(3) &&
+                  r.size(0) == q.size(0) && r.size(1) == q.size(1) && r.size(3) == q.size(3),
+              "mita_cpu.fused: q [B,H,N,d], k/v [B,H_kv,N_kv,d/dv] (H % H_kv == 0), landmarks [B,H,m,d]");
 }
 
 // out [B,H,N,dv], lse [B,H,N], expert_index [B,H,N,1] (argmax routing), key_index [B,H,m,k].
@@ -487,6 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_fused(q, k, v, r);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2), m = r.size(2);
   TORCH_CHECK(topk >= 1 && topk <= nk, "mita_cpu.fused: topk must be in 1..N_kv");
+  check_mask(pad, {b, nk}, "mita_cpu.fused_fwd", "pad");
   // [B, N, H, dv] underneath, as SDPA's output: merging the heads afterwards is a view, not a copy.
   at::Tensor out = at::empty({b, n, h, v.size(3)}, q.options()).permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({b, h, n}, q.options());
@@ -537,7 +569,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
   const auto pad = contiguous_opt(pad_);
   check_fused(q, k, v, r);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2), m = r.size(2);
+  const char* op = "mita_cpu.fused_bwd";
+  TORCH_CHECK(kidx.dim() == 4 && kidx.size(3) >= 1 && kidx.size(3) <= nk, op, ": key_index [B, H, m, k]");
   const int64_t topk = kidx.size(3);
+  check_shape(kidx, {b, h, m, topk}, op, "key_index");
+  check_range(kidx, 0, nk, op, "key_index");
+  check_shape(eidx, {b, h, n, 1}, op, "expert_index");
+  check_range(eidx, 0, m, op, "expert_index");
+  check_shape(out, {b, h, n, v.size(3)}, op, "out");
+  check_shape(dout, {b, h, n, v.size(3)}, op, "dout");
+  check_shape(lse, {b, h, n}, op, "lse");
+  check_mask(pad, {b, nk}, op, "pad");
+  if (shared) {
+    check_shape(qr, {b, h, n, m}, op, "qr");
+    check_shape(a, {b, h, m, v.size(3)}, op, "shared_values");
+  }
   // Gradients in their inputs' layouts (empty_like keeps a dense permuted layout), so the backward of the
   // head split is a view too. GQA: per query head, summed over the group by the caller.
   at::Tensor dq = at::empty_like(q);

@@ -509,6 +509,31 @@ inline void check_gather_offsets(const at::Tensor& k, const at::Tensor& v, const
               ": N_kv * head dim must be < 2^31 (32-bit gather offsets)");
 }
 
+// Checks at the boundary: every tensor a Python caller hands in is checked for the shape the kernels
+// address it with, and every index tensor for the range of its values, before any data is read.
+inline void check_shape(const at::Tensor& t, std::initializer_list<int64_t> want, const char* op,
+                        const char* name) {
+  TORCH_CHECK(t.sizes().equals(want), op, ": ", name, " has shape ", t.sizes(), ", expected ",
+              at::IntArrayRef(want));
+}
+inline void check_shape(const std::optional<at::Tensor>& t, std::initializer_list<int64_t> want, const char* op,
+                        const char* name) {
+  if (t.has_value()) check_shape(*t, want, op, name);
+}
+// Values of a contiguous int64 tensor in [lo, hi).
+inline void check_range(const at::Tensor& idx, int64_t lo, int64_t hi, const char* op, const char* name) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": ", name, " must be int64");
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t i = 0, n = idx.numel(); i < n; ++i)
+    TORCH_CHECK(p[i] >= lo && p[i] < hi, op, ": ", name, " holds ", p[i], ", outside [", lo, ", ", hi, ")");
+}
+inline void check_mask(const std::optional<at::Tensor>& t, std::initializer_list<int64_t> want, const char* op,
+                       const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kBool, op, ": ", name, " must be bool");
+  check_shape(*t, want, op, name);
+}
+
 template <typename T>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
@@ -519,7 +544,6 @@ inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>&
   return t->contiguous();
 }
 
-// Returns out [B,H,N,dv], lse [B,H,N] and expert_index [B,H,N,s] (computed here as argmax of qr when
 
 // Every NaN (either sign) maps to the largest key: torch.topk ranks NaN above +inf.
 inline uint32_t sort_key(float x) {
