@@ -34,7 +34,7 @@ CASES = {
 def calls(monkeypatch):
     """Counts of the whole-op forward and of the split path's landmark side, per test."""
     seen = {"whole": 0, "split": 0}
-    whole, split = cpu_backend._fused, cpu_backend._landmark_side
+    whole, split = cpu_backend._whole_op, cpu_backend._landmark_side
 
     def count_whole(*a):
         seen["whole"] += 1
@@ -44,7 +44,7 @@ def calls(monkeypatch):
         seen["split"] += 1
         return split(*a)
 
-    monkeypatch.setattr(cpu_backend, "_fused", count_whole)
+    monkeypatch.setattr(cpu_backend, "_whole_op", count_whole)
     monkeypatch.setattr(cpu_backend, "_landmark_side", count_split)
     return seen
 
@@ -58,7 +58,7 @@ def _grads(out, inputs):
 def _check(case, dtype, atol, rtol, path, calls, monkeypatch):
     b, h, hkv, n, d, m, k, pad, shared, routed = CASES[case]
     if path == "split":
-        monkeypatch.setattr(cpu_backend, "FUSED_MAX_KEYS", 0)
+        monkeypatch.setattr(cpu_backend, "WHOLE_OP_MAX_KEYS", 0)
     inputs = make_inputs(b, h, hkv, n, d, m, dtype=dtype, seed=len(case))
     mask = padding_mask(b, n, pad) if pad else None
     kw = dict(topk=k, key_padding_mask=mask, shared=shared, routed=routed, return_routing=True)
@@ -93,12 +93,12 @@ def test_whole_op_path_conditions():
         v = torch.randn(1, 2, n, dv, dtype=dtype)
         p = validate(q, k, v, r, topk=4, experts_per_query=s, scale=None, landmark_scale=None, shared=True,
                      routed=True, dedup=dedup, key_padding_mask=None, backend="cpu")  # fmt: skip
-        return cpu_backend._fused_applies(p, q, v)
+        return cpu_backend._whole_op_applies(p, q, v)
 
     assert applies() and applies(d=8, dv=8, dtype=torch.float64)
     assert not applies(d=8, dv=8)  # float32 vectors hold 16
     assert not applies(dv=24) and not applies(s=2) and not applies(s=2, dedup=True)
-    assert not applies(n=cpu_backend.FUSED_MAX_KEYS + 1)
+    assert not applies(n=cpu_backend.WHOLE_OP_MAX_KEYS + 1)
 
 
 def test_whole_op_path_is_bitwise_thread_independent(calls):
@@ -135,7 +135,7 @@ def test_whole_op_custom_op_passes_opcheck():
     q, k, v, r = make_inputs(1, 2, 2, 12, 8, 3, dtype=torch.float64, seed=1)
     mask = padding_mask(1, 12, [3])
     args = (q, k, v, r, mask, 5, 8**-0.5, 1.0 / 8, True, True, True)
-    torch.library.opcheck(cpu_backend.cpu_fused, args)
+    torch.library.opcheck(cpu_backend.cpu_whole_op, args)
 
 
 def test_whole_op_under_torch_compile():
@@ -189,14 +189,14 @@ def test_whole_op_keeps_qr_and_shared_values_only_for_a_backward(monkeypatch):
     """With a gradient to come, the forward hands Q R^T and A to the backward (which then recomputes only
     the probabilities); without one (no_grad, or no input needing a gradient) it keeps nothing."""
     seen = []
-    whole = cpu_backend._fused
+    whole = cpu_backend._whole_op
 
     def spy(*a):
         out = whole(*a)
         seen.append((a[-1], tuple(out[4].shape), tuple(out[5].shape)))
         return out
 
-    monkeypatch.setattr(cpu_backend, "_fused", spy)
+    monkeypatch.setattr(cpu_backend, "_whole_op", spy)
     q, k, v, r = make_inputs(2, 2, 2, 30, 16, 4, dtype=torch.float32)
     mita_attention(q, k, v, r, topk=5, backend="cpu").sum().backward()
     with torch.no_grad():
@@ -214,12 +214,12 @@ def test_whole_op_keeps_qr_and_shared_values_only_for_a_backward(monkeypatch):
 def test_whole_op_backward_refuses_a_forward_that_kept_nothing():
     assert build.availability()[0]
     q, k, v, r = make_inputs(1, 2, 2, 20, 16, 3, dtype=torch.float32, requires_grad=False)
-    out, lse, experts, keys, qr, values = torch.ops.mita_cpu.fused_fwd(
+    out, lse, experts, keys, qr, values = torch.ops.mita_cpu.whole_fwd(
         q, k, v, r, None, 4, 0.25, 1 / 16, True, True, False
     )
     assert qr.shape[0] == 0 and values.shape[0] == 0
     with pytest.raises(RuntimeError, match="must come from a forward run with save=True"):
-        torch.ops.mita_cpu.fused_bwd(
+        torch.ops.mita_cpu.whole_bwd(
             q,
             k,
             v,

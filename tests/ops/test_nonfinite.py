@@ -197,7 +197,7 @@ def test_the_raw_kernels_refuse_indices_and_shapes_that_would_address_outside_th
     qr, sv = _rand(b, h, n, m, seed=4), _rand(b, h, m, d, seed=5)
     kidx = torch.zeros(b, h, m, kk, dtype=torch.long)
     eidx = torch.zeros(b, h, n, 1, dtype=torch.long)
-    fwd = torch.ops.mita_cpu.fwd
+    fwd = torch.ops.mita_cpu.split_fwd
     fwd(q, k, v, qr, sv, kidx, eidx, None, None, 0.5, 0.25, True)  # valid: runs
     for bad_k, bad_e, bad_qr, what in (
         (kidx.clone().fill_(n), eidx, qr, "key_index"),

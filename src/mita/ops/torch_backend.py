@@ -75,11 +75,17 @@ def _routed_part(
     if drop is not None:
         logits = logits.masked_fill(drop, float("-inf"))
     # Per-tile softmax pieces; the clamps keep fully masked rows finite (weight 0) with no NaN gradients.
-    mx = logits.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
+    row_max = logits.detach().amax(-1, keepdim=True)
+    mx = row_max.clamp_min(torch.finfo(logits.dtype).min)
     e = torch.exp(logits - mx)
     z = e.sum(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
     out_t = torch.bmm(e, vt) / z
-    lse_t = (mx + torch.log(z)).squeeze(-1)
+    # A row whose logits are all -inf because of its data (an infinite input), not its mask, has no
+    # softmax in the definition: lse -inf, so the merged output is NaN as the reference's.
+    dead = row_max == float("-inf")
+    if drop is not None:
+        dead = dead & ~drop.all(-1, keepdim=True)
+    lse_t = (mx + torch.log(z)).masked_fill(dead, float("-inf")).squeeze(-1)
     slot = tiles.slot_of_pair
     out = out_t.reshape(-1, dv).index_select(0, slot).reshape(b, h, n, s, dv)
     lse = lse_t.reshape(-1).index_select(0, slot).reshape(b, h, n, s)
@@ -112,6 +118,8 @@ def torch_forward(
         outs.append(out_r)
     if len(outs) == 1 and outs[0].shape[-2] == 1:
         out = outs[0].squeeze(-2)
+        if not p.shared:  # the routed part alone: a row without a finite logit is NaN (see above)
+            out = out.masked_fill(lses[0] == float("-inf"), float("nan"))
     else:
         weights = torch.softmax(torch.cat(lses, dim=-1), dim=-1)  # [B, H, N, parts]
         out = (weights.unsqueeze(-1) * torch.cat(outs, dim=-2)).sum(-2)

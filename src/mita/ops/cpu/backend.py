@@ -1,7 +1,7 @@
 """The ``"cpu"`` backend: fused C++ kernels (``kernel.cpp``), in one of two shapes.
 
-Whole-op path (``fused_fwd`` / ``fused_bwd``), for s = 1 without ``dedup`` and head dims that are a
-multiple of the vector length, up to :data:`FUSED_MAX_KEYS` keys: one pass per (batch, head) computes the
+Whole-op path (``whole_fwd`` / ``whole_bwd``), for s = 1 without ``dedup`` and head dims that are a
+multiple of the vector length, up to :data:`WHOLE_OP_MAX_KEYS` keys: one pass per (batch, head) computes the
 landmark side too (``R K^T``, top-k, softmax, ``A = P V``, ``Q R^T``) with the attention step, and the
 backward recomputes its probabilities (``Q R^T`` and ``A`` are kept), so nothing of size ``m x N`` is
 kept. Beyond that length torch's batched products (oneDNN/MKL) compute the landmark side faster than the
@@ -16,7 +16,8 @@ implementations and registered autograd, in eager mode as plain autograd Functio
 Nothing here syncs with the host.
 
 Top-k ties go to the lower key index and each landmark's keys come in increasing index order; the
-selected *set* is the same as the other backends' (``torch.topk``, whose order is unspecified).
+selected *set* is the other backends' (``torch.topk``, whose order is unspecified) except among exactly
+tied scores, where ``torch.topk``'s choice is unspecified too.
 """
 
 from __future__ import annotations
@@ -32,22 +33,22 @@ Tensor = torch.Tensor
 # Longest key sequence the whole-op path takes. Measured on an Intel Xeon (Sapphire Rapids class),
 # 1 thread, CPU time, d = 32..64, m = k = 25..64: the whole-op path is ahead at N = 197 (fwd and fwd+bwd)
 # and level at 1024, and 8-12 % behind at 4096, where the landmark products dominate.
-FUSED_MAX_KEYS = 2048
+WHOLE_OP_MAX_KEYS = 2048
 
 
-def _fused_applies(p: Problem, q: Tensor, v: Tensor) -> bool:
+def _whole_op_applies(p: Problem, q: Tensor, v: Tensor) -> bool:
     lanes = 8 if q.dtype == torch.float64 else 16  # float32 is used for half-precision inputs
     return (
         p.experts_per_query == 1
         and not p.dedup
-        and p.kv_len <= FUSED_MAX_KEYS
+        and p.kv_len <= WHOLE_OP_MAX_KEYS
         and p.head_dim % lanes == 0
         and p.value_dim % lanes == 0
     )
 
 
-@torch.library.custom_op("mita::cpu_fused", mutates_args=())
-def cpu_fused(
+@torch.library.custom_op("mita::cpu_whole_op", mutates_args=())
+def cpu_whole_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -64,12 +65,12 @@ def cpu_fused(
     [B, H, m, k] and, with ``save`` and the shared expert on, ``Q R^T`` [B, H, N, m] and the shared values
     [B, H, m, dv] for the backward (else empty). float32 or float64, head dims a multiple of the vector
     length."""
-    return torch.ops.mita_cpu.fused_fwd(
+    return torch.ops.mita_cpu.whole_fwd(
         q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed, save
     )
 
 
-@cpu_fused.register_fake
+@cpu_whole_op.register_fake
 def _(q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed, save):
     b, h, n, _ = q.shape
     m, idx, keep = landmarks.shape[2], dict(dtype=torch.long), b if save and shared else 0
@@ -78,8 +79,8 @@ def _(q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed, save
             q.new_empty(keep, h, n, m), q.new_empty(keep, h, m, v.shape[-1]))  # fmt: skip
 
 
-@torch.library.custom_op("mita::cpu_fused_backward", mutates_args=())
-def cpu_fused_backward(
+@torch.library.custom_op("mita::cpu_whole_op_backward", mutates_args=())
+def cpu_whole_op_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -98,13 +99,13 @@ def cpu_fused_backward(
     routed: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk and dv per query head [B, H, N_kv, .], d landmarks."""
-    return torch.ops.mita_cpu.fused_bwd(
+    return torch.ops.mita_cpu.whole_bwd(
         q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, shared_values, grad_out, scale,
         landmark_scale, shared, routed,
     )  # fmt: skip
 
 
-@cpu_fused_backward.register_fake
+@cpu_whole_op_backward.register_fake
 def _(q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, shared_values, grad_out, scale,
       landmark_scale, shared, routed):  # fmt: skip
     b, h, nk = q.shape[0], q.shape[1], k.shape[2]
@@ -121,16 +122,16 @@ def _sum_groups(h: int, t: Tensor, kv_heads: int) -> Tensor:
     return t.reshape(t.shape[0], kv_heads, h // kv_heads, *t.shape[2:]).sum(2)
 
 
-def _fused_setup_context(ctx, inputs, output):
+def _whole_op_setup_context(ctx, inputs, output):
     q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed, save = inputs
     out, lse, expert_index, key_index, qr, values = output
     ctx.save_for_backward(q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, values)
     ctx.args = (scale, landmark_scale, shared, routed)
 
 
-def _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, grad_qr, grad_values, bwd=None):
+def _whole_op_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, grad_qr, grad_values, bwd=None):
     q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, values = ctx.saved_tensors
-    dq, dk, dv, dr = (bwd or cpu_fused_backward)(
+    dq, dk, dv, dr = (bwd or cpu_whole_op_backward)(
         q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, values, grad_out, *ctx.args
     )
     h, hkv = q.shape[1], k.shape[1]
@@ -139,11 +140,11 @@ def _fused_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, grad_qr, g
             None, None, None, None, None, None, None)  # fmt: skip
 
 
-cpu_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+cpu_whole_op.register_autograd(_whole_op_backward, setup_context=_whole_op_setup_context)
 
 
-_fused = eager_or_compiled(
-    cpu_fused, "mita_cpu", "fused_fwd", "fused_bwd", _fused_setup_context, _fused_backward, (1, 2, 3, 4, 5)
+_whole_op = eager_or_compiled(
+    cpu_whole_op, "mita_cpu", "whole_fwd", "whole_bwd", _whole_op_setup_context, _whole_op_backward, (1, 2, 3, 4, 5)
 )
 
 
@@ -158,7 +159,7 @@ def _(scores, k):
     return scores.new_empty(*scores.shape[:-1], k, dtype=torch.long)
 
 
-@torch.library.custom_op("mita::cpu_attention", mutates_args=())
+@torch.library.custom_op("mita::cpu_split", mutates_args=())
 def cpu_attention(
     q: Tensor,
     k: Tensor,
@@ -175,7 +176,7 @@ def cpu_attention(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Output [B, H, N, dv], log-sum-exp [B, H, N] and, when ``expert_index`` is None (s = 1), the
     routing argmax [B, H, N, 1] (else an empty tensor). float32 or float64."""
-    return torch.ops.mita_cpu.fwd(
+    return torch.ops.mita_cpu.split_fwd(
         q, k, v, qr, shared_values, key_index, expert_index, pad, dup, scale, landmark_scale, routed
     )
 
@@ -187,7 +188,7 @@ def _(q, k, v, qr, shared_values, key_index, expert_index, pad, dup, scale, land
     return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), routing
 
 
-@torch.library.custom_op("mita::cpu_attention_backward", mutates_args=())
+@torch.library.custom_op("mita::cpu_split_backward", mutates_args=())
 def cpu_attention_backward(
     q: Tensor,
     k: Tensor,
@@ -206,7 +207,7 @@ def cpu_attention_backward(
     routed: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq (routed part), dk and dv per query head [B, H, N_kv, .], d qr, d shared_values."""
-    return torch.ops.mita_cpu.bwd(
+    return torch.ops.mita_cpu.split_bwd(
         q, k, v, qr, shared_values, key_index, expert_index, pad, dup, out, lse, grad_out, scale,
         landmark_scale, routed,
     )  # fmt: skip
@@ -243,7 +244,7 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
 cpu_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-_attention = eager_or_compiled(cpu_attention, "mita_cpu", "fwd", "bwd", _setup_context, _backward, (1, 2))
+_attention = eager_or_compiled(cpu_attention, "mita_cpu", "split_fwd", "split_bwd", _setup_context, _backward, (1, 2))
 
 
 def _topk(scores: Tensor, k: int) -> Tensor:
@@ -281,11 +282,11 @@ def cpu_forward(
     if out_dtype not in (torch.float32, torch.float64):
         # bf16/fp16 inputs: compute in float32 (half-precision softmax statistics lose too much).
         q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
-    if _fused_applies(p, q, v):
+    if _whole_op_applies(p, q, v):
         # q, k, v are read in place whatever their batch/head/row strides (rows must be unit-stride)
         # Q R^T and A are kept for the backward (only P is recomputed) when a gradient will be asked for
         save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, landmarks))
-        out, _, expert_index, key_index, _, _ = _fused(
+        out, _, expert_index, key_index, _, _ = _whole_op(
             q, k, v, landmarks.contiguous(), key_padding_mask, p.topk, p.scale, p.landmark_scale, p.shared,
             p.routed, save,
         )  # fmt: skip

@@ -44,6 +44,7 @@ LIBRARIES = {  # op namespace (torch.ops.<name>) -> source file
     "mita_cpu": "kernel.cpp",
     "mita_cpu_causal": "causal_kernel.cpp",
 }
+PROBES = {"mita_cpu": "split_fwd", "mita_cpu_causal": "fwd"}  # an op each library registers
 HEADERS = ("kernel_common.h",)
 COMMON_CFLAGS = ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 ENV_SWITCH = "MITA_CPU_KERNEL"
@@ -288,13 +289,14 @@ def _probe(lib: str, probe: str) -> tuple[bool, str]:
     return ok, why
 
 
-def availability(lib: str = "mita_cpu", probe: str = "fwd") -> tuple[bool, str]:
-    """Whether library ``lib`` is loaded (building it if needed; ``probe`` is one of its ops), and if not,
-    why. Cached per library.
+def availability(lib: str = "mita_cpu", probe: str | None = None) -> tuple[bool, str]:
+    """Whether library ``lib`` is loaded (building it if needed; ``probe`` is one of its ops, by default
+    :data:`PROBES`'s), and if not, why. Cached per library.
 
     Not wrapped in ``torch.compiler.disable``: that imports ``torch._dynamo`` (150 MB of resident memory)
     into every process. Under ``torch.compile`` the cached answer is a plain dict lookup, and a first call
     while compiling runs eagerly through :mod:`.compile_probe` (a constant for the graph)."""
+    probe = probe or PROBES[lib]
     if lib not in _state:
         if torch.compiler.is_compiling():
             from .compile_probe import probe_while_compiling

@@ -45,28 +45,6 @@ Sizes expert_sizes(const CSizes& c) {
   return make_sizes<T>(c.n, c.n, c.d, c.dv, c.nl, c.kk, c.s, 1, 1, c.shared, c.routed);
 }
 
-// Pairs (query, rank) with an expert (eidx >= 0), grouped by expert in increasing pair order.
-inline void bucket_valid(const int64_t* eidx, int64_t pairs, int64_t nl, std::vector<int64_t>& start,
-                         std::vector<int64_t>& order) {
-  std::fill(start.begin(), start.end(), 0);
-  for (int64_t p = 0; p < pairs; ++p)
-    if (eidx[p] >= 0) start[eidx[p] + 1]++;
-  for (int64_t e = 0; e < nl; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < pairs; ++p)
-    if (eidx[p] >= 0) order[fill[eidx[p]]++] = p;
-}
-
-// One expert's keys, gathered from the rows of k and v (unfilled slots -1 read key 0, bias -inf).
-template <typename T>
-inline void pack_expert(ExpertBuf<T>& eb, const T* k, const T* v, const int64_t* ki, const Sizes& z,
-                        std::vector<int64_t>& safe) {
-  for (int64_t j = 0; j < z.kk; ++j) safe[j] = ki[j] < 0 ? 0 : ki[j];
-  eb.pack(k, v, nullptr, nullptr, safe.data(), nullptr, z);
-  for (int64_t j = 0; j < z.kk; ++j)
-    if (ki[j] < 0) eb.bias[j] = neg_inf<T>();
-}
-
 // The own block's keys: transposed [d][bp], rows [bp][dp] (backward), values [bp][ep], values transposed
 // [dv][bp] (backward), zero padded.
 template <typename T>
@@ -78,8 +56,7 @@ struct BlockBuf {
   // From the rows of k and v (a b x d transpose per block: no head-wide transposed copy).
   void pack(const T* k, const T* v, int64_t t0, int64_t len, const CSizes& z) {
     std::fill(kt.begin(), kt.end(), T(0));
-    for (int64_t j = 0; j < len; ++j)
-      for (int64_t c = 0; c < z.d; ++c) kt[c * z.bp + j] = k[(t0 + j) * z.d + c];
+    transpose_rows(k + t0 * z.d, len, z.d, z.d, kt.data(), z.bp);
     for (int64_t j = 0; j < z.bp; ++j) {
       T* dst = vp.data() + j * z.ep;
       if (j < len) {
@@ -98,44 +75,24 @@ struct BlockBuf {
       }
     }
     std::fill(vt.begin(), vt.end(), T(0));
-    for (int64_t j = 0; j < len; ++j)
-      for (int64_t c = 0; c < z.dv; ++c) vt[c * z.bp + j] = v[(t0 + j) * z.dv + c];
+    transpose_rows(v + t0 * z.dv, len, z.dv, z.dv, vt.data(), z.bp);
   }
 };
-
-// Fold logits l[0..jp) (already scaled, -inf = dropped) into query i's online softmax; l becomes the
-// unnormalised weights for acc. Returns false (l zeroed) when every logit is -inf.
-template <typename T>
-inline bool online_fold(T* l, int64_t jp, T& m, T& zsum, T* acc, int64_t ep) {
-  const T lmx = padded_max(l, jp);
-  if (lmx == neg_inf<T>()) {
-    std::fill(l, l + jp, T(0));
-    return false;
-  }
-  const T new_m = std::max(m, lmx);
-  const T alpha = m == neg_inf<T>() ? T(0) : std::exp(m - new_m);
-  for (int64_t j = 0; j < jp; ++j) l[j] -= new_m;
-  exp_inplace(l, jp);
-  zsum = zsum * alpha + padded_sum(l, jp);
-  m = new_m;
-  if (alpha != T(1))
-    for (int64_t c = 0; c < ep; ++c) acc[c] *= alpha;
-  return true;
-}
 
 // Landmarks transposed and padded: [d][mp] (zeros beyond n_l).
 template <typename T>
 std::vector<T> landmarks_t(const T* r, const CSizes& z) {
   std::vector<T> rt(z.d * z.mp, T(0));
-  for (int64_t j = 0; j < z.nl; ++j)
-    for (int64_t c = 0; c < z.d; ++c) rt[c * z.mp + j] = r[j * z.d + c];
+  transpose_rows(r, z.nl, z.d, z.d, rt.data(), z.mp);
   return rt;
 }
 
 template <typename T>
-void forward_head(const T* q, const T* k, const T* v, const T* r, const T* sv,
-                  const int64_t* kidx, const int64_t* eidx_in, T scale, T lam, const CSizes& z, T* out, T* lse,
-                  int64_t* eidx_out) {
+void forward_head(const HeadIn<T>& x, const HeadOut<T>& o, T scale, T lam, const CSizes& z) {
+  const T *q = x.q, *k = x.k, *v = x.v, *r = x.r, *sv = x.sv;
+  const int64_t *kidx = x.kidx, *eidx_in = x.eidx;
+  T *out = o.out, *lse = o.lse;
+  int64_t* eidx_out = o.eidx;
   const int64_t wp = std::max({z.mp, z.kp, z.bp, VT<T>::L});
   std::vector<T> acc(z.n * z.ep, T(0)), acc_m(z.n, neg_inf<T>()), acc_z(z.n, T(0));
   std::vector<T> w(QB * wp), zero_row(z.dp, T(0)), junk(z.ep);
@@ -212,12 +169,12 @@ void forward_head(const T* q, const T* k, const T* v, const T* r, const T* sv,
   if (z.routed && z.nl > 0) {
     const int64_t* eidx = eidx_in != nullptr ? eidx_in : eidx_out;
     const Sizes es = expert_sizes<T>(z);
-    std::vector<int64_t> start(z.nl + 1), order(z.n * z.s), safe(z.kk);
-    bucket_valid(eidx, z.n * z.s, z.nl, start, order);
+    std::vector<int64_t> start(z.nl + 1), order(z.n * z.s);
+    bucket_pairs(eidx, z.n * z.s, z.nl, start, order);
     ExpertBuf<T> eb(es, false);
     for (int64_t e = 0; e < z.nl; ++e) {
       if (start[e] == start[e + 1]) continue;
-      pack_expert(eb, k, v, kidx + e * z.kk, es, safe);
+      eb.pack(k, v, kidx + e * z.kk, nullptr, es);
       for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
         const int64_t nb = std::min(QB, start[e + 1] - t0);
         for (int64_t b = 0; b < QB; ++b) {
@@ -242,22 +199,20 @@ void forward_head(const T* q, const T* k, const T* v, const T* r, const T* sv,
   for (int64_t i = 0; i < z.n; ++i) {
     const T inv = T(1) / acc_z[i];
     const T* src = acc.data() + i * z.ep;
-    T* o = out + i * z.dv;
-    for (int64_t c = 0; c < z.dv; ++c) o[c] = src[c] * inv;
+    T* row = out + i * o.ld;
+    for (int64_t c = 0; c < z.dv; ++c) row[c] = src[c] * inv;
     lse[i] = acc_m[i] + std::log(acc_z[i]);
   }
 }
 
 template <typename T>
-void backward_head(const T* q, const T* k, const T* v, const T* r,
-                   const T* sv, const int64_t* kidx, const int64_t* eidx, const T* out, const T* lse,
-                   const T* dout, T scale, T lam, const CSizes& z, T* dq, T* dk, T* dvv, T* dr, T* dsv) {
+void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam, const CSizes& z) {
+  const T *q = x.q, *k = x.k, *v = x.v, *r = x.r, *sv = x.sv;
+  const T *out = grads.out, *lse = grads.lse, *dout = grads.dout;
+  const int64_t *kidx = x.kidx, *eidx = x.eidx;
+  T *dq = grads.dq, *dk = grads.dk, *dvv = grads.dv, *dr = grads.dr, *dsv = grads.dsv;
   std::vector<T> delta(z.n);
-  for (int64_t i = 0; i < z.n; ++i) {
-    T a = T(0);
-    for (int64_t c = 0; c < z.dv; ++c) a += dout[i * z.dv + c] * out[i * z.dv + c];
-    delta[i] = a;
-  }
+  for (int64_t i = 0; i < z.n; ++i) delta[i] = dot_row(dout + i * z.dv, out + i * z.dv, z.dv);
   const int64_t wp = std::max({z.mp, z.kp, z.bp, VT<T>::L});
   std::vector<T> p(QB * wp), g(QB * wp), xq(QB * z.dp), xd(QB * z.ep), dqb(QB * z.dp);
   std::vector<int64_t> rows(QB);
@@ -270,10 +225,8 @@ void backward_head(const T* q, const T* k, const T* v, const T* r,
     std::vector<T> svt(z.dv * z.mp, T(0)), dsa(z.nl * z.ep, T(0));  // A transposed [dv][Mp]; dA padded
     std::vector<T> rp(z.nl * z.dp, T(0)), dra(z.nl * z.dp, T(0));   // landmarks [n_l][Dp]; dR padded
     const std::vector<T> rt = landmarks_t(r, z);
-    for (int64_t j = 0; j < z.nl; ++j) {
-      for (int64_t c = 0; c < z.dv; ++c) svt[c * z.mp + j] = sv[j * z.dv + c];
-      std::memcpy(rp.data() + j * z.dp, r + j * z.d, sizeof(T) * z.d);
-    }
+    transpose_rows(sv, z.nl, z.dv, z.dv, svt.data(), z.mp);
+    for (int64_t j = 0; j < z.nl; ++j) std::memcpy(rp.data() + j * z.dp, r + j * z.d, sizeof(T) * z.d);
     for (int64_t beta = 1; beta < z.nq; ++beta) {
       const int64_t vis = std::min(beta, z.nl), jp = round_up(vis, VT<T>::L);
       const int64_t lo = beta * z.bs, hi = std::min(z.n, lo + z.bs);
@@ -300,11 +253,7 @@ void backward_head(const T* q, const T* k, const T* v, const T* r,
         }
         std::fill(dqb.begin(), dqb.end(), T(0));
         mk_pb(g.data(), jp, rp.data(), vis, z.dp, dq_rows);
-        for (int64_t b = 0; b < nb; ++b) {
-          T* dqi = dq + (i0 + b) * z.d;
-          const T* src = dqb.data() + b * z.dp;
-          for (int64_t c = 0; c < z.d; ++c) dqi[c] += src[c];
-        }
+        for (int64_t b = 0; b < nb; ++b) add_row(dq + (i0 + b) * z.d, dqb.data() + b * z.dp, z.d);
         mk_rank(g.data(), jp, xq.data(), vis, z.dp, dra.data());
         mk_rank(p.data(), jp, xd.data(), vis, z.ep, dsa.data());
       }
@@ -346,35 +295,27 @@ void backward_head(const T* q, const T* k, const T* v, const T* r,
         }
         std::fill(dqb.begin(), dqb.end(), T(0));
         mk_pb(g.data(), jp, bb.kr.data(), jn, z.dp, dq_rows);
-        for (int64_t b = 0; b < nb; ++b) {
-          T* dqi = dq + (t0 + r0 + b) * z.d;
-          const T* src = dqb.data() + b * z.dp;
-          for (int64_t c = 0; c < z.d; ++c) dqi[c] += src[c];
-        }
+        for (int64_t b = 0; b < nb; ++b) add_row(dq + (t0 + r0 + b) * z.d, dqb.data() + b * z.dp, z.d);
         mk_rank(g.data(), jp, xq.data(), jn, z.dp, dkb.data());
         mk_rank(p.data(), jp, xd.data(), jn, z.ep, dvb.data());
       }
       for (int64_t j = 0; j < len; ++j) {
-        T* dkr = dk + (t0 + j) * z.d;
-        const T* src = dkb.data() + j * z.dp;
-        for (int64_t c = 0; c < z.d; ++c) dkr[c] += src[c];
-        T* dvr = dvv + (t0 + j) * z.dv;
-        const T* srcv = dvb.data() + j * z.ep;
-        for (int64_t c = 0; c < z.dv; ++c) dvr[c] += srcv[c];
+        add_row(dk + (t0 + j) * z.d, dkb.data() + j * z.dp, z.d);
+        add_row(dvv + (t0 + j) * z.dv, dvb.data() + j * z.ep, z.dv);
       }
     }
   }
   // 3. Routed experts.
   if (!z.routed || z.nl == 0) return;
   const Sizes es = expert_sizes<T>(z);
-  std::vector<int64_t> start(z.nl + 1), order(z.n * z.s), safe(z.kk);
-  bucket_valid(eidx, z.n * z.s, z.nl, start, order);
+  std::vector<int64_t> start(z.nl + 1), order(z.n * z.s);
+  bucket_pairs(eidx, z.n * z.s, z.nl, start, order);
   ExpertBuf<T> eb(es, true);
   std::vector<T> dke(z.kk * z.dp), dve(z.kk * z.ep);
   for (int64_t e = 0; e < z.nl; ++e) {
     if (start[e] == start[e + 1]) continue;
     const int64_t* ki = kidx + e * z.kk;
-    pack_expert(eb, k, v, ki, es, safe);
+    eb.pack(k, v, ki, nullptr, es);
     std::fill(dke.begin(), dke.end(), T(0));
     std::fill(dve.begin(), dve.end(), T(0));
     for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
@@ -399,22 +340,14 @@ void backward_head(const T* q, const T* k, const T* v, const T* r,
       }
       std::fill(dqb.begin(), dqb.end(), T(0));
       mk_pb(g.data(), z.kp, eb.kr.data(), z.kk, z.dp, dq_rows);
-      for (int64_t b = 0; b < nb; ++b) {
-        T* dqi = dq + rows[b] * z.d;
-        const T* src = dqb.data() + b * z.dp;
-        for (int64_t c = 0; c < z.d; ++c) dqi[c] += src[c];
-      }
+      for (int64_t b = 0; b < nb; ++b) add_row(dq + rows[b] * z.d, dqb.data() + b * z.dp, z.d);
       mk_rank(g.data(), z.kp, xq.data(), z.kk, z.dp, dke.data());
       mk_rank(p.data(), z.kp, xd.data(), z.kk, z.ep, dve.data());
     }
     for (int64_t j = 0; j < z.kk; ++j) {
       if (ki[j] < 0) continue;  // unfilled slot: weight 0, nothing to add
-      T* dkr = dk + ki[j] * z.d;
-      const T* src = dke.data() + j * z.dp;
-      for (int64_t c = 0; c < z.d; ++c) dkr[c] += src[c];
-      T* dvr = dvv + ki[j] * z.dv;
-      const T* srcv = dve.data() + j * z.ep;
-      for (int64_t c = 0; c < z.dv; ++c) dvr[c] += srcv[c];
+      add_row(dk + ki[j] * z.d, dke.data() + j * z.dp, z.d);
+      add_row(dvv + ki[j] * z.dv, dve.data() + j * z.ep, z.dv);
     }
   }
 }
@@ -475,13 +408,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
     at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kvh = (bh / h) * hkv + (bh % h) / group;
-        forward_head<scalar_t>(
-            q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
-            v.data_ptr<scalar_t>() + kvh * n * z.dv, r.data_ptr<scalar_t>() + bh * nl * z.d, sv_p ? sv_p + bh * nl * z.dv : nullptr,
-            kidx.data_ptr<int64_t>() + bh * nl * z.kk,
-            eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, static_cast<scalar_t>(scale),
-            static_cast<scalar_t>(landmark_scale), z, out.data_ptr<scalar_t>() + bh * n * z.dv,
-            lse.data_ptr<scalar_t>() + bh * n, eidx_in ? nullptr : eidx.data_ptr<int64_t>() + bh * n);
+        const HeadIn<scalar_t> x{q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
+                                 v.data_ptr<scalar_t>() + kvh * n * z.dv, sv_p ? sv_p + bh * nl * z.dv : nullptr,
+                                 nullptr, r.data_ptr<scalar_t>() + bh * nl * z.d,
+                                 kidx.data_ptr<int64_t>() + bh * nl * z.kk,
+                                 eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, nullptr, nullptr};
+        const HeadOut<scalar_t> o{out.data_ptr<scalar_t>() + bh * n * z.dv, z.dv, lse.data_ptr<scalar_t>() + bh * n,
+                                  eidx_in ? nullptr : eidx.data_ptr<int64_t>() + bh * n};
+        forward_head<scalar_t>(x, o, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z);
       }
     });
   });
@@ -518,16 +452,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
     at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kvh = (bh / h) * hkv + (bh % h) / group;
-        backward_head<scalar_t>(
-            q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
-            v.data_ptr<scalar_t>() + kvh * n * z.dv, r.data_ptr<scalar_t>() + bh * nl * z.d,
-            sv_p ? sv_p + bh * nl * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * nl * z.kk,
-            eidx.data_ptr<int64_t>() + bh * n * z.s, out.data_ptr<scalar_t>() + bh * n * z.dv,
-            lse.data_ptr<scalar_t>() + bh * n, dout.data_ptr<scalar_t>() + bh * n * z.dv,
-            static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z,
-            dq.data_ptr<scalar_t>() + bh * n * z.d, dk.data_ptr<scalar_t>() + bh * n * z.d,
-            dv.data_ptr<scalar_t>() + bh * n * z.dv, dr.data_ptr<scalar_t>() + bh * nl * z.d,
-            sv ? dsv.data_ptr<scalar_t>() + bh * nl * z.dv : nullptr);
+        const HeadIn<scalar_t> x{q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * n * z.d,
+                                 v.data_ptr<scalar_t>() + kvh * n * z.dv, sv_p ? sv_p + bh * nl * z.dv : nullptr,
+                                 nullptr, r.data_ptr<scalar_t>() + bh * nl * z.d,
+                                 kidx.data_ptr<int64_t>() + bh * nl * z.kk, eidx.data_ptr<int64_t>() + bh * n * z.s,
+                                 nullptr, nullptr};
+        const HeadGrad<scalar_t> g{out.data_ptr<scalar_t>() + bh * n * z.dv, lse.data_ptr<scalar_t>() + bh * n,
+                                   dout.data_ptr<scalar_t>() + bh * n * z.dv, dq.data_ptr<scalar_t>() + bh * n * z.d,
+                                   dk.data_ptr<scalar_t>() + bh * n * z.d, dv.data_ptr<scalar_t>() + bh * n * z.dv,
+                                   nullptr, dr.data_ptr<scalar_t>() + bh * nl * z.d,
+                                   sv ? dsv.data_ptr<scalar_t>() + bh * nl * z.dv : nullptr};
+        backward_head<scalar_t>(x, g, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z);
       }
     });
   });

@@ -21,11 +21,12 @@ namespace {
 using namespace mita_kernels;
 
 template <typename T>
-void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* qr, const T* sv,
-                  const int64_t* kidx,
-                  const int64_t* eidx_in, const bool* pad, const bool* dup, T scale, T lam, const Sizes& z,
-                  T* out, T* lse, int64_t* eidx_out, int64_t ld_out = -1) {
-  if (ld_out < 0) ld_out = z.dv;  // row stride of out
+void forward_head(const HeadIn<T>& x, const HeadOut<T>& o, T scale, T lam, const Sizes& z) {
+  const T *q = x.q, *k = x.k, *v = x.v, *qr = x.qr, *sv = x.sv;
+  const int64_t *kidx = x.kidx, *eidx_in = x.eidx;
+  const bool *pad = x.pad, *dup = x.dup;
+  T *out = o.out, *lse = o.lse;
+  int64_t* eidx_out = o.eidx;
   std::vector<T> acc(z.n * z.ep, T(0)), acc_m(z.n), acc_z(z.n);
   std::vector<T> w(QB * std::max(z.mp, z.kp)), zero_row(z.dp, T(0)), junk(z.ep);
   const T* xr[QB];
@@ -70,11 +71,11 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
   if (z.routed) {
     const int64_t* eidx = eidx_in != nullptr ? eidx_in : eidx_out;
     std::vector<int64_t> start(z.m + 1), order(z.n * z.s);
-    bucket_pairs(eidx, z, start, order);
+    bucket_pairs(eidx, z.n * z.s, z.m, start, order);
     ExpertBuf<T> eb(z, false);
     for (int64_t e = 0; e < z.m; ++e) {
       if (start[e] == start[e + 1]) continue;
-      eb.pack(k, v, kt_head, nullptr, kidx + e * z.kk, pad, z);
+      eb.pack(k, v, kidx + e * z.kk, pad, z);
       for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
         const int64_t nb = std::min(QB, start[e + 1] - t0);
         for (int64_t b = 0; b < QB; ++b) {
@@ -93,19 +94,7 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
           if (dup != nullptr)
             for (int64_t j = 0; j < z.kk; ++j)
               if (dup[pr * z.kk + j]) l[j] = neg_inf<T>();
-          const T lmx = padded_max(l, z.kp);
-          if (lmx == neg_inf<T>()) {  // every key of this expert dropped for this query
-            std::fill(l, l + z.kp, T(0));
-            continue;
-          }
-          const T new_m = std::max(acc_m[i], lmx);
-          const T alpha = acc_m[i] == neg_inf<T>() ? T(0) : std::exp(acc_m[i] - new_m);
-          for (int64_t j = 0; j < z.kp; ++j) l[j] -= new_m;
-          exp_inplace(l, z.kp);
-          acc_z[i] = acc_z[i] * alpha + padded_sum(l, z.kp);
-          acc_m[i] = new_m;
-          if (alpha != T(1))
-            for (int64_t c = 0; c < z.ep; ++c) ar[b][c] *= alpha;
+          online_fold(l, z.kp, acc_m[i], acc_z[i], ar[b], z.ep);  // all dropped: l zeroed, nothing added
         }
         mk_pb(w.data(), z.kp, eb.vp.data(), z.kk, z.ep, ar);
       }
@@ -114,17 +103,18 @@ void forward_head(const T* q, const T* k, const T* v, const T* kt_head, const T*
   for (int64_t i = 0; i < z.n; ++i) {
     const T inv = T(1) / acc_z[i];
     const T* src = acc.data() + i * z.ep;
-    T* o = out + i * ld_out;
-    for (int64_t c = 0; c < z.dv; ++c) o[c] = src[c] * inv;
+    T* row = out + i * o.ld;
+    for (int64_t c = 0; c < z.dv; ++c) row[c] = src[c] * inv;
     lse[i] = acc_m[i] + std::log(acc_z[i]);
   }
 }
 
 template <typename T>
-void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T* vt_head, const T* qr,
-                   const T* sv, const int64_t* kidx,
-                   const int64_t* eidx, const bool* pad, const bool* dup, const T* out, const T* lse,
-                   const T* dout, T scale, T lam, const Sizes& z, T* dq, T* dk, T* dvv, T* dqr, T* dsv) {
+void backward_head(const HeadIn<T>& x, const HeadGrad<T>& gr, T scale, T lam, const Sizes& z) {
+  const T *q = x.q, *k = x.k, *v = x.v, *qr = x.qr, *sv = x.sv, *out = gr.out, *lse = gr.lse, *dout = gr.dout;
+  const int64_t *kidx = x.kidx, *eidx = x.eidx;
+  const bool *pad = x.pad, *dup = x.dup;
+  T *dq = gr.dq, *dk = gr.dk, *dvv = gr.dv, *dqr = gr.dqr, *dsv = gr.dsv;
   std::vector<T> delta(z.n);
   for (int64_t i = 0; i < z.n; ++i) delta[i] = dot_row(dout + i * z.dv, out + i * z.dv, z.dv);
   const int64_t wp = std::max(z.mp, z.kp);
@@ -160,7 +150,7 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
   }
   if (!z.routed) return;
   std::vector<int64_t> start(z.m + 1), order(z.n * z.s);
-  bucket_pairs(eidx, z, start, order);
+  bucket_pairs(eidx, z.n * z.s, z.m, start, order);
   ExpertBuf<T> eb(z, true);
   std::vector<T> dke(z.kk * z.dp), dve(z.kk * z.ep);
   // One expert's probabilities, their gradients, queries and output gradients, all its queries at once
@@ -174,7 +164,7 @@ void backward_head(const T* q, const T* k, const T* v, const T* kt_head, const T
     if (start[e] == start[e + 1]) continue;
     const int64_t* ki = kidx + e * z.kk;
     const int64_t ne = start[e + 1] - start[e];
-    eb.pack(k, v, kt_head, vt_head, ki, pad, z);
+    eb.pack(k, v, ki, pad, z);
     std::fill(dke.begin(), dke.end(), T(0));
     std::fill(dve.begin(), dve.end(), T(0));
     for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
@@ -241,12 +231,12 @@ void check_split_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tens
     check_range(*eidx, 0, m, op, "expert_index");
   }
   check_mask(pad, {b, nk}, op, "pad");
-  check_mask(dup, {b, h, n, s * kidx.size(3)}, op, "dup");
+  check_mask(dup, {b, h, n, s, kidx.size(3)}, op, "dup");
 }
 
 // Returns out [B,H,N,dv], lse [B,H,N] and expert_index [B,H,N,s] (computed here as argmax of qr when
 // s = 1, i.e. when no expert_index is passed in; copied otherwise).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_split_fwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& qr_,
     const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const std::optional<at::Tensor>& eidx_,
     const std::optional<at::Tensor>& pad_, const std::optional<at::Tensor>& dup_, double scale,
@@ -255,14 +245,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
   const at::Tensor kidx = kidx_.contiguous();
   const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_), pad = contiguous_opt(pad_),
              dup = contiguous_opt(dup_);
-  check_split_inputs(q, k, v, qr, sv, kidx, eidx_in, pad, dup, "mita_cpu.fwd");
+  check_split_inputs(q, k, v, qr, sv, kidx, eidx_in, pad, dup, "mita_cpu.split_fwd");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1;
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
   at::Tensor lse = at::empty({b, h, n}, q.options());
   // Computed here for s = 1; with s > 1 the caller's top-s routing is used and an empty tensor returned.
   at::Tensor eidx = at::empty({eidx_in ? 0 : b, h, n, 1}, kidx.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_split_fwd", [&] {
     const Sizes z = make_sizes<scalar_t>(n, k.size(2), q.size(3), v.size(3), kidx.size(2), kidx.size(3), s,
                                          h / hkv, h, sv.has_value(), routed);
     const scalar_t* sv_p = ptr_or_null<scalar_t>(sv);
@@ -271,15 +261,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
     at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
-        forward_head<scalar_t>(
-            q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * z.nk * z.d,
-            v.data_ptr<scalar_t>() + kvh * z.nk * z.dv, nullptr,
-            qr.data_ptr<scalar_t>() + bh * n * z.m,
-            sv_p ? sv_p + bh * z.m * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * z.m * z.kk,
-            eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, pad_p ? pad_p + bi * z.nk : nullptr,
-            dup_p ? dup_p + bh * n * s * z.kk : nullptr, static_cast<scalar_t>(scale),
-            static_cast<scalar_t>(landmark_scale), z, out.data_ptr<scalar_t>() + bh * n * z.dv,
-            lse.data_ptr<scalar_t>() + bh * n, eidx_in ? nullptr : eidx.data_ptr<int64_t>() + bh * n);
+        const HeadIn<scalar_t> x{q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * z.nk * z.d,
+                                 v.data_ptr<scalar_t>() + kvh * z.nk * z.dv, sv_p ? sv_p + bh * z.m * z.dv : nullptr,
+                                 qr.data_ptr<scalar_t>() + bh * n * z.m, nullptr,
+                                 kidx.data_ptr<int64_t>() + bh * z.m * z.kk,
+                                 eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr,
+                                 pad_p ? pad_p + bi * z.nk : nullptr, dup_p ? dup_p + bh * n * s * z.kk : nullptr};
+        const HeadOut<scalar_t> o{out.data_ptr<scalar_t>() + bh * n * z.dv, z.dv, lse.data_ptr<scalar_t>() + bh * n,
+                                  eidx_in ? nullptr : eidx.data_ptr<int64_t>() + bh * n};
+        forward_head<scalar_t>(x, o, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z);
       }
     });
   });
@@ -288,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mita_fwd(
 
 // Gradients of q (routed part only), of k and v per *query* head [B, H, N_kv, .], of qr (the shared
 // logits' part) and of the shared values. The caller sums dk/dv over each GQA group.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_split_bwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& qr_,
     const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const at::Tensor& eidx_,
     const std::optional<at::Tensor>& pad_, const std::optional<at::Tensor>& dup_, const at::Tensor& out_,
@@ -297,16 +287,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
   const auto sv = contiguous_opt(sv_), pad = contiguous_opt(pad_), dup = contiguous_opt(dup_);
-  check_split_inputs(q, k, v, qr, sv, kidx, eidx, pad, dup, "mita_cpu.bwd");
+  check_split_inputs(q, k, v, qr, sv, kidx, eidx, pad, dup, "mita_cpu.split_bwd");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2);
-  for (const at::Tensor* t : {&out, &dout}) check_shape(*t, {b, h, n, v.size(3)}, "mita_cpu.bwd", "out/dout");
-  check_shape(lse, {b, h, n}, "mita_cpu.bwd", "lse");
+  for (const at::Tensor* t : {&out, &dout}) check_shape(*t, {b, h, n, v.size(3)}, "mita_cpu.split_bwd", "out/dout");
+  check_shape(lse, {b, h, n}, "mita_cpu.split_bwd", "lse");
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, nk, k.size(3)}, q.options());
   at::Tensor dv = at::zeros({b, h, nk, v.size(3)}, q.options());
   at::Tensor dqr = at::zeros_like(qr);
   at::Tensor dsv = sv ? at::zeros_like(*sv) : at::empty({0}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_split_bwd", [&] {
     const Sizes z = make_sizes<scalar_t>(n, nk, q.size(3), v.size(3), kidx.size(2), kidx.size(3),
                                          eidx.size(3), h / hkv, h, sv.has_value(), routed);
     const scalar_t* sv_p = ptr_or_null<scalar_t>(sv);
@@ -315,17 +305,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
     at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t bi = bh / h, kvh = bi * hkv + (bh % h) / z.group;
-        backward_head<scalar_t>(
-            q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * nk * z.d,
-            v.data_ptr<scalar_t>() + kvh * nk * z.dv, nullptr, nullptr, qr.data_ptr<scalar_t>() + bh * n * z.m,
-            sv_p ? sv_p + bh * z.m * z.dv : nullptr, kidx.data_ptr<int64_t>() + bh * z.m * z.kk,
-            eidx.data_ptr<int64_t>() + bh * n * z.s, pad_p ? pad_p + bi * nk : nullptr,
-            dup_p ? dup_p + bh * n * z.s * z.kk : nullptr, out.data_ptr<scalar_t>() + bh * n * z.dv,
-            lse.data_ptr<scalar_t>() + bh * n, dout.data_ptr<scalar_t>() + bh * n * z.dv,
-            static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z,
-            dq.data_ptr<scalar_t>() + bh * n * z.d, dk.data_ptr<scalar_t>() + bh * nk * z.d,
-            dv.data_ptr<scalar_t>() + bh * nk * z.dv, dqr.data_ptr<scalar_t>() + bh * n * z.m,
-            sv ? dsv.data_ptr<scalar_t>() + bh * z.m * z.dv : nullptr);
+        const HeadIn<scalar_t> x{q.data_ptr<scalar_t>() + bh * n * z.d, k.data_ptr<scalar_t>() + kvh * nk * z.d,
+                                 v.data_ptr<scalar_t>() + kvh * nk * z.dv, sv_p ? sv_p + bh * z.m * z.dv : nullptr,
+                                 qr.data_ptr<scalar_t>() + bh * n * z.m, nullptr,
+                                 kidx.data_ptr<int64_t>() + bh * z.m * z.kk, eidx.data_ptr<int64_t>() + bh * n * z.s,
+                                 pad_p ? pad_p + bi * nk : nullptr, dup_p ? dup_p + bh * n * z.s * z.kk : nullptr};
+        const HeadGrad<scalar_t> g{out.data_ptr<scalar_t>() + bh * n * z.dv, lse.data_ptr<scalar_t>() + bh * n,
+                                   dout.data_ptr<scalar_t>() + bh * n * z.dv, dq.data_ptr<scalar_t>() + bh * n * z.d,
+                                   dk.data_ptr<scalar_t>() + bh * nk * z.d, dv.data_ptr<scalar_t>() + bh * nk * z.dv,
+                                   dqr.data_ptr<scalar_t>() + bh * n * z.m, nullptr,
+                                   sv ? dsv.data_ptr<scalar_t>() + bh * z.m * z.dv : nullptr};
+        backward_head<scalar_t>(x, g, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z);
       }
     });
   });
@@ -341,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_bwd(
 // probabilities P (Q R^T and A come saved from the forward), so nothing of size m x N is kept between
 // forward and backward.
 
-// Landmark side of one head, computed identically by the fused forward and backward.
+// Landmark side of one head, computed identically by the whole-op forward and backward.
 template <typename T>
 struct LandmarkHead {
   int64_t nkp, mq;  // N_kv padded to the vector length; m rounded up to QB
@@ -494,31 +484,31 @@ void flush(HeadView<T> h, int64_t n, int64_t w, const T* src) {
 
 at::Tensor unit_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-void check_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r) {
+void check_whole_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& r) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && r.dim() == 4, "mita_cpu: q, k, v, r must be 4-D");
   check_gather_offsets(k, v, "mita_cpu");
   const int64_t lanes = q.scalar_type() == at::kDouble ? 8 : 16;
   TORCH_CHECK(q.size(3) % lanes == 0 && v.size(3) % lanes == 0,
-              "mita_cpu.fused: head dims must be multiples of ", lanes);
+              "mita_cpu.whole: head dims must be multiples of ", lanes);
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0 &&
                   v.size(1) == k.size(1) && v.size(2) == k.size(2) && k.size(3) == q.size(3) &&
                   r.size(0) == q.size(0) && r.size(1) == q.size(1) && r.size(3) == q.size(3),
-              "mita_cpu.fused: q [B,H,N,d], k/v [B,H_kv,N_kv,d/dv] (H % H_kv == 0), landmarks [B,H,m,d]");
+              "mita_cpu.whole: q [B,H,N,d], k/v [B,H_kv,N_kv,d/dv] (H % H_kv == 0), landmarks [B,H,m,d]");
 }
 
 // out [B,H,N,dv], lse [B,H,N], expert_index [B,H,N,1] (argmax routing), key_index [B,H,m,k].
 // With save = true and the shared expert on, also qr = Q R^T [B,H,N,m] and the shared values A [B,H,m,dv]
 // for the backward (which then recomputes only the probabilities P); else two empty tensors.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_whole_fwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& pad_, int64_t topk, double scale, double landmark_scale, bool shared,
     bool routed, bool save) {
   const at::Tensor q = unit_rows(q_), k = unit_rows(k_), v = unit_rows(v_), r = r_.contiguous();
   const auto pad = contiguous_opt(pad_);
-  check_fused(q, k, v, r);
+  check_whole_op(q, k, v, r);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2), m = r.size(2);
-  TORCH_CHECK(topk >= 1 && topk <= nk, "mita_cpu.fused: topk must be in 1..N_kv");
-  check_mask(pad, {b, nk}, "mita_cpu.fused_fwd", "pad");
+  TORCH_CHECK(topk >= 1 && topk <= nk, "mita_cpu.whole: topk must be in 1..N_kv");
+  check_mask(pad, {b, nk}, "mita_cpu.whole_fwd", "pad");
   // [B, N, H, dv] underneath, as SDPA's output: merging the heads afterwards is a view, not a copy.
   at::Tensor out = at::empty({b, n, h, v.size(3)}, q.options()).permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({b, h, n}, q.options());
@@ -526,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor kidx = at::empty({b, h, m, topk}, q.options().dtype(at::kLong));
   at::Tensor qr_s = at::empty({save && shared ? b : 0, h, n, m}, q.options());  // read only by the shared part
   at::Tensor a_s = at::empty({save && shared ? b : 0, h, m, v.size(3)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_fused_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_whole_fwd", [&] {
     const Sizes z = make_sizes<scalar_t>(n, nk, q.size(3), v.size(3), m, topk, 1, h / hkv, h, shared, routed);
     const bool* pad_p = ptr_or_null<bool>(pad);
     at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
@@ -541,9 +531,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const bool* padh = pad_p ? pad_p + bi * nk : nullptr;
         int64_t* ki = kidx.data_ptr<int64_t>() + bh * m * topk;
         lh.compute(qh, kh, vh, r.data_ptr<scalar_t>() + bh * m * z.d, padh, static_cast<scalar_t>(scale), z, ki);
-        forward_head<scalar_t>(qh, kh, vh, nullptr, lh.qr.data(), shared ? lh.a.data() : nullptr, ki, nullptr,
-                               padh, nullptr, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale),
-                               z, oh.p, lse.data_ptr<scalar_t>() + bh * n, eidx.data_ptr<int64_t>() + bh * n, oh.ld);
+        const HeadIn<scalar_t> x{qh, kh, vh, shared ? lh.a.data() : nullptr, lh.qr.data(), nullptr, ki, nullptr,
+                                 padh, nullptr};
+        const HeadOut<scalar_t> o{oh.p, oh.ld, lse.data_ptr<scalar_t>() + bh * n, eidx.data_ptr<int64_t>() + bh * n};
+        forward_head<scalar_t>(x, o, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z);
         if (save && shared) {
           std::memcpy(qr_s.data_ptr<scalar_t>() + bh * n * m, lh.qr.data(), sizeof(scalar_t) * n * m);
           std::memcpy(a_s.data_ptr<scalar_t>() + bh * m * z.dv, lh.a.data(), sizeof(scalar_t) * m * z.dv);
@@ -555,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // dq [B,H,N,d], dk and dv per *query* head [B,H,N_kv,.] (the caller sums GQA groups), dr [B,H,m,d].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_whole_bwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& pad_, const at::Tensor& kidx_, const at::Tensor& eidx_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& qr_, const at::Tensor& a_,
@@ -564,12 +555,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
   const at::Tensor qr = qr_.contiguous(), a = a_.contiguous();  // saved by the forward (save = true)
   TORCH_CHECK(!shared || (qr.dim() == 4 && qr.size(0) == q.size(0) && a.dim() == 4 && a.size(0) == q.size(0)),
-              "mita_cpu.fused_bwd: qr and shared_values must come from a forward run with save=True");
+              "mita_cpu.whole_bwd: qr and shared_values must come from a forward run with save=True");
   const at::Tensor out = unit_rows(out_), lse = lse_.contiguous(), dout = unit_rows(dout_);
   const auto pad = contiguous_opt(pad_);
-  check_fused(q, k, v, r);
+  check_whole_op(q, k, v, r);
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nk = k.size(2), m = r.size(2);
-  const char* op = "mita_cpu.fused_bwd";
+  const char* op = "mita_cpu.whole_bwd";
   TORCH_CHECK(kidx.dim() == 4 && kidx.size(3) >= 1 && kidx.size(3) <= nk, op, ": key_index [B, H, m, k]");
   const int64_t topk = kidx.size(3);
   check_shape(kidx, {b, h, m, topk}, op, "key_index");
@@ -590,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
   at::Tensor dk = h == hkv ? at::empty_like(k) : at::empty({b, h, nk, k.size(3)}, q.options());
   at::Tensor dv = h == hkv ? at::empty_like(v) : at::empty({b, h, nk, v.size(3)}, q.options());
   at::Tensor dr = at::empty_like(r);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_fused_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_whole_bwd", [&] {
     using T = scalar_t;
     const Sizes z = make_sizes<T>(n, nk, q.size(3), v.size(3), m, topk, 1, h / hkv, h, shared, routed);
     const bool* pad_p = ptr_or_null<bool>(pad);
@@ -616,10 +607,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_fused_bwd(
         const T* qrh = shared ? qr.data_ptr<T>() + bh * n * m : nullptr;
         const T* ah = shared ? a.data_ptr<T>() + bh * m * z.dv : nullptr;
         if (shared) lh.compute(qh, kh, vh, rh, padh, static_cast<T>(scale), z, nullptr, false);  // P only
-        backward_head<T>(qh, kh, vh, nullptr, nullptr, qrh, ah, ki,
-                         eidx.data_ptr<int64_t>() + bh * n, padh, nullptr, oh, lse.data_ptr<T>() + bh * n, gh,
-                         static_cast<T>(scale), static_cast<T>(landmark_scale), z, dqh, dkh, dvh, dqr.data(),
-                         shared ? da.data() : nullptr);
+        const HeadIn<T> x{qh, kh, vh, ah, qrh, nullptr, ki, eidx.data_ptr<int64_t>() + bh * n, padh, nullptr};
+        const HeadGrad<T> g{oh, lse.data_ptr<T>() + bh * n, gh, dqh, dkh, dvh, dqr.data(), nullptr,
+                            shared ? da.data() : nullptr};
+        backward_head<T>(x, g, static_cast<T>(scale), static_cast<T>(landmark_scale), z);
         T* drh = dr.data_ptr<T>() + bh * m * z.d;
         if (shared) {
           backward_landmarks<T>(qh, kh, vh, rh, lh, ah, dqr.data(), da.data(), static_cast<T>(scale), z, dqh, dkh, dvh,
@@ -658,29 +649,29 @@ at::Tensor mita_topk(const at::Tensor& scores_, int64_t k) {
 
 TORCH_LIBRARY(mita_cpu, m) {
   m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor? shared_values, Tensor key_index, "
+      "split_fwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor? shared_values, Tensor key_index, "
       "Tensor? expert_index, Tensor? pad, Tensor? dup, float scale, float landmark_scale, bool routed) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "bwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor? shared_values, Tensor key_index, "
+      "split_bwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor? shared_values, Tensor key_index, "
       "Tensor expert_index, Tensor? pad, Tensor? dup, Tensor out, Tensor lse, Tensor dout, float scale, "
       "float landmark_scale, bool routed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("topk(Tensor scores, int k) -> Tensor");
   m.def(
-      "fused_fwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor? pad, int topk, float scale, "
+      "whole_fwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor? pad, int topk, float scale, "
       "float landmark_scale, bool shared, bool routed, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor)");
   m.def(
-      "fused_bwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor? pad, Tensor key_index, Tensor expert_index, "
+      "whole_bwd(Tensor q, Tensor k, Tensor v, Tensor r, Tensor? pad, Tensor key_index, Tensor expert_index, "
       "Tensor out, Tensor lse, Tensor qr, Tensor shared_values, Tensor dout, float scale, float landmark_scale, "
       "bool shared, bool routed) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mita_cpu, CPU, m) {
-  m.impl("fwd", &mita_fwd);
-  m.impl("bwd", &mita_bwd);
+  m.impl("split_fwd", &mita_split_fwd);
+  m.impl("split_bwd", &mita_split_bwd);
   m.impl("topk", &mita_topk);
-  m.impl("fused_fwd", &mita_fused_fwd);
-  m.impl("fused_bwd", &mita_fused_bwd);
+  m.impl("whole_fwd", &mita_whole_fwd);
+  m.impl("whole_bwd", &mita_whole_bwd);
 }

@@ -364,16 +364,69 @@ Sizes make_sizes(int64_t n, int64_t nk, int64_t d, int64_t dv, int64_t m, int64_
                round_up(kk, L), round_up(m, L)};
 }
 
-// Pairs (query, rank) sorted by expert with a stable counting sort: start[e]..start[e+1] in `order`.
-inline void bucket_pairs(const int64_t* eidx, const Sizes& z, std::vector<int64_t>& start,
+// Pairs (query, rank) with an expert (eidx >= 0; -1 = none, as in causal block 0), sorted by expert with a
+// stable counting sort: the pairs of expert e are order[start[e] .. start[e + 1]). eidx < m is checked at
+// the boundary.
+inline void bucket_pairs(const int64_t* eidx, int64_t pairs, int64_t m, std::vector<int64_t>& start,
                          std::vector<int64_t>& order) {
-  const int64_t pairs = z.n * z.s;
   std::fill(start.begin(), start.end(), 0);
-  for (int64_t p = 0; p < pairs; ++p) start[eidx[p] + 1]++;
-  for (int64_t e = 0; e < z.m; ++e) start[e + 1] += start[e];
+  for (int64_t p = 0; p < pairs; ++p)
+    if (eidx[p] >= 0) start[eidx[p] + 1]++;
+  for (int64_t e = 0; e < m; ++e) start[e + 1] += start[e];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < pairs; ++p) order[fill[eidx[p]]++] = p;
+  for (int64_t p = 0; p < pairs; ++p)
+    if (eidx[p] >= 0) order[fill[eidx[p]]++] = p;
 }
+
+// Fold logits l[0..jp) (already scaled, -inf = dropped) into one query's online softmax (max m, sum zsum,
+// accumulator acc[0..ep)); l becomes the unnormalised weights for acc. Returns false (l zeroed) when every
+// logit is -inf.
+template <typename T>
+inline bool online_fold(T* l, int64_t jp, T& m, T& zsum, T* acc, int64_t ep) {
+  const T lmx = padded_max(l, jp);
+  if (lmx == neg_inf<T>()) {
+    std::fill(l, l + jp, T(0));
+    return false;
+  }
+  const T new_m = std::max(m, lmx);
+  const T alpha = m == neg_inf<T>() ? T(0) : std::exp(m - new_m);
+  for (int64_t j = 0; j < jp; ++j) l[j] -= new_m;
+  exp_inplace(l, jp);
+  zsum = zsum * alpha + padded_sum(l, jp);
+  m = new_m;
+  if (alpha != T(1))
+    for (int64_t c = 0; c < ep; ++c) acc[c] *= alpha;
+  return true;
+}
+
+// One (batch, query head) as the attention steps of both kernels see it.
+//   q [N][d]; k [N_kv][d], v [N_kv][dv] (its key/value head); sv [m][dv] the shared values (null: no
+//   shared expert); qr [N][m] the shared logits' products (non-causal) or r [n_l][d] the landmarks
+//   (causal, which forms them itself); kidx [m][k] each landmark's key set (-1: an unfilled slot);
+//   eidx [N][s] the experts (null: argmax routing computed here; -1: none); pad [N_kv] and dup [N*s][k]
+//   (null: none). Shapes and index ranges are checked at the op boundary.
+template <typename T>
+struct HeadIn {
+  const T *q, *k, *v, *sv, *qr, *r;
+  const int64_t *kidx, *eidx;
+  const bool *pad, *dup;
+};
+// The forward's outputs for one head: out rows (row stride ld), lse [N], the argmax routing [N] (null
+// when given).
+template <typename T>
+struct HeadOut {
+  T* out;
+  int64_t ld;
+  T* lse;
+  int64_t* eidx;
+};
+// The backward's extra inputs (out, lse, dout [N][dv]) and its outputs: dq, dk and dv rows, d qr
+// (non-causal) or d r (causal), d shared values.
+template <typename T>
+struct HeadGrad {
+  const T *out, *lse, *dout;
+  T *dq, *dk, *dv, *dqr, *dr, *dsv;
+};
 
 // dst[j] = src[idx[j]] for j < n and 0 for n <= j < np (np a multiple of the vector length, idx 32-bit
 // element offsets). AVX-512: masked vector gathers (the compiler's own code for the loop inserts one
@@ -457,41 +510,29 @@ inline void transpose_rows<float>(const float* src, int64_t n, int64_t w, int64_
 
 // One expert's keys transposed [d][Kp], keys [k][Dp], values [k][Ep], values transposed [dv][Kp] (zero
 // padded: the padding is written once and never touched), and a bias row [Kp] that is -inf for padded
-// keys and for the padding columns j >= k. The transposes are gathered straight from the head's K and V
-// rows (k [N_kv][d], v [N_kv][dv]; offsets fit 32 bits, checked by the callers), so no head-wide
-// transposed copy is needed; kt_head / vt_head, when given, are used instead (K^T [d][N_kv], V^T [dv][N_kv]).
+// keys, for unfilled slots (key index -1: they read key 0) and for the padding columns j >= k. The
+// transposes are gathered straight from the head's K and V rows (k [N_kv][d], v [N_kv][dv]; offsets fit
+// 32 bits, checked by the callers), so no head-wide transposed copy is needed.
 template <typename T>
 struct ExpertBuf {
   std::vector<T> kt, kr, vp, vt, bias;
-  std::vector<int32_t> ki32, koff, voff;
+  std::vector<int64_t> rows;
+  std::vector<int32_t> koff, voff;
   ExpertBuf(const Sizes& z, bool backward)
       : kt(z.d * z.kp, T(0)), kr(backward ? z.kk * z.dp : 0, T(0)), vp(z.kk * z.ep, T(0)),
-        vt(backward ? z.dv * z.kp : 0, T(0)), bias(z.kp, neg_inf<T>()), ki32(z.kk), koff(z.kk), voff(z.kk) {}
-  void pack(const T* k, const T* v, const T* kt_head, const T* vt_head, const int64_t* ki, const bool* pad,
-            const Sizes& z) {
+        vt(backward ? z.dv * z.kp : 0, T(0)), bias(z.kp, neg_inf<T>()), rows(z.kk), koff(z.kk), voff(z.kk) {}
+  void pack(const T* k, const T* v, const int64_t* ki, const bool* pad, const Sizes& z) {
     for (int64_t j = 0; j < z.kk; ++j) {
-      ki32[j] = static_cast<int32_t>(ki[j]);
-      koff[j] = static_cast<int32_t>(ki[j] * z.d);
-      voff[j] = static_cast<int32_t>(ki[j] * z.dv);
+      rows[j] = ki[j] < 0 ? 0 : ki[j];
+      koff[j] = static_cast<int32_t>(rows[j] * z.d);
+      voff[j] = static_cast<int32_t>(rows[j] * z.dv);
+      bias[j] = (ki[j] < 0 || (pad != nullptr && pad[rows[j]])) ? neg_inf<T>() : T(0);
     }
-    for (int64_t c = 0; c < z.d; ++c) {
-      if (kt_head != nullptr)
-        gather_padded(kt.data() + c * z.kp, kt_head + c * z.nk, ki32.data(), z.kk, z.kp);
-      else
-        gather_padded(kt.data() + c * z.kp, k + c, koff.data(), z.kk, z.kp);
-    }
-    for (int64_t j = 0; j < z.kk; ++j) {
-      std::memcpy(vp.data() + j * z.ep, v + ki[j] * z.dv, sizeof(T) * z.dv);
-      bias[j] = (pad != nullptr && pad[ki[j]]) ? neg_inf<T>() : T(0);
-    }
+    for (int64_t c = 0; c < z.d; ++c) gather_padded(kt.data() + c * z.kp, k + c, koff.data(), z.kk, z.kp);
+    for (int64_t j = 0; j < z.kk; ++j) std::memcpy(vp.data() + j * z.ep, v + rows[j] * z.dv, sizeof(T) * z.dv);
     if (kr.empty()) return;
-    for (int64_t j = 0; j < z.kk; ++j) std::memcpy(kr.data() + j * z.dp, k + ki[j] * z.d, sizeof(T) * z.d);
-    for (int64_t c = 0; c < z.dv; ++c) {
-      if (vt_head != nullptr)
-        gather_padded(vt.data() + c * z.kp, vt_head + c * z.nk, ki32.data(), z.kk, z.kp);
-      else
-        gather_padded(vt.data() + c * z.kp, v + c, voff.data(), z.kk, z.kp);
-    }
+    for (int64_t j = 0; j < z.kk; ++j) std::memcpy(kr.data() + j * z.dp, k + rows[j] * z.d, sizeof(T) * z.d);
+    for (int64_t c = 0; c < z.dv; ++c) gather_padded(vt.data() + c * z.kp, v + c, voff.data(), z.kk, z.kp);
   }
 };
 
