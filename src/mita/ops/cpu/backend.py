@@ -144,7 +144,13 @@ cpu_whole_op.register_autograd(_whole_op_backward, setup_context=_whole_op_setup
 
 
 _whole_op = eager_or_compiled(
-    cpu_whole_op, "mita_cpu", "whole_fwd", "whole_bwd", _whole_op_setup_context, _whole_op_backward, (1, 2, 3, 4, 5)
+    cpu_whole_op,
+    "mita_cpu",
+    "whole_fwd",
+    "whole_bwd",
+    _whole_op_setup_context,
+    _whole_op_backward,
+    (1, 2, 3, 4, 5),
 )
 
 
@@ -244,7 +250,9 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
 cpu_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-_attention = eager_or_compiled(cpu_attention, "mita_cpu", "split_fwd", "split_bwd", _setup_context, _backward, (1, 2))
+_attention = eager_or_compiled(
+    cpu_attention, "mita_cpu", "split_fwd", "split_bwd", _setup_context, _backward, (1, 2)
+)
 
 
 def _topk(scores: Tensor, k: int) -> Tensor:
