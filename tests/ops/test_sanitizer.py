@@ -24,7 +24,7 @@ NAN = float("nan")
 
 
 @needs_tools
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_a_nan_query_is_routed_in_bounds_as_the_reference_routes_it(dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 64, 16, generator=g, dtype=dtype) for _ in range(3))
