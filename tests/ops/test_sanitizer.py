@@ -24,7 +24,7 @@ NAN = float("nan")
 
 
 @needs_tools
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_a_nan_query_is_routed_in_bounds_as_the_reference_routes_it(dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 64, 16, generator=g, dtype=dtype) for _ in range(3))
@@ -80,10 +80,10 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
         MITA_CPU_SANITIZE="address,undefined",
         LD_PRELOAD=" ".join(runtimes),
         ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0",  # the interpreter's own leaks
-        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+        UBSAN_OPTIONS="halt_on_error=0:print_stacktrace=1",  # report every finding, then fail below
     )
     seconds = build_all(env)
-    run = run_pytest([__file__, "-k", "nan", *KERNEL_TESTS], env)
+    run = run_pytest([__file__, *KERNEL_TESTS], env)  # this file: the NaN reproducers (not slow)
     output = run.stdout + run.stderr
     found = next((s for s in SANITIZER_REPORTS if s in output), None)
     start = output.find(found) if found else len(output) - 4000

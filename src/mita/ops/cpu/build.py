@@ -272,21 +272,18 @@ def _build(lib: str) -> None:
 
 
 def _probe(lib: str, probe: str) -> tuple[bool, str]:
-    ok, why = False, ""
+    """Load (building if needed) ``lib``: (True, "") or (False, why)."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     try:
         if not _registered(lib, probe):
             _build(lib)
-        ok = _registered(lib, probe)
-        why = "" if ok else f"the built library registered no {lib} ops"
-    except KernelUnavailable as err:
-        why = str(err)
-    except kernel_cache.UnsafeCacheError as err:
-        why = str(err)
+    except (KernelUnavailable, kernel_cache.UnsafeCacheError) as err:
+        return False, str(err)
     except Exception as err:  # noqa: BLE001 - any build failure means: use the torch backend
-        why = f"building the CPU kernel failed: {failure_reason(err)}"
-    return ok, why
+        return False, f"building the CPU kernel failed: {failure_reason(err)}"
+    ok = _registered(lib, probe)
+    return ok, "" if ok else f"the built library registered no {lib} ops"
 
 
 def availability(lib: str = "mita_cpu", probe: str | None = None) -> tuple[bool, str]:

@@ -16,7 +16,6 @@ refused: whoever can write there could make every mita process run their code.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +24,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): the kernels are not built there, availability() says why
+    fcntl = None
 
 RETRY_FAILED_S = 24 * 3600  # a remembered build failure is retried after a day (or with MITA_CPU_REBUILD=1)
 LOCK_WAIT_S = 1800  # give up waiting for another process's build after this long
@@ -147,6 +151,8 @@ def forget_failure(build_dir: Path) -> None:
 def build_lock(build_dir: Path, what: str) -> Iterator[None]:
     """Hold ``build_dir``'s build lock; while another live process holds it, say so once on stderr and
     wait (at most LOCK_WAIT_S). The lock dies with its holder, so a killed build never blocks."""
+    if fcntl is None:
+        raise OSError("no file locking (fcntl) on this platform")
     path = build_dir / "build.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
