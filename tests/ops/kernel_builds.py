@@ -20,6 +20,8 @@ KERNEL_TESTS = [
     "tests/ops/test_cpu_paths.py",
     "tests/ops/test_causal_cpu.py",
     "tests/ops/test_cpu_backend.py",
+    "tests/ops/test_nonfinite.py",
+    "tests/ops/test_fuzz.py",  # with MITA_FUZZ_EXAMPLES (below): fewer examples in these builds
     "-m",
     "not slow",
     "-k",
@@ -33,6 +35,7 @@ def env_for(cache: Path, **extra: str) -> dict[str, str]:
     env.update(
         MITA_CACHE=str(cache),
         OMP_NUM_THREADS="1",
+        MITA_FUZZ_EXAMPLES="30",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p),
     )
     env.update(extra)

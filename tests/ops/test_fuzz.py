@@ -7,6 +7,8 @@ this file too)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ given, settings, HealthCheck = hypothesis.given, hypothesis.settings, hypothesis
 BACKENDS = ["torch"] + ([] if CPU.marks[0].args[0] else ["cpu"])
 KINDS = ("normal", "huge", "ties", "denormal", "nonfinite")
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+EXAMPLES = int(os.environ.get("MITA_FUZZ_EXAMPLES", "100"))  # fewer in the sanitizer/target builds
 
 
 def _values(draw, shape, kind: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -94,7 +97,7 @@ def _check(out, ref, kind, dtype):
     torch.testing.assert_close(out, ref, **tol)
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=EXAMPLES, **SETTINGS)
 @given(problems())
 def test_every_backend_agrees_with_the_reference(problem):
     q, k, v, r, opts, kind = problem
@@ -139,7 +142,7 @@ def causal_problems(draw):
     return q, k, v, opts, kind
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=max(1, EXAMPLES * 3 // 5), **SETTINGS)
 @given(causal_problems())
 def test_every_causal_backend_agrees_with_the_reference(problem):
     q, k, v, opts, kind = problem
