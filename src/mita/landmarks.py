@@ -60,7 +60,7 @@ def _pool_matrix(grid: tuple[int, int], size: tuple[int, int], before: int, afte
 
 
 def rows_matmul(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weights`` ``[B, M, N]`` times each row of ``x`` (``[B, N, C]`` or ``[B, H, N, d]``) -> ``[..., M, .]``.
+    """``weights`` ``[B, M, N]`` times the rows of ``x`` (``[B, N, C]`` or ``[B, H, N, d]``): ``[..., M, .]``.
 
     Heads split off a ``[B, N, ..., H*d]`` projection are read in place (one product over ``H*d``
     columns): broadcasting over ``H`` would copy ``x`` into a batch of heads and keep ``H`` copies of the
