@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -103,7 +104,8 @@ class Metrics:
     def write(self, record: dict[str, Any]) -> None:
         """Append one strict-JSON record to ``metrics.jsonl`` (rank 0)."""
         if self.dist.is_main:
-            with open(self.path, "a") as fh:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            with os.fdopen(os.open(self.path, flags, 0o644), "a") as fh:  # never through a link
                 fh.write(to_json(record, indent=None) + "\n")
 
     def log_train(self, state: RunState, lr: float, seconds: float) -> None:
