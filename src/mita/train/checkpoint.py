@@ -137,8 +137,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     meta = read_meta(file)
     try:
         model = build_model_from_meta(meta)
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{file}: metadata does not describe a buildable model ({err})") from err
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: metadata does not describe a buildable model ({err})") from None
     load_weights(model, file)
     model.mita_meta = meta  # lets evaluate(model, task) rebuild the data the way it was trained
     return model.to(device).eval(), meta
