@@ -252,8 +252,10 @@ class Trainer:
         }
         if self.dist.is_main:
             meta = {**parts.meta, "step": state.step, "test_accuracy": state.test_accuracy}
-            ckpt.save_model_file(self.out / "model.safetensors", parts.model, meta)
-            write_json(self.out / "summary.json", summary, default=str)
+            with ckpt.writing(self.out / "model.safetensors"):
+                ckpt.save_model_file(self.out / "model.safetensors", parts.model, meta)
+            with ckpt.writing(self.out / "summary.json"):
+                write_json(self.out / "summary.json", summary, default=str)
         return summary
 
     def _diverged(self, err: Diverged) -> str:
