@@ -123,8 +123,8 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be a finite number {rule}, got {value!r}")
         if not _is_int(self.num_workers) or self.num_workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.num_workers!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
         check_device(self.device)
         accepted = set(inspect.signature(build_dataset).parameters) - {"name", "split"}
         unknown = sorted(set(self.data_kwargs) - accepted)

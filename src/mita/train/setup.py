@@ -159,10 +159,37 @@ def _lock(out: Path) -> Iterator[None]:
         yield
 
 
+def _missing_dirs(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, deepest first (what claiming ``out`` creates)."""
+    missing = []
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
+
+
+def _undo_claim(out: Path, lock_created: bool, created: list[Path]) -> None:
+    """A run that failed before writing anything leaves no trace: the lock file and directories it
+    created are removed while they hold nothing else."""
+    try:
+        if lock_created and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+        for d in created:
+            d.rmdir()  # OSError when not empty: kept
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def claim_run_dir(cfg: TrainConfig, dist: dist_.DistInfo) -> Iterator[Path]:
-    """Check ``cfg.out`` (rank 0, decision shared with all ranks) and lock it for the run."""
+    """Check ``cfg.out`` (rank 0, decision shared with all ranks) and lock it for the run.
+
+    If the run fails before it writes a file (settings that only the data or model can check), the lock
+    file and the directories the claim created are removed again: bad settings leave no run directory."""
     out = Path(cfg.out)
+    created = _missing_dirs(out)
+    lock_created = not (out / LOCK).exists()
     with contextlib.ExitStack() as stack:
         err = None
         if dist.is_main:
@@ -170,6 +197,7 @@ def claim_run_dir(cfg: TrainConfig, dist: dist_.DistInfo) -> Iterator[Path]:
                 err = _check_run_dir(cfg)
                 if err is None:
                     stack.enter_context(_lock(out))
+                    stack.callback(_undo_claim, out, lock_created, created)
             except (TrainError, ckpt.CheckpointError) as exc:
                 err = str(exc)
         err = dist_.broadcast_object(err, dist)
