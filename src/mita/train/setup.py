@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from .config import TrainConfig
+from .config import TrainConfig, resume_differences
 from .errors import TrainError
 from .presets import Preset, build, get_preset, model_spec
 from .sampler import ResumableSampler
@@ -59,6 +59,15 @@ def _is_run_config(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and {"config", "meta", "num_params"} <= set(data)
+
+
+def recorded_config(out: Path) -> dict[str, Any] | None:
+    """The settings a run recorded in its ``config.json`` (None when absent or not a run's)."""
+    path = out / "config.json"
+    if not _is_run_config(path):
+        return None
+    config = json.loads(path.read_text())["config"]
+    return config if isinstance(config, dict) else None
 
 
 def _not_a_run(out: Path) -> str | None:
@@ -92,6 +101,9 @@ def _check_run_dir(cfg: TrainConfig) -> str | None:
         )
     if not has_ckpt and (why := _not_a_run(out)):
         return why
+    if cfg.resume and (saved := recorded_config(out)) is not None:  # before anything is built
+        if why := resume_differences(saved, cfg):
+            return why
     links = [name for name in (LOCK, "metrics.jsonl") if (out / name).is_symlink()]
     if links:
         link = out / links[0]
