@@ -94,3 +94,29 @@ def test_tables_show_errors_and_ratios():
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
         cli.main(argv)
+
+
+def test_bad_arguments_exit_2_in_one_line():
+    import subprocess
+    import sys
+
+    for argv in (
+        ["--causal", "--n", "12,x"],
+        ["--decode", "--context", "0"],
+        ["--causal", "--threads", "-1"],
+    ):
+        res = subprocess.run([sys.executable, "-m", "mita", "bench", *argv], capture_output=True, text=True)
+        assert res.returncode == 2, (argv, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("mita bench: ")
+
+
+def test_cpu_backend_with_the_prefix_horizon_only_is_refused():
+    with pytest.raises(SystemExit, match="frozen horizon only"):
+        cli.main(["--causal", "--backends", "cpu", "--horizons", "prefix"])
+
+
+def test_head_dim_is_the_same_flag_in_both_modes(tmp_path):
+    from mita.bench.causal import _parser as causal_parser
+
+    args = causal_parser().parse_args(["--causal", "--head-dim", "16"])
+    assert args.dim == 16 and causal_parser().parse_args(["--causal", "--dim", "8"]).dim == 8
