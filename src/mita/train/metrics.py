@@ -24,6 +24,7 @@ from mita.io import to_json, write_text
 
 from . import distributed as dist_
 from .errors import Diverged
+from .report import PROGRESS_LINE_ENV
 from .state import RunState
 
 
@@ -167,6 +168,7 @@ class Metrics:
         """A tqdm bar over the run's steps on rank 0 (``bar.write`` keeps messages above it)."""
         from tqdm import tqdm
 
+        line = os.environ.get(PROGRESS_LINE_ENV, "")  # runs in parallel: one line each (train.report)
         self.bar = tqdm(
             total=self.total_steps,
             initial=initial,
@@ -174,6 +176,7 @@ class Metrics:
             dynamic_ncols=True,
             desc=desc,
             file=sys.stderr,
+            position=int(line) if line.isdigit() else None,
         )
         try:
             yield
