@@ -59,6 +59,21 @@ def test_a_name_timm_does_not_know_is_refused(tmp_path, no_loading, name):
         ckpt.load_model(_crafted(tmp_path, name))
 
 
+@pytest.mark.parametrize(
+    "meta, match",
+    [
+        ({"model": 5, "model_kwargs": {}}, "model builder"),
+        ({"model": "gpt", "model_kwargs": [1]}, "model_kwargs"),
+        ([1, 2], "model builder"),
+    ],
+)
+def test_metadata_of_the_wrong_shape_is_refused(tmp_path, meta, match):
+    path = tmp_path / "odd.safetensors"
+    ckpt.save_model_file(path, nn.Linear(2, 2), meta)
+    with pytest.raises(ckpt.CheckpointError, match=match):
+        ckpt.load_model(path)
+
+
 def test_a_string_setting_must_be_a_plain_word(tmp_path, no_loading):
     with pytest.raises(ckpt.CheckpointError, match="global_pool"):
         ckpt.load_model(_crafted(tmp_path, "vit_tiny_patch16_224", global_pool="../../x"))

@@ -138,6 +138,10 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
 
     file = resolve_model_path(path)
     meta = read_meta(file)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"{file}: metadata does not name a model builder")
+    if not isinstance(meta.get("model_kwargs"), dict):
+        raise CheckpointError(f"{file}: metadata has no model settings (model_kwargs)")
     try:
         model = build_model_from_meta(meta)
     except (KeyError, TypeError, ValueError) as err:
