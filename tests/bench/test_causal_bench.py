@@ -39,6 +39,7 @@ def test_bench_causal_writes_table_json_and_ratios(tmp_path, capsys):
     assert data["meta"]["cpu"] and data["meta"]["torch"]
     table = (out / "causal.md").read_text()
     assert "speed-up vs SDPA causal" in table and "mita-prefix" in table
+    assert "GFLOP/s" in table and "TFLOP/s" not in table  # the unit of the other bench modes
     assert "CPU:" in capsys.readouterr().out
 
 
@@ -73,7 +74,8 @@ def test_tables_show_errors_and_ratios():
         {"n": 64, "mode": "fwd", "method": "mita-frozen", "error": "out of memory"},
     ]
     table = causal_table(rows)
-    assert "2.00x" in table and "out of memory" in table and "| 64 | fwd | sdpa | 2.0 | 1 | 1.00x |" in table
+    assert "2.00x" in table and "out of memory" in table
+    assert "| 64 | fwd | sdpa | 2.0 | 1,000.0 | 1.00x |" in table  # 1 TFLOP/s shown as GFLOP/s
     drow = {"context": 8, "method": "mita-prefix", "ms_per_token": 1.0, "ms_per_token_median": 1.0,
             "ms_max": 2.0, "speedup_vs_dense": 3.0, "kv_bytes": 2**20, "extra_bytes": 2**10,
             "extra_pct_of_kv": 0.1}  # fmt: skip
