@@ -98,7 +98,7 @@ def test_bad_arguments_exit_with_a_message(argv, match):
         cli.main(argv)
 
 
-def test_bad_arguments_exit_2_in_one_line():
+def test_bad_arguments_exit_2_in_one_line(capsys):
     import subprocess
     import sys
 
@@ -107,9 +107,12 @@ def test_bad_arguments_exit_2_in_one_line():
         ["--decode", "--context", "0"],
         ["--causal", "--threads", "-1"],
     ):
-        res = subprocess.run([sys.executable, "-m", "mita", "bench", *argv], capture_output=True, text=True)
-        assert res.returncode == 2, (argv, res.stderr)
-        assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("mita bench: ")
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("mita bench: ")
+    res = subprocess.run([sys.executable, "-m", "mita", "bench", "--causal", "--n", "x"], capture_output=True)
+    assert res.returncode == 2 and res.stderr.decode().startswith("mita bench: --n must be")
 
 
 def test_cpu_backend_with_the_prefix_horizon_only_is_refused():
