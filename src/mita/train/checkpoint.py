@@ -138,10 +138,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
 
     file = resolve_model_path(path)
     meta = read_meta(file)
+    why = "a buildable model"
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
-        raise CheckpointError(f"{file}: metadata does not name a model builder")
+        raise CheckpointError(f"{file}: metadata does not describe {why} (no model builder name)")
     if not isinstance(meta.get("model_kwargs"), dict):
-        raise CheckpointError(f"{file}: metadata has no model settings (model_kwargs)")
+        raise CheckpointError(f"{file}: metadata does not describe {why} (no model_kwargs object)")
     try:
         model = build_model_from_meta(meta)
     except (KeyError, TypeError, ValueError) as err:
