@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             + "`.",
             "Model: preset `vit-fmnist` (28x28, patch 2, 196 patches + cls = 197 tokens); "
             "the same weight shapes",
-            "for every attention kind. `test acc`: the final weights on the 10,000 test images;",
+            "for every attention kind. `test acc`: the final weights on the "
+            f"{min(args.test_size or 10_000, 10_000):,} test images;",
             "`best acc`: the best evaluation during training. Throughputs are pessimistic when other jobs",
             "shared the machine; peak memory is each run's peak RSS on CPU.",
             "",

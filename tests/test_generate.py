@@ -57,8 +57,9 @@ def test_sampling_is_reproducible_and_respects_top_k():
     "kw, match",
     [
         ({"max_new_tokens": -1}, "max_new_tokens must be a non-negative int"),
-        ({"max_new_tokens": 50}, "exceeds max_len=48"),
-        ({"max_new_tokens": 2, "temperature": -0.5}, "temperature must be a number >= 0"),
+        ({"max_new_tokens": 2, "temperature": -0.5}, "temperature must be a finite number >= 0"),
+        ({"max_new_tokens": 2, "temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"max_new_tokens": 2, "temperature": float("inf")}, "temperature must be a finite number >= 0"),
         ({"max_new_tokens": 2, "top_k": 0}, "top_k must be a positive int"),
     ],
 )
@@ -96,5 +97,34 @@ def test_generate_command_round_trip(tmp_path, capsys):
     text = capsys.readouterr().out
     expect = model.eval().generate(torch.tensor([list(b"ROMEO:")]), 12, temperature=0)
     assert text.rstrip("\n") == decode(256, expect[0].tolist()) and text.startswith("ROMEO:")
-    assert main(["--checkpoint", str(path), "--prompt-ids", "1 2", "--max-new-tokens", "100"]) == 2
-    assert "exceeds max_len" in capsys.readouterr().err
+    # past the context (64) the window slides: 100 new tokens after a prompt of 70
+    long = ["--prompt", "x" * 70, "--max-new-tokens", "100", "--temperature", "0"]
+    assert main(["--checkpoint", str(path), *long]) == 0
+    expect = _greedy_sliding(model, torch.tensor([list(b"x" * 70)]), 100)
+    assert capsys.readouterr().out.rstrip("\n") == decode(256, expect[0].tolist())
+    for bad, match in ((["--temperature", "nan"], "temperature"), (["--device", "cuda:7"], "--device")):
+        assert main(["--checkpoint", str(path), "--prompt", "R", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err
+
+
+def _greedy_sliding(model, idx, n):
+    """Known answer by recomputing: the model sees ``idx[start:]``; the window starts anew at the last
+    3/4 max_len tokens when it would exceed max_len (a longer prompt starts at its last max_len)."""
+    ctx, keep = model.max_len, 3 * model.max_len // 4
+    start = max(0, idx.shape[1] - ctx)
+    for _ in range(n):
+        idx = torch.cat((idx, model(idx[:, start:])[:, -1].argmax(-1, keepdim=True)), dim=1)
+        if idx.shape[1] - start > ctx:
+            start = idx.shape[1] - keep
+    return idx
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generation_slides_past_the_context(kind):
+    model = _gpt(kind)  # max_len 48
+    for prompt_len, n in ((6, 80), (60, 30)):  # a short prompt run past the context; a longer prompt
+        prompt = torch.randint(0, 29, (2, prompt_len))
+        out = model.generate(prompt, n, temperature=0)
+        assert out.shape == (2, prompt_len + n) and torch.equal(out[:, :prompt_len], prompt)
+        assert torch.equal(out, _greedy_sliding(model, prompt, n))

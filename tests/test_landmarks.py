@@ -90,3 +90,23 @@ def test_pooling_heads_split_off_a_projection_reads_them_in_place():
         (g_heads,) = torch.autograd.grad((pool(heads) * w).sum(), heads)
         torch.testing.assert_close(g_heads, e, atol=1e-12, rtol=0)
         assert g.abs().sum() > 0
+
+
+def test_masked_pool_2d_averages_the_valid_tokens_of_each_window():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 1 + 16, 4, dtype=torch.float64)  # cls + a 4 x 4 grid
+    valid = torch.ones(2, 17, dtype=torch.bool)
+    torch.testing.assert_close(pool_2d(x, (4, 4), 2, prefix=1, valid=valid), pool_2d(x, (4, 4), 2, prefix=1))
+    valid[0, [1, 2, 5]] = False  # three of window (0, 0)'s four tokens (grid 0, 1, 4)
+    valid[1, [1, 2, 5, 6]] = False  # all of window (0, 0)
+    got = pool_2d(x, (4, 4), 2, prefix=1, valid=valid)
+    torch.testing.assert_close(got[0, :, 0], x[0, :, 6])  # the one valid token left
+    assert torch.equal(got[1, :, 0], torch.zeros_like(got[1, :, 0]))  # no valid token: zeros
+    torch.testing.assert_close(got[:, :, 1:], pool_2d(x, (4, 4), 2, prefix=1)[:, :, 1:])
+    # official: windows over cls + patches, the padded cls left out
+    valid = torch.ones(2, 17, dtype=torch.bool)
+    valid[:, 0] = False
+    want = official_pool(x, 2)
+    got = official_pool(x, 2, valid)
+    torch.testing.assert_close(got[:, :, 1:], want[:, :, 1:])
+    torch.testing.assert_close(got[:, :, 0], x[:, :, [1, 4, 5]].mean(2))

@@ -8,6 +8,7 @@ trained with one attention can be evaluated with another (SPEC §3 checkpoint sw
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from typing import Any
 
@@ -21,10 +22,25 @@ from .nn.registry import attention_class, filter_kwargs
 _NO_ATTN_DROP = ("mita", "linear")
 
 
+#: Where timm defines (or re-exports) its ViT ``Attention``, across timm versions.
+_TIMM_ATTENTION_HOMES = ("timm.layers.attention", "timm.layers", "timm.models.vision_transformer")
+
+
+def _timm_attention_classes() -> tuple[type, ...]:
+    """timm's ViT ``Attention`` class(es), from timm's modules if timm is imported (no import here: a
+    model holding timm modules has imported timm already)."""
+    found = []
+    for home in _TIMM_ATTENTION_HOMES:
+        cls = getattr(sys.modules.get(home), "Attention", None)
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
 def is_timm_attention(module: nn.Module) -> bool:
-    """True for timm's ViT ``Attention`` (detected by module path, so timm need not be imported)."""
-    cls = type(module)
-    return cls.__name__ == "Attention" and cls.__module__.startswith("timm.") and hasattr(module, "qkv")
+    """True for timm's ViT ``Attention`` itself: its exact class, not another timm class that is merely
+    named ``Attention`` (beit, levit, nest, samvit, volo, ... have their own, with other weights)."""
+    return type(module) in _timm_attention_classes()
 
 
 def _norm_layer(norm: nn.Module) -> Any:
@@ -161,7 +177,14 @@ def convert_module(
             f"cannot convert {type(module).__name__}: not a timm Attention nor a mita attention module"
         )
     if kind in _NO_ATTN_DROP and "attn_drop" not in kw:
-        settings.pop("attn_drop", None)  # that kind has no attention dropout to carry it to
+        dropped = settings.pop("attn_drop", None)  # that kind has no attention dropout to carry it to
+        if dropped:
+            warnings.warn(
+                f"convert: {kind!r} has no attention dropout; the source's attn_drop={dropped} is dropped "
+                "(the output dropout proj_drop is kept)",
+                UserWarning,
+                stacklevel=3,
+            )
     cfg = filter_kwargs(kind, {**settings, **kw})
     unknown = set(kw) - attention_class(kind).accepted_kwargs()
     if unknown:
@@ -231,6 +254,8 @@ def _unconvertible(model: nn.Module) -> dict[str, int]:
         if is_timm_attention(mod) or isinstance(mod, AttentionBase) or not name:
             continue
         if "attention" in cls.lower() or cls.lower().endswith("attn"):
+            if cls == "Attention":  # another library's (or timm model's) own class: say whose
+                cls = f"{type(mod).__module__}.{cls}"
             counts[cls] = counts.get(cls, 0) + 1
     return counts
 

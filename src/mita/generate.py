@@ -5,7 +5,8 @@
 Byte-level models (vocabulary 256, e.g. ``shakespeare-char``) take ``--prompt`` text and print text;
 other vocabularies (``mqar``) take ``--prompt-ids "3 17 5"`` and print token ids. Decoding uses the
 model's own cache (:meth:`mita.models.GPT.generate`; one :class:`mita.MiTACache` per layer for MiTA).
-``--temperature 0`` is greedy.
+``--temperature 0`` is greedy. Past the model's context the window slides (see
+:meth:`mita.models.GPT.generate`): a longer prompt is cropped to its last context window.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     return p
 
 
@@ -69,14 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mita.models.gpt import GPT
     from mita.train.checkpoint import CheckpointError, load_model
+    from mita.train.config import check_device
 
     try:
-        model, _ = load_model(args.checkpoint, device=args.device)
+        device = check_device(args.device)
+        model, _ = load_model(args.checkpoint, device=device)
         if not isinstance(model, GPT):
             raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}, not a GPT language model")
         tokens = encode_prompt(model.vocab_size, args.prompt, args.prompt_ids)
-        gen = torch.Generator(device=args.device).manual_seed(args.seed)
-        idx = torch.tensor([tokens], device=args.device)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        idx = torch.tensor([tokens], device=device)
         out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=gen)
     except (ValueError, CheckpointError) as err:
         print(f"mita generate: {err}", file=sys.stderr)

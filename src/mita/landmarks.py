@@ -59,6 +59,39 @@ def _pool_matrix(grid: tuple[int, int], size: tuple[int, int], before: int, afte
     return F.pad(pool, (before, after))
 
 
+def rows_matmul(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weights`` ``[B, M, N]`` times the rows of ``x`` (``[B, N, C]`` or ``[B, H, N, d]``): ``[..., M, .]``.
+
+    Heads split off a ``[B, N, ..., H*d]`` projection are read in place (one product over ``H*d``
+    columns): broadcasting over ``H`` would copy ``x`` into a batch of heads and keep ``H`` copies of the
+    weights for the backward.
+    """
+    if x.dim() == 3:
+        return weights @ x
+    b, h, n, d = x.shape
+    if h > 1 and x.stride(1) == d and x.stride(3) == 1:
+        rows = x.transpose(1, 2).reshape(b, n, h * d)  # a view under this condition
+        return (weights @ rows).view(b, -1, h, d).transpose(1, 2)
+    return weights[:, None] @ x  # [B, 1, M, N] @ [B, H, N, d]
+
+
+def _apply_masked_pool(pool: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Pool with the windows of ``pool`` (``[M, N]``) over the valid tokens only (``valid`` ``[B, N]``).
+
+    Each window averages its valid tokens (a window without any gives zeros): a padded token gets weight
+    exactly 0, so what it holds cannot change any landmark.
+    """
+    if x.dim() not in (3, 4) or valid.dim() != 2 or valid.shape != (x.shape[0], x.shape[-2]):
+        raise ValueError(
+            f"valid must be a [B, N] bool mask for x [B, N, C] or [B, H, N, d], got {tuple(valid.shape)} "
+            f"for x {tuple(x.shape)}"
+        )
+    inside = (pool > 0).to(x.device)
+    weights = (inside[None] & valid[:, None, :]).to(x.dtype)  # [B, M, N]
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
+    return rows_matmul(weights, x)
+
+
 def _apply_pool(pool: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # One batched product reads x in place and has a product as its backward: adaptive_avg_pool over
     # [..., N, d] needs a channels-first copy of x and a slow scatter-style backward.
@@ -91,12 +124,16 @@ def pool_2d(
     size: int | tuple[int, int],
     prefix: int = 0,
     suffix: int = 0,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adaptive 2-D average pooling of the patch grid to ``mh x mw`` landmarks.
 
     ``x`` is ``[..., N, d]`` with ``N = prefix + h*w + suffix``: ``prefix`` leading tokens (cls,
     registers) and ``suffix`` trailing tokens are left out of the pooling (they remain queries, keys
     and values for the attention). Returns ``[..., mh*mw, d]`` in raster order.
+
+    ``valid`` (``[B, N]`` bool, for ``x`` ``[B, N, C]`` or ``[B, H, N, d]``): each window averages only
+    its valid tokens (zeros where it has none), so padded tokens never reach a landmark.
     """
     _check_seq(x)
     h, w = _pair(grid, "grid")
@@ -108,14 +145,18 @@ def pool_2d(
         )
     if mh > h or mw > w:
         raise ValueError(f"pool_2d: landmark grid {mh}x{mw} is larger than the token grid {h}x{w}")
-    return _apply_pool(_pool_matrix((h, w), (mh, mw), prefix, suffix), x)
+    pool = _pool_matrix((h, w), (mh, mw), prefix, suffix)
+    return _apply_pool(pool, x) if valid is None else _apply_masked_pool(pool, x, valid)
 
 
-def official_pool(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+def official_pool(
+    x: torch.Tensor, size: int | tuple[int, int], valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Landmarks exactly as the published DeiT/Segmenter code builds them (SPEC §2.1).
 
     The first ``N - 1`` tokens (the cls token followed by all patches but the last) are laid out as a
     ``side x side`` grid with ``side = int(sqrt(N))`` and pooled; the last patch is never pooled.
+    ``valid`` (``[B, N]`` bool): windows average their valid tokens only, as in :func:`pool_2d`.
     """
     _check_seq(x)
     mh, mw = _pair(size, "size")
@@ -125,7 +166,8 @@ def official_pool(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"official_pool: needs N = side*side + 1 (cls + square patch grid), got N={n}")
     if mh > side or mw > side:
         raise ValueError(f"official_pool: landmark grid {mh}x{mw} is larger than the grid {side}x{side}")
-    return _apply_pool(_pool_matrix((side, side), (mh, mw), 0, 1), x)
+    pool = _pool_matrix((side, side), (mh, mw), 0, 1)
+    return _apply_pool(pool, x) if valid is None else _apply_masked_pool(pool, x, valid)
 
 
 def block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:

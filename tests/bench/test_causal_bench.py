@@ -39,6 +39,7 @@ def test_bench_causal_writes_table_json_and_ratios(tmp_path, capsys):
     assert data["meta"]["cpu"] and data["meta"]["torch"]
     table = (out / "causal.md").read_text()
     assert "speed-up vs SDPA causal" in table and "mita-prefix" in table
+    assert "GFLOP/s" in table and "TFLOP/s" not in table  # the unit of the other bench modes
     assert "CPU:" in capsys.readouterr().out
 
 
@@ -73,7 +74,8 @@ def test_tables_show_errors_and_ratios():
         {"n": 64, "mode": "fwd", "method": "mita-frozen", "error": "out of memory"},
     ]
     table = causal_table(rows)
-    assert "2.00x" in table and "out of memory" in table and "| 64 | fwd | sdpa | 2.0 | 1 | 1.00x |" in table
+    assert "2.00x" in table and "out of memory" in table
+    assert "| 64 | fwd | sdpa | 2.0 | 1,000.0 | 1.00x |" in table  # 1 TFLOP/s shown as GFLOP/s
     drow = {"context": 8, "method": "mita-prefix", "ms_per_token": 1.0, "ms_per_token_median": 1.0,
             "ms_max": 2.0, "speedup_vs_dense": 3.0, "kv_bytes": 2**20, "extra_bytes": 2**10,
             "extra_pct_of_kv": 0.1}  # fmt: skip
@@ -94,3 +96,32 @@ def test_tables_show_errors_and_ratios():
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
         cli.main(argv)
+
+
+def test_bad_arguments_exit_2_in_one_line(capsys):
+    import subprocess
+    import sys
+
+    for argv in (
+        ["--causal", "--n", "12,x"],
+        ["--decode", "--context", "0"],
+        ["--causal", "--threads", "-1"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("mita bench: ")
+    res = subprocess.run([sys.executable, "-m", "mita", "bench", "--causal", "--n", "x"], capture_output=True)
+    assert res.returncode == 2 and res.stderr.decode().startswith("mita bench: --n must be")
+
+
+def test_cpu_backend_with_the_prefix_horizon_only_is_refused():
+    with pytest.raises(SystemExit, match="frozen horizon only"):
+        cli.main(["--causal", "--backends", "cpu", "--horizons", "prefix"])
+
+
+def test_head_dim_is_the_same_flag_in_both_modes(tmp_path):
+    from mita.bench.causal import _parser as causal_parser
+
+    args = causal_parser().parse_args(["--causal", "--head-dim", "16"])
+    assert args.dim == 16 and causal_parser().parse_args(["--causal", "--dim", "8"]).dim == 8

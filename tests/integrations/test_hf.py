@@ -73,8 +73,9 @@ def test_refuses_causal_dropout_and_foreign_masks():
     causal.is_causal = True
     with pytest.raises(ValueError, match="non-causal"):
         fn(causal, q, q, q, None)
-    with pytest.raises(ValueError, match="dropout"):
-        fn(torch.nn.Module(), q, q, q, None, dropout=0.1)
+    with pytest.warns(UserWarning, match=r"no attention dropout: .*\(0\.1\) is not applied"):
+        out = fn(torch.nn.Module(), q, q, q, None, dropout=0.1)  # transformers' dropout in training mode
+    torch.testing.assert_close(out[0], fn(torch.nn.Module(), q, q, q, None)[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="mask function"):
         fn(torch.nn.Module(), q, q, q, torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="'pool' or 'official'"):
@@ -165,3 +166,42 @@ def test_builds_landmarks_once_and_mixes_with_the_module_code(monkeypatch):
 def test_landmarks_keyword_is_deprecated():
     with pytest.warns(DeprecationWarning, match="landmark_mode="):
         hf.make_attention_function(landmarks="official", num_landmarks=4)
+
+
+def test_default_bert_config_trains_with_a_warning():
+    """A default BertConfig (attention dropout 0.1) built with from_config is in training mode: its first
+    forward runs, warning once per call site that the attention dropout is not applied."""
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    assert cfg.attention_probs_dropout_prob > 0
+    model = BertModel(cfg)
+    model.set_attn_implementation(hf.register("mita_bert_train", num_landmarks=4, topk=4))
+    ids, mask = _inputs()
+    with pytest.warns(UserWarning, match="no attention dropout"):
+        out = model.train()(input_ids=ids, attention_mask=mask).last_hidden_state
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+
+
+def test_vit_with_interpolated_position_encoding_infers_the_grid():
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(
+        image_size=12, patch_size=3, num_channels=1, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64,
+        attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+    )  # fmt: skip
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(3)
+    model = ViTModel(cfg, add_pooling_layer=False).eval()
+    x = torch.randn(2, 1, 18, 18)  # a 6 x 6 patch grid; registered for 4 x 4
+    model.set_attn_implementation(hf.register("mita_vit_4", layout="grid", grid=(4, 4), prefix_tokens=1,
+                                              num_landmarks=4, topk=5))  # fmt: skip
+    out = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+    model.set_attn_implementation(hf.register("mita_vit_6", layout="grid", grid=(6, 6), prefix_tokens=1,
+                                              num_landmarks=4, topk=5))  # fmt: skip
+    want = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    model.set_attn_implementation("mita_vit_4")  # 12 x 18: a 4 x 6 grid, not of 4 x 4's aspect ratio
+    with pytest.raises(ValueError, match="fit neither grid=\\(4, 4\\) nor a grid of its aspect ratio"):
+        model(pixel_values=torch.randn(1, 1, 12, 18), interpolate_pos_encoding=True)

@@ -32,3 +32,16 @@ def test_eval_reports_loss_and_bits_per_byte_of_a_byte_level_lm(tmp_path, capsys
     assert report["test_bits_per_byte"] == pytest.approx(report["test_loss"] / math.log(2))
     printed = capsys.readouterr().out
     assert f"loss {report['test_loss']:.4f}" in printed and "bits/byte" in printed
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    import mita.analysis.loading as loading
+    from mita.train import evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loading, "load_checkpoint", interrupted)
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "mita eval: interrupted" and not (tmp_path / "r.json").exists()

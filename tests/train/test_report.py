@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from mita.train import report
 
@@ -52,8 +53,11 @@ def test_tables_and_percentages():
 def test_run_all_keeps_names_and_splits_threads(monkeypatch, jobs):
     seen = []
 
-    def fake(args, threads=None):
+    lines = []
+
+    def fake(args, threads=None, *, line=None):
         seen.append(threads)
+        lines.append(line)
         return {"args": list(args)}
 
     monkeypatch.setattr(report, "run_training", fake)
@@ -62,6 +66,26 @@ def test_run_all_keeps_names_and_splits_threads(monkeypatch, jobs):
     out = report.run_all(runs, jobs)
     assert list(out) == list(runs) and [v["args"] for v in out.values()] == [["a"], ["b"], ["c"]]
     assert seen == ([None] * 3 if jobs == 1 else [4] * 3)
+    # parallel runs draw their progress bars on lines of their own (0 .. jobs - 1)
+    assert lines == [None] * 3 if jobs == 1 else set(lines) <= set(range(jobs))
+
+
+def test_run_training_gives_the_progress_line(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(subprocess, "run", _fake_run(calls, {}))
+    report.run_training(["--out", str(tmp_path)], 2, line=1)
+    assert calls[0][1][report.PROGRESS_LINE_ENV] == "1" and calls[0][1]["OMP_NUM_THREADS"] == "2"
+
+
+def test_progress_bar_on_its_line(tmp_path, monkeypatch):
+    from mita.train.distributed import DistInfo
+    from mita.train.metrics import Metrics
+
+    monkeypatch.setenv(report.PROGRESS_LINE_ENV, "1")
+    m = Metrics(tmp_path, dist=DistInfo(), device=torch.device("cpu"), steps_per_epoch=2, total_steps=4,
+                log_every=1, eval_every=None, save_every=None)  # fmt: skip
+    with m.progress(0, "x", True):
+        assert abs(m.bar.pos) == 1  # tqdm keeps a fixed position negated
 
 
 def test_train_args_drop_unset_options_and_off_switches():

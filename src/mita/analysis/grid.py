@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ms = parse_int_list(args.num_landmarks, "--num-landmarks")
         ks = parse_int_list(args.topk, "--topk")
         device = check_eval_args(args, "mita grid", figures=True)
-        model, meta = load_checkpoint(args.checkpoint)
+        model, meta = load_checkpoint(args.checkpoint, purpose="mita grid")
         out = check_writable(args.out, directory=True)
         dataset = eval_dataset(meta, root=args.data_root, cache_dir=args.cache_dir, size=args.test_size)
         result = accuracy_grid(

@@ -96,15 +96,30 @@ def check_writable(path: str | Path, *, directory: bool = False) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(path: str | Path, *, purpose: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``(model, meta)`` of a ``mita train`` checkpoint (:func:`mita.train.checkpoint.load_model`);
-    ValueError when the metadata does not name its task."""
+    ValueError when the metadata does not name its task, or (with ``purpose``, the command's name) when
+    it holds a GPT, which that command cannot analyse."""
     from mita.train.checkpoint import load_model
 
     model, meta = load_model(path)
     if not meta.get("task"):
         raise ValueError(f"{path}: the checkpoint's metadata does not name its task (no 'task' key)")
+    if purpose is not None:
+        check_not_language_model(model, purpose)
     return model, meta
+
+
+def check_not_language_model(model: nn.Module, what: str) -> None:
+    """ValueError when ``model`` is a GPT: the attention swaps, landmark and routing analyses work on the
+    non-causal attention modules of classifiers, not on causal language models."""
+    from mita.models.gpt import GPT
+
+    if isinstance(model, GPT):
+        raise ValueError(
+            f"{what} is not supported for GPT checkpoints (causal language models); evaluate them with "
+            "their trained attention (mita eval without --attention / --num-landmarks / --topk)"
+        )
 
 
 def eval_dataset(
@@ -145,6 +160,8 @@ def variant(
     from mita.nn.registry import filter_kwargs
 
     kind = attention or trained
+    if kind != trained or any(v is not None for v in settings.values()):
+        check_not_language_model(model, "--attention / --num-landmarks / --topk")
     if kind is None:
         raise ValueError("the checkpoint does not say which attention it was trained with; pass --attention")
     given = {k: v for k, v in settings.items() if v is not None}

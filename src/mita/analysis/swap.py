@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = check_eval_args(args, "mita swap", figures=True)
         out = check_writable(args.out, directory=True)
         for path in args.checkpoints:
-            model, meta = load_checkpoint(path)
+            model, meta = load_checkpoint(path, purpose="mita swap")
             if task is not None and meta.get("task") != task:
                 raise ValueError(f"{path} was trained on {meta.get('task')!r}, the others on {task!r}")
             task = meta.get("task")

@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         device = check_eval_args(args, "mita viz", figures=True)
-        model, meta = load_checkpoint(args.checkpoint)
+        model, meta = load_checkpoint(args.checkpoint, purpose="mita viz")
         check_writable(args.out, directory=True)
         dataset = eval_dataset(
             meta, root=args.data_root, cache_dir=args.cache_dir, size=max(args.samples, args.test_size)

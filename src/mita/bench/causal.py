@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,18 @@ DEFAULT_NS = "1024,2048,4096,8192,16384,32768,65536"
 DEFAULT_CONTEXTS = "4096,16384,65536,262144"
 
 
+class BadArgument(SystemExit):
+    """A bad option: ``main`` prints it as one line and the command exits with code 2 (as argparse and the
+    other bench modes do); ``str()`` is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mita bench --causal | --decode", description=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
@@ -40,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=None, help="k/v heads (GQA; default = heads)")
-    p.add_argument("--dim", type=int, default=32, help="head dimension d")
+    p.add_argument("--head-dim", "--dim", dest="dim", type=int, default=32, help="head dimension d")
     p.add_argument("--block-size", type=int, default=64, help="b")
     p.add_argument("--topk", type=int, default=64, help="k")
     p.add_argument("--horizons", default="prefix,frozen", help="landmark horizons to measure")
@@ -55,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa-max-n", type=int, default=None, help="--causal: skip SDPA above this N")
     p.add_argument("--out", default=None, help="output directory (default bench_out/causal or /decode)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (0 or default: torch's choice)"
+    )
     return p
 
 
@@ -63,30 +78,37 @@ def _ints(text: str, name: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"mita bench: {name} must be comma-separated integers, got {text!r}") from None
+        raise BadArgument(f"{name} must be comma-separated integers, got {text!r}") from None
     if not vals or min(vals) < 1:
-        raise SystemExit(f"mita bench: {name} must be positive integers, got {text!r}")
+        raise BadArgument(f"{name} must be positive integers, got {text!r}")
     return vals
 
 
 def _check(args: argparse.Namespace) -> None:
     for name in ("batch", "heads", "dim", "block_size", "topk", "reps"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"mita bench: --{name.replace('_', '-')} must be >= 1")
+            raise BadArgument(f"--{name.replace('_', '-')} must be >= 1")
     hkv = args.kv_heads or args.heads
     if args.heads % hkv:
-        raise SystemExit(f"mita bench: --heads ({args.heads}) must be a multiple of --kv-heads ({hkv})")
+        raise BadArgument(f"--heads ({args.heads}) must be a multiple of --kv-heads ({hkv})")
     bad = set(args.horizons.split(",")) - {"prefix", "frozen"}
     if bad:
-        raise SystemExit(f"mita bench: unknown horizon(s) {sorted(bad)}; use prefix and/or frozen")
+        raise BadArgument(f"unknown horizon(s) {sorted(bad)}; use prefix and/or frozen")
     bad = set(args.backends.split(",")) - {"torch", "cpu"}
     if bad:
-        raise SystemExit(f"mita bench: unknown backend(s) {sorted(bad)}; use torch and/or cpu")
+        raise BadArgument(f"unknown backend(s) {sorted(bad)}; use torch and/or cpu")
     bad = set(args.modes.split(",")) - {"fwd", "fwdbwd"}
     if bad:
-        raise SystemExit(f"mita bench: unknown mode(s) {sorted(bad)}; use fwd and/or fwdbwd")
+        raise BadArgument(f"unknown mode(s) {sorted(bad)}; use fwd and/or fwdbwd")
+    if args.causal and all(b == "cpu" for b in args.backends.split(",")) and "frozen" not in args.horizons:
+        raise BadArgument(
+            "--backends cpu has the frozen horizon only, so --horizons prefix measures no MiTA; add "
+            "frozen to --horizons or torch to --backends"
+        )
+    if args.threads is not None and args.threads < 0:
+        raise BadArgument(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.tokens is not None and args.tokens < 1:
-        raise SystemExit("mita bench: --tokens must be >= 1")
+        raise BadArgument("--tokens must be >= 1")
 
 
 def _plot_available(no_plot: bool) -> bool:
@@ -216,7 +238,7 @@ def _causal_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def causal_table(rows: list[dict]) -> str:
-    head = "| N | mode | method | time (ms) | TFLOP/s (own FLOPs) | speed-up vs SDPA causal |\n"
+    head = "| N | mode | method | time (ms) | GFLOP/s (own FLOPs) | speed-up vs SDPA causal |\n"
     head += "|---:|---|---|---:|---:|---:|\n"
     lines = []
     for r in rows:
@@ -226,7 +248,8 @@ def causal_table(rows: list[dict]) -> str:
         ratio = "1.00x" if r["method"] == "sdpa" else "—"
         if "speedup_vs_sdpa" in r:
             ratio = f"{r['speedup_vs_sdpa']:.2f}x"
-        cells = [r["n"], r["mode"], r["method"], f"{1000 * r['time_s']:,.1f}", f"{r['tflops']:.3g}", ratio]
+        gflops = f"{1000 * r['tflops']:,.1f}"  # the JSON keeps "tflops"; tables show GFLOP/s as the others
+        cells = [r["n"], r["mode"], r["method"], f"{1000 * r['time_s']:,.1f}", gflops, ratio]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -370,13 +393,15 @@ def _plot(rows: list[dict], path: Path, decode: bool, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _check(args)
-    if args.n is not None:
-        _ints(args.n, "--n")
-    _ints(args.context, "--context")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("mita bench: --threads must be >= 1")
+    try:
+        _check(args)
+        if args.n is not None:
+            _ints(args.n, "--n")
+        _ints(args.context, "--context")
+    except BadArgument as err:
+        print(f"mita bench: {err}", file=sys.stderr)
+        raise
+    if args.threads:
         torch.set_num_threads(args.threads)
     name = "decode" if args.decode else "causal"
     out_dir = Path(args.out or f"bench_out/{name}")

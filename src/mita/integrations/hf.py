@@ -11,6 +11,8 @@ installed, call :func:`mita.integrations.torchvision_shim.install` before import
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +57,26 @@ def padding_mask_function(
     return None if bool(attention_mask.all()) else attention_mask
 
 
+def _grid_of(grid: tuple[int, int] | None, prefix: int, n: int) -> tuple[int, int] | None:
+    """The patch grid of a forward of ``n`` tokens: ``grid`` when it fits, else the grid of the same
+    aspect ratio holding the ``n - prefix`` body tokens (an HF ViT called with
+    ``interpolate_pos_encoding=True`` at another image size); ValueError when none fits."""
+    if grid is None:
+        return None  # square, inferred per call by resolve_layout
+    h, w = grid
+    body = n - prefix
+    if body == h * w or body < 1:
+        return grid
+    if body * h % w == 0:  # h' / w' = h / w and h' w' = body: h'^2 = body h / w
+        rows = math.isqrt(body * h // w)
+        if rows and body % rows == 0 and rows * w == (body // rows) * h:
+            return rows, body // rows
+    raise ValueError(
+        f"{n} tokens with prefix_tokens={prefix} fit neither grid={grid} nor a grid of its aspect ratio; "
+        "register with the grid of this input size (or grid=None for square grids of any size)"
+    )
+
+
 def make_attention_function(
     *,
     num_landmarks: int | tuple[int, int] = 16,
@@ -78,6 +100,10 @@ def make_attention_function(
     settings, ``topk`` is clipped to its length and, in the ``"seq"`` layout, ``num_landmarks`` to its
     pooled tokens (and ``experts_per_query`` to that m). The mixing is :func:`mita.nn.mita.mita_mix`, the
     code of :meth:`mita.nn.MiTAAttention.attend`.
+
+    A ``grid`` is the patch grid at the configured image size; at another size (HF ViT with
+    ``interpolate_pos_encoding=True``) the grid of the same aspect ratio is inferred per call. MiTA has no
+    attention dropout: the dropout transformers passes in training mode is not applied (a warning).
     """
     mode = landmark_mode_arg(landmark_mode, landmarks, "make_attention_function")
     if mode not in ("pool", "official"):
@@ -111,9 +137,12 @@ def make_attention_function(
     ) -> tuple[torch.Tensor, None]:
         if getattr(module, "is_causal", False) or kwargs.get("is_causal"):
             raise ValueError("MiTA attention is non-causal; use it in encoders (is_causal=False)")
-        if dropout:
-            raise ValueError(
-                f"MiTA has no attention dropout; set the model's attention dropout to 0 (got {dropout})"
+        if dropout:  # transformers passes the config's attention dropout in training mode
+            warnings.warn(
+                f"MiTA has no attention dropout: the model's attention dropout ({dropout}) is not applied "
+                "(set attention_probs_dropout_prob=0 to silence this)",
+                UserWarning,
+                stacklevel=2,
             )
         n = query.shape[2]
         pad = None
@@ -124,7 +153,7 @@ def make_attention_function(
                     f"{attention_mask.dtype} mask of shape {tuple(attention_mask.shape)}"
                 )
             pad = ~attention_mask
-        tl = resolve_layout(layout, grid, prefix_tokens, n)
+        tl = resolve_layout(layout, _grid_of(grid, prefix_tokens, n), prefix_tokens, n)
         clipped = None if layout != "seq" or m <= tl.body else tl.body
         if clipped not in builders:
             builders[clipped] = builder(clipped)

@@ -12,6 +12,7 @@ block. ``rope=None`` gives NoPE, with no positional signal at all.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -219,22 +220,26 @@ class GPT(nn.Module):
 
         The prompt is prefilled in one call, then each token costs one cached step per layer.
         ``temperature == 0`` is greedy decoding; ``top_k`` keeps the k most likely tokens before sampling.
+
+        Beyond the context (``max_len``), as nanoGPT's ``generate``: a longer prompt is cropped to its last
+        ``max_len`` tokens, and when the cache is full the last ``3/4 max_len`` tokens are prefilled again
+        into a fresh cache (one parallel call every ``max_len / 4`` tokens), so the model always sees
+        between ``3/4 max_len`` and ``max_len`` tokens of context, at positions from 0.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        self._check(idx)
-        if idx.shape[1] + max_new_tokens > self.max_len:
-            raise ValueError(
-                f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_len={self.max_len}"
-            )
+        self._check(idx[:, -self.max_len :] if isinstance(idx, torch.Tensor) and idx.dim() == 2 else idx)
+        keep = max(1, 3 * self.max_len // 4)
+        out = idx
+        if max_new_tokens == 0:
+            return out
         cache = self.new_cache()
-        out, step = idx, idx
-        for _ in range(max_new_tokens):
-            logits = self(step, cache)[:, -1].float()  # [B, V]
+        logits = self(idx[:, -self.max_len :], cache)[:, -1].float()  # [B, V]
+        for i in range(max_new_tokens):
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -244,7 +249,13 @@ class GPT(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             out = torch.cat((out, nxt), dim=1)
-            step = nxt
+            if i + 1 == max_new_tokens:
+                break
+            if cache.pos >= self.max_len:  # full: slide the window, prefilled into a fresh cache
+                cache = self.new_cache()
+                logits = self(out[:, -keep:], cache)[:, -1].float()
+            else:
+                logits = self(nxt, cache)[:, -1].float()
         return out
 
 

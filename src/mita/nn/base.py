@@ -212,12 +212,15 @@ class AttentionBase(nn.Module):
         angles = rope_angles(pos, self.head_dim, self.rope_theta)
         return apply_rope(q, angles, tl.prefix), apply_rope(k, angles, tl.prefix)
 
-    def _dwc(self, v: torch.Tensor, tl: TokenLayout) -> torch.Tensor:
+    def _dwc(self, v: torch.Tensor, tl: TokenLayout, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Depth-wise conv of V over the body tokens, as [B, N, dim]; prefix/suffix tokens get zero.
 
         With GQA the conv runs on the ``kv_dim`` value channels and each query head gets its kv head's.
+        Padded tokens (``mask`` [B, N], True = padding) enter the conv as zeros, as its border padding.
         """
         b, h, n, d = v.shape
+        if mask is not None:
+            v = v.masked_fill(mask[:, None, :, None], 0.0)
         body = v[:, :, tl.prefix : tl.prefix + tl.body].transpose(1, 2).reshape(b, tl.body, h * d)
         body = body.transpose(1, 2)
         if tl.kind == "grid":
@@ -276,7 +279,7 @@ class AttentionBase(nn.Module):
             kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = self.attend(q, kk, vv, mask, tl).transpose(1, 2).reshape(b, n, self.dim)
         if self.dwc is not None:
-            out = out + self._dwc(v, tl)
+            out = out + self._dwc(v, tl, mask)
         out = self.norm(out)
         if g:
             out = out * F.silu(g[0].transpose(1, 2).reshape(b, n, self.dim))

@@ -75,14 +75,7 @@ def masked_pool_1d(x: torch.Tensor, valid: torch.Tensor, m: int) -> torch.Tensor
     # [B, m, L] temporaries, which at evaluation batches stay in the C heap after they are freed.
     weights = ((rank[:, None, :] >= start[..., None]) & (rank[:, None, :] < end[..., None])).to(x.dtype)
     weights.div_((end - start).clamp_min(1).unsqueeze(-1).to(x.dtype))  # [B, m, L]
-    b, h, length, d = x.shape
-    if h > 1 and x.stride(1) == d and x.stride(3) == 1:
-        # Heads side by side in each row (split off a [B, L, ..., H*d] projection, whatever the row
-        # stride): one product reads them in place. Broadcasting over H would copy x into a batch of
-        # heads and keep H copies of the weights for the backward.
-        rows = x.transpose(1, 2).reshape(b, length, h * d)  # a view under this condition
-        return (weights @ rows).view(b, -1, h, d).transpose(1, 2)
-    return weights[:, None] @ x  # [B, 1, m, L] @ [B, H, L, d]
+    return lm.rows_matmul(weights, x)
 
 
 class LandmarkBuilder(nn.Module):
@@ -97,6 +90,13 @@ class LandmarkBuilder(nn.Module):
         grid: the patch grid when known at construction (``"conv"`` on a grid needs it, or ``conv_kernel``).
         conv_kernel: kernel = stride of the ``"conv"`` mode (int, or pair on a grid); default grid // size.
         seed: the fixed draw of ``"random"`` landmarks in eval mode.
+
+    With a key padding mask, no landmark reads a padded token: ``"pool"`` on a sequence pools the real
+    tokens as if the row were unpadded (:func:`masked_pool_1d`); ``"pool"`` on a grid and ``"official"``
+    average the real tokens of each window (a window of padding only gives zeros); ``"random"`` draws
+    real tokens (zeros for the draws a row with fewer than m real tokens lacks); ``"conv"`` sees padded
+    tokens as zeros (as its own border padding) and pools only the conv windows holding a real token;
+    ``"learned"`` does not read the tokens.
     """
 
     def __init__(
@@ -150,18 +150,18 @@ class LandmarkBuilder(nn.Module):
         if self.mode == "learned":
             return self.queries.to(q.dtype).reshape(self.m, h, d).transpose(0, 1).expand(b, -1, -1, -1)
         if self.mode == "official":
-            return lm.official_pool(q, self.size)
+            return lm.official_pool(q, self.size, None if key_padding_mask is None else ~key_padding_mask)
         if self.m > tl.body:
             raise ValueError(f"num_landmarks m={self.m} exceeds the {tl.body} pooled tokens (N={n})")
         valid = None
-        if key_padding_mask is not None and tl.kind == "seq":
+        if key_padding_mask is not None:
             valid = ~key_padding_mask[:, tl.prefix : tl.prefix + tl.body]
         if self.mode == "random":
             return self._random(body, valid)
         if self.mode == "conv":
-            return self._conv(body, tl)
+            return self._conv(body, tl, valid)
         if tl.kind == "grid":
-            return lm.pool_2d(body, tl.grid, self.size)
+            return lm.pool_2d(body, tl.grid, self.size, valid=valid)
         return lm.pool_1d(body, self.m) if valid is None else masked_pool_1d(body, valid, self.m)
 
     def _random(self, body: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -174,14 +174,31 @@ class LandmarkBuilder(nn.Module):
         if valid is not None:
             scores = scores.masked_fill(~valid, -1.0)  # padding only if a row has fewer than m tokens
         idx = scores.topk(self.m, dim=1).indices.sort(dim=1).values  # [B, m], in token order
-        return body.gather(2, idx[:, None, :, None].expand(-1, h, -1, d))
+        picked = body.gather(2, idx[:, None, :, None].expand(-1, h, -1, d))
+        if valid is None:
+            return picked
+        return picked.masked_fill(~valid.gather(1, idx)[:, None, :, None], 0.0)  # padding drawn: zeros
 
-    def _conv(self, body: torch.Tensor, tl: TokenLayout) -> torch.Tensor:
+    def _conv(self, body: torch.Tensor, tl: TokenLayout, valid: torch.Tensor | None) -> torch.Tensor:
         b, h, length, d = body.shape
+        if valid is not None:
+            body = body.masked_fill(~valid[:, None, :, None], 0.0)
         x = body.transpose(1, 2).reshape(b, length, h * d).transpose(1, 2)  # [B, C, L]
         if tl.kind == "grid":
             x = self.conv(x.reshape(b, h * d, *tl.grid))
-            x = F.adaptive_avg_pool2d(x, self.size).flatten(2)
+            if valid is None:
+                x = F.adaptive_avg_pool2d(x, self.size).flatten(2)
+            else:  # pool the conv windows that hold a real token
+                kernel = self.conv.kernel_size
+                hit = F.max_pool2d(valid.reshape(b, 1, *tl.grid).to(x.dtype), kernel, kernel).flatten(1) > 0
+                x = lm.pool_2d(x.flatten(2).transpose(1, 2), tuple(x.shape[2:]), self.size, valid=hit)
+                x = x.transpose(1, 2)
         else:
-            x = F.adaptive_avg_pool1d(self.conv(x), self.m)
+            x = self.conv(x)
+            if valid is None:
+                x = F.adaptive_avg_pool1d(x, self.m)
+            else:
+                kernel = self.conv.kernel_size[0]
+                hit = F.max_pool1d(valid[:, None].to(x.dtype), kernel, kernel)[:, 0] > 0  # [B, L']
+                x = masked_pool_1d(x.transpose(1, 2)[:, None], hit, self.m)[:, 0].transpose(1, 2)
         return x.reshape(b, h, d, self.m).transpose(-1, -2)

@@ -75,8 +75,9 @@ class MiTAAttention(AttentionBase):
             are those of its ``landmark_horizon`` (``"prefix"`` | ``"frozen"``), and every query also
             attends causally to its own block; ``forward(..., is_causal=True)`` is then accepted.
 
-    Landmarks pool the real tokens only when a padding mask is given in the ``"seq"`` layout (a padded
-    sequence then gets the landmarks of the unpadded one); on a grid, padding is not expected.
+    With a padding mask no landmark reads a padded token, in every layout and landmark mode (see
+    :class:`mita.nn.landmark_modes.LandmarkBuilder`); in the ``"seq"`` layout with ``"pool"`` a padded
+    sequence gets the landmarks of the unpadded one.
 
     Attention-weight dropout is not available in the op: ``attn_drop > 0`` raises ValueError.
     Set ``record_routing = True`` to keep the last forward's :class:`mita.Routing` in ``last_routing``

@@ -21,9 +21,12 @@ is refused with :class:`CheckpointError`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +138,15 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
 
     file = resolve_model_path(path)
     meta = read_meta(file)
+    why = "a buildable model"
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"{file}: metadata does not describe {why} (no model builder name)")
+    if not isinstance(meta.get("model_kwargs"), dict):
+        raise CheckpointError(f"{file}: metadata does not describe {why} (no model_kwargs object)")
     try:
         model = build_model_from_meta(meta)
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{file}: metadata does not describe a buildable model ({err})") from err
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: metadata does not describe a buildable model ({err})") from None
     load_weights(model, file)
     model.mita_meta = meta  # lets evaluate(model, task) rebuild the data the way it was trained
     return model.to(device).eval(), meta
@@ -195,17 +203,55 @@ def latest_step(ckpt_dir: str | os.PathLike) -> int | None:
         raise CheckpointError(f"{marker} is corrupt ({err})") from err
 
 
+def _no_space(err: BaseException) -> bool:
+    """Whether a failed write ran out of disk (torch and safetensors report it in their own words)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left" in text or "StorageFull" in text or "file write failed" in text
+
+
+def write_failure(path: str | os.PathLike, err: BaseException) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for a file of a run that could not be written."""
+    if _no_space(err):
+        return CheckpointError(f"no space left on device writing {path}; free space and --resume")
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return CheckpointError(f"cannot write {path} ({first}); the last complete checkpoint is kept")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failure to write ``path`` (a full disk, an I/O error) into :func:`write_failure`'s error."""
+    try:
+        yield
+    except Exception as err:  # torch and safetensors raise RuntimeError / their own types for I/O errors
+        raise write_failure(path, err) from None
+
+
 def save_checkpoint(
     ckpt_dir: str | os.PathLike, step: int, model: nn.Module, meta: dict[str, Any], state: dict[str, Any]
 ) -> None:
     """Write the weights and training ``state`` (tensors and plain values only) of ``step``, then point
-    ``latest.json`` at them. Older checkpoint pairs are removed once the new one is complete."""
+    ``latest.json`` at them. Older checkpoint pairs are removed once the new one is complete.
+
+    A write that fails (a full disk) removes the new pair's files and raises :class:`CheckpointError`;
+    the previous checkpoint stays the latest."""
     ckpt_dir = Path(ckpt_dir)
     stem = ckpt_dir / f"step-{step:08d}"
-    save_model_file(stem.with_suffix(".safetensors"), model, {**meta, "step": step})
-    with atomic_path(stem.with_suffix(".pt")) as tmp:
-        torch.save({**state, "step": step}, tmp)
-    write_text(ckpt_dir / LATEST, json.dumps({"step": step}))
+    files = (stem.with_suffix(".safetensors"), stem.with_suffix(".pt"), ckpt_dir / LATEST)
+    current = files[0]
+    try:
+        save_model_file(files[0], model, {**meta, "step": step})
+        current = files[1]
+        with atomic_path(files[1]) as tmp:
+            torch.save({**state, "step": step}, tmp)
+        current = files[2]
+        write_text(files[2], json.dumps({"step": step}))
+    except Exception as err:
+        if latest_step(ckpt_dir) != step:  # an incomplete pair: no orphan left behind
+            for f in files[:2]:
+                f.unlink(missing_ok=True)
+        raise write_failure(current, err) from None
     for old in ckpt_dir.glob("step-*"):
         if not old.name.startswith(stem.name):
             old.unlink(missing_ok=True)

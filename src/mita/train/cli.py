@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a preset's model keyword (repeatable), e.g. depth=2",
     )
-    p.add_argument("--eval-every", type=_positive, help="evaluate every N steps (default: each epoch)")
+    p.add_argument(
+        "--eval-every",
+        type=_positive,
+        help="also evaluate every N steps (always: each epoch's end and the end)",
+    )
     p.add_argument("--save-every", type=_positive, help="checkpoint every N steps (default: each epoch)")
     p.add_argument("--log-every", type=_positive, default=50, help="log metrics every N steps")
     p.add_argument("--eval-batch-size", type=_positive, default=256)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrainConfig", "check_device"]
+__all__ = ["TrainConfig", "check_device", "resume_differences"]
 
 _POSITIVE_INTS = (
     "num_landmarks", "topk", "epochs", "max_steps", "batch_size", "train_size", "test_size", "eval_every",
@@ -123,8 +123,8 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be a finite number {rule}, got {value!r}")
         if not _is_int(self.num_workers) or self.num_workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.num_workers!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
         check_device(self.device)
         accepted = set(inspect.signature(build_dataset).parameters) - {"name", "split"}
         unknown = sorted(set(self.data_kwargs) - accepted)
@@ -151,4 +151,31 @@ def _is_int(value: Any) -> bool:
 
 
 def _flag(name: str) -> str:
-    return {"warmup_frac": "warmup", "num_workers": "workers"}.get(name, name.replace("_", "-"))
+    flags = {"warmup_frac": "warmup", "num_workers": "workers", "data_kwargs": "data-arg"}
+    return flags.get(name, {"model_kwargs": "model-arg"}.get(name, name.replace("_", "-")))
+
+
+#: Settings a resumed run may change: where it runs and what it reports, not what it computes.
+RESUMABLE = frozenset(
+    {
+        "out", "resume", "device", "progress", "log_every", "eval_every", "save_every", "eval_batch_size",
+        "num_workers", "data_root", "cache_dir", "init_from", "resize_pos_embed", "new_head",
+    }
+)  # fmt: skip
+
+
+def resume_differences(saved: dict[str, Any], config: TrainConfig) -> str | None:
+    """None when ``config`` may resume the run whose settings were ``saved`` (its ``to_dict()``), else the
+    one-line reason naming each flag that differs. Settings the saved run does not record are not compared."""
+    now = config.to_dict()
+    changed = [
+        f"--{_flag(key)} (was {saved[key]!r}, now {now[key]!r})"
+        for key in sorted(now)
+        if key not in RESUMABLE and key in saved and saved[key] != now[key]
+    ]
+    if not changed:
+        return None
+    return (
+        f"cannot resume with other settings: {', '.join(changed)}; the run's recipe, data and model stay as "
+        "trained: use the original settings or another --out"
+    )

@@ -229,4 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError, ImportError, OSError) as err:
         print(f"mita eval: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: nothing half-written (--json is written last, atomically)
+        print("mita eval: interrupted", file=sys.stderr)
+        return 130
     return 0

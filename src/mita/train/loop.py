@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_
 from . import setup
 from .batches import batch_size_of, forward, to_device
-from .config import TrainConfig
+from .config import TrainConfig, resume_differences
 from .errors import Diverged, Interrupted, TrainError
 from .evaluate import eval_sums
 from .heap import release_free_heap
@@ -192,6 +192,7 @@ class Trainer:
                     f"cannot resume {self.out}: it was trained with {key}={meta.get(key)}, this command asks "
                     f"for {key}={parts.meta[key]}; use the original settings or another --out"
                 )
+        self._check_resume_settings(saved.get("config"))
         try:
             parts.optimizer.load_state_dict(saved["optimizer"])
             parts.scheduler.load_state_dict(saved["scheduler"])
@@ -209,6 +210,12 @@ class Trainer:
         ckpt.set_rng_state(rngs[self.dist.rank])
         if self.dist.is_main:
             print(f"resuming {self.out} at step {self.state.step}/{parts.total_steps}", file=sys.stderr)
+
+    def _check_resume_settings(self, saved: dict[str, Any] | None) -> None:
+        """TrainError when this command's settings would change the run recorded as ``saved``."""
+        why = resume_differences(saved, self.cfg) if isinstance(saved, dict) else None
+        if why:
+            raise TrainError(why)
 
     def _finished(self) -> dict[str, Any]:
         """A finished run is left as it is (its summary was measured by the run that trained it)."""
@@ -252,8 +259,10 @@ class Trainer:
         }
         if self.dist.is_main:
             meta = {**parts.meta, "step": state.step, "test_accuracy": state.test_accuracy}
-            ckpt.save_model_file(self.out / "model.safetensors", parts.model, meta)
-            write_json(self.out / "summary.json", summary, default=str)
+            with ckpt.writing(self.out / "model.safetensors"):
+                ckpt.save_model_file(self.out / "model.safetensors", parts.model, meta)
+            with ckpt.writing(self.out / "summary.json"):
+                write_json(self.out / "summary.json", summary, default=str)
         return summary
 
     def _diverged(self, err: Diverged) -> str:

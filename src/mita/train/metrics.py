@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from mita.io import to_json, write_text
 
 from . import distributed as dist_
 from .errors import Diverged
+from .report import PROGRESS_LINE_ENV
 from .state import RunState
 
 
@@ -103,7 +105,8 @@ class Metrics:
     def write(self, record: dict[str, Any]) -> None:
         """Append one strict-JSON record to ``metrics.jsonl`` (rank 0)."""
         if self.dist.is_main:
-            with open(self.path, "a") as fh:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            with os.fdopen(os.open(self.path, flags, 0o644), "a") as fh:  # never through a link
                 fh.write(to_json(record, indent=None) + "\n")
 
     def log_train(self, state: RunState, lr: float, seconds: float) -> None:
@@ -165,6 +168,7 @@ class Metrics:
         """A tqdm bar over the run's steps on rank 0 (``bar.write`` keeps messages above it)."""
         from tqdm import tqdm
 
+        line = os.environ.get(PROGRESS_LINE_ENV, "")  # runs in parallel: one line each (train.report)
         self.bar = tqdm(
             total=self.total_steps,
             initial=initial,
@@ -172,6 +176,7 @@ class Metrics:
             dynamic_ncols=True,
             desc=desc,
             file=sys.stderr,
+            position=int(line) if line.isdigit() else None,
         )
         try:
             yield

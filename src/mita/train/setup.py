@@ -12,8 +12,11 @@ what ``--epochs`` is for): the run says so and stops at its own length.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from .config import TrainConfig
+from .config import TrainConfig, resume_differences
 from .errors import TrainError
 from .presets import Preset, build, get_preset, model_spec
 from .sampler import ResumableSampler
@@ -43,6 +46,45 @@ def note(message: str, dist: dist_.DistInfo) -> None:
 # ---- the run directory ------------------------------------------------------------------------------
 
 
+#: What a mita run directory may hold before its first checkpoint (any run writes ``config.json`` first).
+RUN_FILES = frozenset(
+    {LOCK, "config.json", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoints"}
+)
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is the ``config.json`` a mita run wrote (a JSON object with its keys)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"config", "meta", "num_params"} <= set(data)
+
+
+def recorded_config(out: Path) -> dict[str, Any] | None:
+    """The settings a run recorded in its ``config.json`` (None when absent or not a run's)."""
+    path = out / "config.json"
+    if not _is_run_config(path):
+        return None
+    config = json.loads(path.read_text())["config"]
+    return config if isinstance(config, dict) else None
+
+
+def _not_a_run(out: Path) -> str | None:
+    """Why ``out`` must not be used as a new run's directory: it holds files that no mita run wrote."""
+    if not out.is_dir():
+        return None
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if n not in RUN_FILES]
+    if names and names != [LOCK] and (foreign or not _is_run_config(out / "config.json")):
+        shown = ", ".join((foreign or names)[:5]) + (", ..." if len(foreign or names) > 5 else "")
+        return (
+            f"{out} is not empty and holds no mita run (found {shown}); choose a new or empty --out, "
+            "mita train would overwrite files there"
+        )
+    return None
+
+
 def _check_run_dir(cfg: TrainConfig) -> str | None:
     """None when ``cfg.out`` can hold this run, else why not."""
     out = Path(cfg.out)
@@ -57,14 +99,52 @@ def _check_run_dir(cfg: TrainConfig) -> str | None:
             f"{out} already holds a run (checkpoints/{ckpt.LATEST}); pass --resume to continue it "
             "or choose another --out"
         )
+    if not has_ckpt and (why := _not_a_run(out)):
+        return why
+    if cfg.resume and (saved := recorded_config(out)) is not None:  # before anything is built
+        if why := resume_differences(saved, cfg):
+            return why
+    links = [name for name in (LOCK, "metrics.jsonl") if (out / name).is_symlink()]
+    if links:
+        link = out / links[0]
+        return f"{link} is a link, which mita does not write through; remove it or choose another --out"
+    return _probe_writable(out)
+
+
+def _probe_writable(out: Path) -> str | None:
+    """Create ``out`` if needed and a file in it; None when that works, else why not. The probe file has
+    a fresh name and is created exclusively (never through a link), then removed."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         return f"output directory {out} is not writable ({err.strerror or err})"
     return None
+
+
+def _open_lock(path: Path) -> int:
+    """Open (or create) the lock file without following a link; TrainError for anything but mita's own
+    lock: a regular file with one link holding nothing but a process id."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        raise TrainError(
+            f"cannot open the lock file {path} ({err.strerror or err}); a link there is not followed: "
+            "remove it or choose another --out"
+        ) from None
+    st = os.fstat(fd)
+    ok = stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= 32
+    if ok and st.st_size:
+        ok = os.pread(fd, 32, 0).strip().isdigit()
+    if not ok:
+        os.close(fd)
+        raise TrainError(
+            f"{path} is not a mita lock file (a link or another file); remove it or choose another --out"
+        )
+    return fd
 
 
 @contextlib.contextmanager
@@ -75,7 +155,7 @@ def _lock(out: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX: no lock
         yield
         return
-    with open(out / LOCK, "a+") as fh:
+    with os.fdopen(_open_lock(out / LOCK), "r+") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,16 +165,43 @@ def _lock(out: Path) -> Iterator[None]:
                 f"{out} is in use by another mita train (pid {pid}); wait for it or choose another --out"
             ) from None
         fh.seek(0)
-        fh.truncate()
+        fh.truncate()  # mita's own lock file (checked by _open_lock)
         fh.write(str(os.getpid()))
         fh.flush()
         yield
 
 
+def _missing_dirs(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, deepest first (what claiming ``out`` creates)."""
+    missing = []
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
+
+
+def _undo_claim(out: Path, lock_created: bool, created: list[Path]) -> None:
+    """A run that failed before writing anything leaves no trace: the lock file and directories it
+    created are removed while they hold nothing else."""
+    try:
+        if lock_created and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+        for d in created:
+            d.rmdir()  # OSError when not empty: kept
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def claim_run_dir(cfg: TrainConfig, dist: dist_.DistInfo) -> Iterator[Path]:
-    """Check ``cfg.out`` (rank 0, decision shared with all ranks) and lock it for the run."""
+    """Check ``cfg.out`` (rank 0, decision shared with all ranks) and lock it for the run.
+
+    If the run fails before it writes a file (settings that only the data or model can check), the lock
+    file and the directories the claim created are removed again: bad settings leave no run directory."""
     out = Path(cfg.out)
+    created = _missing_dirs(out)
+    lock_created = not (out / LOCK).exists()
     with contextlib.ExitStack() as stack:
         err = None
         if dist.is_main:
@@ -102,6 +209,7 @@ def claim_run_dir(cfg: TrainConfig, dist: dist_.DistInfo) -> Iterator[Path]:
                 err = _check_run_dir(cfg)
                 if err is None:
                     stack.enter_context(_lock(out))
+                    stack.callback(_undo_claim, out, lock_created, created)
             except (TrainError, ckpt.CheckpointError) as exc:
                 err = str(exc)
         err = dist_.broadcast_object(err, dist)
