@@ -1,0 +1,155 @@
+"""What each spawned rank runs: the context-parallel op against the single-process op on the same data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mita import mita_attention
+from mita.distributed import comm_stats, context_parallel_attention, shard_sequence
+from mita.distributed.selection import topk_lowest_index
+
+
+def make_case(
+    world: int,
+    n_local: int,
+    *,
+    seed: int = 0,
+    b: int = 2,
+    h: int = 4,
+    hkv: int = 2,
+    d: int = 8,
+    dv: int = 6,
+    m_local: int = 2,
+    integer: bool = False,
+    pad: bool = False,
+) -> dict[str, Any]:
+    """Full float64 inputs (the same on every rank), and a fixed cotangent for the output."""
+    g = torch.Generator().manual_seed(seed)
+    n, m = world * n_local, world * m_local
+
+    def rand(*shape: int) -> torch.Tensor:
+        if integer:  # small integers: many exactly equal scores, all products exact
+            return torch.randint(-2, 3, shape, generator=g).double()
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    case = {"q": rand(b, h, n, d), "k": rand(b, hkv, n, d), "v": torch.randn(b, hkv, n, dv, generator=g,
+            dtype=torch.float64), "landmarks": rand(b, h, m, d)}  # fmt: skip
+    if integer:  # duplicate keys: equal scores straddle every top-k boundary
+        case["k"][:, :, 1::2] = case["k"][:, :, ::2][:, :, : n // 2]
+    case["cotangent"] = torch.randn(b, h, n, dv, generator=g, dtype=torch.float64)
+    mask = None
+    if pad:
+        mask = torch.rand(b, n, generator=g) < 0.3
+        mask[0, :n_local] = True  # rank 0 holds only padding in batch row 0
+        mask[:, -1] = False
+    case["mask"] = mask
+    return case
+
+
+def _reference(case: dict[str, Any], backend: str, **kw: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    leaves = [case[n].clone().requires_grad_() for n in ("q", "k", "v", "landmarks")]
+    out = mita_attention(*leaves, key_padding_mask=case["mask"], backend=backend, **kw)
+    (out * case["cotangent"]).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _parallel(case: dict[str, Any], group: dist.ProcessGroup | None, **kw: Any):
+    local = [shard_sequence(case[n], 2, group).clone().requires_grad_() for n in ("q", "k", "v", "landmarks")]
+    mask = None if case["mask"] is None else shard_sequence(case["mask"], 1, group)
+    out = context_parallel_attention(*local, key_padding_mask=mask, group=group, **kw)
+    (out * shard_sequence(case["cotangent"], 2, group)).sum().backward()
+    return out.detach(), [t.grad for t in local]
+
+
+def max_errors(case: dict[str, Any], backend: str = "reference", group=None, **kw: Any) -> list[float]:
+    """Largest |difference| of the output and of the gradients of q, k, v, landmarks on this rank."""
+    ref_out, ref_grads = _reference(case, backend, **kw)
+    out, grads = _parallel(case, group, **kw)
+    errs = [(out - shard_sequence(ref_out, 2, group)).abs().max().item()]
+    for g_ref, g in zip(ref_grads, grads, strict=True):
+        if g_ref is None or g is None:  # no gradient (landmarks with shared=False): none on either side
+            errs.append(0.0 if g_ref is None and g is None else float("inf"))
+            continue
+        errs.append((g - shard_sequence(g_ref, 2, group)).abs().max().item())
+    return errs
+
+
+EQUALITY_CASES: dict[str, dict[str, Any]] = {
+    "gqa": {"topk": 5},
+    "mha_k_beyond_shard": {"topk": 13, "case": {"hkv": 4, "n_local": 8}},
+    "two_experts": {"topk": 4, "experts_per_query": 2},
+    "two_experts_dedup": {"topk": 4, "experts_per_query": 2, "dedup": True},
+    "shared_only": {"topk": 4, "routed": False},
+    "routed_only": {"topk": 4, "shared": False},
+    "padding": {"topk": 6, "case": {"pad": True}},
+    "padding_routed_only_s2": {"topk": 6, "shared": False, "experts_per_query": 2, "case": {"pad": True}},
+    "scales": {"topk": 3, "scale": 0.3, "landmark_scale": 0.05},
+}
+
+
+def equality(rank: int, world: int, names: list[str]) -> dict[str, list[float]]:
+    out = {}
+    for name in names:
+        spec = dict(EQUALITY_CASES[name])
+        case = make_case(world, **{"n_local": 12, **spec.pop("case", {})})
+        out[name] = max_errors(case, **spec)
+    return out
+
+
+def ties(rank: int, world: int) -> dict[str, Any]:
+    """Integer inputs with many equal scores, against the CPU kernel (ties to the lower key index)."""
+    case, topk = make_case(world, 10, integer=True, seed=3), 5
+    b, h, m, d = case["landmarks"].shape
+    scores = case["landmarks"].reshape(b, 2, 2 * m, d) @ case["k"].transpose(-1, -2)
+    top = scores.topk(topk + 1, dim=-1).values
+    _, routing = mita_attention(
+        case["q"], case["k"], case["v"], case["landmarks"], topk=topk, backend="cpu", return_routing=True
+    )
+    lowest = topk_lowest_index(scores, topk)[1].reshape(b, h, m, topk)
+    return {
+        "errors": max_errors(case, backend="cpu", topk=topk),
+        # rows where the k-th and (k+1)-th best scores are equal: the tie decides which key is chosen
+        "straddling_ties": int((top[..., topk - 1] == top[..., topk]).sum()),
+        "cpu_kernel_picks_lowest_index": bool((routing.key_index.sort(-1).values == lowest).all()),
+    }
+
+
+def size_one_groups(rank: int, world: int) -> list[float]:
+    """A group of one rank (each rank its own) equals the plain op on that rank's whole input."""
+    groups = [dist.new_group([r]) for r in range(world)]
+    case = make_case(1, 16, seed=5)
+    return max_errors(case, group=groups[rank], topk=5, experts_per_query=2)
+
+
+def bytes_by_length(
+    rank: int, world: int, n_locals: list[int], m_local: int, topk: int
+) -> list[dict[str, int]]:
+    """Bytes this rank sends per collective (forward, backward) at each shard length, fixed m and k."""
+    res = []
+    for n_local in n_locals:
+        case = make_case(world, n_local, m_local=m_local, seed=n_local)
+        with comm_stats() as stats:
+            _parallel(case, None, topk=topk)
+        res.append({f"{lab}/{d}": nb for (lab, d), nb in stats.bytes.items()})
+    return res
+
+
+def uneven(rank: int, world: int) -> str:
+    case = make_case(world, 12)
+    local = [shard_sequence(case[n], 2) for n in ("q", "k", "v", "landmarks")]
+    if rank == 1:
+        local = [t[:, :, :-1] if i < 3 else t for i, t in enumerate(local)]
+    try:
+        context_parallel_attention(*local, topk=4)
+    except ValueError as err:
+        msg = str(err)
+    else:
+        msg = ""
+    try:
+        shard_sequence(torch.zeros(1, 1, 2 * world + 1, 1), 2)
+    except ValueError as err:
+        msg += "\n" + str(err)
+    return msg
