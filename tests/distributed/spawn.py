@@ -41,7 +41,10 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
 def run_ranks(world: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` processes with a gloo group; their JSON results by rank."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True)
+        # fork: the children need not import torch again (seconds per process on a small machine)
+        mp.start_processes(
+            _entry, args=(world, free_port(), fn, args, out_dir), nprocs=world, start_method="fork"
+        )
         results = []
         for r in range(world):
             with open(os.path.join(out_dir, f"{r}.json")) as f:
