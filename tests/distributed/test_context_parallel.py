@@ -58,7 +58,9 @@ def test_bytes_do_not_depend_on_n():
         # the formula (docs/distributed.md), per rank: B = 2, H = 4, Hkv = 2, d = 8, dv = 6, float64
         b, h, m, d, dv, f = 2, 4, world * m_local, 8, 6, 8
         sent = short[0]
-        assert sent["landmarks/forward"] == sent["landmarks/backward"] == (world - 1) * b * h * m_local * d * f
+        assert (
+            sent["landmarks/forward"] == sent["landmarks/backward"] == (world - 1) * b * h * m_local * d * f
+        )
         assert sent["shared_partials/forward"] == (world - 1) * b * h * m * (dv + 2) * f
         assert sent["candidates/forward"] == 2 * (world - 1) * b * h * m * topk * f  # scores + int64 indices
         rows = b * h * m * topk * (d + dv) * f
@@ -94,3 +96,10 @@ def test_topk_lowest_index_and_merge():
         x = torch.randint(0, 4, (5, 17), generator=g).double()
         order = torch.sort(-x, dim=-1, stable=True).indices[:, :6].sort(-1).values
         assert torch.equal(topk_lowest_index(x, 6)[1], order)
+
+
+@pytest.mark.parametrize(("world", "pair"), [(2, False), (4, True)])
+def test_context_parallel_sequence_classifier(world, pair):
+    """Logits, loss and the DDP-averaged gradients of the sharded classifier equal the plain model's."""
+    for rank, errors in enumerate(run_ranks(world, workers.sequence_model, pair)):
+        assert max(errors) <= TOL, f"rank {rank}: logits, loss, gradients {errors}"

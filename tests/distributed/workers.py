@@ -153,3 +153,37 @@ def uneven(rank: int, world: int) -> str:
     except ValueError as err:
         msg += "\n" + str(err)
     return msg
+
+
+def sequence_model(rank: int, world: int, pair: bool) -> list[float]:
+    """The context-parallel classifier against the plain one (float64): logits, loss and the gradients
+    (summed over the ranks and divided by P, as DDP over the group would), largest |difference| of each."""
+    from mita.distributed.sequence import ContextParallelSequence
+    from mita.models.sequence import SequenceClassifier
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(
+        11, 3, 48, dim=16, depth=2, num_heads=2, attention="mita", num_landmarks=4, topk=5, pair=pair
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, 11, (3, 48), generator=g)
+    tokens[0, 30:] = 0  # padding: landmarks pool the valid tokens only, whatever rank holds them
+    tokens[2, 5:] = 0
+    x = (tokens, tokens.flip(0)) if pair else tokens
+    y = torch.tensor([0, 2, 1])
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ref_logits = model(x).detach()
+    model.zero_grad()
+    cp = ContextParallelSequence(model)
+    logits = cp(x)
+    loss_cp = torch.nn.functional.cross_entropy(logits, y)
+    loss_cp.backward()
+    errs = [(logits - ref_logits).abs().max().item(), abs(loss_cp.item() - loss.item())]
+    worst = 0.0
+    for n, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        worst = max(worst, (grad / world - ref[n]).abs().max().item())
+    return [*errs, worst]
