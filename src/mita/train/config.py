@@ -13,7 +13,7 @@ __all__ = ["TrainConfig", "check_device"]
 
 _POSITIVE_INTS = (
     "num_landmarks", "topk", "epochs", "max_steps", "batch_size", "train_size", "test_size", "eval_every",
-    "save_every", "log_every", "eval_batch_size",
+    "save_every", "log_every", "eval_batch_size", "context_parallel",
 )  # fmt: skip
 # model keywords that are sizes: zero or negative builds a model with nothing in it, or none at all
 _POSITIVE_MODEL_ARGS = (
@@ -83,6 +83,8 @@ class TrainConfig:
     attn_only: bool = False
     resize_pos_embed: bool = False
     new_head: bool = False
+    # ranks per sequence (mita.distributed): consecutive torchrun ranks split each sequence; 1 = off
+    context_parallel: int = 1
 
     @property
     def model(self) -> str | None:

@@ -83,12 +83,14 @@ class Trainer:
             config = {"config": cfg.to_dict(), "meta": parts.meta, "num_params": parts.num_params}
             write_json(self.out / "config.json", config)
         self.clock = Clock(self.device, state)
-        global_batch = parts.batch_size * self.dist.world_size
+        global_batch = parts.batch_size * self.dist.world_size // cfg.context_parallel
         progress = self.metrics.progress(state.step, f"{cfg.task}/{cfg.attention}", cfg.progress)
         with progress, StopSignals(self.dist, self.device, cfg.log_every) as stop:
             parts.ddp.train()
             for x, y in self._batches():
-                self.metrics.add(*self._step(x, y), batch_size_of(x))
+                # the ranks of a context-parallel group train on one batch: count its samples once
+                samples = batch_size_of(x) if self.dist.rank % cfg.context_parallel == 0 else 0
+                self.metrics.add(*self._step(x, y), samples)
                 state.advance(global_batch, parts.steps_per_epoch)
                 if self.metrics.should_log(state.step):
                     self._log()

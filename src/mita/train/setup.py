@@ -218,13 +218,13 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
     preset = get_preset(cfg.task, cfg.preset)
     train, test, info, data_kwargs = _data(cfg, preset)
     batch_size = cfg.batch_size or preset.batch_size
-    sampler = ResumableSampler(
-        train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed
-    )
+    # the ranks of one context-parallel group share their batches
+    replicas, replica = dist_.data_parallel(dist, cfg.context_parallel)
+    sampler = ResumableSampler(train, num_replicas=replicas, rank=replica, shuffle=True, seed=cfg.seed)
     steps_per_epoch = len(sampler) // batch_size
     if steps_per_epoch < 1:
         raise TrainError(
-            f"the training set ({len(train)} samples over {dist.world_size} process(es)) is smaller than one "
+            f"the training set ({len(train)} samples over {replicas} process(es)) is smaller than one "
             f"batch of {batch_size}"
         )
     total_steps = _run_length(cfg, preset, steps_per_epoch, dist)
@@ -276,11 +276,13 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
         },
         **extra_meta,
     }
-    ddp = model
+    if cfg.context_parallel > 1:
+        meta["recipe"]["context_parallel"] = cfg.context_parallel
+    ddp = dist_.context_parallel(model, dist, cfg.context_parallel)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda" else None)
     return Parts(
         preset=preset,
         model=model,
