@@ -73,6 +73,21 @@ def test_uneven_shards_are_rejected_on_every_rank():
         assert "not divisible by the 2 ranks" in msg
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_causal_frozen_equals_single_process_op(world):
+    results = run_ranks(world, workers.causal_equality, 4, 12 if world < 4 else 8)
+    for name in workers.CAUSAL_CASES:
+        _assert_close([r[name] for r in results], f"causal {name}, P={world}")
+
+
+def test_causal_rejects_what_it_does_not_support():
+    for msgs in run_ranks(2, workers.causal_errors):
+        assert len(msgs) == 3
+        assert "landmark_horizon='frozen' only" in msgs[0]
+        assert "multiple of block_size=5" in msgs[1]
+        assert "needs n // block_size = 3 local landmarks, got 2" in msgs[2]
+
+
 def test_needs_a_process_group():
     x = torch.zeros(1, 1, 4, 2)
     with pytest.raises(ValueError, match="process group"):

@@ -187,3 +187,39 @@ def sequence_model(rank: int, world: int, pair: bool) -> list[float]:
         dist.all_reduce(grad)
         worst = max(worst, (grad / world - ref[n]).abs().max().item())
     return [*errs, worst]
+
+
+CAUSAL_CASES: dict[str, dict[str, Any]] = {
+    "gqa": {"topk": 5},
+    "topk_beyond_n": {"topk": 1000, "experts_per_query": 2},
+    "three_experts_routed_only": {"topk": 3, "experts_per_query": 3, "shared": False},
+    "shared_only": {"topk": 3, "routed": False},
+    "more_experts_than_landmarks": {"topk": 2, "experts_per_query": 8},
+}
+
+
+def causal_equality(rank: int, world: int, block: int, n_local: int) -> dict[str, list[float]]:
+    """Frozen-horizon causal MiTA: landmarks are the block means of the queries (of every rank)."""
+    from mita.landmarks import block_mean
+
+    out = {}
+    for name, spec in CAUSAL_CASES.items():
+        case = make_case(world, n_local, seed=7)
+        case["landmarks"] = block_mean(case["q"], block)
+        case["landmarks"] += 0.1 * torch.randn_like(case["landmarks"])  # a leaf of its own: its gradient
+        kw = {"causal": True, "block_size": block, "landmark_horizon": "frozen", **spec}
+        out[name] = max_errors(case, **kw)
+    return out
+
+
+def causal_errors(rank: int, world: int) -> list[str]:
+    """What the causal form rejects, on every rank before any collective."""
+    case = make_case(world, 12)
+    q, k, v = (shard_sequence(case[n], 2) for n in ("q", "k", "v"))
+    msgs = []
+    for kw, lm in (({"landmark_horizon": "prefix"}, 3), ({"block_size": 5}, 2), ({}, 2)):
+        try:
+            context_parallel_attention(q, k, v, q[:, :, :lm], topk=3, causal=True, **{"block_size": 4, **kw})
+        except ValueError as err:
+            msgs.append(str(err))
+    return msgs

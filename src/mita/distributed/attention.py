@@ -76,6 +76,7 @@ def _check_consistent(
     if not bool((every == every[0]).all()):
         names = ["B", "H", "N_q", "d", "B_kv", "H_kv", "N_kv", "d_k", "dv", "m_local", "dtype", "mask"]
         names += ["topk", "experts_per_query", "shared", "routed", "dedup", "scale", "landmark_scale"]
+        names += ["causal", "block_size"]
         diff = [nm for i, nm in enumerate(names) if not bool((every[:, i] == every[0, i]).all())]
         per_rank = {nm: every[:, names.index(nm)].tolist() for nm in diff}
         raise ValueError(
@@ -88,6 +89,37 @@ def _check_consistent(
         if bool(full.any()):
             rows = full.nonzero().flatten().tolist()
             raise ValueError(f"key_padding_mask marks every key as padding in batch rows {rows}")
+
+
+def _check_causal(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    landmarks: torch.Tensor,
+    block_size: int,
+    horizon: str,
+    dedup: bool,
+    mask: torch.Tensor | None,
+) -> int:
+    """The causal options the context-parallel op supports; returns the block size."""
+    b = as_int("block_size", block_size)
+    if horizon != "frozen":
+        raise ValueError(
+            f"context parallelism supports landmark_horizon='frozen' only, got {horizon!r} (the prefix "
+            "horizon needs each query block's prefix of the other ranks' partials)"
+        )
+    if as_bool("dedup", dedup) or mask is not None:
+        raise ValueError("causal=True supports neither dedup nor key_padding_mask")
+    n = q.shape[2]
+    if k.shape[2] != n or n % b:
+        raise ValueError(
+            f"causal=True needs every rank to hold whole blocks of queries and their keys: local q {n} and "
+            f"k {k.shape[2]} tokens must be equal and a multiple of block_size={b}"
+        )
+    if landmarks.shape[2] != n // b:
+        raise ValueError(
+            f"causal=True needs n // block_size = {n // b} local landmarks, got {landmarks.shape[2]}"
+        )
+    return b
 
 
 def _shared_values(
@@ -200,6 +232,9 @@ def context_parallel_attention(
     dedup: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     tile: int | None = None,
+    causal: bool = False,
+    block_size: int = 64,
+    landmark_horizon: str = "frozen",
 ) -> torch.Tensor:
     """MiTA (SPEC §2) on a sequence sharded across the ranks of ``group``; see the module docstring.
 
@@ -215,6 +250,10 @@ def context_parallel_attention(
         experts_per_query, scale, landmark_scale, shared, routed, dedup: as :func:`mita.mita_attention`.
         key_padding_mask: this rank's ``[B, n]`` bool, True = padding.
         tile: query-expert pairs per tile of the routed part (default: as the torch backend).
+        causal, block_size, landmark_horizon: causal MiTA as ``mita_attention(..., causal=True)``, with
+            the ``"frozen"`` horizon only (``"prefix"`` raises ValueError); every rank holds whole blocks
+            (``n`` a multiple of ``block_size``) and its blocks' landmarks (``n // block_size`` rows, e.g.
+            :func:`mita.landmarks.block_mean` of the local queries). No ``key_padding_mask``, no ``dedup``.
 
     Returns:
         ``[B, H, n_q, dv]``: exactly this rank's rows of ``mita_attention(cat(q), cat(k), cat(v),
@@ -232,8 +271,12 @@ def context_parallel_attention(
     _, hkv, n_local, _ = k.shape
     world, m_local = group_size(group), landmarks.shape[2]
     n_kv, m = world * n_local, world * m_local
+    if as_bool("causal", causal):
+        block_size = _check_causal(q, k, landmarks, block_size, landmark_horizon, dedup, key_padding_mask)
+        topk = min(as_int("topk", topk), n_kv)  # at most every key can be visible, as the single-process op
     topk = as_int("topk", topk, 1, n_kv, what=f"N={n_kv}")
-    s = as_int("experts_per_query", experts_per_query, 1, m, what=f"m={m}")
+    # causal: a query may ask for more experts than it has landmarks before it (the rest are unused)
+    s = as_int("experts_per_query", experts_per_query, 1, None if causal else m, what=f"m={m}")
     shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
     if not shared and not routed:
         raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
@@ -252,12 +295,16 @@ def context_parallel_attention(
         shared=shared, routed=routed, dedup=dedup,
     )  # fmt: skip
     if world > 1:
-        opts = [topk, s, shared, routed, dedup, p.scale, p.landmark_scale]
+        opts = [topk, s, shared, routed, dedup, p.scale, p.landmark_scale, causal, causal and block_size]
         _check_consistent(q, k, v, landmarks, key_padding_mask, opts, group)
 
     out_dtype = q.dtype
     if out_dtype in (torch.float16, torch.bfloat16):
         q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    if causal:
+        from .causal import causal_context_parallel
+
+        return causal_context_parallel(p, q, k, v, landmarks, block_size, group, tile).to(out_dtype)
     every = all_gather(landmarks, group, "landmarks")  # [P, B, H, m / P, d]
     r = every.permute(1, 2, 0, 3, 4).reshape(b, h, m, d)
     scores = (r.reshape(b, hkv, p.group * m, d) @ k.transpose(-1, -2)) * p.scale  # [B, Hkv, g*m, n]
