@@ -33,8 +33,9 @@ SHAPE = {"b": 1, "h": 4, "hkv": 4, "d": 64, "dv": 64, "m": 64, "k": 64}
 
 def formula(n: int, p: int, b: int, h: int, hkv: int, d: int, dv: int, m: int, k: int, f: int) -> dict:
     """Bytes one rank sends per layer (forward, backward) for MiTA CP and for all-gather K/V; payloads of
-    ``f`` bytes per number, int64 key indices."""
+    ``f`` bytes per number, int64 key indices (the consistency check's few bytes left out)."""
     kl = min(k, n // p)
+    m = (m // p) * p  # every rank pools m // P landmarks
     mita_fwd = {
         "landmarks": (p - 1) * b * h * (m // p) * d * f,
         "shared_partials": (p - 1) * b * h * m * (dv + 2) * f,
