@@ -4,8 +4,9 @@
 sequence lengths and world sizes and records, per rank, the bytes each collective sends
 (:func:`mita.distributed.comm_stats`) next to the formula and to an all-gather of K/V.
 ``python -m mita.bench.context_parallel time`` times the forward + backward of P = 2 processes against
-one process (one thread each). Both print JSON. On one machine the processes share its cores and memory:
-the times are a CPU simulation of the communication pattern, not a cluster measurement.
+one process (one thread each): wall time, and each rank's CPU time (less sensitive to a loaded machine).
+Both print JSON. On one machine the processes share its cores and memory: the times are a CPU
+simulation of the communication pattern, not a cluster measurement.
 """
 
 from __future__ import annotations
@@ -77,14 +78,15 @@ def _bytes_rank(rank: int, world: int, n: int) -> dict[str, Any]:
 
 def _time_rank(rank: int, world: int, n: int, repeats: int) -> dict[str, Any]:
     q, k, v, r = _inputs(n // world, SHAPE["m"] // world, rank, torch.float32)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats + 1):  # the first is a warm-up
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         context_parallel_attention(q, k, v, r, topk=SHAPE["k"]).sum().backward()
+        cpu.append(time.process_time() - c0)  # this rank's CPU time (gloo's own threads included)
         dist.barrier()
         times.append(time.perf_counter() - t0)
-    return {"seconds": times[1:]}
+    return {"seconds": times[1:], "cpu_seconds": cpu[1:]}
 
 
 def _entry(rank: int, world: int, port: int, fn, args: tuple, out_dir: str) -> None:
@@ -136,16 +138,20 @@ def time_table(n: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     res = {"N": n, "shape": SHAPE, "threads_per_process": 1}
     for p in (1, 2):
-        res[f"cp_P{p}"] = statistics.median(run_ranks(p, _time_rank, n, repeats)[0]["seconds"])
+        ranks = run_ranks(p, _time_rank, n, repeats)
+        res[f"cp_P{p}"] = statistics.median(ranks[0]["seconds"])
+        res[f"cp_P{p}_cpu_per_rank"] = max(statistics.median(r["cpu_seconds"]) for r in ranks)
         print(json.dumps(res), flush=True)
     q, k, v, r = _inputs(n, SHAPE["m"], 0, torch.float32)
     for backend in ("torch", "auto"):
-        times = []
+        times, cpu = [], []
         for _ in range(repeats + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             mita_attention(q, k, v, r, topk=SHAPE["k"], backend=backend).sum().backward()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         res[f"single_process_{backend}"] = statistics.median(times[1:])
+        res[f"single_process_{backend}_cpu"] = statistics.median(cpu[1:])
         print(json.dumps(res), flush=True)
     return res
 
