@@ -67,10 +67,18 @@ def test_bytes_do_not_depend_on_n():
         assert sent["rows/forward"] == sent["rows/backward"] == round(2 * (world - 1) * rows / world)
 
 
-def test_uneven_shards_are_rejected_on_every_rank():
-    for msg in run_ranks(2, workers.uneven):
-        assert "shards differ across ranks" in msg and "'N_kv': [12.0, 11.0]" in msg
-        assert "not divisible by the 2 ranks" in msg
+def test_bad_shards_are_rejected_on_every_rank():
+    results = run_ranks(2, workers.uneven)
+    for rank, msgs in enumerate(results):
+        assert len(msgs) == 5, msgs
+        assert "shards differ across ranks" in msgs[0] and "'N_kv': [12.0, 11.0]" in msgs[0]
+        if rank == 0:
+            assert "invalid on rank(s) [1]" in msgs[1]
+        else:
+            assert "topk must be an int in 1..N=24, got 0" in msgs[1]
+        assert "every key as padding in batch rows [1]" in msgs[2]
+        assert "not divisible by the 2 ranks" in msgs[3]
+        assert msgs[4] == "(2, 4, 12, 6)"
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -137,22 +137,32 @@ def bytes_by_length(
     return res
 
 
-def uneven(rank: int, world: int) -> str:
+def uneven(rank: int, world: int) -> list[str]:
+    """Errors every rank must raise: differing shard sizes, an invalid input on one rank only, a batch row
+    padded on every rank; and ``shard_sequence`` of a length that P does not divide."""
     case = make_case(world, 12)
     local = [shard_sequence(case[n], 2) for n in ("q", "k", "v", "landmarks")]
-    if rank == 1:
-        local = [t[:, :, :-1] if i < 3 else t for i, t in enumerate(local)]
-    try:
-        context_parallel_attention(*local, topk=4)
-    except ValueError as err:
-        msg = str(err)
-    else:
-        msg = ""
+    short = [t[:, :, :-1] if i < 3 and rank == 1 else t for i, t in enumerate(local)]
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1] = True
+    msgs = []
+    for args, kw in (
+        (short, {"topk": 4}),
+        (local, {"topk": 4 if rank == 0 else 0}),
+        (local, {"topk": 4, "key_padding_mask": mask}),
+    ):
+        try:
+            context_parallel_attention(*args, **kw)
+        except ValueError as err:
+            msgs.append(str(err))
     try:
         shard_sequence(torch.zeros(1, 1, 2 * world + 1, 1), 2)
     except ValueError as err:
-        msg += "\n" + str(err)
-    return msg
+        msgs.append(str(err))
+    # every rank is still in step: one more call works
+    out = context_parallel_attention(*local, topk=4)
+    msgs.append(str(tuple(out.shape)))
+    return msgs
 
 
 def sequence_model(rank: int, world: int, pair: bool) -> list[float]:

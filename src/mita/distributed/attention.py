@@ -58,27 +58,31 @@ def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = 
     return x.narrow(dim, r * (n // p), n // p)
 
 
+_META_NAMES = [
+    "B", "H", "N_q", "d", "B_kv", "H_kv", "N_kv", "d_k", "dv", "m_local", "dtype", "mask", "topk",
+    "experts_per_query", "shared", "routed", "dedup", "scale", "landmark_scale", "causal", "block_size",
+]  # fmt: skip
+
+
 def _check_consistent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    landmarks: torch.Tensor,
+    meta: list[float] | None,
+    error: ValueError | None,
     mask: torch.Tensor | None,
-    options: list[float],
     group: dist.ProcessGroup | None,
 ) -> None:
-    """Every rank must hold shards of one problem: equal shapes, dtypes and options (ValueError on every
-    rank otherwise, so none is left waiting in a collective)."""
-    ints = [*q.shape, *k.shape, v.shape[3], landmarks.shape[2], _DTYPES.index(q.dtype), mask is not None]
-    meta = torch.tensor(ints, dtype=torch.float64)
-    meta = torch.cat([meta, torch.tensor(options, dtype=torch.float64)])
-    every = all_gather(meta, group, "check")
+    """Every rank must hold valid shards of one problem (equal shapes, dtypes and options): raise the same
+    ValueError on every rank otherwise, so that none is left waiting in a later collective. ``meta`` are
+    the rank's sizes and options (None with the ``error`` its own inputs raised)."""
+    flagged = [-1.0] * len(_META_NAMES) + [1.0] if meta is None else [*meta, 0.0]
+    every = all_gather(torch.tensor(flagged, dtype=torch.float64), group, "check")
+    bad_ranks = every[:, -1].nonzero().flatten().tolist()
+    if error is not None:
+        raise error
+    if bad_ranks:
+        raise ValueError(f"context-parallel inputs are invalid on rank(s) {bad_ranks} (see their error)")
     if not bool((every == every[0]).all()):
-        names = ["B", "H", "N_q", "d", "B_kv", "H_kv", "N_kv", "d_k", "dv", "m_local", "dtype", "mask"]
-        names += ["topk", "experts_per_query", "shared", "routed", "dedup", "scale", "landmark_scale"]
-        names += ["causal", "block_size"]
-        diff = [nm for i, nm in enumerate(names) if not bool((every[:, i] == every[0, i]).all())]
-        per_rank = {nm: every[:, names.index(nm)].tolist() for nm in diff}
+        diff = [nm for i, nm in enumerate(_META_NAMES) if not bool((every[:, i] == every[0, i]).all())]
+        per_rank = {nm: every[:, _META_NAMES.index(nm)].tolist() for nm in diff}
         raise ValueError(
             "context-parallel shards differ across ranks (every rank must hold equal shards of one "
             f"sequence, with the same options): {per_rank}"
@@ -216,6 +220,60 @@ def _routed_part(
     return lse, out
 
 
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    landmarks: torch.Tensor,
+    world: int,
+    *,
+    topk: int,
+    experts_per_query: int,
+    scale: float | None,
+    landmark_scale: float | None,
+    shared: bool,
+    routed: bool,
+    dedup: bool,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    block_size: int,
+    landmark_horizon: str,
+) -> tuple[Problem, int, list[float]]:
+    """This rank's checks: the :class:`Problem` of the whole sequence, the block size and the sizes and
+    options every rank must share."""
+    check_attention_tensors(q, k, v, landmarks)
+    b, h, nq, d = q.shape
+    _, hkv, n_local, _ = k.shape
+    m_local = landmarks.shape[2]
+    n_kv, m = world * n_local, world * m_local
+    if as_bool("causal", causal):
+        block_size = _check_causal(q, k, landmarks, block_size, landmark_horizon, dedup, key_padding_mask)
+        topk = min(as_int("topk", topk), n_kv)  # at most every key can be visible, as the single-process op
+    topk = as_int("topk", topk, 1, n_kv, what=f"N={n_kv}")
+    # causal: a query may ask for more experts than it has landmarks before it (the rest are unused)
+    s = as_int("experts_per_query", experts_per_query, 1, None if causal else m, what=f"m={m}")
+    shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
+    if not shared and not routed:
+        raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
+    scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError("key_padding_mask must be a bool tensor [B, n] (True = padding)")
+        if tuple(key_padding_mask.shape) != (b, n_local):
+            got = tuple(key_padding_mask.shape)
+            raise ValueError(f"key_padding_mask must have shape [B, n] = [{b}, {n_local}], got {got}")
+    p = Problem(
+        batch=b, heads=h, kv_heads=hkv, q_len=nq, kv_len=n_kv, head_dim=d, value_dim=v.shape[3],
+        num_landmarks=m, topk=topk, experts_per_query=s,
+        scale=scale if scale is not None else float(d) ** -0.5,
+        landmark_scale=landmark_scale if landmark_scale is not None else 1.0 / float(d),
+        shared=shared, routed=routed, dedup=dedup,
+    )  # fmt: skip
+    meta = [*q.shape, *k.shape, v.shape[3], m_local, _DTYPES.index(q.dtype), key_padding_mask is not None]
+    meta += [topk, s, shared, routed, dedup, p.scale, p.landmark_scale, causal, causal and block_size]
+    return p, block_size, meta
+
+
 def context_parallel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -266,37 +324,27 @@ def context_parallel_attention(
         ranks in shape, dtype or options (raised on every rank), or when no process group is initialised.
     """
     _require_group(group)
-    check_attention_tensors(q, k, v, landmarks)
-    b, h, nq, d = q.shape
-    _, hkv, n_local, _ = k.shape
-    world, m_local = group_size(group), landmarks.shape[2]
-    n_kv, m = world * n_local, world * m_local
-    if as_bool("causal", causal):
-        block_size = _check_causal(q, k, landmarks, block_size, landmark_horizon, dedup, key_padding_mask)
-        topk = min(as_int("topk", topk), n_kv)  # at most every key can be visible, as the single-process op
-    topk = as_int("topk", topk, 1, n_kv, what=f"N={n_kv}")
-    # causal: a query may ask for more experts than it has landmarks before it (the rest are unused)
-    s = as_int("experts_per_query", experts_per_query, 1, None if causal else m, what=f"m={m}")
-    shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
-    if not shared and not routed:
-        raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
-    scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise ValueError("key_padding_mask must be a bool tensor [B, n] (True = padding)")
-        if tuple(key_padding_mask.shape) != (b, n_local):
-            got = tuple(key_padding_mask.shape)
-            raise ValueError(f"key_padding_mask must have shape [B, n] = [{b}, {n_local}], got {got}")
-    p = Problem(
-        batch=b, heads=h, kv_heads=hkv, q_len=nq, kv_len=n_kv, head_dim=d, value_dim=v.shape[3],
-        num_landmarks=m, topk=topk, experts_per_query=s,
-        scale=scale if scale is not None else float(d) ** -0.5,
-        landmark_scale=landmark_scale if landmark_scale is not None else 1.0 / float(d),
-        shared=shared, routed=routed, dedup=dedup,
-    )  # fmt: skip
+    world = group_size(group)
+    try:
+        p, block_size, meta = _validate(
+            q, k, v, landmarks, world, topk=topk, experts_per_query=experts_per_query, scale=scale,
+            landmark_scale=landmark_scale, shared=shared, routed=routed, dedup=dedup,
+            key_padding_mask=key_padding_mask, causal=causal, block_size=block_size,
+            landmark_horizon=landmark_horizon,
+        )  # fmt: skip
+        error = None
+    except ValueError as err:
+        if world == 1:
+            raise
+        p, meta, error = None, None, err
     if world > 1:
-        opts = [topk, s, shared, routed, dedup, p.scale, p.landmark_scale, causal, causal and block_size]
-        _check_consistent(q, k, v, landmarks, key_padding_mask, opts, group)
+        _check_consistent(meta, error, key_padding_mask, group)
+    elif key_padding_mask is not None and bool(key_padding_mask.all(dim=1).any()):
+        rows = key_padding_mask.all(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"key_padding_mask marks every key as padding in batch rows {rows}")
+    b, h, _, d = q.shape
+    hkv, m = p.kv_heads, p.num_landmarks
+    causal, shared, routed = bool(causal), p.shared, p.routed
 
     out_dtype = q.dtype
     if out_dtype in (torch.float16, torch.bfloat16):
@@ -320,7 +368,7 @@ def context_parallel_attention(
     if routed:
         masked = key_padding_mask is not None
         key_index, ktab, vtab, pad = _selected_rows(p, scores, k, v, masked, group)
-        dup = _dedup_mask(p, key_index, expert_index) if dedup and s > 1 else None
+        dup = _dedup_mask(p, key_index, expert_index) if p.dedup and p.experts_per_query > 1 else None
         lse_r, out_r = _routed_part(p, q, ktab, vtab, pad, dup, expert_index, tile)
         lses.append(lse_r)
         outs.append(out_r)
