@@ -126,3 +126,21 @@ def test_context_parallel_sequence_classifier(world, pair):
     """Logits, loss and the DDP-averaged gradients of the sharded classifier equal the plain model's."""
     for rank, errors in enumerate(run_ranks(world, workers.sequence_model, pair)):
         assert max(errors) <= TOL, f"rank {rank}: logits, loss, gradients {errors}"
+
+
+def test_sequence_models_it_cannot_split_are_refused():
+    from mita.distributed.sequence import check_context_parallel_model
+    from mita.models.sequence import SequenceClassifier
+
+    def seq(**kw):
+        return SequenceClassifier(11, 3, 48, dim=16, depth=1, num_heads=2, **kw)
+
+    check_context_parallel_model(seq(num_landmarks=4, topk=4), 4)
+    with pytest.raises(ValueError, match="needs MiTA attention; block 0 has FullAttention"):
+        check_context_parallel_model(seq(attention="full"), 2)
+    with pytest.raises(ValueError, match="num_landmarks=6, not a multiple of the 4 ranks"):
+        check_context_parallel_model(seq(num_landmarks=6, topk=4), 4)
+    with pytest.raises(ValueError, match="landmark_mode='learned'"):
+        check_context_parallel_model(seq(num_landmarks=4, topk=4, landmark_mode="learned"), 2)
+    with pytest.raises(ValueError, match="runs the sequence classifier, not Linear"):
+        check_context_parallel_model(torch.nn.Linear(2, 2), 2)

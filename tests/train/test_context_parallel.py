@@ -46,3 +46,12 @@ def test_context_parallel_needs_a_multiple_of_its_size():
         data_parallel(DistInfo(rank=0, world_size=6), 4)
     with pytest.raises(ValueError, match="multiple of 2 processes, got 1"):
         data_parallel(DistInfo(), 2)
+
+
+def test_context_parallel_without_torchrun_is_refused_before_the_run_dir(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    res = run_mita(TINY + ["--context-parallel", "2", "--device", "cpu", "--cache-dir", cache_dir,
+                           "--out", str(out)])  # fmt: skip
+    assert res.returncode != 0
+    assert "--context-parallel 2 needs torchrun with a multiple of 2 processes, got 1" in res.stderr
+    assert not out.exists()

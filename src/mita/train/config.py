@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -128,6 +129,12 @@ class TrainConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
         check_device(self.device)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.context_parallel > 1 and world % self.context_parallel:
+            raise ValueError(
+                f"--context-parallel {self.context_parallel} needs torchrun with a multiple of "
+                f"{self.context_parallel} processes, got {world}"
+            )
         accepted = set(inspect.signature(build_dataset).parameters) - {"name", "split"}
         unknown = sorted(set(self.data_kwargs) - accepted)
         if unknown:
