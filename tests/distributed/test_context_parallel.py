@@ -44,6 +44,11 @@ def test_ties_go_to_the_lower_index_as_the_cpu_kernel():
     _assert_close([r["errors"] for r in results], "integer inputs with ties")
 
 
+def test_bfloat16_inputs():
+    for err in run_ranks(2, workers.half_precision):
+        assert err <= 2**-7  # one bf16 rounding of outputs of magnitude < 2
+
+
 def test_group_of_one_is_the_plain_op():
     _assert_close(run_ranks(1, workers.size_one_groups), "world of one")
     _assert_close(run_ranks(2, workers.size_one_groups), "one-rank subgroups of two ranks")

@@ -233,3 +233,13 @@ def causal_errors(rank: int, world: int) -> list[str]:
         except ValueError as err:
             msgs.append(str(err))
     return msgs
+
+
+def half_precision(rank: int, world: int) -> float:
+    """bfloat16 inputs (computed in float32, as the single-process op): largest |difference| of outputs."""
+    case = make_case(world, 12, seed=11)
+    full = [case[n].to(torch.bfloat16) for n in ("q", "k", "v", "landmarks")]
+    ref = mita_attention(*full, topk=4, backend="torch")
+    out = context_parallel_attention(*(shard_sequence(t, 2) for t in full), topk=4)
+    assert out.dtype == torch.bfloat16
+    return (out.float() - shard_sequence(ref, 2).float()).abs().max().item()
