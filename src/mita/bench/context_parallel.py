@@ -136,7 +136,9 @@ def bytes_table(lengths: list[int], worlds: list[int]) -> list[dict[str, Any]]:
 
 def time_table(n: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(1)
-    res = {"N": n, "shape": SHAPE, "threads_per_process": 1}
+    from .report import cpu_model
+
+    res = {"N": n, "shape": SHAPE, "threads_per_process": 1, "cpu": cpu_model()}
     for p in (1, 2):
         ranks = run_ranks(p, _time_rank, n, repeats)
         res[f"cp_P{p}"] = statistics.median(ranks[0]["seconds"])
