@@ -45,8 +45,8 @@ def _require_group(group: dist.ProcessGroup | None) -> None:
 
 
 def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """This rank's contiguous shard of ``x`` along ``dim`` (rank ``r`` of ``P`` gets the ``r``-th of ``P``
-    equal parts). Raises ValueError when the length is not divisible by ``P``."""
+    """This rank's contiguous shard of ``x`` along ``dim``, a view (rank ``r`` of ``P`` gets the ``r``-th of
+    ``P`` equal parts). Raises ValueError when the length is not divisible by ``P``."""
     _require_group(group)
     p, r = group_size(group), group_rank(group)
     n = x.shape[dim]
@@ -317,7 +317,8 @@ def context_parallel_attention(
         ``[B, H, n_q, dv]``: exactly this rank's rows of ``mita_attention(cat(q), cat(k), cat(v),
         cat(landmarks), ...)``, with gradients flowing into every rank's ``q``, ``k``, ``v`` and
         ``landmarks`` (the objective being the sum of the ranks' losses). Top-k ties go to the lower global
-        key index (as the CPU kernel); ``torch.topk``'s choice among ties is unspecified.
+        key index (as the CPU kernel); ``torch.topk``'s choice among ties is unspecified. bf16 / fp16
+        inputs are computed, and exchanged, in float32 (as the single-process op computes them).
 
     Raises:
         ValueError: on bad local inputs (as :func:`mita.mita_attention`), when the shards differ across
