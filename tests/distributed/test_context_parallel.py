@@ -149,3 +149,9 @@ def test_sequence_models_it_cannot_split_are_refused():
         check_context_parallel_model(seq(num_landmarks=4, topk=4, landmark_mode="learned"), 2)
     with pytest.raises(ValueError, match="runs the sequence classifier, not Linear"):
         check_context_parallel_model(torch.nn.Linear(2, 2), 2)
+
+
+def test_context_parallel_groups_under_ddp():
+    """4 ranks: 2 groups of 2 sharing a batch each, DDP over all 4: the plain data-parallel gradient."""
+    for rank, err in enumerate(run_ranks(4, workers.context_and_data_parallel, 2)):
+        assert err <= TOL, f"rank {rank}: {err}"

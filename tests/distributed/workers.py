@@ -243,3 +243,30 @@ def half_precision(rank: int, world: int) -> float:
     out = context_parallel_attention(*(shard_sequence(t, 2) for t in full), topk=4)
     assert out.dtype == torch.bfloat16
     return (out.float() - shard_sequence(ref, 2).float()).abs().max().item()
+
+
+def context_and_data_parallel(rank: int, world: int, cp: int) -> float:
+    """DDP over all ranks around the sharded classifier, groups of ``cp`` consecutive ranks sharing a
+    batch (as ``mita train --context-parallel``): after one backward, every rank's gradient equals the
+    mean over the data-parallel groups of the plain model's gradients on their batches (float64)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mita.models.sequence import SequenceClassifier
+    from mita.train.distributed import DistInfo, context_parallel, data_parallel
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(11, 3, 48, dim=16, depth=2, num_heads=2, num_landmarks=4, topk=5).double()
+    replicas, replica = data_parallel(DistInfo(rank, world), cp)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 11, (3, 48), generator=g) for _ in range(replicas)]  # token 0 pads
+    labels = [torch.randint(0, 3, (3,), generator=g) for _ in range(replicas)]
+    ref = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x, y in zip(batches, labels, strict=True):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        for n, p in model.named_parameters():
+            ref[n] += p.grad / replicas
+    model.zero_grad()
+    ddp = DistributedDataParallel(context_parallel(model, DistInfo(rank, world), cp))
+    torch.nn.functional.cross_entropy(ddp(batches[replica]), labels[replica]).backward()
+    return max((p.grad - ref[n]).abs().max().item() for n, p in model.named_parameters())
