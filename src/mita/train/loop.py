@@ -142,8 +142,8 @@ class Trainer:
         with self.clock.paused():
             release_free_heap()  # what training freed, before evaluation's larger batches add theirs
             sums = eval_sums(
-                parts.model, parts.test_set, batch_size=self.cfg.eval_batch_size, device=self.device,
-                amp=self.cfg.amp,
+                parts.evaluator or parts.model, parts.test_set, batch_size=self.cfg.eval_batch_size,
+                device=self.device, amp=self.cfg.amp,
             )  # fmt: skip
             correct, targets, loss, _ = dist_.all_reduce_sum(sums.totals(), self.dist).tolist()
             rate = parts.test_size / sums.seconds if sums.seconds > 0 else float("inf")

@@ -134,6 +134,7 @@ class Parts:
     meta: dict[str, Any]  # stored in every weights file: how to rebuild the model and its data
     num_params: int
     bytes_per_token: float | None  # language-model tasks: turns the test loss into bits per byte
+    evaluator: nn.Module | None = None  # what evaluation calls instead of ``model`` (context parallel)
 
     def loader(self, epoch: int, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
         """This epoch's training batches, from the sampler's position on."""
@@ -228,8 +229,8 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
             f"batch of {batch_size}"
         )
     total_steps = _run_length(cfg, preset, steps_per_epoch, dist)
-    # each rank evaluates a disjoint shard; counts are summed over ranks
-    test_shard = Subset(test, range(dist.rank, len(test), dist.world_size)) if dist.enabled else test
+    # each rank (context parallel: each group) evaluates a disjoint shard; counts are summed over ranks
+    test_shard = Subset(test, range(replica, len(test), replicas)) if replicas > 1 else test
 
     ckpt.seed_all(cfg.seed)  # identical initial weights on every rank
     builder, model_kwargs, model = _model(cfg, preset, info)
@@ -278,7 +279,7 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
     }
     if cfg.context_parallel > 1:
         meta["recipe"]["context_parallel"] = cfg.context_parallel
-    ddp = dist_.context_parallel(model, dist, cfg.context_parallel)
+    ddp = evaluator = dist_.context_parallel(model, dist, cfg.context_parallel)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -301,4 +302,5 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
         meta=meta,
         num_params=sum(p.numel() for p in model.parameters()),
         bytes_per_token=getattr(info, "bytes_per_token", None),
+        evaluator=evaluator if evaluator is not model else None,
     )
