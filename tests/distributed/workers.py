@@ -121,6 +121,14 @@ def size_one_groups(rank: int, world: int) -> list[float]:
     """A group of one rank (each rank its own) equals the plain op on that rank's whole input."""
     groups = [dist.new_group([r]) for r in range(world)]
     case = make_case(1, 16, seed=5)
+    if world > 1:  # another rank's group: refused
+        x = case["q"]
+        try:
+            context_parallel_attention(x, x, x, x[:, :, :1], topk=2, group=groups[(rank + 1) % world])
+        except ValueError as err:
+            assert "not a member of the context-parallel group" in str(err)
+        else:
+            raise AssertionError("a group without this rank was accepted")
     return max_errors(case, group=groups[rank], topk=5, experts_per_query=2)
 
 

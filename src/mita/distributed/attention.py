@@ -42,6 +42,8 @@ def _require_group(group: dist.ProcessGroup | None) -> None:
             "context_parallel_attention needs an initialised torch.distributed process group "
             "(torch.distributed.init_process_group, e.g. under torchrun)"
         )
+    if group_rank(group) < 0:
+        raise ValueError("this process is not a member of the context-parallel group it was given")
 
 
 def shard_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
