@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-only", action="store_true", help="train only attention, head and pos_embed")
     p.add_argument("--resize-pos-embed", action="store_true", help="resample --init-from's pos_embed grid")
     p.add_argument("--new-head", action="store_true", help="re-create --init-from's head for this task")
+    p.add_argument(
+        "--context-parallel", type=_positive, default=1, metavar="P",
+        help="split each sequence across P consecutive torchrun processes (MiTA sequence tasks; the world "
+        "size / P groups are data parallel)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
     return p
 

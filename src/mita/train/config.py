@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ __all__ = ["TrainConfig", "check_device", "resume_differences"]
 
 _POSITIVE_INTS = (
     "num_landmarks", "topk", "epochs", "max_steps", "batch_size", "train_size", "test_size", "eval_every",
-    "save_every", "log_every", "eval_batch_size",
+    "save_every", "log_every", "eval_batch_size", "context_parallel",
 )  # fmt: skip
 # model keywords that are sizes: zero or negative builds a model with nothing in it, or none at all
 _POSITIVE_MODEL_ARGS = (
@@ -83,6 +84,8 @@ class TrainConfig:
     attn_only: bool = False
     resize_pos_embed: bool = False
     new_head: bool = False
+    # ranks per sequence (mita.distributed): consecutive torchrun ranks split each sequence; 1 = off
+    context_parallel: int = 1
 
     @property
     def model(self) -> str | None:
@@ -126,6 +129,12 @@ class TrainConfig:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
         check_device(self.device)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.context_parallel > 1 and world % self.context_parallel:
+            raise ValueError(
+                f"--context-parallel {self.context_parallel} needs torchrun with a multiple of "
+                f"{self.context_parallel} processes, got {world}"
+            )
         accepted = set(inspect.signature(build_dataset).parameters) - {"name", "split"}
         unknown = sorted(set(self.data_kwargs) - accepted)
         if unknown:

@@ -100,3 +100,26 @@ def barrier(info: DistInfo) -> None:
     """Wait for all ranks (no-op in a single process)."""
     if info.enabled:
         dist.barrier()
+
+
+def data_parallel(info: DistInfo, context_parallel: int) -> tuple[int, int]:
+    """``(replicas, replica)`` of the data: the ranks of one context-parallel group (``context_parallel``
+    consecutive ranks) share their batches. ValueError when the world size is not a multiple."""
+    if context_parallel > 1 and (not info.enabled or info.world_size % context_parallel):
+        raise ValueError(
+            f"--context-parallel {context_parallel} needs torchrun with a multiple of {context_parallel} "
+            f"processes, got {info.world_size}"
+        )
+    return info.world_size // context_parallel, info.rank // context_parallel
+
+
+def context_parallel(model: torch.nn.Module, info: DistInfo, size: int) -> torch.nn.Module:
+    """``model`` split across groups of ``size`` consecutive ranks (:mod:`mita.distributed`), or itself."""
+    if size == 1:
+        return model
+    from mita.distributed.sequence import ContextParallelSequence
+
+    data_parallel(info, size)
+    # every rank creates every group, in the same order (torch.distributed requires it)
+    groups = [dist.new_group(list(range(i, i + size))) for i in range(0, info.world_size, size)]
+    return ContextParallelSequence(model, groups[info.rank // size])

@@ -83,12 +83,14 @@ class Trainer:
             config = {"config": cfg.to_dict(), "meta": parts.meta, "num_params": parts.num_params}
             write_json(self.out / "config.json", config)
         self.clock = Clock(self.device, state)
-        global_batch = parts.batch_size * self.dist.world_size
+        global_batch = parts.batch_size * self.dist.world_size // cfg.context_parallel
         progress = self.metrics.progress(state.step, f"{cfg.task}/{cfg.attention}", cfg.progress)
         with progress, StopSignals(self.dist, self.device, cfg.log_every) as stop:
             parts.ddp.train()
             for x, y in self._batches():
-                self.metrics.add(*self._step(x, y), batch_size_of(x))
+                # the ranks of a context-parallel group train on one batch: count its samples once
+                samples = batch_size_of(x) if self.dist.rank % cfg.context_parallel == 0 else 0
+                self.metrics.add(*self._step(x, y), samples)
                 state.advance(global_batch, parts.steps_per_epoch)
                 if self.metrics.should_log(state.step):
                     self._log()
@@ -140,8 +142,8 @@ class Trainer:
         with self.clock.paused():
             release_free_heap()  # what training freed, before evaluation's larger batches add theirs
             sums = eval_sums(
-                parts.model, parts.test_set, batch_size=self.cfg.eval_batch_size, device=self.device,
-                amp=self.cfg.amp,
+                parts.evaluator or parts.model, parts.test_set, batch_size=self.cfg.eval_batch_size,
+                device=self.device, amp=self.cfg.amp,
             )  # fmt: skip
             correct, targets, loss, _ = dist_.all_reduce_sum(sums.totals(), self.dist).tolist()
             rate = parts.test_size / sums.seconds if sums.seconds > 0 else float("inf")

@@ -242,6 +242,7 @@ class Parts:
     meta: dict[str, Any]  # stored in every weights file: how to rebuild the model and its data
     num_params: int
     bytes_per_token: float | None  # language-model tasks: turns the test loss into bits per byte
+    evaluator: nn.Module | None = None  # what evaluation calls instead of ``model`` (context parallel)
 
     def loader(self, epoch: int, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
         """This epoch's training batches, from the sampler's position on."""
@@ -326,18 +327,18 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
     preset = get_preset(cfg.task, cfg.preset)
     train, test, info, data_kwargs = _data(cfg, preset)
     batch_size = cfg.batch_size or preset.batch_size
-    sampler = ResumableSampler(
-        train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed
-    )
+    # the ranks of one context-parallel group share their batches
+    replicas, replica = dist_.data_parallel(dist, cfg.context_parallel)
+    sampler = ResumableSampler(train, num_replicas=replicas, rank=replica, shuffle=True, seed=cfg.seed)
     steps_per_epoch = len(sampler) // batch_size
     if steps_per_epoch < 1:
         raise TrainError(
-            f"the training set ({len(train)} samples over {dist.world_size} process(es)) is smaller than one "
+            f"the training set ({len(train)} samples over {replicas} process(es)) is smaller than one "
             f"batch of {batch_size}"
         )
     total_steps = _run_length(cfg, preset, steps_per_epoch, dist)
-    # each rank evaluates a disjoint shard; counts are summed over ranks
-    test_shard = Subset(test, range(dist.rank, len(test), dist.world_size)) if dist.enabled else test
+    # each rank (context parallel: each group) evaluates a disjoint shard; counts are summed over ranks
+    test_shard = Subset(test, range(replica, len(test), replicas)) if replicas > 1 else test
 
     ckpt.seed_all(cfg.seed)  # identical initial weights on every rank
     builder, model_kwargs, model = _model(cfg, preset, info)
@@ -384,11 +385,13 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
         },
         **extra_meta,
     }
-    ddp = model
+    if cfg.context_parallel > 1:
+        meta["recipe"]["context_parallel"] = cfg.context_parallel
+    ddp = evaluator = dist_.context_parallel(model, dist, cfg.context_parallel)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda" else None)
     return Parts(
         preset=preset,
         model=model,
@@ -407,4 +410,5 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
         meta=meta,
         num_params=sum(p.numel() for p in model.parameters()),
         bytes_per_token=getattr(info, "bytes_per_token", None),
+        evaluator=evaluator if evaluator is not model else None,
     )
