@@ -97,7 +97,8 @@ def scene_config(canvas=None, items=None, scale=None) -> SceneConfig:
         kw["canvas"] = canvas
     for name, value in (("items", items), ("scale", scale)):
         if value is not None:
-            kw[name] = (value, value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+            single = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            kw[name] = (value, value) if single else value
     return SceneConfig(**kw)
 
 

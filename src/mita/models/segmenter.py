@@ -116,7 +116,7 @@ class Segmenter(nn.Module):
             encoder's).
         decoder_attention: the mask transformer's attention kind (default ``"full"``).
         decoder_attn_kw: its settings; default: the encoder's settings that kind takes when it is the
-            encoder's kind (so ``decoder_attention="mita"`` under a MiTA encoder keeps its m and k), else none.
+            encoder's kind (``decoder_attention="mita"`` under a MiTA encoder keeps its m and k), else none.
     """
 
     def __init__(
