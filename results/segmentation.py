@@ -48,6 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}"
     )
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument(
+        "--single-seed", default="", help="comma-separated variants trained with the first seed only (budget)"
+    )
     p.add_argument("--max-steps", type=int, help="cap on optimizer steps per run (default: the preset's)")
     p.add_argument("--test-size", type=int, default=500, help="test scenes per evaluation (default 500)")
     p.add_argument("--speed-canvas", type=int, default=256, help="canvas of the throughput runs (0: none)")
@@ -73,8 +76,9 @@ def _commands(args: argparse.Namespace, variants: list[str], seeds: list[int]) -
     runs, switches = Path(args.runs), {"--resume": args.resume, "--no-progress": True}
     common = {"--task": "fmnist-seg", "--device": args.device, "--data-root": args.data_root}
     cmds = {}
+    single = {v.strip() for v in args.single_seed.split(",") if v.strip()}
     for variant in variants:
-        for seed in seeds:
+        for seed in seeds[:1] if variant in single else seeds:
             opts = {
                 **common, "--seed": seed, "--out": runs / f"{variant}-s{seed}", "--max-steps": args.max_steps,
                 "--test-size": args.test_size, "--eval-batch-size": 32,
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             f"tokens + cls; the same weights for every kind. {steps} steps of batch "
             f"{first['recipe']['batch_size']} per run, seeds {', '.join(map(str, seeds))};",
             f"mIoU over the first {args.test_size} test scenes (background + 10 classes,",
-            "one confusion matrix over all their pixels).",
+            "one confusion matrix over all their pixels)."
+            + (f" Budget cut: {args.single_seed} with seed {seeds[0]} only." if args.single_seed else ""),
             "Throughputs and peak memory (peak RSS) are per run; other jobs shared the CPU (see docs).",
             "",
             "## 1,024 tokens (128 x 128): quality, throughput, memory",
