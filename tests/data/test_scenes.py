@@ -133,3 +133,17 @@ def test_bad_data_arg_fails_before_the_run_directory_exists(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert err.startswith("mita train: error:") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_mita_data_reports_pixel_classes_and_draws_scenes(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from mita.data import report
+
+    monkeypatch.setattr("mita.data.scenes.load_fmnist", lambda split, root=None: _pool())
+    row = report.task_stats("fmnist-seg", "test", size=5, canvas=64)
+    ds = build_dataset("fmnist-seg", "test", size=5, canvas=64)
+    expect = np.bincount(torch.stack([ds[i][1] for i in range(5)]).numpy().ravel(), minlength=11)
+    assert row["n"] == 5 and row["class_counts"] == expect.tolist()
+    assert row["majority"] == pytest.approx(expect[0] / expect.sum())
+    path = report.render_scenes(tmp_path / "scenes.png", count=3, canvas=64)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,18 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data.scenes import CLASS_COLOURS
 from . import plots
 
 __all__ = ["plot_segmentation", "CLASS_COLOURS"]
-
-# background black, then matplotlib's tab10 colours for the ten classes
-CLASS_COLOURS = np.array(
-    [
-        [0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
-        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
-    ],
-    dtype=np.float64,
-) / 255.0  # fmt: skip
 
 
 def _colour(labels: np.ndarray) -> np.ndarray:

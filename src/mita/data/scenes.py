@@ -38,6 +38,7 @@ __all__ = [
     "NUM_SEG_CLASSES",
     "SPLIT_SIZES",
     "SEG_CLASS_NAMES",
+    "CLASS_COLOURS",
 ]
 
 INK_THRESHOLD = 0.2  # an item pixel with ink above this (of 1.0) belongs to the item
@@ -46,6 +47,14 @@ SEG_CLASS_NAMES = (
     "background", "T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
     "boot",
 )  # fmt: skip
+# background black, then matplotlib's tab10 colours for the ten classes
+CLASS_COLOURS = np.array(
+    [
+        [0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+    ],
+    dtype=np.float64,
+) / 255.0  # fmt: skip
 SPLIT_SIZES = {"train": 20_000, "test": 1_000}
 _SPLIT_IDS = {"train": 0, "test": 2}
 _ITEM = 28  # side of a Fashion-MNIST item
