@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -86,3 +87,21 @@ def test_a_short_run_beats_the_all_background_baseline(tmp_path):
     assert summary["test_pixel_accuracy"] > summary["baseline_pixel_accuracy"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["event"] == "eval_segmentation" and r["test_miou"] == summary["test_miou"] for r in records)
+
+
+def test_presets_build_segmenters_for_segmentation_tasks_only():
+    from mita.data import get_task
+    from mita.data.scenes import SceneConfig, scene_info
+    from mita.train.presets import get_preset, model_spec
+
+    seg = get_task("fmnist-seg")
+    builder, kw = model_spec(get_preset("fmnist-seg"), seg, "mita")
+    assert builder == "segmenter" and (kw["num_landmarks"], kw["topk"]) == (49, 49)
+    assert (kw["num_classes"], kw["img_size"], kw["patch_size"], kw["in_chans"]) == (11, 128, 4, 1)
+    builder, kw = model_spec(get_preset("fmnist-seg", "tiny"), scene_info(SceneConfig(canvas=64)), "agent")
+    assert builder == "segmenter" and kw["img_size"] == 64 and kw["embed_dim"] == 16  # "auto" by task kind
+    vit_anywhere = dataclasses.replace(get_preset("fmnist"), tasks=())  # a ViT classifier preset
+    with pytest.raises(ValueError, match="segmentation tasks take a segmenter preset"):
+        model_spec(vit_anywhere, seg, "mita")
+    with pytest.raises(ValueError, match="builds segmenter but task 'fmnist' is image"):
+        model_spec(dataclasses.replace(get_preset("fmnist-seg"), tasks=()), get_task("fmnist"), "mita")
