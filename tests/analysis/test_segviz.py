@@ -12,10 +12,13 @@ from mita.data.fmnist import DEFAULT_FMNIST_DIR
 from mita.train import cli, evaluate
 
 pytest.importorskip("matplotlib")
-pytestmark = pytest.mark.skipif(
-    not (Path(DEFAULT_FMNIST_DIR) / "t10k-images-idx3-ubyte.gz").exists(),
-    reason="Debian package dataset-fashion-mnist not installed",
-)
+pytestmark = [
+    pytest.mark.slow,  # trains a tiny segmenter for 4 steps (~15 s of CPU)
+    pytest.mark.skipif(
+        not (Path(DEFAULT_FMNIST_DIR) / "t10k-images-idx3-ubyte.gz").exists(),
+        reason="Debian package dataset-fashion-mnist not installed",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
