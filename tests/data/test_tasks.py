@@ -9,13 +9,14 @@ from mita.data import PAD_ID, SPLITS, TASKS, TaskInfo, build_dataset, get_task
 
 def test_registry_matches_contract():
     assert set(TASKS) == {
-        "fmnist", "listops", "pathfinder", "image", "text", "retrieval", "shakespeare-char", "mqar"
+        "fmnist", "listops", "pathfinder", "image", "text", "retrieval", "shakespeare-char", "mqar",
+        "fmnist-seg",
     }  # fmt: skip
     assert PAD_ID == 0
     for name, info in TASKS.items():
         assert isinstance(info, TaskInfo) and info.name == name
-        assert info.kind in ("image", "sequence", "pair", "lm")
-        if info.kind == "image":
+        assert info.kind in ("image", "sequence", "pair", "lm", "segmentation")
+        if info.kind in ("image", "segmentation"):
             assert info.image_size and info.channels and info.vocab_size is None and info.seq_len is None
         else:
             assert info.vocab_size > 1 and info.seq_len > 0
@@ -28,6 +29,7 @@ def test_registry_matches_contract():
             classes,
         )
     assert TASKS["fmnist"].image_size == (28, 28) and TASKS["fmnist"].num_classes == 10
+    assert TASKS["fmnist-seg"].image_size == (128, 128) and TASKS["fmnist-seg"].num_classes == 11
 
 
 def test_get_task_unknown_lists_valid_names():

@@ -7,7 +7,10 @@
 - ``expert_maps.png``: for a few layers of the first input and one head, the most-loaded experts:
   landmark window, selected keys and routed queries;
 - ``layer_curves.png``: per layer, the pruned fraction, the key/query IoU and the load balance;
-- ``stats.json``: the per-layer :class:`mita.analysis.LayerStats` over M test inputs.
+- ``stats.json``: the per-layer :class:`mita.analysis.LayerStats` over M test inputs;
+- segmentation checkpoints also get ``segmentation.png``: image, ground truth and prediction of the first
+  N test scenes (:mod:`mita.analysis.segviz`); the routing figures are then those of the encoder's MiTA
+  layers (expert maps drawn over the scene), if it has any.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..cli import Renamed
-from .hooks import LayerRecord, RoutingLayout, RoutingRecorder
+from .hooks import LayerRecord, RoutingLayout, RoutingRecorder, routing_layers
 from .loading import add_eval_args, positive_int
 from .stats import expert_iou, expert_load, layer_stats, selection_counts
 from .windows import adaptive_span, landmark_grid, landmark_windows_1d, landmark_windows_2d
@@ -239,6 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = eval_dataset(
             meta, root=args.data_root, cache_dir=args.cache_dir, size=max(args.samples, args.test_size)
         )
+        seg_files = _segmentation_figure(model, dataset, args.out, args.samples, device)
+        if seg_files:  # a segmenter: the routing figures are its encoder's, over the scene
+            model = getattr(model, "encoder", model)
+            if not routing_layers(model):
+                print(
+                    f"wrote {', '.join(seg_files)} to {args.out} (no MiTA encoder layer: no routing figures)"
+                )
+                return 0
         report = visualize(
             model,
             dataset,
@@ -261,5 +272,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"load entropy {layer['load_entropy_norm']:.2f}, "
             f"empty experts {100 * layer['empty_experts']:.1f}%"
         )
-    print(f"wrote {', '.join(report['files'])} to {args.out}")
+    print(f"wrote {', '.join(seg_files + report['files'])} to {args.out}")
     return 0
+
+
+def _segmentation_figure(
+    model: nn.Module, dataset: Dataset, out: str, samples: int, device: str
+) -> list[str]:
+    """``segmentation.png`` for a segmentation task's checkpoint (else nothing); the file names written."""
+    info = getattr(dataset, "info", None)
+    if getattr(info, "kind", None) != "segmentation":
+        return []
+    from mita.data.scenes import SEG_CLASS_NAMES
+
+    from .segviz import plot_segmentation
+
+    names = SEG_CLASS_NAMES if info.num_classes == len(SEG_CLASS_NAMES) else None
+    model = model.to(device)
+    path = plot_segmentation(model, dataset, Path(out) / "segmentation.png", samples=samples, device=device,
+                             class_names=names)  # fmt: skip
+    return [path.name]

@@ -29,6 +29,7 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "retrieval": ("train", "test"),
     "shakespeare-char": ("train", "test"),
     "mqar": ("train", "test"),
+    "fmnist-seg": ("train", "test"),
 }
 # tasks whose seq_len may be overridden
 _VARIABLE_LENGTH = ("listops", "text", "retrieval", "shakespeare-char", "mqar")
@@ -57,6 +58,9 @@ def build_dataset(
     img_size: int | None = None,
     channels: int | None = None,
     crop_pct: float | None = None,
+    canvas: int | None = None,
+    items: int | list[int] | None = None,
+    scale: float | list[float] | None = None,
 ) -> Dataset:
     """The ``split`` of task ``name`` as a map-style dataset of ``(x, label: int)``.
 
@@ -75,6 +79,9 @@ def build_dataset(
             (default 1024); the dataset's ``.info`` carries the vocabulary.
         img_size, channels, crop_pct: ``imagefolder`` only (``root`` = the folder): see
             :class:`mita.data.imagefolder.ImageFolder`.
+        canvas, items, scale: ``fmnist-seg`` only: canvas side in pixels (default 128), items per scene
+            ``[min, max]`` (default ``[2, 5]``) and their scale ``[min, max]`` (default ``[1, 2]``); see
+            :mod:`mita.data.scenes`.
 
     The returned dataset has an ``info`` attribute (the actual :class:`TaskInfo`).
     """
@@ -106,7 +113,14 @@ def build_dataset(
         info = dataclasses.replace(info, seq_len=int(seq_len))
     if (num_pairs is not None or vocab_size is not None) and name != "mqar":
         raise ValueError(f"num_pairs and vocab_size only apply to 'mqar', not {name!r}")
+    if (canvas is not None or items is not None or scale is not None) and name != "fmnist-seg":
+        raise ValueError(f"canvas, items and scale only apply to 'fmnist-seg', not {name!r}")
     seed, size = int(seed), None if size is None else int(size)
+    if name == "fmnist-seg":  # scenes made per example from (seed, split, index): no cache
+        from .scenes import SegmentationScenes, scene_config
+
+        cfg = scene_config(canvas, items, scale)
+        return SegmentationScenes(cfg, split, seed, size, root)
     if name in _LM_BUILDERS:  # the language-modelling tasks (mita.data.shakespeare, mita.data.mqar)
         return _LM_BUILDERS[name](
             info=info, split=split, root=root, seed=seed, size=size, num_pairs=num_pairs,

@@ -20,6 +20,7 @@ __all__ = ["ROOT_ENV", "recorded_data_kwargs", "resolve_data_kwargs"]
 ROOT_ENV = {
     "fmnist": "MITA_FMNIST_DIR",
     "image": "MITA_FMNIST_DIR",
+    "fmnist-seg": "MITA_FMNIST_DIR",
     "text": "MITA_TEXT_DIR",
     "retrieval": "MITA_TEXT_DIR",
 }

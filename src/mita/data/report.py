@@ -1,7 +1,8 @@
 """``python -m mita.data.report``: sizes, class balance and lengths of every task, plus rendered examples.
 
 Prints a markdown table (the one in ``docs/data.md``) and, given ``--out DIR``, writes
-``data_fmnist.png``, ``data_image.png`` and ``data_pathfinder.png`` there (nothing is written without
+``data_fmnist.png``, ``data_image.png``, ``data_pathfinder.png`` and, with ``fmnist-seg`` among the
+tasks, ``data_fmnist_seg.png`` (scenes and their label maps) there (nothing is written without
 an explicit directory: the repository's own figures are ``--out docs/img``). Building the full generated
 sets fills the cache, so the first run takes a few minutes; ``--size N`` caps every split for a quick look.
 """
@@ -37,6 +38,13 @@ def task_stats(name: str, split: str, **kwargs) -> dict:
     t0 = time.perf_counter()
     ds = build_dataset(name, split, **kwargs)
     seconds = time.perf_counter() - t0
+    if ds.info.kind == "segmentation":  # pixels per class over the first scenes (made on demand)
+        counts = _pixel_counts(ds, min(len(ds), SEG_STATS_SCENES))
+        return {
+            "task": name, "split": split, "n": len(ds), "class_counts": counts.tolist(),
+            "majority": float(counts.max() / max(counts.sum(), 1)), "length_mean": None, "length_min": None,
+            "length_max": None, "seconds": seconds,
+        }  # fmt: skip
     labels = np.asarray(ds.labels)
     counts = np.bincount(labels, minlength=ds.info.num_classes)
     lengths = _lengths(ds)
@@ -51,6 +59,16 @@ def task_stats(name: str, split: str, **kwargs) -> dict:
         "length_max": None if lengths is None else int(lengths.max()),
         "seconds": seconds,
     }
+
+
+SEG_STATS_SCENES = 256  # segmentation tasks: class counts are pixels of the first scenes
+
+
+def _pixel_counts(ds, n: int) -> np.ndarray:
+    counts = np.zeros(ds.info.num_classes, dtype=np.int64)
+    for i in range(n):
+        counts += np.bincount(ds[i][1].numpy().ravel(), minlength=ds.info.num_classes)
+    return counts
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -85,7 +103,6 @@ def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path
     img_dir.mkdir(parents=True, exist_ok=True)
     classes = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
     paths = []
-
     fm = build_dataset("fmnist", "train", root=root, size=64)
     fig, axes = plt.subplots(1, 3, figsize=(6.6, 2.5))
     for ax, (title, x) in zip(
@@ -118,6 +135,29 @@ def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path
             ax.axis("off")
     paths.append(_save(fig, img_dir / "data_pathfinder.png", plt))
     return paths
+
+
+def render_scenes(path: str | Path, root=None, count: int = 4, **scene_kwargs) -> Path:
+    """A grid of ``fmnist-seg`` test scenes (top row) and their label maps (bottom row), to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .scenes import CLASS_COLOURS, SEG_CLASS_NAMES
+
+    ds = build_dataset("fmnist-seg", "test", root=root, size=count, **scene_kwargs)
+    fig, axes = plt.subplots(2, count, figsize=(2.2 * count, 4.6), squeeze=False)
+    for col in range(count):
+        picture, target, placed = ds.scene(col)
+        axes[0, col].imshow(picture, cmap="gray", vmin=0, vmax=1)
+        axes[0, col].set_title(f"{len(placed)} items, {picture.shape[0]} px", fontsize=8)
+        axes[1, col].imshow(CLASS_COLOURS[target], interpolation="nearest")
+        names = sorted({SEG_CLASS_NAMES[c] for c in np.unique(target) if c})
+        axes[1, col].set_title(", ".join(names), fontsize=7)
+        for ax in axes[:, col]:
+            ax.axis("off")
+    return _save(fig, Path(path), plt)
 
 
 def _save(fig, path: Path, plt) -> Path:
@@ -165,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.tasks:
             for split in SPLITS[name]:
                 kwargs = {"cache_dir": args.cache_dir, "size": args.size}
-                if name in ("fmnist", "image", "text", "retrieval"):
+                if name in ("fmnist", "image", "text", "retrieval", "fmnist-seg"):
                     kwargs["root"] = args.data_root
                 if name == "fmnist":
                     kwargs["augment"] = False
@@ -181,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
 
             write_text(args.markdown, table + "\n")
         if images:
-            for path in render_examples(args.out, root=args.data_root, cache_dir=args.cache_dir):
+            paths = []
+            if set(args.tasks) - {"fmnist-seg"}:  # the image tasks' figures
+                paths += render_examples(args.out, root=args.data_root, cache_dir=args.cache_dir)
+            if "fmnist-seg" in args.tasks:  # a grid of scenes with their label maps
+                paths.append(render_scenes(Path(args.out) / "data_fmnist_seg.png", root=args.data_root))
+            for path in paths:
                 print(f"# wrote {path}")
         elif args.out is None and not args.no_images:
             print("# pass --out DIR for the example figures (docs/img holds the repository's)")

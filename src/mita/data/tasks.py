@@ -15,7 +15,8 @@ class TaskInfo:
 
     ``kind`` says what ``x`` is: ``"image"``: float ``[C, H, W]``; ``"sequence"``: long ``[L]``;
     ``"pair"``: a tuple of two long ``[L]`` tensors; ``"lm"``: ``(x, y)``, both long ``[L]``, ``y`` the
-    next-token targets with ``-100`` where a position has no loss (``num_classes`` = ``vocab_size``).
+    next-token targets with ``-100`` where a position has no loss (``num_classes`` = ``vocab_size``);
+    ``"segmentation"``: ``(x float [C, H, W], y long [H, W])``, a class per pixel.
     Sequence tasks built from images (``pathfinder``, ``image``) also give their raster
     ``image_size``/``channels`` so models may pool landmarks in 2-D. ``bytes_per_token`` (language
     modelling on text) converts a loss in nats per token to bits per byte: ``loss / ln 2 / bytes_per_token``.
@@ -44,6 +45,8 @@ TASKS: dict[str, TaskInfo] = {
     "shakespeare-char": TaskInfo("shakespeare-char", "lm", 256, 256, 1024, None, None, 1.0),
     # multi-query associative recall (Zoology); vocab_size, num_pairs and seq_len are data arguments
     "mqar": TaskInfo("mqar", "lm", 1024, 1024, 512, None, None),
+    # scenes of Fashion-MNIST items with per-pixel labels (background + 10); canvas is a data argument
+    "fmnist-seg": TaskInfo("fmnist-seg", "segmentation", 11, None, None, (128, 128), 1),
 }
 
 

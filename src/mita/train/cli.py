@@ -168,6 +168,11 @@ def _check_model(config: TrainConfig, preset: Preset) -> None:
         from mita.data.imagefolder import folder_info_for
 
         info = folder_info_for(config.data_root, {**preset.data_kwargs, **config.data_kwargs})
+    if info.kind == "segmentation":  # sized by the scene options; bad ones fail here, before any work
+        from mita.data.scenes import scene_config, scene_info
+
+        scene_kw = {**preset.data_kwargs, **config.data_kwargs}
+        info = scene_info(scene_config(*(scene_kw.get(k) for k in ("canvas", "items", "scale"))))
     seq_len = {**preset.data_kwargs, **config.data_kwargs}.get("seq_len")
     if seq_len is not None and info.seq_len is not None:
         info = dataclasses.replace(info, seq_len=seq_len)
@@ -183,7 +188,7 @@ def _check_model(config: TrainConfig, preset: Preset) -> None:
 
             flags = {"resize_pos_embed": config.resize_pos_embed, "new_head": config.new_head}
             init_from(model, config.init_from, **flags)
-        if info.kind == "image":
+        if info.kind in ("image", "segmentation"):
             x = torch.zeros(1, info.channels or 1, *info.image_size)
         elif info.seq_len is None:  # a task without a fixed length: nothing to try the model on
             return

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .batches import batch_size_of, forward, to_device
 from .objective import hits, loss_sum
+from .segmentation import background_baseline, confusion_matrix, segmentation_scores
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -38,6 +39,7 @@ class EvalSums:
     loss: torch.Tensor  # 0-d float64: summed cross-entropy over targets
     samples: int
     seconds: float  # wall time of data loading and forward passes
+    confusion: torch.Tensor | None = None  # segmenters: [C, C] (true, predicted) pixel counts
 
     def totals(self) -> torch.Tensor:
         """``[correct, targets, loss, samples]`` in float64, one tensor to all-reduce over ranks."""
@@ -66,6 +68,7 @@ def eval_sums(
     targets = torch.zeros((), dtype=torch.long, device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
+    confusion = None
     amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     start = time.perf_counter()
     for x, y in loader:
@@ -76,12 +79,15 @@ def eval_sums(
         correct += c
         targets += t
         loss += loss_sum(logits, y)
+        if logits.ndim == 4:  # per-pixel classes: the confusion matrix gives mIoU
+            conf = confusion_matrix(logits.argmax(1), y, logits.shape[1])
+            confusion = conf if confusion is None else confusion + conf
         n += batch_size_of(x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return EvalSums(correct, targets, loss, n, seconds)
+    return EvalSums(correct, targets, loss, n, seconds, confusion)
 
 
 def evaluate(
@@ -113,6 +119,9 @@ def evaluate(
         ``{"test_accuracy": float in [0, 1], "test_loss": float, "samples_per_s": float, "n": int,
         "targets": int, "seconds": float}``: accuracy and mean cross-entropy over targets (for a
         language model, tokens with a target; for MQAR, recall of the answers), ``n`` samples.
+        Segmenters (logits ``[B, C, H, W]``) add ``test_miou``, ``test_pixel_accuracy``, ``test_iou``
+        (per class) and the all-background baseline's ``baseline_miou`` / ``baseline_pixel_accuracy``
+        (:mod:`mita.train.segmentation`).
     """
     if isinstance(task_or_dataset, str):
         from mita.data import build_dataset
@@ -138,13 +147,28 @@ def evaluate(
     targets = int(sums.targets)
     if targets == 0:
         raise ValueError("the dataset has no targets to evaluate (every label is the ignore index -100)")
-    return {
+    result = {
         "test_accuracy": int(sums.correct) / targets,
         "test_loss": float(sums.loss) / targets,
         "samples_per_s": sums.samples / sums.seconds if sums.seconds > 0 else float("inf"),
         "n": sums.samples,
         "targets": targets,
         "seconds": sums.seconds,
+    }
+    if sums.confusion is not None:
+        result.update(segmentation_report(sums.confusion))
+    return result
+
+
+def segmentation_report(confusion: torch.Tensor) -> dict[str, Any]:
+    """``test_miou``, ``test_pixel_accuracy``, ``test_iou`` and the all-background baseline's scores."""
+    scores, base = segmentation_scores(confusion), background_baseline(confusion)
+    return {
+        "test_miou": scores["miou"],
+        "test_pixel_accuracy": scores["pixel_accuracy"],
+        "test_iou": scores["iou"],
+        "baseline_miou": base["miou"],
+        "baseline_pixel_accuracy": base["pixel_accuracy"],
     }
 
 
@@ -171,8 +195,12 @@ def _parser() -> argparse.ArgumentParser:
 def _summary_line(task: str, split: str, result: dict[str, Any]) -> str:
     """``listops test: accuracy 37.50%, loss 1.92 on 16 samples, 812.3 samples/s`` (what was measured)."""
     parts = []
+    if result.get("test_miou") is not None:  # segmentation: mIoU first; accuracy is pixel accuracy
+        base = result.get("baseline_miou")
+        parts.append(f"mIoU {100 * result['test_miou']:.2f}% (all-background {100 * (base or 0):.2f}%)")
     if result.get("test_accuracy") is not None:
-        parts.append(f"accuracy {100 * result['test_accuracy']:.2f}%")
+        what = "pixel accuracy" if result.get("test_miou") is not None else "accuracy"
+        parts.append(f"{what} {100 * result['test_accuracy']:.2f}%")
     if result.get("test_loss") is not None:
         parts.append(f"loss {result['test_loss']:.4f}")
     if result.get("test_bits_per_byte") is not None:

@@ -32,7 +32,7 @@ from . import setup
 from .batches import batch_size_of, forward, to_device
 from .config import TrainConfig, resume_differences
 from .errors import Diverged, Interrupted, TrainError
-from .evaluate import eval_sums
+from .evaluate import eval_sums, segmentation_report
 from .heap import release_free_heap
 from .metrics import Clock, Metrics
 from .objective import bits_per_byte, hits, loss_fn
@@ -55,6 +55,7 @@ class Trainer:
         self.dist = dist_.setup(self.device)
         self.out = Path(config.out)
         self.state = RunState()
+        self.segmentation: dict[str, Any] | None = None  # the last evaluation's mIoU & co. (segmenters)
 
     def run(self) -> dict[str, Any]:
         """Train to the run's last step (or continue a resumed run), evaluate, save, return the summary."""
@@ -149,6 +150,11 @@ class Trainer:
             rate = parts.test_size / sums.seconds if sums.seconds > 0 else float("inf")
             self.state.record_eval(correct / targets, loss / targets, rate)
             self.metrics.log_eval(self.state)
+            if sums.confusion is not None:  # a segmenter: mIoU from the test set's confusion matrix
+                conf = dist_.all_reduce_sum(sums.confusion.double(), self.dist)
+                self.segmentation = segmentation_report(conf)
+                record = {"event": "eval_segmentation", "step": self.state.step, **self.segmentation}
+                self.metrics.write(record)
 
     def _save(self) -> None:
         self.metrics.ensure_finite(self.state.step)  # never save weights a NaN step has touched
@@ -243,6 +249,7 @@ class Trainer:
             "best_test_accuracy": state.best_test_accuracy,
             "test_loss": state.test_loss,
             "test_bits_per_byte": bits_per_byte(state.test_loss, parts.bytes_per_token),
+            **(self.segmentation or {}),
             "steps": state.step,
             "epochs": state.step / parts.steps_per_epoch,
             "wall_time_s": state.wall_time_s,

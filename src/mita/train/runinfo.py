@@ -71,4 +71,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary.get("test_bits_per_byte") is not None:
         lines.insert(2, f"test bits per byte {summary['test_bits_per_byte']:.4f}")
+    if summary.get("test_miou") is not None:  # a segmenter: its accuracy above is pixel accuracy
+        miou, base = num("test_miou", ".2f", 100), num("baseline_miou", ".2f", 100)
+        lines.insert(2, f"test mIoU {miou}% (all-background {base}%)")
     return "\n".join(lines)
