@@ -172,7 +172,8 @@ def mita_attention(
         key_padding_mask: ``[B, N_kv]`` bool, True = padding. Padded keys are never selected, never in
             ``A`` and never attended. Padded *query* rows are computed like any other query (they
             attend to the real keys); their outputs are meaningful but usually ignored by the caller.
-            A row whose keys are all padding is an error: ValueError in eager mode; under
+            Padded keys and values must be finite: they enter some products with weight 0 (a NaN there
+            would spread). A row whose keys are all padding is an error: ValueError in eager mode; under
             ``torch.compile`` a RuntimeError from a device-side check (``torch._assert_async``).
         backend: ``"reference"`` (dense, the definition), ``"torch"`` (expert-major, no N x N tensor),
             ``"cpu"`` (fused C++ kernel, built on first use; needs a compiler and ninja),
@@ -226,11 +227,6 @@ def mita_attention(
         backend=backend,
     )
     chosen = _resolve_backend(backend, q.device)
-    if key_padding_mask is not None:
-        # Padding is excluded by selection: a NaN/Inf in a padded key or value must reach no output
-        # (the backends give padded keys weight 0, and 0 * NaN is NaN).
-        pad = key_padding_mask[:, None, :, None]
-        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     if chosen == "reference":
         out, routing = reference_forward(p, q, k, v, landmarks, key_padding_mask)
     elif chosen == "torch":
