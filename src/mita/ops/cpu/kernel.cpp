@@ -1,7 +1,10 @@
-// Fused CPU kernels of MiTA (SPEC §2): top-k selection, routing and the one-softmax attention step.
-//
-// torch computes the dense landmark products (R K^T, its softmax, A = P V and Q R^T); these kernels do
-// the rest without gathered copies, per (batch, query head):
+// Fused CPU kernels of MiTA (SPEC §2), two paths (ops/cpu/backend.py picks one per call):
+//   whole-op (whole_fwd / whole_bwd): per (batch, head) the landmark side too, R K^T, each landmark's top-k,
+//             the shared values A = softmax(R K^T) V and Q R^T (LandmarkHead), then the attention step;
+//             the backward recomputes the landmark probabilities P (Q R^T and A are saved).
+//   split     (split_fwd / split_bwd, topk): torch computes the landmark side; these kernels choose the
+//             top-k keys and do the attention step.
+// The attention step, shared by both (forward_head / backward_head, one HeadIn/HeadOut/HeadGrad per head):
 //   forward:  each query's accumulator opens with its m shared logits (one online softmax, routing by
 //             argmax on the way); then, expert by expert, the expert's k keys and values are packed once
 //             into a small padded buffer that stays in cache while the queries routed to it, QB at a
@@ -12,7 +15,8 @@
 // with GCC vector extensions (AVX-512 where the CPU has it, narrower vectors otherwise).
 // Work is split over (batch, query head) with at::parallel_for; each item is computed by one thread in a
 // fixed order, so results do not depend on the thread count. GQA heads write their own dK/dV rows
-// (summed over the group by the caller), so no two threads write the same memory.
+// (summed over the group by the caller), so no two threads write the same memory. Every tensor handed in
+// is checked for shape and index range before its data is read.
 
 #include "kernel_common.h"
 
