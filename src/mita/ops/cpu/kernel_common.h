@@ -73,9 +73,11 @@ template <>
 inline void exp_inplace<float>(float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
-    float c = v < -87.0f ? -87.0f : v;
+    // NaN compares false everywhere: "v >= -87 ? v : -87" sends it to the clamp, so the conversion to int
+    // below never sees NaN (undefined behaviour); "+ (v - v)" (0, or NaN for NaN/inf) puts it back. Both
+    // are plain selects and adds, so the loop stays vectorised.
+    float c = v >= -87.0f ? v : -87.0f;
     c = c > 88.0f ? 88.0f : c;
-    c = c == c ? c : 0.0f;  // NaN: no float->int conversion of NaN (undefined); the result is v below
     const int32_t ni = static_cast<int32_t>(c * 1.44269504088896341f + 128.5f) - 128;  // round(c/ln 2)
     const float fn = static_cast<float>(ni);
     float r = c - fn * 0.693359375f;
@@ -88,7 +90,7 @@ inline void exp_inplace<float>(float* __restrict x, int64_t n) {
     p = p * r + 5.0000001201e-1f;
     const float y = p * r * r + r + 1.0f;
     const float two_n = __builtin_bit_cast(float, (ni + 127) << 23);
-    x[i] = v < -87.0f ? 0.0f : (v == v ? y * two_n : v);
+    x[i] = v < -87.0f ? 0.0f : y * two_n + (v - v);
   }
 }
 
@@ -587,15 +589,16 @@ inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>&
 
 
 // Every NaN (either sign) maps to the largest key: torch.topk ranks NaN above +inf.
+// Selects, not an early return, so the key loops stay vectorised.
 inline uint32_t sort_key(float x) {
-  if (x != x) return ~uint32_t(0);
   const uint32_t b = __builtin_bit_cast(uint32_t, x);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  const uint32_t key = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return x == x ? key : ~uint32_t(0);
 }
 inline uint64_t sort_key(double x) {
-  if (x != x) return ~uint64_t(0);
   const uint64_t b = __builtin_bit_cast(uint64_t, x);
-  return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+  const uint64_t key = (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+  return x == x ? key : ~uint64_t(0);
 }
 
 template <typename K>
