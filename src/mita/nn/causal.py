@@ -33,6 +33,7 @@ __all__ = [
     "CausalMixer",
     "FullCausal",
     "MiTACausal",
+    "ROUTERS",
     "MoBACausal",
     "WindowCausal",
     "DenseCache",
@@ -208,6 +209,10 @@ class MoBACausal(CausalMixer):
         return blocks | own  # [B, H, T, L]
 
 
+#: How causal MiTA's router learns (``MiTACausal(router=...)``).
+ROUTERS = ("argmax", "gate")
+
+
 class MiTACausal(CausalMixer):
     """Causal MiTA (SPEC §5): landmarks = block means of the queries, one routed expert of ``topk`` keys,
     the shared expert over each landmark's horizon and the own block, in one softmax.
@@ -220,6 +225,10 @@ class MiTACausal(CausalMixer):
         backend: the op backend (``"auto"`` | ``"torch"`` | ``"reference"``).
         shared: keep the shared expert (the landmarks' logits and values); ``False`` attends to the routed
             expert and the own block only (SPEC §2.5's ablation; docs/causal.md shows where it matters).
+        router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`). ``"argmax"``: it gets no
+            gradient of its own (only the shared logits reach ``q . r_j``). ``"gate"``: the
+            straight-through router gate of the op (``router_gate=True``): outputs unchanged bit for bit,
+            the chosen landmark is credited with its routed keys' gradient.
 
     Set ``record_routing = True`` to keep the last forward's routing in ``last_routing``.
     """
@@ -233,11 +242,15 @@ class MiTACausal(CausalMixer):
         landmark_horizon: str = "prefix",
         backend: str = "auto",
         shared: bool = True,
+        router: str = "argmax",
     ) -> None:
         super().__init__()
         from mita.ops.arguments import as_bool
 
         self.shared = as_bool("shared", shared)
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        self.router = router
         self.block_size = _positive_int("block_size", block_size)
         self.topk = _positive_int("topk", topk)
         if landmark_horizon not in ("prefix", "frozen"):
@@ -254,7 +267,7 @@ class MiTACausal(CausalMixer):
         res = mita_attention(
             q, k, v, block_mean(q, self.block_size), topk=self.topk, causal=True,
             block_size=self.block_size, landmark_horizon=self.landmark_horizon, backend=self.backend,
-            shared=self.shared, return_routing=self.record_routing,
+            shared=self.shared, return_routing=self.record_routing, router_gate=self.router == "gate",
         )  # fmt: skip
         if not self.record_routing:
             return res
@@ -283,7 +296,7 @@ CAUSAL_KINDS = tuple(CAUSAL_CLASSES)
 #: settings can be carried across kinds, as ``mita train --attention`` does).
 CAUSAL_OPTIONS: dict[str, tuple[str, ...]] = {
     "full": (),
-    "mita": ("block_size", "topk", "landmark_horizon", "backend", "shared"),
+    "mita": ("block_size", "topk", "landmark_horizon", "backend", "shared", "router"),
     "moba": ("block_size", "top_blocks"),
     "window": ("block_size",),
 }

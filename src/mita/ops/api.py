@@ -148,6 +148,7 @@ def mita_attention(
     causal: bool = False,
     block_size: int = 64,
     landmark_horizon: str = "prefix",
+    router_gate: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, Routing | CausalRouting]:
     """Mixture-of-Top-k attention (SPEC §2), a drop-in for ``F.scaled_dot_product_attention``.
 
@@ -195,6 +196,10 @@ def mita_attention(
             ``topk`` may exceed the visible keys (then every visible key is taken). With
             ``return_routing`` a :class:`mita.ops.causal.CausalRouting` is returned. Decoding:
             :class:`mita.MiTACache`.
+        router_gate: ``causal=True`` only: the straight-through router gate. The forward pass is unchanged
+            bit for bit; in the backward the routing logits ``q . r_j`` also receive the summed gradient
+            of each query's routed logits (through ``log softmax_j(lambda q . r_j)`` at the chosen
+            expert), so the router learns which landmark's keys help (:mod:`mita.ops.causal`).
 
     Returns:
         ``[B, H, N, dv]`` output in ``q``'s dtype, or ``(output, Routing)``.
@@ -208,8 +213,10 @@ def mita_attention(
             q, k, v, landmarks, topk=topk, block_size=block_size, landmark_horizon=landmark_horizon,
             experts_per_query=experts_per_query, scale=scale, landmark_scale=landmark_scale, shared=shared,
             routed=routed, dedup=dedup, key_padding_mask=key_padding_mask, backend=backend,
-            return_routing=return_routing,
+            return_routing=return_routing, router_gate=router_gate,
         )  # fmt: skip
+    if router_gate:
+        raise ValueError("router_gate=True needs causal=True (the non-causal op has no router gate)")
     p = validate(
         q,
         k,

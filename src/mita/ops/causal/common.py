@@ -32,6 +32,7 @@ class CausalProblem:
     shared: bool
     routed: bool
     horizon: str
+    router_gate: bool = False
 
     @property
     def group(self) -> int:
@@ -84,6 +85,7 @@ def validate_causal(
     dedup: bool,
     key_padding_mask: torch.Tensor | None,
     backend: str,
+    router_gate: bool = False,
 ) -> CausalProblem:
     """Check the inputs of ``mita_attention(..., causal=True)``; return their :class:`CausalProblem`."""
     check_attention_tensors(q, k, v, landmarks)
@@ -102,6 +104,7 @@ def validate_causal(
     topk = as_int("topk", topk)
     experts_per_query = as_int("experts_per_query", experts_per_query)
     shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
+    router_gate = as_bool("router_gate", router_gate)
     scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
     if not shared and not routed:
         raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
@@ -133,6 +136,7 @@ def validate_causal(
         shared=shared,
         routed=routed,
         horizon=landmark_horizon,
+        router_gate=router_gate and routed,  # without routed experts there is nothing to gate
     )
 
 
@@ -153,6 +157,25 @@ def route(p: CausalProblem, q: torch.Tensor, landmarks: torch.Tensor) -> tuple[t
         idx = torch.cat([idx, idx.new_zeros(*idx.shape[:-1], s - se)], dim=-1)
     valid = torch.arange(s, device=q.device)[None, :] < beta[:, None]  # rank r needs r + 1 landmarks
     return qr, torch.where(valid, idx, -1)
+
+
+def router_gate_shift(p: CausalProblem, qr: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+    """The straight-through router gate: ``l - stopgrad(l)`` [B, H, N, s], exactly 0 in the forward pass.
+
+    ``l[..., r] = log pi_i(e_r(i))`` with ``pi_i = softmax_{j < beta(i)} (lambda q_i . r_j)`` (the shared
+    expert's landmark logits, normalised over the visible landmarks) and ``e_r(i)`` the query's ``r``-th
+    expert; 0 where there is none (``-1``). Added to every routed logit of expert ``r`` (equivalently to
+    the log-sum-exp of its routed part), it leaves every output unchanged bit for bit and gives the
+    routing logits the gradient ``(1[j = e] - pi_j) lambda`` times the summed gradient of those routed
+    logits: the chosen landmark is credited with whether its keys helped.
+    """
+    n, b, nl = p.seq_len, p.block_size, p.num_landmarks
+    allowed = torch.arange(nl, device=qr.device)[None, :] < (torch.arange(n, device=qr.device) // b)[:, None]
+    logits = (qr * p.landmark_scale).masked_fill(~allowed, float("-inf"))
+    logits = logits.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # block 0: no landmark, no NaN
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, expert_index.clamp_min(0))
+    logp = torch.where(expert_index >= 0, logp, 0.0)
+    return logp - logp.detach()
 
 
 def partial_softmax(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,7 @@ def causal_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
     return_routing: bool = False,
+    router_gate: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, CausalRouting]:
     """Causal MiTA (SPEC §5); see :func:`mita.mita_attention` for the arguments.
 
@@ -61,6 +62,10 @@ def causal_attention(
     be built, ``ValueError`` for ``"prefix"``) or ``"auto"`` (``"cpu"`` for the frozen horizon on a CPU
     device when the kernels are available, else ``"torch"``; ``"prefix"`` always runs on ``"torch"``).
     Other backends have no causal path and raise ``ValueError``.
+
+    ``router_gate``: the straight-through router gate (:func:`.common.router_gate_shift`): the forward
+    pass is unchanged bit for bit; the backward also credits each query's routing logits ``q . r_j``
+    with the summed gradient of its routed logits, so the router learns. Every backend carries it.
     """
     p = validate_causal(
         q,
@@ -78,6 +83,7 @@ def causal_attention(
         dedup=dedup,
         key_padding_mask=key_padding_mask,
         backend=backend,
+        router_gate=router_gate,
     )
     chosen = _resolve_causal_backend(backend, p, q.device)
     if chosen == "reference":

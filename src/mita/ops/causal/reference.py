@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import CausalProblem, CausalRouting, route
+from .common import CausalProblem, CausalRouting, route, router_gate_shift
 
 
 def visible_mask(p: CausalProblem, device: torch.device) -> torch.Tensor:
@@ -81,6 +81,8 @@ def causal_reference_forward(
             keys = keys.reshape(p.batch, p.heads, n, s * kk, p.head_dim)
             vals = vals.reshape(p.batch, p.heads, n, s * kk, p.value_dim)
             routed = torch.einsum("bhnd,bhnjd->bhnj", q, keys) * p.scale
+            if p.router_gate:  # + (l - sg(l)) on every routed logit of expert r: 0 forward, gradient to qr
+                routed = routed + router_gate_shift(p, qr, expert_index).repeat_interleave(kk, dim=-1)
             logits.append(routed.masked_fill(~valid.reshape(routed.shape), float("-inf")))
             values.append(vals)
     weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1)

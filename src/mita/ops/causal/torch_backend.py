@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common import ExpertTiles, default_tile_size
-from .common import CausalProblem, CausalRouting, merge_parts, partial_softmax, route
+from .common import CausalProblem, CausalRouting, merge_parts, partial_softmax, route, router_gate_shift
 
 
 def _own_block(p: CausalProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -289,10 +289,17 @@ def causal_torch_forward(
                 else:
                     top = sd.masked_fill(~horizon, float("-inf")).topk(kk, dim=-1, sorted=False)
                     key_index = torch.where(top.values > float("-inf"), top.indices, -1)  # [B, H, n_l, kk]
-            if p.routed and p.horizon == "prefix":
-                parts.append(_routed(p, q, k, v, sets))
+            if p.routed and p.horizon == "prefix" and not (p.router_gate and s > 1):
+                routed = [_routed(p, q, k, v, sets)]
+            elif p.routed and p.horizon == "prefix":  # the gate shifts each expert's part on its own
+                routed = [_routed(p, q, k, v, sets[..., r : r + 1, :]) for r in range(s)]
             elif p.routed:
-                parts += _routed_tiles(p, q, k, v, key_index, expert_index)
+                routed = _routed_tiles(p, q, k, v, key_index, expert_index)
+            if p.routed and p.router_gate:  # the straight-through gate: 0 added to each part's lse
+                gate = router_gate_shift(p, qr, expert_index)
+                routed = [(lse + gate[..., r : r + 1], o) for r, (lse, o) in enumerate(routed)]
+            if p.routed:
+                parts += routed
     out = merge_parts(parts).to(out_dtype)
     if not return_routing:
         return out, None
