@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_router import attach_loss, routing_distillation_loss
+
 __all__ = [
     "CAUSAL_KINDS",
     "CausalMixer",
@@ -210,7 +212,7 @@ class MoBACausal(CausalMixer):
 
 
 #: How causal MiTA's router learns (``MiTACausal(router=...)``).
-ROUTERS = ("argmax", "gate")
+ROUTERS = ("argmax", "gate", "distill", "gate+distill", "grouped")
 
 
 class MiTACausal(CausalMixer):
@@ -228,7 +230,14 @@ class MiTACausal(CausalMixer):
         router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`). ``"argmax"``: it gets no
             gradient of its own (only the shared logits reach ``q . r_j``). ``"gate"``: the
             straight-through router gate of the op (``router_gate=True``): outputs unchanged bit for bit,
-            the chosen landmark is credited with its routed keys' gradient.
+            the chosen landmark is credited with its routed keys' gradient. ``"distill"``: in training,
+            a routing distillation loss from dense attention (:mod:`mita.nn.causal_router`) on
+            ``distill_queries`` queries per sequence, weight ``distill_weight``, attached to the output
+            (the forward values are unchanged; no training loop needs to know). ``"gate+distill"``: both.
+            ``"grouped"`` (``"frozen"`` only): in training, the routed part takes every visible
+            landmark's keys, each set's logits shifted by ``log pi_i(j)`` (the op's ``grouped=True``, on
+            the torch backend); in evaluation the argmax as usual.
+        distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
 
     Set ``record_routing = True`` to keep the last forward's routing in ``last_routing``.
     """
@@ -243,6 +252,8 @@ class MiTACausal(CausalMixer):
         backend: str = "auto",
         shared: bool = True,
         router: str = "argmax",
+        distill_weight: float = 1.0,
+        distill_queries: int = 32,
     ) -> None:
         super().__init__()
         from mita.ops.arguments import as_bool
@@ -250,7 +261,11 @@ class MiTACausal(CausalMixer):
         self.shared = as_bool("shared", shared)
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if router == "grouped" and landmark_horizon != "frozen":
+            raise ValueError("router='grouped' needs landmark_horizon='frozen'")
         self.router = router
+        self.distill_weight = float(distill_weight)
+        self.distill_queries = _positive_int("distill_queries", distill_queries)
         self.block_size = _positive_int("block_size", block_size)
         self.topk = _positive_int("topk", topk)
         if landmark_horizon not in ("prefix", "frozen"):
@@ -264,14 +279,23 @@ class MiTACausal(CausalMixer):
         from mita.landmarks import block_mean
 
         _check_qkv(q, k, v)
+        landmarks = block_mean(q, self.block_size)
+        distill = "distill" in self.router and self.training and torch.is_grad_enabled()
         res = mita_attention(
-            q, k, v, block_mean(q, self.block_size), topk=self.topk, causal=True,
-            block_size=self.block_size, landmark_horizon=self.landmark_horizon, backend=self.backend,
-            shared=self.shared, return_routing=self.record_routing, router_gate=self.router == "gate",
+            q, k, v, landmarks, topk=self.topk, causal=True, block_size=self.block_size,
+            landmark_horizon=self.landmark_horizon, backend=self.backend, shared=self.shared,
+            return_routing=self.record_routing or distill, router_gate="gate" in self.router,
+            grouped=self.router == "grouped" and self.training and torch.is_grad_enabled(),
         )  # fmt: skip
-        if not self.record_routing:
-            return res
-        out, self.last_routing = res
+        out, routing = res if self.record_routing or distill else (res, None)
+        if distill and self.distill_weight > 0:
+            loss = routing_distillation_loss(
+                q, k, landmarks, routing, scale=q.shape[-1] ** -0.5, landmark_scale=1.0 / q.shape[-1],
+                queries=self.distill_queries,
+            )  # fmt: skip
+            out = attach_loss(out, self.distill_weight * loss)
+        if self.record_routing:
+            self.last_routing = routing
         return out
 
     def new_cache(self) -> Any:
@@ -296,7 +320,16 @@ CAUSAL_KINDS = tuple(CAUSAL_CLASSES)
 #: settings can be carried across kinds, as ``mita train --attention`` does).
 CAUSAL_OPTIONS: dict[str, tuple[str, ...]] = {
     "full": (),
-    "mita": ("block_size", "topk", "landmark_horizon", "backend", "shared", "router"),
+    "mita": (
+        "block_size",
+        "topk",
+        "landmark_horizon",
+        "backend",
+        "shared",
+        "router",
+        "distill_weight",
+        "distill_queries",
+    ),  # fmt: skip
     "moba": ("block_size", "top_blocks"),
     "window": ("block_size",),
 }

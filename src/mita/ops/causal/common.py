@@ -33,6 +33,7 @@ class CausalProblem:
     routed: bool
     horizon: str
     router_gate: bool = False
+    grouped: bool = False
 
     @property
     def group(self) -> int:
@@ -86,6 +87,7 @@ def validate_causal(
     key_padding_mask: torch.Tensor | None,
     backend: str,
     router_gate: bool = False,
+    grouped: bool = False,
 ) -> CausalProblem:
     """Check the inputs of ``mita_attention(..., causal=True)``; return their :class:`CausalProblem`."""
     check_attention_tensors(q, k, v, landmarks)
@@ -104,7 +106,14 @@ def validate_causal(
     topk = as_int("topk", topk)
     experts_per_query = as_int("experts_per_query", experts_per_query)
     shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
-    router_gate = as_bool("router_gate", router_gate)
+    router_gate, grouped = as_bool("router_gate", router_gate), as_bool("grouped", grouped)
+    if grouped and (landmark_horizon != "frozen" or not routed or experts_per_query != 1 or router_gate):
+        raise ValueError(
+            "grouped=True (every visible expert, weighted by the router) needs landmark_horizon='frozen', "
+            "routed=True, experts_per_query=1 and router_gate=False"
+        )
+    if grouped and backend == "cpu":
+        raise ValueError("grouped=True has no fused cpu kernel; use backend='torch' or 'auto'")
     scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
     if not shared and not routed:
         raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
@@ -137,6 +146,7 @@ def validate_causal(
         routed=routed,
         horizon=landmark_horizon,
         router_gate=router_gate and routed,  # without routed experts there is nothing to gate
+        grouped=grouped,
     )
 
 
@@ -169,13 +179,19 @@ def router_gate_shift(p: CausalProblem, qr: torch.Tensor, expert_index: torch.Te
     routing logits the gradient ``(1[j = e] - pi_j) lambda`` times the summed gradient of those routed
     logits: the chosen landmark is credited with whether its keys helped.
     """
+    logp = router_log_probs(p, qr).gather(-1, expert_index.clamp_min(0))
+    logp = torch.where(expert_index >= 0, logp, 0.0)
+    return logp - logp.detach()
+
+
+def router_log_probs(p: CausalProblem, qr: torch.Tensor) -> torch.Tensor:
+    """``log pi_i(j)`` [B, H, N, n_l]: log-softmax of ``lambda q_i . r_j`` over ``j < beta(i)``; ``-inf``
+    for the others, and 0 in rows with no visible landmark (block 0), so nothing is NaN."""
     n, b, nl = p.seq_len, p.block_size, p.num_landmarks
     allowed = torch.arange(nl, device=qr.device)[None, :] < (torch.arange(n, device=qr.device) // b)[:, None]
     logits = (qr * p.landmark_scale).masked_fill(~allowed, float("-inf"))
     logits = logits.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # block 0: no landmark, no NaN
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, expert_index.clamp_min(0))
-    logp = torch.where(expert_index >= 0, logp, 0.0)
-    return logp - logp.detach()
+    return torch.log_softmax(logits, dim=-1).masked_fill(~allowed, float("-inf"))
 
 
 def partial_softmax(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
