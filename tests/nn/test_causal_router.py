@@ -80,7 +80,7 @@ def test_distillation_loss_by_hand():
     i = int(pos)
     beta = i // 2
     p = torch.softmax(q[0, 0, i] @ k[0, 0, : 2 * beta].T * 3**-0.5, -1)
-    mass = torch.stack([sum(p[t] for t in kset[0, 0, j].tolist() if t < 2 * beta) for j in range(beta)])  # noqa: C419
+    mass = torch.stack([sum(p[t] for t in kset[0, 0, j].tolist() if t < 2 * beta) for j in range(beta)])
     target = mass / mass.sum()
     logpi = torch.log_softmax(q[0, 0, i] @ r[0, 0, :beta].T / 3, -1)
     want = (target * (target.log() - logpi)).sum()
