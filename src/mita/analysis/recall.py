@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["needed_positions", "routing_recall"]
+__all__ = ["mqar_routing_summary", "needed_positions", "routing_recall"]
 
 
 def needed_positions(x: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
@@ -115,3 +115,29 @@ def _coverage(
     nl = sets.shape[2]
     visible = (torch.arange(nl, device=ki.device)[None, :] < (query // b)[:, None])[:, None]  # [Q, 1, n_l]
     return (sets == needed[:, None, None, None]).any(-1) & visible, visible
+
+
+@torch.no_grad()
+def mqar_routing_summary(model: torch.nn.Module, dataset: Any, n_examples: int = 64) -> list[dict[str, Any]]:
+    """Per causal-MiTA layer of ``model``, :func:`routing_recall` on the first ``n_examples`` of the MQAR
+    ``dataset`` (``(x, y)`` items), with its coverage / routing split and the chance line; ``[]`` when the
+    model has no causal MiTA mixer. The model is left in the mode it was in."""
+    from mita.nn.causal import MiTACausal
+
+    mixers = [m for m in model.modules() if isinstance(m, MiTACausal)]
+    if not mixers or len(dataset) == 0:
+        return []
+    device = next(model.parameters()).device
+    xs, ys = zip(*(dataset[i] for i in range(min(n_examples, len(dataset)))))
+    x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
+    was_training = model.training
+    for m in mixers:
+        m.record_routing = True
+    try:
+        model.eval()(x)
+        bi, qi, need = needed_positions(x, y)
+        return [{"layer": i, **routing_recall(m.last_routing, bi, qi, need)} for i, m in enumerate(mixers)]
+    finally:
+        for m in mixers:
+            m.record_routing, m.last_routing = False, None
+        model.train(was_training)

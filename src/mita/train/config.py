@@ -12,8 +12,8 @@ import torch
 __all__ = ["TrainConfig", "check_device"]
 
 _POSITIVE_INTS = (
-    "num_landmarks", "topk", "epochs", "max_steps", "batch_size", "train_size", "test_size", "eval_every",
-    "save_every", "log_every", "eval_batch_size",
+    "num_landmarks", "topk", "block_size", "epochs", "max_steps", "batch_size", "train_size", "test_size",
+    "eval_every", "save_every", "log_every", "eval_batch_size",
 )  # fmt: skip
 # model keywords that are sizes: zero or negative builds a model with nothing in it, or none at all
 _POSITIVE_MODEL_ARGS = (
@@ -54,6 +54,9 @@ class TrainConfig:
     preset: str | None = None
     num_landmarks: int | None = None
     topk: int | None = None
+    block_size: int | None = None  # causal kinds of the GPT: landmark / own block size
+    landmark_horizon: str | None = None  # causal MiTA: "prefix" or "frozen"
+    curriculum: str | None = None  # MQAR: LEN:PAIRS:STEPS[:BATCH],... before the task (mita.train.curriculum)
     epochs: int | None = None
     max_steps: int | None = None
     batch_size: int | None = None
@@ -126,6 +129,12 @@ class TrainConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
         check_device(self.device)
+        if self.landmark_horizon is not None and self.landmark_horizon not in ("prefix", "frozen"):
+            raise ValueError(f"--landmark-horizon must be prefix or frozen, got {self.landmark_horizon!r}")
+        from .curriculum import check_stages, parse_curriculum
+
+        preset_data = get_preset(self.task, self.preset).data_kwargs
+        check_stages(parse_curriculum(self.curriculum), self.task, {**preset_data, **self.data_kwargs})
         accepted = set(inspect.signature(build_dataset).parameters) - {"name", "split"}
         unknown = sorted(set(self.data_kwargs) - accepted)
         if unknown:
