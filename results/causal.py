@@ -381,8 +381,8 @@ def shakespeare_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
     """One run per attention kind at context ``--seq-len``, b = k = 64, equal steps."""
     specs = []
     for kind, opts in (  # mita prefix first: the longest run starts first when --jobs > 1
-        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "prefix"}),
-        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "frozen"}),
+        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "prefix", "router": "argmax"}),
+        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "frozen", "router": "argmax"}),
         ("full", {}),
         ("moba", {"block_size": 64, "top_blocks": 1}),
         ("window", {"block_size": 64}),
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         help="MQAR: also train MiTA without its shared expert (shared=False; with --full-first too)",
     )
     p.add_argument(
-        "--routers", nargs="+", default=["argmax"], help="MQAR: MiTA routers to train (MiTACausal(router=...))"
+        "--routers", nargs="+", default=["argmax"], help="MQAR: MiTA routers to train (MiTACausal(router=))"
     )
     p.add_argument("--only", help="comma-separated substrings: run only the specs whose name has one")
     p.add_argument("--jobs", type=int, default=1)

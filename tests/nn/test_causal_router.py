@@ -30,7 +30,7 @@ def _grads(mixer, qkv, seed=0):
 def test_every_router_leaves_inference_and_decoding_as_argmax(router):
     opts = {"block_size": 4, "topk": 3, "landmark_horizon": "frozen"}
     qkv = _qkv()
-    mixer, plain = MiTACausal(router=router, **opts).eval(), MiTACausal(**opts).eval()
+    mixer, plain = MiTACausal(router=router, **opts).eval(), MiTACausal(router="argmax", **opts).eval()
     out = mixer(*qkv)
     assert torch.equal(out, plain(*qkv))
     cache, outs, s = mixer.new_cache(), [], 0
@@ -44,7 +44,7 @@ def test_every_router_leaves_inference_and_decoding_as_argmax(router):
 def test_gate_and_distill_keep_the_training_forward_and_add_their_gradients(horizon):
     opts = {"block_size": 4, "topk": 3, "landmark_horizon": horizon}
     qkv = _qkv()
-    o_arg, g_arg = _grads(MiTACausal(**opts), qkv)
+    o_arg, g_arg = _grads(MiTACausal(router="argmax", **opts), qkv)
     o_gate, g_gate = _grads(MiTACausal(router="gate", **opts), qkv)
     o_both, g_both = _grads(MiTACausal(router="gate+distill", distill_weight=0.5, **opts), qkv)
     assert torch.equal(o_gate, o_arg) and torch.equal(o_both, o_arg)
@@ -95,8 +95,8 @@ def test_grouped_changes_the_training_forward_only_and_stays_causal():
     q, k, v = _qkv(b=1, h=1, n=13)
     mixer = MiTACausal(router="grouped", **opts)
     out = mixer(q, k, v)
-    assert not torch.allclose(out, MiTACausal(**opts)(q, k, v))
-    assert torch.equal(mixer.eval()(q, k, v), MiTACausal(**opts).eval()(q, k, v))
+    assert not torch.allclose(out, MiTACausal(router="argmax", **opts)(q, k, v))
+    assert torch.equal(mixer.eval()(q, k, v), MiTACausal(router="argmax", **opts).eval()(q, k, v))
     mixer.train()
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = mixer(*leaves)

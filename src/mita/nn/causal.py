@@ -227,10 +227,11 @@ class MiTACausal(CausalMixer):
         backend: the op backend (``"auto"`` | ``"torch"`` | ``"reference"``).
         shared: keep the shared expert (the landmarks' logits and values); ``False`` attends to the routed
             expert and the own block only (SPEC §2.5's ablation; docs/causal.md shows where it matters).
-        router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`). ``"argmax"``: it gets no
-            gradient of its own (only the shared logits reach ``q . r_j``). ``"gate"``: the
+        router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`). ``"gate"`` (default): the
             straight-through router gate of the op (``router_gate=True``): outputs unchanged bit for bit,
-            the chosen landmark is credited with its routed keys' gradient. ``"distill"``: in training,
+            the chosen landmark is credited with its routed keys' gradient (docs/causal.md, "Routing
+            that learns"). ``"argmax"``: the behaviour before it, where the routing gets no gradient of
+            its own (only the shared logits reach ``q . r_j``). ``"distill"``: in training,
             a routing distillation loss from dense attention (:mod:`mita.nn.causal_router`) on
             ``distill_queries`` queries per sequence, weight ``distill_weight``, attached to the output
             (the forward values are unchanged; no training loop needs to know). ``"gate+distill"``: both.
@@ -251,7 +252,7 @@ class MiTACausal(CausalMixer):
         landmark_horizon: str = "prefix",
         backend: str = "auto",
         shared: bool = True,
-        router: str = "argmax",
+        router: str = "gate",
         distill_weight: float = 1.0,
         distill_queries: int = 32,
     ) -> None:
