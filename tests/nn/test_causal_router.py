@@ -58,10 +58,11 @@ def test_gate_and_distill_keep_the_training_forward_and_add_their_gradients(hori
         q, k, v, block_mean(q, 4),
     )  # fmt: skip
     torch.manual_seed(0)
-    loss = routing_distillation_loss(
+    terms, rows = routing_distillation_loss(
         q, k, block_mean(q, 4), routing, scale=8**-0.5, landmark_scale=1 / 8, queries=32
     )
-    dq, dk = torch.autograd.grad(0.5 * loss, (q, k), allow_unused=True)
+    assert terms.shape == (2, 2, 32) and rows.shape == (2, 32) and bool((rows >= 4).all())
+    dq, dk = torch.autograd.grad(0.5 * terms.mean(), (q, k), allow_unused=True)
     torch.testing.assert_close(g_both[0], g_gate[0] + dq, atol=1e-12, rtol=1e-10)
     assert dk is None and torch.equal(g_both[1], g_gate[1])  # the teacher is detached: no key gradient
 
@@ -84,10 +85,11 @@ def test_distillation_loss_by_hand():
     target = mass / mass.sum()
     logpi = torch.log_softmax(q[0, 0, i] @ r[0, 0, :beta].T / 3, -1)
     want = (target * (target.log() - logpi)).sum()
-    got = routing_distillation_loss(
+    got, rows = routing_distillation_loss(
         q, k, r, routing, scale=3**-0.5, landmark_scale=1 / 3, queries=1, generator=gen
     )
-    torch.testing.assert_close(got, want)
+    assert rows.tolist() == [[i]]
+    torch.testing.assert_close(got[0, 0, 0], want)
 
 
 def test_grouped_changes_the_training_forward_only_and_stays_causal():
@@ -105,13 +107,29 @@ def test_grouped_changes_the_training_forward_only_and_stays_causal():
             assert torch.count_nonzero(g[0, 0, i + 1 :]) == 0
 
 
-def test_attach_loss_is_an_identity_that_adds_the_loss_gradient():
-    x, w = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
-    out = attach_loss(x * 2, (w**2).sum())
+def test_attach_loss_is_an_identity_that_adds_each_term_through_its_row():
+    x = torch.randn(1, 1, 4, 2, requires_grad=True)
+    w = torch.randn(1, 1, 2, requires_grad=True)
+    out = attach_loss(x * 2, w**2, torch.tensor([[1, 3]]))  # term 0 belongs to row 1, term 1 to row 3
     assert torch.equal(out, x.detach() * 2)
+    (gw,) = torch.autograd.grad(out[0, 0, 1].sum(), w, retain_graph=True)  # row 1 only: term 0 only
+    torch.testing.assert_close(gw, torch.stack([2 * w[0, 0, 0], torch.zeros(())]).view(1, 1, 2).detach())
     out.sum().backward()
     torch.testing.assert_close(w.grad, 2 * w.detach())
-    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+    torch.testing.assert_close(x.grad, torch.full((1, 1, 4, 2), 2.0))
+
+
+@pytest.mark.parametrize("horizon", ["prefix", "frozen"])
+def test_distillation_keeps_every_output_free_of_later_positions_in_training(horizon):
+    mixer = MiTACausal(
+        block_size=4, topk=3, landmark_horizon=horizon, router="gate+distill", distill_queries=8
+    )
+    leaves = [t.requires_grad_() for t in _qkv(b=1, h=1, n=13)]
+    torch.manual_seed(0)
+    out = mixer(*leaves)
+    for i in (3, 4, 8, 12):
+        for g in torch.autograd.grad(out[0, 0, i].sum(), leaves, retain_graph=True):
+            assert torch.count_nonzero(g[0, 0, i + 1 :]) == 0, i
 
 
 @pytest.mark.parametrize(

@@ -227,17 +227,19 @@ class MiTACausal(CausalMixer):
         backend: the op backend (``"auto"`` | ``"torch"`` | ``"reference"``).
         shared: keep the shared expert (the landmarks' logits and values); ``False`` attends to the routed
             expert and the own block only (SPEC §2.5's ablation; docs/causal.md shows where it matters).
-        router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`). ``"gate"`` (default): the
+        router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`; docs/causal.md, "Routing
+            that learns"). ``"gate+distill"`` (default): both of the next two. ``"gate"``: the
             straight-through router gate of the op (``router_gate=True``): outputs unchanged bit for bit,
-            the chosen landmark is credited with its routed keys' gradient (docs/causal.md, "Routing
-            that learns"). ``"argmax"``: the behaviour before it, where the routing gets no gradient of
-            its own (only the shared logits reach ``q . r_j``). ``"distill"``: in training,
-            a routing distillation loss from dense attention (:mod:`mita.nn.causal_router`) on
+            the chosen landmark is credited with its routed keys' gradient. ``"distill"``: in training, a
+            routing distillation loss from dense attention (:mod:`mita.nn.causal_router`) on
             ``distill_queries`` queries per sequence, weight ``distill_weight``, attached to the output
-            (the forward values are unchanged; no training loop needs to know). ``"gate+distill"``: both.
-            ``"grouped"`` (``"frozen"`` only): in training, the routed part takes every visible
-            landmark's keys, each set's logits shifted by ``log pi_i(j)`` (the op's ``grouped=True``, on
-            the torch backend); in evaluation the argmax as usual.
+            (the forward values are unchanged; no training loop needs to know; each sampled query's
+            term is attached to its own output row and depends on positions up to it, so every output's
+            Jacobian stays free of later positions). ``"grouped"`` (``"frozen"`` only): in
+            training, the routed part takes every visible landmark's keys, each set's logits shifted by
+            ``log pi_i(j)`` (the op's ``grouped=True``, on the torch backend); in evaluation the argmax
+            as usual. ``"argmax"``: the behaviour before these, where the routing gets no gradient of its
+            own (only the shared logits reach ``q . r_j``).
         distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
 
     Set ``record_routing = True`` to keep the last forward's routing in ``last_routing``.
@@ -252,7 +254,7 @@ class MiTACausal(CausalMixer):
         landmark_horizon: str = "prefix",
         backend: str = "auto",
         shared: bool = True,
-        router: str = "gate",
+        router: str = "gate+distill",
         distill_weight: float = 1.0,
         distill_queries: int = 32,
     ) -> None:
@@ -290,11 +292,12 @@ class MiTACausal(CausalMixer):
         )  # fmt: skip
         out, routing = res if self.record_routing or distill else (res, None)
         if distill and self.distill_weight > 0:
-            loss = routing_distillation_loss(
+            terms, rows = routing_distillation_loss(
                 q, k, landmarks, routing, scale=q.shape[-1] ** -0.5, landmark_scale=1.0 / q.shape[-1],
                 queries=self.distill_queries,
             )  # fmt: skip
-            out = attach_loss(out, self.distill_weight * loss)
+            if terms.numel():  # the loss is their mean, each term attached to its own query's row
+                out = attach_loss(out, terms * (self.distill_weight / terms.numel()), rows)
         if self.record_routing:
             self.last_routing = routing
         return out

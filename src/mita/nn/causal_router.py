@@ -22,23 +22,29 @@ __all__ = ["attach_loss", "routing_distillation_loss"]
 
 
 class _AttachLoss(torch.autograd.Function):
-    """``out`` unchanged; in the backward, ``loss`` receives gradient 1 (as if added to the objective)."""
+    """``out`` unchanged; in the backward, each loss term ``losses[b, h, s]`` receives gradient 1 when
+    the output row it belongs to, ``out[b, h, rows[b, s]]``, receives any gradient (0 otherwise)."""
 
     @staticmethod
-    def forward(ctx, out, loss):  # noqa: D102 - autograd plumbing
-        ctx.loss_shape = loss.shape
+    def forward(ctx, out, losses, rows):  # noqa: D102 - autograd plumbing
+        ctx.save_for_backward(rows)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102 - autograd plumbing
-        return g, g.new_ones(ctx.loss_shape)
+        (rows,) = ctx.saved_tensors
+        live = (g != 0).any(-1)  # [B, H, N]: rows whose output takes part in the objective
+        g_losses = live.gather(2, rows[:, None, :].expand(-1, g.shape[1], -1)).to(g.dtype)
+        return g, g_losses, None
 
 
-def attach_loss(out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """``out``, bit for bit, with ``loss`` (a scalar) added to whatever objective ``out`` feeds: its
-    gradient reaches ``loss``'s inputs in the same backward pass (Megatron's DSA attaches its indexer
-    loss this way), so no training loop has to know about it."""
-    return _AttachLoss.apply(out, loss)
+def attach_loss(out: torch.Tensor, losses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out`` [B, H, N, dv], bit for bit, with the loss terms ``losses`` [B, H, S] of the query rows
+    ``rows`` [B, S] added to whatever objective ``out`` feeds: a term's gradient reaches its inputs in
+    the same backward pass when its row's output gets a gradient (Megatron's DSA attaches its indexer
+    loss through an identity too), so no training loop has to know about it. A term computed from
+    positions ``<= rows[b, s]`` only keeps the Jacobian of every output row free of later positions."""
+    return _AttachLoss.apply(out, losses, rows)
 
 
 def routing_distillation_loss(
@@ -51,8 +57,8 @@ def routing_distillation_loss(
     landmark_scale: float,
     queries: int,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Mean ``KL(teacher mass per landmark || router)`` over ``queries`` random queries per sequence.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(teacher mass per landmark || router)`` of ``queries`` random queries per sequence.
 
     Args:
         q, k: ``[B, H, N, d]`` (``k`` already repeated to ``H`` heads).
@@ -61,14 +67,16 @@ def routing_distillation_loss(
         scale, landmark_scale: ``c`` of the key logits, ``lambda`` of the landmark logits.
         queries: queries sampled per sequence (uniformly among those with a landmark to route to).
 
-    Returns a scalar that carries gradient to ``q`` and ``landmarks`` only through the router logits;
-    0 when no query has a landmark (``N < 2 b``).
+    Returns ``(terms [B, H, S], rows [B, S])``: each sampled query's KL and its position (its mean is the
+    loss). The terms carry gradient to ``q`` and ``landmarks`` only through the router logits, and the
+    term of row ``i`` depends on positions ``<= i`` only. ``S = 0`` when no query has a landmark
+    (``N <= b``).
     """
     b = routing.block_size
     bsz, h, n, d = q.shape
     nl = landmarks.shape[2]
     if nl == 0 or n <= b:
-        return q.new_zeros(())
+        return q.new_zeros(bsz, h, 0), torch.zeros(bsz, 0, dtype=torch.long, device=q.device)
     pos = b + torch.randint(n - b, (bsz, queries), device=q.device, generator=generator)  # [B, S]
     beta = pos // b
     qs = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))  # [B, H, S, d]
@@ -89,4 +97,4 @@ def routing_distillation_loss(
     router = (qs @ landmarks.transpose(-1, -2)) * landmark_scale  # [B, H, S, n_l], with gradient
     logp = torch.log_softmax(router.masked_fill(~visible[:, None], float("-inf")), dim=-1)
     terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), 0.0)
-    return terms.sum(-1).mean()
+    return terms.sum(-1), pos
