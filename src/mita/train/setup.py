@@ -6,7 +6,8 @@
 
 Run length: ``--epochs`` (else the preset's epochs or steps) sets it; ``--max-steps`` shortens it, and
 the schedule then ends there. A ``--max-steps`` beyond the run's length does not lengthen it (that is
-what ``--epochs`` is for): the run says so and stops at its own length.
+what ``--epochs`` is for): the run says so and stops at its own length. With ``--curriculum`` (MQAR),
+the stages come first and ``--max-steps`` is the task's own steps after them (:mod:`.curriculum`).
 """
 
 from __future__ import annotations
