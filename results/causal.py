@@ -359,14 +359,14 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
             "model": {**MQAR_MODEL, **opts}, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "weight_decay": 0.1, "seed": a.seed, "test_size": a.test_size, "eval_batch_size": 64,
             "eval_at": [total - a.steps + a.steps // 2], "pairs": pairs, "sweep_grid": grid,
-            "save": str(Path(a.runs) / f"{name}.safetensors"),
-        } | ({"full_first": full_first} if full_first else {}))  # fmt: skip
+        } | ({"full_first": full_first} if full_first else {})
+          | ({"save": str(Path(a.runs) / f"{name}.safetensors")} if getattr(a, "runs", None) else {}))  # fmt: skip
 
     for pairs in a.pairs:  # the slow MiTA runs first, so that --jobs 2 overlaps them with the rest
         for shared in (True, False) if a.routed_only else (True,):
             for full_first in (0, a.full_first) if a.full_first else (0,):
                 for horizon in ("prefix", "frozen"):
-                    for router in a.routers:
+                    for router in getattr(a, "routers", None) or ["argmax"]:
                         add(pairs, "mita", horizon, shared, full_first, router)
         for kind in ("full", "moba", "window"):
             add(pairs, kind)
