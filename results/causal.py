@@ -354,13 +354,13 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
         cur = pre + [{"data": data, "steps": a.steps, "batch_size": a.batch_size}] if pre else []
         name = f"mqar-n{a.seq_len}-p{pairs}-v{a.vocab}-{tag}-s{a.steps}{ctag}"
         name += (f"-seed{a.seed}" if a.seed else "") + (f"-full{full_first}" if full_first else "")
+        save = {"save": str(Path(a.runs) / f"{name}.safetensors")} if getattr(a, "runs", None) else {}
         specs.append({
             "name": name, "task": "mqar", "curriculum": cur, "attention": kind, "data": data,
             "model": {**MQAR_MODEL, **opts}, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "weight_decay": 0.1, "seed": a.seed, "test_size": a.test_size, "eval_batch_size": 64,
             "eval_at": [total - a.steps + a.steps // 2], "pairs": pairs, "sweep_grid": grid,
-        } | ({"full_first": full_first} if full_first else {})
-          | ({"save": str(Path(a.runs) / f"{name}.safetensors")} if getattr(a, "runs", None) else {}))  # fmt: skip
+        } | ({"full_first": full_first} if full_first else {}) | save)  # fmt: skip
 
     for pairs in a.pairs:  # the slow MiTA runs first, so that --jobs 2 overlaps them with the rest
         for shared in (True, False) if a.routed_only else (True,):
