@@ -334,12 +334,17 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
     if a.full_first and not 0 < a.full_first < total:
         raise ValueError(f"--full-first {a.full_first} must be between 1 and the run's {total} steps - 1")
 
-    def add(pairs: int, kind: str, horizon: str = "prefix", shared: bool = True, full_first: int = 0) -> None:
+    def add(
+        pairs: int, kind: str, horizon: str = "prefix", shared: bool = True, full_first: int = 0,
+        router: str = "argmax",
+    ) -> None:  # fmt: skip
         opts: dict[str, Any] = {"block_size": b}
         tag = f"{kind}-b{b}"
         if kind == "mita":
-            opts |= {"topk": k, "landmark_horizon": horizon} | ({} if shared else {"shared": False})
+            opts |= {"topk": k, "landmark_horizon": horizon, "router": router}
+            opts |= {} if shared else {"shared": False}
             tag = f"mita-{horizon}-k{k}-b{b}" + ("" if shared else "-routed")
+            tag += "" if router == "argmax" else f"-{router}"
         elif kind == "moba":
             opts |= {"top_blocks": max(1, k // b)}
             tag = f"moba-s{max(1, k // b)}-b{b}"
@@ -349,18 +354,20 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
         cur = pre + [{"data": data, "steps": a.steps, "batch_size": a.batch_size}] if pre else []
         name = f"mqar-n{a.seq_len}-p{pairs}-v{a.vocab}-{tag}-s{a.steps}{ctag}"
         name += (f"-seed{a.seed}" if a.seed else "") + (f"-full{full_first}" if full_first else "")
+        save = {"save": str(Path(a.runs) / f"{name}.safetensors")} if getattr(a, "runs", None) else {}
         specs.append({
             "name": name, "task": "mqar", "curriculum": cur, "attention": kind, "data": data,
             "model": {**MQAR_MODEL, **opts}, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "weight_decay": 0.1, "seed": a.seed, "test_size": a.test_size, "eval_batch_size": 64,
             "eval_at": [total - a.steps + a.steps // 2], "pairs": pairs, "sweep_grid": grid,
-        } | ({"full_first": full_first} if full_first else {}))  # fmt: skip
+        } | ({"full_first": full_first} if full_first else {}) | save)  # fmt: skip
 
     for pairs in a.pairs:  # the slow MiTA runs first, so that --jobs 2 overlaps them with the rest
         for shared in (True, False) if a.routed_only else (True,):
             for full_first in (0, a.full_first) if a.full_first else (0,):
                 for horizon in ("prefix", "frozen"):
-                    add(pairs, "mita", horizon, shared, full_first)
+                    for router in getattr(a, "routers", None) or ["argmax"]:
+                        add(pairs, "mita", horizon, shared, full_first, router)
         for kind in ("full", "moba", "window"):
             add(pairs, kind)
     return specs
@@ -374,8 +381,8 @@ def shakespeare_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
     """One run per attention kind at context ``--seq-len``, b = k = 64, equal steps."""
     specs = []
     for kind, opts in (  # mita prefix first: the longest run starts first when --jobs > 1
-        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "prefix"}),
-        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "frozen"}),
+        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "prefix", "router": "argmax"}),
+        ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "frozen", "router": "argmax"}),
         ("full", {}),
         ("moba", {"block_size": 64, "top_blocks": 1}),
         ("window", {"block_size": 64}),
@@ -413,6 +420,7 @@ def _label(r: dict[str, Any]) -> str:
     if r["attention"] == "mita":
         first = f", full for steps 1-{r['full_first']}" if r.get("full_first") else ""
         routed = " routed-only" if m.get("shared") is False else ""
+        routed += f" router={m['router']}" if m.get("router", "argmax") != "argmax" else ""
         return f"mita {m['landmark_horizon']}{routed} (k={m['topk']}, b={m['block_size']}{first})"
     if r["attention"] == "moba":
         return f"moba (s={m['top_blocks']}, b={m['block_size']})"
@@ -606,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
         "--routed-only",
         action="store_true",
         help="MQAR: also train MiTA without its shared expert (shared=False; with --full-first too)",
+    )
+    p.add_argument(
+        "--routers", nargs="+", default=["argmax"], help="MQAR: MiTA routers to train (MiTACausal(router=))"
     )
     p.add_argument("--only", help="comma-separated substrings: run only the specs whose name has one")
     p.add_argument("--jobs", type=int, default=1)

@@ -60,3 +60,19 @@ def test_bad_input_raises():
         needed_positions(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown landmark horizon"):
         routing_recall(CausalRouting(torch.zeros(1), torch.zeros(1), "all", 4), *[torch.zeros(1)] * 3)
+
+
+def test_recall_split_into_coverage_routing_and_chance():
+    """Frozen sets (n_l = 3): head 0 has landmark 0 = {1, 3}; head 1 landmark 0 = {1, 3}, landmark 1 =
+    {5, 6}. Block-2 queries see landmarks 0 and 1; head 0 routes to 0, head 1 to 1."""
+    r = _routing("frozen")
+    query, needed = torch.tensor([9, 10, 11]), torch.tensor([3, 6, 0])
+    out = routing_recall(r, torch.zeros(3, dtype=torch.long), query, needed)
+    # 3: in landmark 0 of both heads (head 0 hits, head 1 misses); 6: head 1's landmark 1 (hit); 0: nowhere
+    assert out["coverage_any_head"] == pytest.approx(2 / 3)
+    assert out["coverage_mean_head"] == pytest.approx(3 / 6)
+    assert out["routing_given_coverage_any_head"] == 1.0
+    assert out["routing_given_coverage_mean_head"] == pytest.approx(2 / 3)
+    assert out["chance_mean_head"] == pytest.approx((0.5 + 0.5 + 0.5) / 6)  # 1 of 2 visible sets, 3 times
+    assert out["chance_any_head"] == pytest.approx((1 - 0.25 + 0.5 + 0) / 3)
+    assert out["recall_any_head"] <= out["coverage_any_head"]

@@ -15,6 +15,7 @@ KINDS_OPTS = {
     "mita": {"block_size": 4, "topk": 3, "landmark_horizon": "prefix"},
     "mita-frozen": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen"},
     "mita-routed": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen", "shared": False},
+    "mita-gate": {"block_size": 4, "topk": 3, "landmark_horizon": "prefix", "router": "gate"},
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["needed_positions", "routing_recall"]
+__all__ = ["mqar_routing_summary", "needed_positions", "routing_recall"]
 
 
 def needed_positions(x: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
@@ -46,7 +46,11 @@ def routing_recall(
 
     Returns ``queries`` (counted), ``own_block`` (fraction whose needed position is in their own block),
     and over the other queries: ``recall_any_head`` (some head's expert holds it), ``recall_mean_head``
-    (the average over heads), ``routable`` (fraction with at least one landmark to route to).
+    (the average over heads), ``routable`` (fraction with at least one landmark to route to), and the
+    split of the recall: ``coverage_*`` (some visible landmark's set holds it: the recall of an oracle
+    router that picks the best visible landmark), ``routing_given_coverage_*`` (recall among the covered
+    queries) and ``chance_*`` (the expected recall of a router drawing one visible landmark uniformly at
+    random, per head; ``any_head``: at least one of the heads' independent draws hits).
     Experts beyond the first (``s > 1``) count too: a hit in any of a head's experts is a hit.
     """
     ei, ki, b = routing.expert_index, routing.key_index, int(routing.block_size)
@@ -68,12 +72,72 @@ def routing_recall(
         heads = torch.arange(ei.shape[1], device=ei.device)[None, :, None].expand_as(experts)
         sets = ki[bq[:, None, None], heads, experts.clamp_min(0)]  # [Q, H, s, k]
     hit = ((sets == nq[:, None, None, None]).any(-1) & (experts >= 0)).any(-1)  # [Q, H]
+    cover, visible = _coverage(routing, bq, qq, nq)  # [Q, H, n_l] which visible sets hold it; [Q, 1, n_l]
+    n_vis = visible.sum(-1).clamp_min(1)
+    covered = cover.any(-1)  # [Q, H]: the oracle router (the best visible landmark) recalls it
+    chance = cover.sum(-1) / n_vis  # [Q, H]: a landmark drawn uniformly among the visible ones holds it
     total = int(ok.sum())
     n_far = int(far.sum())
+
+    def mean(x: torch.Tensor) -> float:
+        return float(x.float().mean()) if n_far else float("nan")
+
+    any_cov = covered.any(1)
     return {
         "queries": total,
         "own_block": float(own.float().mean()) if total else float("nan"),
-        "recall_any_head": float(hit.any(1).float().mean()) if n_far else float("nan"),
-        "recall_mean_head": float(hit.float().mean()) if n_far else float("nan"),
-        "routable": float((experts >= 0).any(-1).any(-1).float().mean()) if n_far else float("nan"),
+        "recall_any_head": mean(hit.any(1)),
+        "recall_mean_head": mean(hit),
+        "routable": mean((experts >= 0).any(-1).any(-1)),
+        "coverage_any_head": mean(any_cov),
+        "coverage_mean_head": mean(covered),
+        "routing_given_coverage_any_head": float(hit.any(1)[any_cov].float().mean())
+        if any_cov.any()
+        else float("nan"),
+        "routing_given_coverage_mean_head": float(hit[covered].float().mean())
+        if covered.any()
+        else float("nan"),
+        "chance_any_head": mean(1 - (1 - chance).prod(1)),
+        "chance_mean_head": mean(chance),
     }
+
+
+def _coverage(
+    routing: Any, batch: torch.Tensor, query: torch.Tensor, needed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which landmarks' key sets, as the query sees them, hold its needed position: bool [Q, H, n_l]
+    (visible landmarks ``j < beta(query)`` only), and the visibility mask [Q, 1, n_l]."""
+    ki, b = routing.key_index, int(routing.block_size)
+    if routing.horizon == "prefix":  # [B, H, nq, n_l, k]: the sets as the query's block sees them
+        sets = ki[batch, :, query // b]  # [Q, H, n_l, k]
+    else:  # [B, H, n_l, k]
+        sets = ki[batch]
+    nl = sets.shape[2]
+    visible = (torch.arange(nl, device=ki.device)[None, :] < (query // b)[:, None])[:, None]  # [Q, 1, n_l]
+    return (sets == needed[:, None, None, None]).any(-1) & visible, visible
+
+
+@torch.no_grad()
+def mqar_routing_summary(model: torch.nn.Module, dataset: Any, n_examples: int = 64) -> list[dict[str, Any]]:
+    """Per causal-MiTA layer of ``model``, :func:`routing_recall` on the first ``n_examples`` of the MQAR
+    ``dataset`` (``(x, y)`` items), with its coverage / routing split and the chance line; ``[]`` when the
+    model has no causal MiTA mixer. The model is left in the mode it was in."""
+    from mita.nn.causal import MiTACausal
+
+    mixers = [m for m in model.modules() if isinstance(m, MiTACausal)]
+    if not mixers or len(dataset) == 0:
+        return []
+    device = next(model.parameters()).device
+    xs, ys = zip(*(dataset[i] for i in range(min(n_examples, len(dataset)))))
+    x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
+    was_training = model.training
+    for m in mixers:
+        m.record_routing = True
+    try:
+        model.eval()(x)
+        bi, qi, need = needed_positions(x, y)
+        return [{"layer": i, **routing_recall(m.last_routing, bi, qi, need)} for i, m in enumerate(mixers)]
+    finally:
+        for m in mixers:
+            m.record_routing, m.last_routing = False, None
+        model.train(was_training)

@@ -54,7 +54,7 @@ class CausalSelfAttention(nn.Module):
     Args:
         dim, num_heads: width and heads (``dim % num_heads == 0``).
         attention: a :data:`mita.nn.causal.CAUSAL_KINDS` kind; ``mixer_kw`` its options
-            (``block_size``, ``topk``, ``landmark_horizon``, ``top_blocks``, ``backend``).
+            (``block_size``, ``topk``, ``landmark_horizon``, ``top_blocks``, ``backend``, ``router``).
         rope: RoPE theta (``None``: no rotary embedding).
         bias: biases in ``qkv`` and ``proj``.
     """
@@ -126,7 +126,9 @@ class GPT(nn.Module):
             "previous token" feature that induction heads otherwise spend a layer learning.
         dropout: after the embedding, in attention output and MLPs.
         attn_kw: the mixer's options (``block_size``, ``topk``, ``landmark_horizon``, ``top_blocks``,
-            ``backend``); options of other kinds are ignored, so one preset serves all kinds.
+            ``backend``, ``router``: how ``mita`` learns to route, default ``"gate+distill"``,
+            ``"argmax"`` the router before it); options of other kinds are ignored, so one preset serves
+            all kinds.
 
     The output head shares the token embedding's weight (tied embeddings).
     """

@@ -28,11 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_router import attach_loss, routing_distillation_loss
+
 __all__ = [
     "CAUSAL_KINDS",
     "CausalMixer",
     "FullCausal",
     "MiTACausal",
+    "ROUTERS",
     "MoBACausal",
     "WindowCausal",
     "DenseCache",
@@ -208,6 +211,10 @@ class MoBACausal(CausalMixer):
         return blocks | own  # [B, H, T, L]
 
 
+#: How causal MiTA's router learns (``MiTACausal(router=...)``).
+ROUTERS = ("argmax", "gate", "distill", "gate+distill", "grouped")
+
+
 class MiTACausal(CausalMixer):
     """Causal MiTA (SPEC §5): landmarks = block means of the queries, one routed expert of ``topk`` keys,
     the shared expert over each landmark's horizon and the own block, in one softmax.
@@ -220,6 +227,20 @@ class MiTACausal(CausalMixer):
         backend: the op backend (``"auto"`` | ``"torch"`` | ``"reference"``).
         shared: keep the shared expert (the landmarks' logits and values); ``False`` attends to the routed
             expert and the own block only (SPEC §2.5's ablation; docs/causal.md shows where it matters).
+        router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`; docs/causal.md, "Routing
+            that learns"). ``"gate+distill"`` (default): both of the next two. ``"gate"``: the
+            straight-through router gate of the op (``router_gate=True``): outputs unchanged bit for bit,
+            the chosen landmark is credited with its routed keys' gradient. ``"distill"``: in training, a
+            routing distillation loss from dense attention (:mod:`mita.nn.causal_router`) on
+            ``distill_queries`` queries per sequence, weight ``distill_weight``, attached to the output
+            (the forward values are unchanged; no training loop needs to know; each sampled query's
+            term is attached to its own output row and depends on positions up to it, so every output's
+            Jacobian stays free of later positions). ``"grouped"`` (``"frozen"`` only): in
+            training, the routed part takes every visible landmark's keys, each set's logits shifted by
+            ``log pi_i(j)`` (the op's ``grouped=True``, on the torch backend); in evaluation the argmax
+            as usual. ``"argmax"``: the behaviour before these, where the routing gets no gradient of its
+            own (only the shared logits reach ``q . r_j``).
+        distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
 
     Set ``record_routing = True`` to keep the last forward's routing in ``last_routing``.
     """
@@ -233,11 +254,21 @@ class MiTACausal(CausalMixer):
         landmark_horizon: str = "prefix",
         backend: str = "auto",
         shared: bool = True,
+        router: str = "gate+distill",
+        distill_weight: float = 1.0,
+        distill_queries: int = 32,
     ) -> None:
         super().__init__()
         from mita.ops.arguments import as_bool
 
         self.shared = as_bool("shared", shared)
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if router == "grouped" and landmark_horizon != "frozen":
+            raise ValueError("router='grouped' needs landmark_horizon='frozen'")
+        self.router = router
+        self.distill_weight = float(distill_weight)
+        self.distill_queries = _positive_int("distill_queries", distill_queries)
         self.block_size = _positive_int("block_size", block_size)
         self.topk = _positive_int("topk", topk)
         if landmark_horizon not in ("prefix", "frozen"):
@@ -251,14 +282,24 @@ class MiTACausal(CausalMixer):
         from mita.landmarks import block_mean
 
         _check_qkv(q, k, v)
+        landmarks = block_mean(q, self.block_size)
+        distill = "distill" in self.router and self.training and torch.is_grad_enabled()
         res = mita_attention(
-            q, k, v, block_mean(q, self.block_size), topk=self.topk, causal=True,
-            block_size=self.block_size, landmark_horizon=self.landmark_horizon, backend=self.backend,
-            shared=self.shared, return_routing=self.record_routing,
+            q, k, v, landmarks, topk=self.topk, causal=True, block_size=self.block_size,
+            landmark_horizon=self.landmark_horizon, backend=self.backend, shared=self.shared,
+            return_routing=self.record_routing or distill, router_gate="gate" in self.router,
+            grouped=self.router == "grouped" and self.training and torch.is_grad_enabled(),
         )  # fmt: skip
-        if not self.record_routing:
-            return res
-        out, self.last_routing = res
+        out, routing = res if self.record_routing or distill else (res, None)
+        if distill and self.distill_weight > 0:
+            terms, rows = routing_distillation_loss(
+                q, k, landmarks, routing, scale=q.shape[-1] ** -0.5, landmark_scale=1.0 / q.shape[-1],
+                queries=self.distill_queries,
+            )  # fmt: skip
+            if terms.numel():  # the loss is their mean, each term attached to its own query's row
+                out = attach_loss(out, terms * (self.distill_weight / terms.numel()), rows)
+        if self.record_routing:
+            self.last_routing = routing
         return out
 
     def new_cache(self) -> Any:
@@ -283,7 +324,16 @@ CAUSAL_KINDS = tuple(CAUSAL_CLASSES)
 #: settings can be carried across kinds, as ``mita train --attention`` does).
 CAUSAL_OPTIONS: dict[str, tuple[str, ...]] = {
     "full": (),
-    "mita": ("block_size", "topk", "landmark_horizon", "backend", "shared"),
+    "mita": (
+        "block_size",
+        "topk",
+        "landmark_horizon",
+        "backend",
+        "shared",
+        "router",
+        "distill_weight",
+        "distill_queries",
+    ),  # fmt: skip
     "moba": ("block_size", "top_blocks"),
     "window": ("block_size",),
 }

@@ -148,6 +148,8 @@ def mita_attention(
     causal: bool = False,
     block_size: int = 64,
     landmark_horizon: str = "prefix",
+    router_gate: bool = False,
+    grouped: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, Routing | CausalRouting]:
     """Mixture-of-Top-k attention (SPEC §2), a drop-in for ``F.scaled_dot_product_attention``.
 
@@ -196,7 +198,13 @@ def mita_attention(
             ``topk`` may exceed the visible keys (then every visible key is taken). With
             ``return_routing`` a :class:`mita.ops.causal.CausalRouting` is returned. Decoding:
             :class:`mita.MiTACache`.
-
+        router_gate: ``causal=True`` only: the straight-through router gate. The forward pass is unchanged
+            bit for bit; in the backward the routing logits ``q . r_j`` also receive the summed gradient
+            of each query's routed logits (through ``log softmax_j(lambda q . r_j)`` at the chosen
+            expert), so the router learns which landmark's keys help (:mod:`mita.ops.causal`).
+        grouped: ``causal=True``, ``"frozen"``, one expert: a training mode whose routed part takes
+            every visible landmark's keys with logits shifted by ``log pi_i(j)`` (the forward changes;
+            :func:`mita.ops.causal.causal_attention`).
     Returns:
         ``[B, H, N, dv]`` output in ``q``'s dtype, or ``(output, Routing)``.
 
@@ -209,8 +217,10 @@ def mita_attention(
             q, k, v, landmarks, topk=topk, block_size=block_size, landmark_horizon=landmark_horizon,
             experts_per_query=experts_per_query, scale=scale, landmark_scale=landmark_scale, shared=shared,
             routed=routed, dedup=dedup, key_padding_mask=key_padding_mask, backend=backend,
-            return_routing=return_routing,
+            return_routing=return_routing, router_gate=router_gate, grouped=grouped,
         )  # fmt: skip
+    if router_gate or grouped:
+        raise ValueError("router_gate and grouped need causal=True (the non-causal op has no router)")
     p = validate(
         q,
         k,

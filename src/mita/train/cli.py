@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--num-landmarks", type=_positive, help="m: landmarks (MiTA, Agent)")
     p.add_argument("--topk", type=_positive, help="k: keys per routed expert (MiTA) / per query (top-k)")
+    p.add_argument("--block-size", type=_positive, help="b: block size of the causal kinds (GPT presets)")
+    p.add_argument(
+        "--landmark-horizon",
+        choices=("prefix", "frozen"),
+        help="causal MiTA's landmark horizon (GPT presets)",
+    )
+    p.add_argument(
+        "--curriculum", metavar="LEN:PAIRS:STEPS[:BATCH],...",
+        help="MQAR: stages trained before the task (short sequences, few pairs first); --max-steps then sets "
+        "the task's own steps after them, one learning-rate schedule spans all",
+    )  # fmt: skip
     p.add_argument("--epochs", type=_positive, help="epochs (default: the preset's epochs or steps)")
     p.add_argument(
         "--max-steps", type=_positive, help="stop after N optimizer steps (the schedule ends there)"
@@ -161,7 +172,7 @@ def _check_model(config: TrainConfig, preset: Preset) -> None:
     from mita.data import get_task
 
     from .batches import forward
-    from .presets import build, model_spec
+    from .presets import build, causal_overrides, model_spec
 
     info = get_task(config.task)
     if config.task == "imagefolder":  # sized by the folder; scanning it reports bad images before any work
@@ -176,7 +187,7 @@ def _check_model(config: TrainConfig, preset: Preset) -> None:
     seq_len = {**preset.data_kwargs, **config.data_kwargs}.get("seq_len")
     if seq_len is not None and info.seq_len is not None:
         info = dataclasses.replace(info, seq_len=seq_len)
-    attn = {"num_landmarks": config.num_landmarks, "topk": config.topk}
+    attn = {"num_landmarks": config.num_landmarks, "topk": config.topk, **causal_overrides(config)}
     builder, kwargs = model_spec(preset, info, config.attention, attn, config.model_kwargs)
     with torch.random.fork_rng(devices=[]):  # leave the run's random streams untouched
         try:

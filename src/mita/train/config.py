@@ -13,8 +13,8 @@ import torch
 __all__ = ["TrainConfig", "check_device", "resume_differences"]
 
 _POSITIVE_INTS = (
-    "num_landmarks", "topk", "epochs", "max_steps", "batch_size", "train_size", "test_size", "eval_every",
-    "save_every", "log_every", "eval_batch_size", "context_parallel",
+    "num_landmarks", "topk", "block_size", "epochs", "max_steps", "batch_size", "train_size", "test_size",
+    "eval_every", "save_every", "log_every", "eval_batch_size", "context_parallel",
 )  # fmt: skip
 # model keywords that are sizes: zero or negative builds a model with nothing in it, or none at all
 _POSITIVE_MODEL_ARGS = (
@@ -55,6 +55,9 @@ class TrainConfig:
     preset: str | None = None
     num_landmarks: int | None = None
     topk: int | None = None
+    block_size: int | None = None  # causal kinds of the GPT: landmark / own block size
+    landmark_horizon: str | None = None  # causal MiTA: "prefix" or "frozen"
+    curriculum: str | None = None  # MQAR: LEN:PAIRS:STEPS[:BATCH],... before the task (mita.train.curriculum)
     epochs: int | None = None
     max_steps: int | None = None
     batch_size: int | None = None
@@ -135,6 +138,12 @@ class TrainConfig:
                 f"--context-parallel {self.context_parallel} needs torchrun with a multiple of "
                 f"{self.context_parallel} processes, got {world}"
             )
+        if self.landmark_horizon is not None and self.landmark_horizon not in ("prefix", "frozen"):
+            raise ValueError(f"--landmark-horizon must be prefix or frozen, got {self.landmark_horizon!r}")
+        from .curriculum import check_stages, parse_curriculum
+
+        preset_data = get_preset(self.task, self.preset).data_kwargs
+        check_stages(parse_curriculum(self.curriculum), self.task, {**preset_data, **self.data_kwargs})
         accepted = set(inspect.signature(build_dataset).parameters) - {"name", "split"}
         unknown = sorted(set(self.data_kwargs) - accepted)
         if unknown:

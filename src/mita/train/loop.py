@@ -89,10 +89,13 @@ class Trainer:
         with progress, StopSignals(self.dist, self.device, cfg.log_every) as stop:
             parts.ddp.train()
             for x, y in self._batches():
+                staged = state.step < parts.curriculum_steps  # a curriculum step, before the task's epochs
                 # the ranks of a context-parallel group train on one batch: count its samples once
-                samples = batch_size_of(x) if self.dist.rank % cfg.context_parallel == 0 else 0
-                self.metrics.add(*self._step(x, y), samples)
-                state.advance(global_batch, parts.steps_per_epoch)
+                counted = batch_size_of(x) if self.dist.rank % cfg.context_parallel == 0 else 0
+                self.metrics.add(*self._step(x, y), counted)
+                staged_batch = batch_size_of(x) * self.dist.world_size // cfg.context_parallel
+                samples = staged_batch if staged else global_batch
+                state.advance(samples, parts.steps_per_epoch, epoch_step=not staged)
                 if self.metrics.should_log(state.step):
                     self._log()
                 if self.metrics.should_eval(state.step):
@@ -108,6 +111,15 @@ class Trainer:
     def _batches(self) -> Iterator[tuple[Any, torch.Tensor]]:
         """Device batches from the run's position on, epoch after epoch, up to the last step."""
         parts, state = self.parts, self.state
+        if state.step < parts.curriculum_steps:
+            from .curriculum import stage_batches
+
+            for x, y in stage_batches(
+                parts.curriculum, self.cfg.task, parts.data_kwargs, start=state.step,
+                batch_size=parts.batch_size, seed=self.cfg.seed, rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            ):  # fmt: skip
+                yield to_device(x, self.device), y.to(self.device, non_blocking=True)
         while state.step < parts.total_steps:
             parts.sampler.set_epoch(state.epoch)
             parts.sampler.set_start(state.batch_in_epoch * parts.batch_size)
@@ -266,6 +278,12 @@ class Trainer:
             "hardware": hardware(self.device),
             "torch_version": torch.__version__,
         }
+        if self.cfg.task == "mqar":  # routing recall per layer of causal MiTA, split, with chance and oracle
+            from mita.analysis.recall import mqar_routing_summary
+
+            routing = mqar_routing_summary(parts.model, parts.test_set)
+            if routing:
+                summary["routing_recall"] = routing
         if self.dist.is_main:
             meta = {**parts.meta, "step": state.step, "test_accuracy": state.test_accuracy}
             with ckpt.writing(self.out / "model.safetensors"):

@@ -278,6 +278,19 @@ def model_spec(
     return builder, kwargs
 
 
+def causal_overrides(cfg: Any) -> dict[str, Any]:
+    """``--block-size`` / ``--landmark-horizon`` as model keywords (the GPT's causal kinds; the mixer
+    registry drops what a kind does not take); ValueError for a preset that is not a GPT."""
+    given = {k: getattr(cfg, k, None) for k in ("block_size", "landmark_horizon")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and get_preset(cfg.task, cfg.preset).builder != "gpt":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(
+            f"{flags}: only for the causal kinds of the GPT presets (tasks mqar, shakespeare-char)"
+        )
+    return given
+
+
 def build(builder: str, kwargs: dict[str, Any]) -> nn.Module:
     """Instantiate :func:`mita.models.build_model` ``builder`` with ``kwargs``."""
     from mita.models import build_model

@@ -6,7 +6,8 @@
 
 Run length: ``--epochs`` (else the preset's epochs or steps) sets it; ``--max-steps`` shortens it, and
 the schedule then ends there. A ``--max-steps`` beyond the run's length does not lengthen it (that is
-what ``--epochs`` is for): the run says so and stops at its own length.
+what ``--epochs`` is for): the run says so and stops at its own length. With ``--curriculum`` (MQAR),
+the stages come first and ``--max-steps`` is the task's own steps after them (:mod:`.curriculum`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .config import TrainConfig, resume_differences
+from .curriculum import Stage, parse_curriculum
 from .errors import TrainError
-from .presets import Preset, build, get_preset, model_spec
+from .presets import Preset, build, causal_overrides, get_preset, model_spec
 from .sampler import ResumableSampler
 from .schedule import warmup_cosine
 
@@ -243,6 +245,9 @@ class Parts:
     num_params: int
     bytes_per_token: float | None  # language-model tasks: turns the test loss into bits per byte
     evaluator: nn.Module | None = None  # what evaluation calls instead of ``model`` (context parallel)
+    curriculum: list[Stage] | None = None  # MQAR stages trained before the task (mita.train.curriculum)
+    curriculum_steps: int = 0  # their steps, the first of total_steps
+    data_kwargs: dict[str, Any] | None = None  # the task's data keywords (the stages keep all but the sizes)
 
     def loader(self, epoch: int, num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
         """This epoch's training batches, from the sampler's position on."""
@@ -314,7 +319,7 @@ def _data(cfg: TrainConfig, preset: Preset) -> tuple[Dataset, Dataset, Any, dict
 
 def _model(cfg: TrainConfig, preset: Preset, info: Any) -> tuple[str, dict[str, Any], nn.Module]:
     """``(builder, keywords, model)``: the builder and keywords go to the checkpoint to rebuild it."""
-    attn = {"num_landmarks": cfg.num_landmarks, "topk": cfg.topk}
+    attn = {"num_landmarks": cfg.num_landmarks, "topk": cfg.topk, **causal_overrides(cfg)}
     builder, kwargs = model_spec(preset, info, cfg.attention, attn, cfg.model_kwargs)
     try:
         return builder, kwargs, build(builder, kwargs)
@@ -336,7 +341,13 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
             f"the training set ({len(train)} samples over {replicas} process(es)) is smaller than one "
             f"batch of {batch_size}"
         )
-    total_steps = _run_length(cfg, preset, steps_per_epoch, dist)
+    stages = parse_curriculum(getattr(cfg, "curriculum", None))
+    curriculum_steps = sum(st.steps for st in stages)
+    # with a curriculum, --max-steps is the task's own steps after the stages
+    main_steps = (
+        cfg.max_steps if stages and cfg.max_steps else _run_length(cfg, preset, steps_per_epoch, dist)
+    )
+    total_steps = curriculum_steps + main_steps
     # each rank (context parallel: each group) evaluates a disjoint shard; counts are summed over ranks
     test_shard = Subset(test, range(replica, len(test), replicas)) if replicas > 1 else test
 
@@ -382,6 +393,7 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
             "label_smoothing": preset.label_smoothing,
             "seed": cfg.seed,
             "train_size": len(train),
+            **({"curriculum": cfg.curriculum} if stages else {}),
         },
         **extra_meta,
     }
@@ -411,4 +423,11 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
         num_params=sum(p.numel() for p in model.parameters()),
         bytes_per_token=getattr(info, "bytes_per_token", None),
         evaluator=evaluator if evaluator is not model else None,
+        curriculum=stages,
+        curriculum_steps=curriculum_steps,
+        data_kwargs={
+            **preset.data_kwargs,
+            **cfg.data_kwargs,
+            **({"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}),
+        },
     )

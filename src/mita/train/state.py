@@ -28,11 +28,14 @@ class RunState:
     last_eval_step: int = -1
     peak_memory_bytes: int = 0  # the largest over the processes the run had
 
-    def advance(self, samples: int, steps_per_epoch: int) -> None:
-        """Count one optimizer step over ``samples`` samples (all ranks)."""
+    def advance(self, samples: int, steps_per_epoch: int, epoch_step: bool = True) -> None:
+        """Count one optimizer step over ``samples`` samples (all ranks); ``epoch_step=False`` for a
+        curriculum stage's step, which is no part of the task's epochs."""
         self.step += 1
-        self.batch_in_epoch += 1
         self.samples_seen += samples
+        if not epoch_step:
+            return
+        self.batch_in_epoch += 1
         if self.batch_in_epoch == steps_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 

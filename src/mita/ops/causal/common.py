@@ -32,6 +32,8 @@ class CausalProblem:
     shared: bool
     routed: bool
     horizon: str
+    router_gate: bool = False
+    grouped: bool = False
 
     @property
     def group(self) -> int:
@@ -84,6 +86,8 @@ def validate_causal(
     dedup: bool,
     key_padding_mask: torch.Tensor | None,
     backend: str,
+    router_gate: bool = False,
+    grouped: bool = False,
 ) -> CausalProblem:
     """Check the inputs of ``mita_attention(..., causal=True)``; return their :class:`CausalProblem`."""
     check_attention_tensors(q, k, v, landmarks)
@@ -102,6 +106,14 @@ def validate_causal(
     topk = as_int("topk", topk)
     experts_per_query = as_int("experts_per_query", experts_per_query)
     shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
+    router_gate, grouped = as_bool("router_gate", router_gate), as_bool("grouped", grouped)
+    if grouped and (landmark_horizon != "frozen" or not routed or experts_per_query != 1 or router_gate):
+        raise ValueError(
+            "grouped=True (every visible expert, weighted by the router) needs landmark_horizon='frozen', "
+            "routed=True, experts_per_query=1 and router_gate=False"
+        )
+    if grouped and backend == "cpu":
+        raise ValueError("grouped=True has no fused cpu kernel; use backend='torch' or 'auto'")
     scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
     if not shared and not routed:
         raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
@@ -133,6 +145,8 @@ def validate_causal(
         shared=shared,
         routed=routed,
         horizon=landmark_horizon,
+        router_gate=router_gate and routed,  # without routed experts there is nothing to gate
+        grouped=grouped,
     )
 
 
@@ -153,6 +167,31 @@ def route(p: CausalProblem, q: torch.Tensor, landmarks: torch.Tensor) -> tuple[t
         idx = torch.cat([idx, idx.new_zeros(*idx.shape[:-1], s - se)], dim=-1)
     valid = torch.arange(s, device=q.device)[None, :] < beta[:, None]  # rank r needs r + 1 landmarks
     return qr, torch.where(valid, idx, -1)
+
+
+def router_gate_shift(p: CausalProblem, qr: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+    """The straight-through router gate: ``l - stopgrad(l)`` [B, H, N, s], exactly 0 in the forward pass.
+
+    ``l[..., r] = log pi_i(e_r(i))`` with ``pi_i = softmax_{j < beta(i)} (lambda q_i . r_j)`` (the shared
+    expert's landmark logits, normalised over the visible landmarks) and ``e_r(i)`` the query's ``r``-th
+    expert; 0 where there is none (``-1``). Added to every routed logit of expert ``r`` (equivalently to
+    the log-sum-exp of its routed part), it leaves every output unchanged bit for bit and gives the
+    routing logits the gradient ``(1[j = e] - pi_j) lambda`` times the summed gradient of those routed
+    logits: the chosen landmark is credited with whether its keys helped.
+    """
+    logp = router_log_probs(p, qr).gather(-1, expert_index.clamp_min(0))
+    logp = torch.where(expert_index >= 0, logp, 0.0)
+    return logp - logp.detach()
+
+
+def router_log_probs(p: CausalProblem, qr: torch.Tensor) -> torch.Tensor:
+    """``log pi_i(j)`` [B, H, N, n_l]: log-softmax of ``lambda q_i . r_j`` over ``j < beta(i)``; ``-inf``
+    for the others, and 0 in rows with no visible landmark (block 0), so nothing is NaN."""
+    n, b, nl = p.seq_len, p.block_size, p.num_landmarks
+    allowed = torch.arange(nl, device=qr.device)[None, :] < (torch.arange(n, device=qr.device) // b)[:, None]
+    logits = (qr * p.landmark_scale).masked_fill(~allowed, float("-inf"))
+    logits = logits.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # block 0: no landmark, no NaN
+    return torch.log_softmax(logits, dim=-1).masked_fill(~allowed, float("-inf"))
 
 
 def partial_softmax(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

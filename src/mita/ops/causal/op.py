@@ -27,7 +27,7 @@ def _resolve_causal_backend(backend: str, p: CausalProblem, device: torch.device
             raise RuntimeError(f"backend='cpu' is unavailable: {why}")
         return "cpu"
     if backend == "auto":
-        if device.type == "cpu" and p.horizon == "frozen":
+        if device.type == "cpu" and p.horizon == "frozen" and not p.grouped:
             ok, why = availability("mita_cpu_causal", probe="fwd")
             if ok:
                 return "cpu"
@@ -54,6 +54,8 @@ def causal_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
     return_routing: bool = False,
+    router_gate: bool = False,
+    grouped: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, CausalRouting]:
     """Causal MiTA (SPEC §5); see :func:`mita.mita_attention` for the arguments.
 
@@ -62,6 +64,15 @@ def causal_attention(
     be built, ``ValueError`` for ``"prefix"``) or ``"auto"`` (``"cpu"`` for the frozen horizon on a CPU
     device when the kernels are available, else ``"torch"``; ``"prefix"`` always runs on ``"torch"``).
     Other backends have no causal path and raise ``ValueError``.
+
+    ``router_gate``: the straight-through router gate (:func:`.common.router_gate_shift`): the forward
+    pass is unchanged bit for bit; the backward also credits each query's routing logits ``q . r_j``
+    with the summed gradient of its routed logits, so the router learns. Every backend carries it.
+
+    ``grouped`` (a training mode, ``"frozen"`` with one expert; ``"reference"``/``"torch"``, and
+    ``"auto"`` runs it on ``"torch"``): the routed part takes every visible landmark's key set, each
+    set's logits shifted by ``log pi_i(j)``, Landmark Attention's grouped softmax. It changes the
+    forward pass; inference then routes by the argmax as usual.
     """
     p = validate_causal(
         q,
@@ -79,6 +90,8 @@ def causal_attention(
         dedup=dedup,
         key_padding_mask=key_padding_mask,
         backend=backend,
+        router_gate=router_gate,
+        grouped=grouped,
     )
     chosen = _resolve_causal_backend(backend, p, q.device)
     # Non-finite inputs are excluded by selection (see nonfinite.py): every backend runs on finite copies

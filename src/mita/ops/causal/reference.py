@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import CausalProblem, CausalRouting, route
+from .common import CausalProblem, CausalRouting, route, router_gate_shift, router_log_probs
 
 
 def visible_mask(p: CausalProblem, device: torch.device) -> torch.Tensor:
@@ -71,7 +71,16 @@ def causal_reference_forward(
             per_query = key_index[:, :, qblock]  # [B, H, N, n_l, kk]
         else:
             per_query = key_index[:, :, None].expand(-1, -1, n, -1, -1)
-        if p.routed:
+        if p.routed and p.grouped:  # every visible landmark's set, logits + log pi_i(j) (frozen)
+            valid = (per_query >= 0) & torch.isfinite(router_log_probs(p, qr))[..., None]  # [B,H,N,n_l,kk]
+            idx = per_query.clamp_min(0).reshape(p.batch, p.heads, n, nl * kk, 1)
+            keys = kx[:, :, None].expand(-1, -1, n, -1, -1).gather(3, idx.expand(-1, -1, -1, -1, p.head_dim))
+            vals = vx[:, :, None].expand(-1, -1, n, -1, -1).gather(3, idx.expand(-1, -1, -1, -1, p.value_dim))
+            routed = torch.einsum("bhnd,bhnjd->bhnj", q, keys) * p.scale
+            routed = routed + router_log_probs(p, qr).repeat_interleave(kk, dim=-1)
+            logits.append(routed.masked_fill(~valid.reshape(routed.shape), float("-inf")))
+            values.append(vals)
+        elif p.routed:
             e = expert_index.clamp_min(0)[..., None].expand(-1, -1, -1, -1, kk)
             idx = per_query.gather(3, e)  # [B, H, N, s, kk]
             valid = (idx >= 0) & (expert_index >= 0)[..., None]
@@ -81,6 +90,8 @@ def causal_reference_forward(
             keys = keys.reshape(p.batch, p.heads, n, s * kk, p.head_dim)
             vals = vals.reshape(p.batch, p.heads, n, s * kk, p.value_dim)
             routed = torch.einsum("bhnd,bhnjd->bhnj", q, keys) * p.scale
+            if p.router_gate:  # + (l - sg(l)) on every routed logit of expert r: 0 forward, gradient to qr
+                routed = routed + router_gate_shift(p, qr, expert_index).repeat_interleave(kk, dim=-1)
             logits.append(routed.masked_fill(~valid.reshape(routed.shape), float("-inf")))
             values.append(vals)
     weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1)

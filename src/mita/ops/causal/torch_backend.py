@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from ..common import ExpertTiles, default_tile_size
-from .common import CausalProblem, CausalRouting, merge_parts, partial_softmax, route
+from .common import (
+    CausalProblem,
+    CausalRouting,
+    merge_parts,
+    partial_softmax,
+    route,
+    router_gate_shift,
+    router_log_probs,
+)
 
 
 def _own_block(p: CausalProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -232,6 +240,22 @@ def _routed_tiles(
     return [(lse[..., r : r + 1], out[..., r, :]) for r in range(s)]
 
 
+def _grouped(p: CausalProblem, q, k, v, key_index: torch.Tensor, qr: torch.Tensor):
+    """``grouped=True`` (frozen): one partial softmax over EVERY visible landmark's key set, each set's
+    logits shifted by ``log pi_i(j)`` (Landmark Attention's grouped softmax), so the router's
+    probabilities weigh the routed keys in the forward pass and learn from the loss directly.
+    The frozen sets are the same for all queries: ``[n_l * kk]`` keys per head, one matmul."""
+    bsz, h, n, d = q.shape
+    nl, kk = key_index.shape[2], key_index.shape[3]
+    idx = key_index.clamp_min(0).reshape(bsz, h, nl * kk, 1)
+    kx, vx = k.repeat_interleave(p.group, dim=1), v.repeat_interleave(p.group, dim=1)
+    ks = kx.gather(2, idx.expand(-1, -1, -1, d))  # [B, H, n_l * kk, d]
+    vs = vx.gather(2, idx.expand(-1, -1, -1, p.value_dim))
+    logits = (q @ ks.transpose(-1, -2)) * p.scale + router_log_probs(p, qr).repeat_interleave(kk, dim=-1)
+    logits = logits.masked_fill((key_index < 0).reshape(bsz, h, 1, nl * kk), float("-inf"))
+    return partial_softmax(logits, vs)
+
+
 def causal_torch_forward(
     p: CausalProblem,
     q: torch.Tensor,
@@ -289,10 +313,19 @@ def causal_torch_forward(
                 else:
                     top = sd.masked_fill(~horizon, float("-inf")).topk(kk, dim=-1, sorted=False)
                     key_index = torch.where(top.values > float("-inf"), top.indices, -1)  # [B, H, n_l, kk]
-            if p.routed and p.horizon == "prefix":
-                parts.append(_routed(p, q, k, v, sets))
+            if p.routed and p.horizon == "prefix" and not (p.router_gate and s > 1):
+                routed = [_routed(p, q, k, v, sets)]
+            elif p.routed and p.horizon == "prefix":  # the gate shifts each expert's part on its own
+                routed = [_routed(p, q, k, v, sets[..., r : r + 1, :]) for r in range(s)]
+            elif p.routed and p.grouped:
+                routed = [_grouped(p, q, k, v, key_index, qr)]
             elif p.routed:
-                parts += _routed_tiles(p, q, k, v, key_index, expert_index)
+                routed = _routed_tiles(p, q, k, v, key_index, expert_index)
+            if p.routed and p.router_gate:  # the straight-through gate: 0 added to each part's lse
+                gate = router_gate_shift(p, qr, expert_index)
+                routed = [(lse + gate[..., r : r + 1], o) for r, (lse, o) in enumerate(routed)]
+            if p.routed:
+                parts += routed
     out = merge_parts(parts).to(out_dtype)
     if not return_routing:
         return out, None

@@ -23,13 +23,21 @@ Memory per head (``n_l = N / b``): ``A`` ``n_l * dv`` and its lse, the key sets 
 of ``K^T`` and ``V`` (``N * (d + dv)``), and per query head dK/dV rows in the backwards (summed over GQA
 groups); with ``s > 1`` also ``Q R^T`` (``N * n_l``, no gradient) for the top-s. Nothing ``N x N`` or
 ``N x n_l`` otherwise.
+
+The straight-through router gate (``router_gate=True``) leaves the kernels as they are: the forward is
+unchanged, and its gradient, ``dL/dl_ir = w_ir dO_i . (o_ir - O_i)`` for expert ``r``'s routed part
+(mass ``w = exp(lse_r - lse)``, normalised output ``o_r``), needs only that part's partial softmax. It is
+recomputed in torch without gradient (:func:`mita.ops.causal.torch_backend._routed_tiles`, ``N s k``
+logits, the routed share of the forward) and joined to the output by :class:`_RouterGate`, an identity
+in the forward pass. With the gate, ``Q R^T`` (``N * n_l``) is kept for the gate's log-softmax.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..causal.common import CausalProblem, CausalRouting
+from ..causal.common import CausalProblem, CausalRouting, router_gate_shift
+from ..causal.torch_backend import _routed_tiles
 from .build import availability
 from .dispatch import eager_or_compiled
 
@@ -193,6 +201,33 @@ _attention = eager_or_compiled(
 )
 
 
+class _RouterGate(torch.autograd.Function):
+    """``out`` unchanged; the backward also hands the gate logits ``l`` [B, H, N, s] their gradient
+    ``w_r g . (o_r - out)`` (``w`` [B, H, N, s]: each routed part's share of the softmax mass, ``o``
+    [B, H, N, s, dv]: its normalised output), as if ``l`` had been added to the part's log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, out, gate, weight, part_out):  # noqa: D102 - autograd plumbing
+        ctx.save_for_backward(out, weight, part_out)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102 - autograd plumbing
+        out, weight, part_out = ctx.saved_tensors
+        g_gate = weight * (g.unsqueeze(-2) * (part_out - out.unsqueeze(-2))).sum(-1)
+        return g, g_gate, None, None
+
+
+def _gate(p: CausalProblem, q, k, v, landmarks, key_index, expert_index, out, lse) -> Tensor:
+    """``out`` with the router gate's gradient attached (see the module docstring)."""
+    gate = router_gate_shift(p, q @ landmarks.transpose(-1, -2), expert_index)  # exactly 0, with gradient
+    with torch.no_grad():
+        parts = _routed_tiles(p, q.detach(), k.detach(), v.detach(), key_index, expert_index)
+        weight = torch.exp(torch.cat([lse_r for lse_r, _ in parts], dim=-1) - lse.unsqueeze(-1))
+        part_out = torch.stack([o for _, o in parts], dim=-2)
+    return _RouterGate.apply(out, gate, weight, part_out)
+
+
 def _top_s(p: CausalProblem, qr: Tensor) -> Tensor:
     """Top-s experts [B, H, N, s] among landmarks ``j < beta(i)``, best first, -1 where fewer are visible
     (as :func:`mita.ops.causal.common.route`)."""
@@ -253,14 +288,17 @@ def cpu_causal_forward(
             expert_index = _top_s(p, q @ landmarks.transpose(-1, -2))
     if s > 1 and nl == 0:
         expert_index = torch.full((bsz, h, n, s), -1, dtype=torch.long, device=q.device)
+    router = landmarks
     if not p.shared:
         landmarks = landmarks.detach()  # routing only: no gradient
-    out, _, routing = _attention(
+    out, lse, routing = _attention(
         q, k, v, landmarks, values, key_index, expert_index, p.scale, p.landmark_scale, b, p.routed
     )
+    if expert_index is None:
+        expert_index = routing
+    if p.router_gate and nl > 0:
+        out = _gate(p, q, k, v, router, key_index, expert_index, out, lse)
     out = out.to(out_dtype)
     if not return_routing:
         return out, None
-    if expert_index is None:
-        expert_index = routing
     return out, CausalRouting(expert_index, key_index, p.horizon, b)
