@@ -53,9 +53,7 @@ def test_a_nan_query_with_pooled_landmarks_does_not_crash():
 
 # ----------------------------------------------------------------------------- non-causal patterns
 @pytest.mark.parametrize("backend", NONCAUSAL)
-# Padded keys/values must hold finite values: the backends give them weight 0, and a masked copy of k, v
-# for every padded call would cost the memory the fused path saves (tests/nn/test_mita_memory.py).
-@pytest.mark.parametrize("where", ["q", "k", "v", "landmarks"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "landmarks", "padded k", "padded v"])
 def test_non_finite_outputs_match_the_reference_and_stay_in_their_batch_row_and_kv_group(backend, where):
     b, h, hkv, n, d = 2, 4, 2, 48, 8
     mask = torch.zeros(b, n, dtype=torch.bool)
@@ -63,8 +61,9 @@ def test_non_finite_outputs_match_the_reference_and_stay_in_their_batch_row_and_
     for val in BAD:
         q, k, v = _rand(b, h, n, d, seed=1), _rand(b, hkv, n, d, seed=2), _rand(b, hkv, n, d, seed=3)
         r = _rand(b, h, 6, d, seed=4)
-        x = {"q": q, "k": k, "v": v, "landmarks": r}[where]
-        x[0, 0, 9 if where != "landmarks" else 2, 3] = val
+        x = {"q": q, "k": k, "v": v, "landmarks": r, "padded k": k, "padded v": v}[where]
+        pos = 44 if where.startswith("padded") else 9  # keys 40.. are padding
+        x[0, 0, pos if where != "landmarks" else 2, 3] = val
         kw = dict(topk=6, key_padding_mask=mask)
         out = mita_attention(q, k, v, r, backend=backend, **kw)
         ref = mita_attention(q, k, v, r, backend="reference", **kw)
@@ -74,6 +73,13 @@ def test_non_finite_outputs_match_the_reference_and_stay_in_their_batch_row_and_
         assert torch.isfinite(out[1]).all()  # the other batch row
         others = 1 if where in ("q", "landmarks") else 2  # query head 0 / kv head 0 = query heads 0, 1
         assert torch.isfinite(out[0, others:]).all()
+        if where.startswith("padded"):  # padding is excluded by selection: no output reads it
+            assert torch.isfinite(out).all()
+            grads = torch.autograd.grad(
+                mita_attention(*(t.requires_grad_() for t in (q, k, v, r)), backend=backend, **kw).sum(),
+                (q, k, v, r),
+            )
+            assert all(torch.isfinite(g).all() for g in grads), where
 
 
 # ----------------------------------------------------------------------------- causal: nothing leaks back

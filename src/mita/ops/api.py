@@ -174,8 +174,8 @@ def mita_attention(
         key_padding_mask: ``[B, N_kv]`` bool, True = padding. Padded keys are never selected, never in
             ``A`` and never attended. Padded *query* rows are computed like any other query (they
             attend to the real keys); their outputs are meaningful but usually ignored by the caller.
-            Padded keys and values must be finite: they enter some products with weight 0 (a NaN there
-            would spread). A row whose keys are all padding is an error: ValueError in eager mode; under
+            Padded keys and values are excluded by selection, so a NaN/Inf there reaches no output or
+            gradient. A row whose keys are all padding is an error: ValueError in eager mode; under
             ``torch.compile`` a RuntimeError from a device-side check (``torch._assert_async``).
         backend: ``"reference"`` (dense, the definition), ``"torch"`` (expert-major, no N x N tensor),
             ``"cpu"`` (fused C++ kernel, built on first use; needs a compiler and ninja),

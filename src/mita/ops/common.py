@@ -47,6 +47,17 @@ class Routing(NamedTuple):
     key_index: torch.Tensor
 
 
+def without_padding(
+    k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k``, ``v`` with padded rows zeroed: padding is excluded by selection, so a NaN/Inf there never
+    meets a weight of 0 (``0 * NaN`` is NaN) in the products over every key, forward or backward."""
+    if key_padding_mask is None:
+        return k, v
+    pad = key_padding_mask[:, None, :, None]
+    return k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+
+
 def landmark_side(
     p: Problem,
     k: torch.Tensor,

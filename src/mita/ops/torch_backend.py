@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from .common import ExpertTiles, Problem, Routing, default_tile_size, landmark_side, query_side
+from .common import (
+    ExpertTiles,
+    Problem,
+    Routing,
+    default_tile_size,
+    landmark_side,
+    query_side,
+    without_padding,
+)
 
 
 def _dedup_mask(p: Problem, key_index: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
@@ -105,6 +113,7 @@ def torch_forward(
     if out_dtype in (torch.float16, torch.bfloat16):
         # Softmax statistics in float32: half-precision exp/log-sum-exp lose too much.
         q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    k, v = without_padding(k, v, key_padding_mask)
     key_index, values = landmark_side(p, k, v, landmarks, key_padding_mask)
     qr, expert_index = query_side(p, q, landmarks)
     lses, outs = [], []

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import Problem, Routing
+from ..common import Problem, Routing, without_padding
 from ..torch_backend import _dedup_mask
 from .dispatch import eager_or_compiled
 
@@ -299,6 +299,7 @@ def cpu_forward(
             p.routed, save,
         )  # fmt: skip
         return out.to(out_dtype), Routing(expert_index, key_index)
+    k, v = without_padding(k, v, key_padding_mask)  # the whole-op kernel does this per head, in C++
     key_index, values = _landmark_side(p, k, v, landmarks, key_padding_mask)
     qr = q @ landmarks.transpose(-1, -2)  # [B, H, N, m]: routing scores and (times lambda) shared logits
     if not p.shared:

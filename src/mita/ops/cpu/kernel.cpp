@@ -469,6 +469,21 @@ const T* packed(HeadView<T> h, int64_t n, int64_t w, std::vector<T>& buf) {
   return buf.data();
 }
 
+// As packed, with padded rows zeroed when there is a padding mask: padding is excluded by selection, so
+// a NaN there never meets a weight of 0 (the landmark side multiplies P V over every key).
+template <typename T>
+const T* packed_unpadded(HeadView<T> h, int64_t n, int64_t w, std::vector<T>& buf, const bool* pad) {
+  if (pad == nullptr) return packed(h, n, w, buf);
+  buf.resize(n * w);
+  for (int64_t i = 0; i < n; ++i) {
+    if (pad[i])
+      std::fill(buf.begin() + i * w, buf.begin() + (i + 1) * w, T(0));
+    else
+      std::memcpy(buf.data() + i * w, h.p + i * h.ld, sizeof(T) * w);
+  }
+  return buf.data();
+}
+
 // Gradient rows to accumulate into, zeroed: the destination itself when packed, else buf (see flush).
 template <typename T>
 T* zeroed(HeadView<T> h, int64_t n, int64_t w, std::vector<T>& buf) {
@@ -529,10 +544,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t bi = bh / h, hi = bh % h, kvi = hi / z.group;
         const scalar_t* qh = packed(head_of<scalar_t>(q, bi, hi), n, z.d, qb);
-        const scalar_t* kh = packed(head_of<scalar_t>(k, bi, kvi), nk, z.d, kb);
-        const scalar_t* vh = packed(head_of<scalar_t>(v, bi, kvi), nk, z.dv, vb);
-        const HeadView<scalar_t> oh = head_of<scalar_t>(out, bi, hi);
         const bool* padh = pad_p ? pad_p + bi * nk : nullptr;
+        const scalar_t* kh = packed_unpadded(head_of<scalar_t>(k, bi, kvi), nk, z.d, kb, padh);
+        const scalar_t* vh = packed_unpadded(head_of<scalar_t>(v, bi, kvi), nk, z.dv, vb, padh);
+        const HeadView<scalar_t> oh = head_of<scalar_t>(out, bi, hi);
         int64_t* ki = kidx.data_ptr<int64_t>() + bh * m * topk;
         lh.compute(qh, kh, vh, r.data_ptr<scalar_t>() + bh * m * z.d, padh, static_cast<scalar_t>(scale), z, ki);
         const HeadIn<scalar_t> x{qh, kh, vh, shared ? lh.a.data() : nullptr, lh.qr.data(), nullptr, ki, nullptr,
@@ -596,12 +611,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mita_whole_bwd(
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t bi = bh / h, hi = bh % h, kvi = hi / z.group;
         const T* qh = packed(head_of<T>(q, bi, hi), n, z.d, qb);
-        const T* kh = packed(head_of<T>(k, bi, kvi), nk, z.d, kb);
-        const T* vh = packed(head_of<T>(v, bi, kvi), nk, z.dv, vb);
+        const bool* padh = pad_p ? pad_p + bi * nk : nullptr;
+        const T* kh = packed_unpadded(head_of<T>(k, bi, kvi), nk, z.d, kb, padh);
+        const T* vh = packed_unpadded(head_of<T>(v, bi, kvi), nk, z.dv, vb, padh);
         const T* oh = packed(head_of<T>(out, bi, hi), n, z.dv, ob);
         const T* gh = packed(head_of<T>(dout, bi, hi), n, z.dv, gb);
         const T* rh = r.data_ptr<T>() + bh * m * z.d;
-        const bool* padh = pad_p ? pad_p + bi * nk : nullptr;
         const int64_t* ki = kidx.data_ptr<int64_t>() + bh * m * topk;
         const int64_t gk = h == hkv ? kvi : hi;  // which head of dk/dv this query head writes
         const HeadView<T> dqv = head_of<T>(dq, bi, hi), dkv = head_of<T>(dk, bi, gk), dvv = head_of<T>(dv, bi, gk);

@@ -532,9 +532,19 @@ struct ExpertBuf {
     }
     for (int64_t c = 0; c < z.d; ++c) gather_padded(kt.data() + c * z.kp, k + c, koff.data(), z.kk, z.kp);
     for (int64_t j = 0; j < z.kk; ++j) std::memcpy(vp.data() + j * z.ep, v + rows[j] * z.dv, sizeof(T) * z.dv);
-    if (kr.empty()) return;
-    for (int64_t j = 0; j < z.kk; ++j) std::memcpy(kr.data() + j * z.dp, k + rows[j] * z.d, sizeof(T) * z.d);
-    for (int64_t c = 0; c < z.dv; ++c) gather_padded(vt.data() + c * z.kp, v + c, voff.data(), z.kk, z.kp);
+    if (!kr.empty()) {
+      for (int64_t j = 0; j < z.kk; ++j) std::memcpy(kr.data() + j * z.dp, k + rows[j] * z.d, sizeof(T) * z.d);
+      for (int64_t c = 0; c < z.dv; ++c) gather_padded(vt.data() + c * z.kp, v + c, voff.data(), z.kk, z.kp);
+    }
+    // Excluded keys (padding, unfilled slots) by selection: zero rows, never weight 0 times their values.
+    for (int64_t j = 0; j < z.kk; ++j) {
+      if (bias[j] != neg_inf<T>()) continue;
+      for (int64_t c = 0; c < z.d; ++c) kt[c * z.kp + j] = T(0);
+      std::fill(vp.begin() + j * z.ep, vp.begin() + j * z.ep + z.dv, T(0));
+      if (kr.empty()) continue;
+      std::fill(kr.begin() + j * z.dp, kr.begin() + j * z.dp + z.d, T(0));
+      for (int64_t c = 0; c < z.dv; ++c) vt[c * z.kp + j] = T(0);
+    }
   }
 };
 
