@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.arguments import as_bool, as_int, as_scale, check_attention_tensors
+from ..ops.arguments import as_bool, as_experts, as_int, as_scale, check_attention_tensors
 from ..ops.common import ExpertTiles, Problem, default_tile_size, query_side
 from ..ops.torch_backend import _dedup_mask
 from .collectives import all_gather, all_reduce_sum, group_rank, group_size
@@ -254,9 +254,7 @@ def _validate(
     topk = as_int("topk", topk, 1, n_kv, what=f"N={n_kv}")
     # causal: a query may ask for more experts than it has landmarks before it (the rest are unused)
     s = as_int("experts_per_query", experts_per_query, 1, None if causal else m, what=f"m={m}")
-    shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
-    if not shared and not routed:
-        raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
+    (shared, routed), dedup = as_experts(shared, routed), as_bool("dedup", dedup)
     scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:

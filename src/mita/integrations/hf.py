@@ -22,7 +22,7 @@ from ..nn.landmark_modes import LandmarkBuilder, landmark_mode_arg
 from ..nn.layout import check_layout, resolve_layout
 from ..nn.mita import mita_mix
 from ..ops.api import BACKENDS
-from ..ops.arguments import as_bool, as_int, as_scale
+from ..ops.arguments import as_experts, as_int, as_scale
 from .torchvision_shim import install as install_torchvision_shim
 
 
@@ -110,9 +110,7 @@ def make_attention_function(
         raise ValueError(f"the HF integration supports landmark_mode 'pool' or 'official', got {mode!r}")
     grid = check_layout(layout, grid, prefix_tokens)
     topk = as_int("topk", topk)
-    shared, routed = as_bool("shared", shared), as_bool("routed", routed)
-    if not shared and not routed:
-        raise ValueError("shared=False and routed=False leaves no expert; enable at least one")
+    shared, routed = as_experts(shared, routed)
     landmark_scale = as_scale("landmark_scale", landmark_scale)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -10,7 +10,7 @@ from torch import nn
 from ..landmarks import block_mean
 from ..ops import Routing, mita_attention
 from ..ops.api import BACKENDS
-from ..ops.arguments import as_bool, as_int, as_scale
+from ..ops.arguments import as_bool, as_experts, as_int, as_scale
 from .base import AttentionBase, config_of
 from .landmark_modes import LandmarkBuilder, landmark_mode_arg
 from .layout import TokenLayout
@@ -136,10 +136,8 @@ class MiTAAttention(AttentionBase):
         )  # fmt: skip
         # Options checked here, as the op would check them, so a bad one fails before the first forward.
         topk = as_int("topk", topk)
-        shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
+        (shared, routed), dedup = as_experts(shared, routed), as_bool("dedup", dedup)
         landmark_scale = as_scale("landmark_scale", landmark_scale)
-        if not shared and not routed:
-            raise ValueError("shared=False and routed=False leaves no expert; enable at least one")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.landmark = LandmarkBuilder(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import as_bool, as_int, as_scale, check_attention_tensors
+from .arguments import as_bool, as_experts, as_int, as_scale, check_attention_tensors
 from .causal import CausalRouting, causal_attention
 from .common import Problem, Routing
 from .reference import reference_forward
@@ -38,9 +38,7 @@ def validate(
         raise ValueError(f"need at least one landmark, got landmarks shape {tuple(landmarks.shape)}")
     topk = as_int("topk", topk, 1, nk, what=f"N={nk}")
     s = as_int("experts_per_query", experts_per_query, 1, m, what=f"m={m}")
-    shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
-    if not shared and not routed:
-        raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
+    (shared, routed), dedup = as_experts(shared, routed), as_bool("dedup", dedup)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)

@@ -42,6 +42,14 @@ def as_scale(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def as_experts(shared: Any, routed: Any) -> tuple[bool, bool]:
+    """``shared`` and ``routed`` as bools; at least one expert must stay on."""
+    shared, routed = as_bool("shared", shared), as_bool("routed", routed)
+    if not shared and not routed:
+        raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
+    return shared, routed
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..arguments import as_bool, as_int, as_scale
+from ..arguments import as_experts, as_int, as_scale
 from .common import HORIZONS, merge_parts, partial_softmax
 from .nonfinite import bad_tokens, finite_or_zero, poison
 
@@ -64,11 +64,7 @@ class MiTACache:
         self.experts_per_query = as_int("experts_per_query", experts_per_query)
         if landmark_horizon not in HORIZONS:
             raise ValueError(f"landmark_horizon must be one of {HORIZONS}, got {landmark_horizon!r}")
-        shared, routed = as_bool("shared", shared), as_bool("routed", routed)
-        if not shared and not routed:
-            raise ValueError(
-                "shared=False and routed=False leaves no expert to attend to; enable at least one"
-            )
+        shared, routed = as_experts(shared, routed)
         self.horizon, self.shared, self.routed = landmark_horizon, shared, routed
         self._scale = as_scale("scale", scale)
         self._landmark_scale = as_scale("landmark_scale", landmark_scale)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..arguments import as_bool, as_int, as_scale, check_attention_tensors
+from ..arguments import as_bool, as_experts, as_int, as_scale, check_attention_tensors
 
 HORIZONS = ("prefix", "frozen")
 CAUSAL_BACKENDS = ("auto", "reference", "torch", "cpu")  # "cpu": the frozen horizon only
@@ -115,8 +115,7 @@ def validate_causal(
     if grouped and backend == "cpu":
         raise ValueError("grouped=True has no fused cpu kernel; use backend='torch' or 'auto'")
     scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
-    if not shared and not routed:
-        raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
+    as_experts(shared, routed)
     if dedup:
         raise ValueError(
             "dedup=True is not supported with causal=True (keys of several experts are concatenated)"
