@@ -154,7 +154,7 @@ class MiTACache:
             q, k, v = q.float(), k.float(), v.float()
         with torch.no_grad():
             bad_q, bad_k, bad_v = bad_tokens(q), bad_tokens(k), bad_tokens(v)
-            q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
+            q, k, v = finite_or_zero(q, bad_q), finite_or_zero(k, bad_k), finite_or_zero(v, bad_v)
             outs, pos, t = [], 0, q.shape[2]
             while pos < t:  # one segment per block touched
                 take = min(t - pos, self.block_size - self.length % self.block_size)

@@ -23,14 +23,17 @@ import torch
 from .common import CausalProblem, CausalRouting
 
 
-def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with every NaN/Inf replaced by 0 (by selection: the gradient there is 0)."""
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def bad_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``[..., N]`` bool: the token's feature vector holds a NaN or Inf."""
-    return ~torch.isfinite(x).all(-1)
+    """``[..., N]`` bool: the token's feature vector holds a NaN or Inf. (``x - x`` is 0 where finite and NaN
+    elsewhere, and a sum of zeros cannot overflow: one pass, several times cheaper than ``isfinite``.)"""
+    with torch.no_grad():
+        return torch.isnan((x - x).sum(-1))
+
+
+def finite_or_zero(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``x`` with the tokens ``bad`` (from :func:`bad_tokens`) zeroed, by selection: no gradient reaches
+    them."""
+    return x.masked_fill(bad[..., None], 0.0)
 
 
 def _count(flags: torch.Tensor) -> torch.Tensor:

@@ -97,8 +97,18 @@ def causal_attention(
     # Non-finite inputs are excluded by selection (see nonfinite.py): every backend runs on finite copies
     # and the rows that read a NaN/Inf become NaN, so nothing leaks to earlier rows, in either direction.
     bad = [bad_tokens(t) for t in (q, k, v, landmarks)]
-    q, k, v, landmarks = (finite_or_zero(t) for t in (q, k, v, landmarks))
-    want_routing = return_routing or not p.shared  # routed-only rows read what their routing chose
+    # On a CPU device, eager mode, asking whether any token is non-finite costs no device sync, and the
+    # common all-finite call then skips the copies and the fill (the same result, bit for bit).
+    guard = (
+        q.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or bool(torch.stack([b.any() for b in bad]).any())
+    )
+    if guard:
+        q, k, v, landmarks = (finite_or_zero(t, b) for t, b in zip((q, k, v, landmarks), bad))
+    want_routing = return_routing or (
+        guard and not p.shared
+    )  # routed-only rows read what their routing chose
     if chosen == "reference":
         out, routing = causal_reference_forward(p, q, k, v, landmarks)
     elif chosen == "cpu":
@@ -107,5 +117,6 @@ def causal_attention(
         out, routing = cpu_causal_forward(p, q, k, v, landmarks, want_routing)
     else:
         out, routing = causal_torch_forward(p, q, k, v, landmarks, want_routing)
-    out = poison(out, poisoned_rows(p, *bad, routing))
+    if guard:
+        out = poison(out, poisoned_rows(p, *bad, routing))
     return (out, routing) if return_routing else out
