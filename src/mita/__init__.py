@@ -3,7 +3,7 @@
 ``mita_attention`` is the functional op (see ``mita.ops``); landmark builders live in
 ``mita.landmarks``; modules in ``mita.nn``; models in ``mita.models``; ``mita.convert`` swaps the
 attention of any model. Everything here imports on a CPU-only machine with only the core dependencies;
-subpackages load on first use.
+subpackages load on first use. "SPEC §N" in docstrings refers to section N of docs/spec.md.
 """
 
 from __future__ import annotations
