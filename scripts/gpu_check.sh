@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 12: one command for a short GPU lease (about 15 minutes in all).
+# The prepared GPU check: one command for a GPU machine with about 15 minutes in all and no network.
 #
 #   bash scripts/gpu_check.sh [DIR]                # on a CUDA machine; DIR defaults to $OUT, else ./gpu_check_out
 #   bash scripts/gpu_check.sh --dry-run DIR        # on any machine: check the script itself, write its plan
@@ -9,7 +9,7 @@
 # never reinstalling torch), smoke (one tiny fwd+bwd through the compiled kernels vs the reference),
 # pytest_gpu (`pytest -m gpu`, fail-fast, per-test timeout), grid (timing grid vs SDPA flash and the
 # torch backend, scripts/gpu_grid.py), causal (the causal op, when mita_attention has `causal`) and
-# summary (stages.json, summary.md with the issue 12 targets). Each stage runs under its own `timeout`
+# summary (stages.json, summary.md with the GPU speed targets). Each stage runs under its own `timeout`
 # (capped by what is left of the budget), a failing stage does not stop the later ones, and every stage
 # appends to log.txt. At most 8 files land in DIR (the device tool brings back 8): log.txt, env.txt,
 # junit-gpu.xml, grid.json, causal.json, stages.json, summary.md and, in a dry run, plan.md.

@@ -1,5 +1,5 @@
 """The stages of scripts/gpu_check.sh that run Python: the kernel check, the timing grid, the causal
-timings and the summary (issue 12). Run by that script; each subcommand also runs on its own.
+timings and the summary. Run by that script; each subcommand also runs on its own.
 
     python3 scripts/gpu_grid.py versions                           # GPU, CUDA, torch, triton
     python3 scripts/gpu_grid.py kernel-check [--device cpu|cuda]   # tiny fwd+bwd vs the reference
@@ -408,7 +408,7 @@ def _index(rows: list[dict]) -> dict:
 
 
 def targets(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """(target, verdict, evidence) for the issue 12 targets, from the grid rows."""
+    """(target, verdict, evidence) for the GPU speed targets (docs/triton.md), from the grid rows."""
     idx = _index(rows)
 
     def ratio(n, mode, other, label="long"):
@@ -516,7 +516,7 @@ def cmd_summary(args) -> int:
         shapes = "bf16, B=1, H=16, d=128, m=k=64; vision B=256, H=6, d=64, N=197, m=k=25"
         text += [
             "",
-            f"## Targets (issue 12; {shapes})",
+            f"## Targets ({shapes})",
             "",
             "| target | verdict | evidence |",
             "|---|---|---|",
