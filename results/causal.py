@@ -50,7 +50,6 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-IGNORE = -100
 
 
 # ---- the experiments ----------------------------------------------------------------------------------
@@ -246,11 +245,12 @@ def run_record(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     ``metrics.jsonl`` (``curve``, ``final``), time and throughput from its ``summary.json``, and what the
     saved weights give: MQAR's sweep over k and b, shakespeare-char's sample."""
     from mita.train.checkpoint import load_model
+    from mita.train.objective import IGNORE_INDEX
 
     summary = json.loads((out / "summary.json").read_text())
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     test = _test_set(spec)
-    targets = sum(int((test[i][1] != IGNORE).sum()) for i in range(len(test)))
+    targets = sum(int((test[i][1] != IGNORE_INDEX).sum()) for i in range(len(test)))
     curve, seen = [], set()
     for e in events:
         if e["event"] == "eval" and e["step"] not in seen:
