@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -185,6 +186,22 @@ def test_a_smoke_run_through_the_driver(results_script, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mita.train.report, "run_all", no_training)
     assert causal.main(argv) == 0
+
+
+def test_a_shakespeare_run_through_the_driver_has_bits_per_byte_and_a_sample(results_script, tmp_path):
+    causal = results_script("causal")
+    out = tmp_path / "causal"
+    argv = ["shakespeare", "--steps", "2", "--batch-size", "2", "--seq-len", "128", "--test-size", "2",
+            "--runs", str(tmp_path / "runs"), "--out", str(out), "--no-progress", "--device", "cpu",
+            "--only=-full-s2"]  # fmt: skip
+    assert causal.main(argv) == 0
+    (rec,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    final = rec["final"]
+    assert final["targets"] == 2 * 128 and final["step"] == 2
+    assert final["bits_per_byte"] == pytest.approx(final["loss"] / math.log(2))  # one byte per token
+    assert rec["sample"].startswith("ROMEO:\n") and len(rec["sample"]) > 100
+    md = out.with_suffix(".md").read_text()
+    assert "## shakespeare-char: held-out plays" in md and "Sample (full, temperature 0.8" in md
 
 
 def test_the_committed_records_render_the_committed_tables(results_script, tmp_path):

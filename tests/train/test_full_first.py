@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from mita.train import cli
 
 MQAR = ["--task", "mqar", "--data-arg", "seq_len=64", "--data-arg", "num_pairs=4",
@@ -45,3 +47,22 @@ def test_a_switch_with_no_step_left_or_no_causal_mixer_is_refused(tmp_path, cach
     assert cli.main(listops) == 2
     assert "--full-first: only for the causal kinds of the GPT presets" in capsys.readouterr().err
     assert not (tmp_path / "lo").exists()
+
+
+def test_a_run_killed_before_the_switch_resumes_with_full_attention(tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    from mita.train.loop import KILL_ENV
+
+    from .helpers import run_mita
+
+    args = [*MQAR, "--cache-dir", cache_dir, "--attention", "mita", "--full-first", "3", "--save-every", "2",
+            "--log-every", "1"]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_mita([*args, "--out", str(straight)]).returncode == 0
+    assert run_mita([*args, "--out", str(killed)], env={KILL_ENV: "3"}).returncode == 137
+    res = run_mita([*args, "--out", str(killed), "--resume"])
+    assert res.returncode == 0 and "at step 2/5" in res.stderr, res.stderr  # step 3 still full attention
+    assert _evals(straight) == _evals(killed)
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
