@@ -1,20 +1,40 @@
 """Causal MiTA against full attention, causal MoBA and a local window: MQAR recall and shakespeare-char.
 
-Regenerates ``results/causal.md`` and ``results/causal.json`` (the tables of ``docs/causal.md``). Each
-run trains a small :class:`mita.models.GPT` with a short self-contained loop: AdamW, warm-up then
-cosine decay, gradient clip 1, cross-entropy on the target positions only. The loop uses the library's
-datasets and model, but it fixes the step count and batch size, which the small CPU budget needs, and
-it applies the output head only where there is a loss (MQAR's answers). Runs are cached as JSON under
-``--runs``, so an interrupted run resumes where it stopped; ``--jobs`` trains several at once, one
-torch thread each.
+Regenerates ``results/causal.md`` and ``results/causal.json`` (the tables of ``docs/causal.md``). The
+script holds the experiments (which runs: attention kinds, routers, seeds, MQAR sizes and curriculum,
+shakespeare-char) and the report; each run is one ``mita train`` (a GPT from the ``gpt-mqar`` /
+``gpt-shakespeare`` preset) in its own directory ``--runs/NAME``. From the run's ``summary.json``,
+``metrics.jsonl`` and ``model.safetensors`` (reloaded with :func:`mita.train.checkpoint.load_model`)
+the script writes the run's record ``--runs/NAME.json``: its settings, the evaluations, MQAR's routing
+recall (the trainer's :func:`mita.analysis.recall.mqar_routing_summary`), the MiTA sweep over k and b
+at inference (MQAR) and a sample (shakespeare-char). A run with a record is not trained again; an
+interrupted one resumes from its last checkpoint; ``--jobs`` trains several at once.
 
     python results/causal.py mqar --jobs 2                 # the MQAR table (accuracy, routing recall)
     python results/causal.py shakespeare --jobs 2          # the shakespeare-char table and a sample
-    python results/causal.py report                        # rewrite the tables from the cached runs
+    python results/causal.py report                        # rewrite the tables from the records
 
 MQAR at N >= 512 learns on a CPU budget only with a curriculum (``--curriculum``: short stages with few
-pairs first, one learning-rate schedule over all stages), and ``--full-first S`` adds MiTA runs that are
-the full-attention run for their first S steps and MiTA after (docs/causal.md has the commands).
+pairs first, one learning-rate schedule over all stages, ``mita train --curriculum``), and
+``--full-first S`` adds MiTA runs that are the full-attention run for their first S steps and MiTA after
+(``mita train --full-first``; docs/causal.md has the commands).
+
+The recipe is ``mita train``'s: AdamW, no weight decay on 1-d parameters (what ``GPT.no_weight_decay()``
+names), 5 % linear warm-up then cosine, gradient clip 1, cross-entropy on the target positions only.
+Records in ``results/causal.json`` from before these runs went through ``mita train`` (those without a
+``recipe`` key) were trained by an own loop of this script, which differed in: AdamW betas (0.9, 0.95)
+where ``mita train`` uses (0.9, 0.999); a cosine down to 10 % of the peak where ``mita train`` goes to 0;
+warm-up factor ``(s + 1) / w`` over ``w = max(1, int(0.05 T))`` steps where ``mita train`` uses
+``(s + 1) / (w + 1)`` with ``w = round(0.05 T)``; its own batch order (``mita train`` draws the task's
+batches from its resumable sampler and a curriculum stage's from a permutation seeded by (seed, stage));
+and evaluations only at ``eval_at`` and the end (``mita train`` also evaluates at each epoch's end).
+The report renders both kinds of record, and it keeps the records and the ``speed`` rows of the
+last ``--out``.json (those of ``--runs`` replace them by name); the speed rows of ``results/causal.json``
+were read back once from the table of ``results/causal.md`` (as printed there) when the JSON began to
+hold them. The training throughput (``train_tokens_per_s``) is the run's
+tokens over ``mita train``'s training time (evaluation excluded); ``speed`` times the training step
+(forward, loss on all logits as ``mita train`` computes it, backward, AdamW) of every kind interleaved
+in one process, a benchmark rather than training.
 """
 
 from __future__ import annotations
@@ -22,297 +42,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-IGNORE = -100
-
-
-# ---- one run ------------------------------------------------------------------------------------------
-
-
-def _batches(ds, batch_size: int, seed: int):
-    """Endless shuffled batches of ``(x, y)`` from a map-style dataset (reshuffled every pass)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        for idx in torch.randperm(len(ds), generator=g).split(batch_size):
-            if len(idx) < batch_size:
-                break
-            xs, ys = zip(*(ds[int(i)] for i in idx))
-            yield torch.stack(xs), torch.stack(ys)
-
-
-def _loss(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the target positions, correct argmax count, target count."""
-    h = model.features(x)
-    sel = y != IGNORE
-    logits = model.head(h[sel])  # [targets, V]: the head only where there is a loss
-    tgt = y[sel]
-    return F.cross_entropy(logits.float(), tgt), (logits.argmax(-1) == tgt).sum(), sel.sum()
-
-
-@torch.no_grad()
-def evaluate_lm(model, ds, batch_size: int) -> dict[str, float]:
-    """Token-weighted loss and accuracy over the target positions of ``ds``."""
-    model.eval()
-    loss = correct = count = 0.0
-    for start in range(0, len(ds), batch_size):
-        xs, ys = zip(*(ds[i] for i in range(start, min(start + batch_size, len(ds)))))
-        x, y = torch.stack(xs), torch.stack(ys)
-        lo, c, n = _loss(model, x, y)
-        loss += float(lo) * int(n)
-        correct += int(c)
-        count += int(n)
-    model.train()
-    return {"loss": loss / count, "accuracy": correct / count, "targets": int(count)}
-
-
-@torch.no_grad()
-def mqar_recall(model, ds, n_examples: int = 64) -> list[dict[str, Any]]:
-    """Per-layer routing recall (:func:`mita.analysis.recall.routing_recall`) on ``n_examples`` examples."""
-    from mita.analysis.recall import needed_positions, routing_recall
-
-    xs, ys = zip(*(ds[i] for i in range(min(n_examples, len(ds)))))
-    x, y = torch.stack(xs), torch.stack(ys)
-    mixers = [blk.attn.mixer for blk in model.blocks]
-    for m in mixers:
-        m.record_routing = True
-    model.eval()
-    model(x)
-    out = []
-    bi, qi, need = needed_positions(x, y)
-    for layer, m in enumerate(mixers):
-        out.append({"layer": layer, **routing_recall(m.last_routing, bi, qi, need)})
-        m.record_routing, m.last_routing = False, None
-    return out
-
-
-@torch.no_grad()
-def mqar_sweep(model, ds, spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Accuracy and routing recall of the trained model at other MiTA settings, at inference only.
-
-    A MiTA model is re-run with each ``(topk, block_size)`` of ``spec["sweep_grid"]``; a model trained with
-    another kind has its mixers swapped for MiTA's (both horizons), keeping every weight.
-    """
-    from mita.nn.causal import MiTACausal
-
-    rows = []
-    blocks = [blk.attn for blk in model.blocks]
-    trained = [a.mixer for a in blocks]
-    horizons = [trained[0].landmark_horizon] if spec["attention"] == "mita" else ["prefix", "frozen"]
-    for horizon in horizons:
-        for k, b in spec["sweep_grid"]:
-            for a in blocks:
-                a.mixer = MiTACausal(block_size=b, topk=k, landmark_horizon=horizon)
-            ev = evaluate_lm(model, ds, spec["eval_batch_size"])
-            rows.append(
-                {"horizon": horizon, "topk": k, "block_size": b, **ev, "recall": mqar_recall(model, ds)}
-            )
-    for a, m in zip(blocks, trained):
-        a.mixer = m
-    return rows
-
-
-def train_run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one model described by ``spec`` and return its record (see :func:`main` for the keys)."""
-    from mita.data import build_dataset
-    from mita.models import build_model
-
-    torch.set_num_threads(spec.get("threads", 1))
-    torch.manual_seed(spec["seed"])
-    data = spec["data"]
-    test = build_dataset(spec["task"], "test", seed=0, size=spec["test_size"], **data)
-    info = test.info
-    model = build_model(
-        "gpt", vocab_size=info.vocab_size, max_len=info.seq_len, attention=spec["attention"], **spec["model"]
-    )
-    decay = [p for n, p in model.named_parameters() if n not in model.no_weight_decay()]
-    no_decay = [p for n, p in model.named_parameters() if n in model.no_weight_decay()]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec["lr"], betas=(0.9, 0.95),
-    )  # fmt: skip
-    stages = _stages(spec)
-    steps = sum(st["steps"] for st in stages)
-    warm = max(1, int(0.05 * steps))
-
-    def lr_at(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    curve, seen, train_time, stage_end = [], 0, 0.0, 0
-    evals = set(spec.get("eval_at", [])) | {steps}
-    own = [blk.attn.mixer for blk in model.blocks]
-    full_first = spec.get("full_first", 0)
-    if full_first:  # full attention for the first steps (the same run as the full model's), then the kind
-        from mita.nn.causal import FullCausal
-
-        for blk in model.blocks:
-            blk.attn.mixer = FullCausal()
-    for step in range(1, steps + 1):
-        if step == full_first + 1:
-            for blk, mixer in zip(model.blocks, own):
-                blk.attn.mixer = mixer
-        if step > stage_end:  # the next stage of the curriculum (one stage without one)
-            st = stages.pop(0)
-            train = build_dataset(spec["task"], "train", seed=0, **st["data"])
-            batches = _batches(train, st["batch_size"], spec["seed"] + len(stages))
-            stage_end = step - 1 + st["steps"]
-        x, y = next(batches)
-        t0 = time.perf_counter()
-        loss, _, _ = _loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        train_time += time.perf_counter() - t0
-        seen += x.numel()
-        if step % 50 == 0 and step not in evals:
-            print(f"[{spec['name']}] step {step}/{steps} train {float(loss.detach()):.4f} "
-                  f"({seen / train_time:.0f} tok/s)", flush=True)  # fmt: skip
-        if step in evals:
-            ev = evaluate_lm(model, test, spec["eval_batch_size"])
-            curve.append({"step": step, "train_loss": float(loss.detach()), **ev})
-            print(f"[{spec['name']}] step {step}/{steps} train {curve[-1]['train_loss']:.4f} "
-                  f"test {ev['loss']:.4f} acc {ev['accuracy']:.4f} ({seen / train_time:.0f} tok/s)",
-                  flush=True)  # fmt: skip
-    rec = {
-        **{k: v for k, v in spec.items() if k != "threads"},
-        "final": curve[-1],
-        "curve": curve,
-        "train_seconds": train_time,
-        "train_tokens_per_s": seen / train_time,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-    if spec["task"] == "shakespeare-char":
-        rec["final"]["bits_per_byte"] = curve[-1]["loss"] / math.log(2) / info.bytes_per_token
-        prompt = torch.tensor([list(b"ROMEO:\n")])
-        g = torch.Generator().manual_seed(0)
-        out = model.eval().generate(prompt, 300, temperature=0.8, top_k=40, generator=g)
-        rec["sample"] = bytes(out[0].tolist()).decode("utf-8", errors="replace")
-    if spec["task"] == "mqar" and spec["attention"] == "mita":
-        rec["recall"] = mqar_recall(model, test)
-    if spec["task"] == "mqar" and spec.get("sweep_grid") and spec["attention"] in ("mita", "full"):
-        rec["sweep"] = mqar_sweep(model, test, spec)
-    if spec.get("save"):
-        from mita.train.checkpoint import save_model_file
-
-        kwargs = {k: v for k, v in model.config.items() if k != "name"}
-        meta = {"task": spec["task"], "attention": spec["attention"], "model": "gpt", "model_kwargs": kwargs,
-                "data_kwargs": data, "step": steps}  # fmt: skip
-        save_model_file(spec["save"], model, meta)
-    return rec
-
-
-def _stages(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The training stages of ``spec``: its ``curriculum`` (data sizes, steps and batch of each stage, the
-    last at ``spec["data"]``), or one stage of ``spec["steps"]`` at ``spec["data"]``."""
-    if not spec.get("curriculum"):
-        return [{"data": spec["data"], "steps": spec["steps"], "batch_size": spec["batch_size"]}]
-    return [dict(st) for st in spec["curriculum"]]
-
-
-def speed_run(
-    task: str,
-    data: dict[str, Any],
-    models: dict[str, dict[str, Any]],
-    kinds: dict[str, str],
-    batch_size: int,
-    rounds: int,
-) -> dict[str, Any]:
-    """Training-step throughput of each kind, interleaved round by round in one process on one batch
-    (median of ``rounds``), so that every kind sees the same machine load; ratios are against ``full``."""
-    import statistics
-
-    from mita.data import build_dataset
-    from mita.models import build_model
-
-    torch.set_num_threads(1)
-    ds = build_dataset(task, "train", seed=0, **data)
-    x, y = next(_batches(ds, batch_size, 0))
-    built = {}
-    for label, kw in models.items():
-        torch.manual_seed(0)
-        v, n = ds.info.vocab_size, ds.info.seq_len
-        m = build_model("gpt", vocab_size=v, max_len=n, attention=kinds[label], **kw)
-        built[label] = (m, torch.optim.AdamW(m.parameters(), 1e-3))
-    times: dict[str, list[float]] = {k: [] for k in built}
-    for r in range(rounds + 1):  # round 0 warms up
-        for kind, (m, opt) in built.items():
-            t0 = time.perf_counter()
-            loss, _, _ = _loss(m, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if r:
-                times[kind].append(time.perf_counter() - t0)
-    tok = {k: x.numel() / statistics.median(v) for k, v in times.items()}
-    return {
-        "task": task, "data": data, "batch_size": batch_size, "rounds": rounds, "models": models,
-        "tokens_per_s": tok, "vs_full": {k: v / tok["full"] for k, v in tok.items()},
-    }  # fmt: skip
-
-
-def _run_cached(args: tuple[dict[str, Any], str]) -> dict[str, Any]:
-    spec, runs = args
-    path = Path(runs) / f"{spec['name']}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    rec = train_run(spec)
-    from mita.io import write_json
-
-    write_json(path, rec)
-    return rec
-
-
-def run_all(specs: list[dict[str, Any]], runs: str, jobs: int) -> list[dict[str, Any]]:
-    """Every spec, ``jobs`` at a time (one torch thread each), cached in ``runs``."""
-    work = [(s, runs) for s in specs]
-    if jobs <= 1:
-        return [_run_cached(w) for w in work]
-    with mp.get_context("spawn").Pool(jobs) as pool:
-        return pool.map(_run_cached, work, chunksize=1)
 
 
 # ---- the experiments ----------------------------------------------------------------------------------
 
 
 def _curriculum(a: argparse.Namespace) -> list[dict[str, Any]]:
-    """The stages of ``--curriculum LEN:PAIRS:STEPS[:BATCH],...``, trained before the task itself; a stage
-    without BATCH has ``--batch-size x --seq-len`` tokens per step. Empty without the flag. Zoology trains
-    MQAR on a mixture of lengths, most of it short; stages do the same in order, with one learning-rate
-    schedule over all of them and the task."""
-    from mita.data import build_dataset
+    """The stages of ``--curriculum LEN:PAIRS:STEPS[:BATCH],...``, trained before the task itself, checked
+    by ``mita train``'s own parser and stage checks; a stage without BATCH has ``--batch-size x --seq-len``
+    tokens per step (``mita train``'s default would be ``--batch-size`` sequences). Empty without the flag.
+    Zoology trains MQAR on a mixture of lengths, most of it short; stages do the same in order, with one
+    learning-rate schedule over all of them and the task."""
+    from mita.train.curriculum import check_stages, parse_curriculum
 
-    if not a.curriculum:
-        return []
-    stages = []
-    for item in a.curriculum.split(","):
-        try:
-            n, p, steps, *batch = (int(v) for v in item.split(":"))
-        except ValueError:
-            batch = [0, 0]
-        if len(batch) > 1:
-            raise ValueError(f"--curriculum: stage {item!r} is not LEN:PAIRS:STEPS[:BATCH] (integers)")
-        batch = batch[0] if batch else max(1, a.batch_size * a.seq_len // n)
-        if steps < 1 or batch < 1 or not 1 <= n <= a.seq_len:
-            raise ValueError(
-                f"--curriculum: stage {item!r} needs STEPS, BATCH >= 1 and 1 <= LEN <= --seq-len"
-            )
-        data = {"seq_len": n, "num_pairs": p, "vocab_size": a.vocab}
-        build_dataset("mqar", "test", size=1, **data)  # the task's own checks, before any training
-        stages.append({"data": data, "steps": steps, "batch_size": batch})
-    return stages
+    stages = parse_curriculum(a.curriculum)
+    check_stages(stages, "mqar", {"seq_len": a.seq_len, "vocab_size": a.vocab})
+    return [
+        {
+            "data": {"seq_len": st.seq_len, "num_pairs": st.num_pairs, "vocab_size": a.vocab},
+            "steps": st.steps,
+            "batch_size": st.batch_size or max(1, a.batch_size * a.seq_len // st.seq_len),
+        }
+        for st in stages
+    ]
 
 
 # 2 layers, width 64, 2 heads of 32 (Zoology's small MQAR models are 2 layers at width 64-128)
@@ -354,13 +114,12 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
         cur = pre + [{"data": data, "steps": a.steps, "batch_size": a.batch_size}] if pre else []
         name = f"mqar-n{a.seq_len}-p{pairs}-v{a.vocab}-{tag}-s{a.steps}{ctag}"
         name += (f"-seed{a.seed}" if a.seed else "") + (f"-full{full_first}" if full_first else "")
-        save = {"save": str(Path(a.runs) / f"{name}.safetensors")} if getattr(a, "runs", None) else {}
         specs.append({
             "name": name, "task": "mqar", "curriculum": cur, "attention": kind, "data": data,
             "model": {**MQAR_MODEL, **opts}, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "weight_decay": 0.1, "seed": a.seed, "test_size": a.test_size, "eval_batch_size": 64,
             "eval_at": [total - a.steps + a.steps // 2], "pairs": pairs, "sweep_grid": grid,
-        } | ({"full_first": full_first} if full_first else {}) | save)  # fmt: skip
+        } | ({"full_first": full_first} if full_first else {}))  # fmt: skip
 
     for pairs in a.pairs:  # the slow MiTA runs first, so that --jobs 2 overlaps them with the rest
         for shared in (True, False) if a.routed_only else (True,):
@@ -394,9 +153,191 @@ def shakespeare_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
             "data": {"seq_len": a.seq_len}, "model": {**SHAKESPEARE_MODEL, **opts}, "steps": a.steps,
             "batch_size": a.batch_size, "lr": a.lr, "weight_decay": 0.1, "seed": a.seed,
             "test_size": a.test_size, "eval_batch_size": 8, "eval_at": [a.steps // 2],
-            "save": str(Path(a.runs) / f"{name}.safetensors"),
         })  # fmt: skip
     return specs
+
+
+# ---- runs: one mita train each -------------------------------------------------------------------------
+
+
+FLAGS = {"block_size": "--block-size", "topk": "--topk", "landmark_horizon": "--landmark-horizon"}
+
+
+def train_argv(spec: dict[str, Any], out: Path, device: str = "auto", progress: bool = True) -> list[str]:
+    """The ``mita train`` arguments of ``spec``, writing to the run directory ``out``.
+
+    The model is the task's preset with what ``spec["model"]`` sets differently (b, k and the horizon
+    as flags, the rest as ``--model-arg``); ``--epochs`` equal to the steps lifts the preset's own step
+    count, so that ``--max-steps`` alone sets the run's length (with a curriculum: the task's steps after
+    the stages)."""
+    from mita.train.presets import get_preset
+    from mita.train.report import train_args
+
+    preset = get_preset(spec["task"])
+    base = {**preset.model_kwargs, **preset.attention_kwargs.get(spec["attention"], {})}
+    stages = (spec.get("curriculum") or [])[:-1]  # the last stage is the task itself
+    curriculum = ",".join(
+        f"{st['data']['seq_len']}:{st['data']['num_pairs']}:{st['steps']}:{st['batch_size']}" for st in stages
+    )
+    model = spec["model"]
+    options = {
+        "--task": spec["task"], "--attention": spec["attention"], "--seed": spec["seed"],
+        "--max-steps": spec["steps"], "--epochs": spec["steps"], "--batch-size": spec["batch_size"],
+        "--lr": spec["lr"], "--weight-decay": spec["weight_decay"], "--test-size": spec["test_size"],
+        "--eval-batch-size": spec["eval_batch_size"], "--eval-every": min(spec.get("eval_at") or [None]),
+        "--curriculum": curriculum or None, "--full-first": spec.get("full_first") or None,
+        "--device": device, "--out": out, **{flag: model.get(key) for key, flag in FLAGS.items()},
+    }  # fmt: skip
+    args = train_args(options, {"--resume": True, "--no-progress": not progress})
+    for key, value in spec["data"].items():
+        args += ["--data-arg", f"{key}={value}"]
+    for key, value in model.items():
+        if key not in FLAGS and (key not in base or base[key] != value):
+            args += ["--model-arg", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def _test_set(spec: dict[str, Any]) -> Any:
+    """The run's test set, as ``mita train`` builds it (the task's data at the spec's size)."""
+    from mita.data import build_dataset
+
+    return build_dataset(spec["task"], "test", size=spec["test_size"], **spec["data"])
+
+
+def _tokens(spec: dict[str, Any]) -> int:
+    """Tokens the run trained on: every stage's ``steps x batch x length`` (no curriculum: the task's)."""
+    stages = spec.get("curriculum") or [
+        {"data": spec["data"], "steps": spec["steps"], "batch_size": spec["batch_size"]}
+    ]
+    return sum(st["steps"] * st["batch_size"] * st["data"]["seq_len"] for st in stages)
+
+
+@torch.no_grad()
+def mqar_sweep(model: torch.nn.Module, test: Any, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy and routing recall of the trained model at other MiTA settings, at inference only.
+
+    A MiTA model is re-run with each ``(topk, block_size)`` of ``spec["sweep_grid"]``; a model trained with
+    another kind has its mixers swapped for MiTA's (both horizons), keeping every weight (mixers hold none).
+    """
+    from mita.analysis.recall import mqar_routing_summary
+    from mita.nn.causal import MiTACausal
+    from mita.train.evaluate import evaluate
+
+    rows = []
+    attns = [blk.attn for blk in model.blocks]
+    trained = [a.mixer for a in attns]
+    horizons = [trained[0].landmark_horizon] if spec["attention"] == "mita" else ["prefix", "frozen"]
+    for horizon in horizons:
+        for k, b in spec["sweep_grid"]:
+            for a in attns:
+                a.mixer = MiTACausal(block_size=b, topk=k, landmark_horizon=horizon)
+            ev = evaluate(model, test, batch_size=spec["eval_batch_size"])
+            recall = mqar_routing_summary(model, test)
+            scores = {"loss": ev["test_loss"], "accuracy": ev["test_accuracy"], "targets": ev["targets"]}
+            rows.append({"horizon": horizon, "topk": k, "block_size": b, **scores, "recall": recall})
+    for a, m in zip(attns, trained):
+        a.mixer = m
+    return rows
+
+
+def run_record(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The record of the finished run of ``spec`` in ``out``: the spec, the evaluations of its
+    ``metrics.jsonl`` (``curve``, ``final``), time and throughput from its ``summary.json``, and what the
+    saved weights give: MQAR's sweep over k and b, shakespeare-char's sample."""
+    from mita.train.checkpoint import load_model
+    from mita.train.objective import IGNORE_INDEX
+
+    summary = json.loads((out / "summary.json").read_text())
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    test = _test_set(spec)
+    targets = sum(int((test[i][1] != IGNORE_INDEX).sum()) for i in range(len(test)))
+    curve, seen = [], set()
+    for e in events:
+        if e["event"] == "eval" and e["step"] not in seen:
+            seen.add(e["step"])
+            logged = [t["loss"] for t in events if t["event"] == "train" and t["step"] <= e["step"]]
+            scores = {"loss": e["test_loss"], "accuracy": e["test_accuracy"], "targets": targets}
+            curve.append({"step": e["step"], "train_loss": logged[-1] if logged else None, **scores})
+    rec = {
+        **spec, "out": str(out), "final": dict(curve[-1]), "curve": curve, "recipe": summary["recipe"],
+        "train_seconds": summary["train_time_s"], "params": summary["num_params"],
+        "train_tokens_per_s": _tokens(spec) / summary["train_time_s"],
+    }  # fmt: skip
+    if spec["task"] == "mqar" and summary.get("routing_recall"):
+        rec["recall"] = summary["routing_recall"]
+    want_sweep = spec["task"] == "mqar" and spec.get("sweep_grid") and spec["attention"] in ("mita", "full")
+    if want_sweep or spec["task"] == "shakespeare-char":
+        model, _ = load_model(out)
+        if want_sweep:
+            rec["sweep"] = mqar_sweep(model, test, spec)
+        else:
+            rec["final"]["bits_per_byte"] = summary["test_bits_per_byte"]
+            prompt = torch.tensor([list(b"ROMEO:\n")])
+            g = torch.Generator().manual_seed(0)
+            sample = model.eval().generate(prompt, 300, temperature=0.8, top_k=40, generator=g)
+            rec["sample"] = bytes(sample[0].tolist()).decode("utf-8", errors="replace")
+    return rec
+
+
+def run_all(
+    specs: list[dict[str, Any]], runs: str, jobs: int, device: str = "auto", progress: bool = True
+) -> None:
+    """Train every spec without a record in ``runs`` (``jobs`` at a time), then write the records."""
+    from mita.io import write_json
+    from mita.train.report import run_all as train_all
+
+    todo = [s for s in specs if not (Path(runs) / f"{s['name']}.json").is_file()]
+    cmds = {
+        s["name"]: train_argv(s, Path(runs) / s["name"], device, progress)
+        for s in todo
+        if not (Path(runs) / s["name"] / "summary.json").is_file()  # trained, record not yet written
+    }
+    train_all(cmds, jobs)
+    for s in todo:
+        write_json(Path(runs) / f"{s['name']}.json", run_record(s, Path(runs) / s["name"]))
+
+
+def speed_run(
+    task: str,
+    data: dict[str, Any],
+    models: dict[str, dict[str, Any]],
+    kinds: dict[str, str],
+    batch_size: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """Training-step throughput of each kind, interleaved round by round in one process on one batch
+    (median of ``rounds``), so that every kind sees the same machine load; ratios are against ``full``."""
+    import statistics
+
+    from mita.data import build_dataset
+    from mita.models import build_model
+    from mita.train.objective import loss_fn
+
+    torch.set_num_threads(1)
+    ds = build_dataset(task, "train", seed=0, **data)
+    xs, ys = zip(*(ds[i] for i in range(batch_size)))
+    x, y = torch.stack(xs), torch.stack(ys)
+    built = {}
+    for label, kw in models.items():
+        torch.manual_seed(0)
+        v, n = ds.info.vocab_size, ds.info.seq_len
+        m = build_model("gpt", vocab_size=v, max_len=n, attention=kinds[label], **kw)
+        built[label] = (m, torch.optim.AdamW(m.parameters(), 1e-3))
+    times: dict[str, list[float]] = {k: [] for k in built}
+    for r in range(rounds + 1):  # round 0 warms up
+        for kind, (m, opt) in built.items():
+            t0 = time.perf_counter()
+            loss = loss_fn(m(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if r:
+                times[kind].append(time.perf_counter() - t0)
+    tok = {k: x.numel() / statistics.median(v) for k, v in times.items()}
+    return {
+        "task": task, "data": data, "batch_size": batch_size, "rounds": rounds, "models": models,
+        "tokens_per_s": tok, "vs_full": {k: v / tok["full"] for k, v in tok.items()},
+    }  # fmt: skip
 
 
 # ---- tables -------------------------------------------------------------------------------------------
@@ -467,18 +408,35 @@ def _seed_means(sh: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def records(runs: str, out: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(run records, speed rows)``: those of ``out``.json (the last report), with the records in ``runs``
+    added or replacing them by name and ``runs``/speed.json replacing the speed rows. A report from a fresh
+    ``runs`` keeps the table's earlier rows. Records are in the order of their files' names."""
+    path = Path(out).with_suffix(".json")
+    last = json.loads(path.read_text()) if path.is_file() else {}
+    recs = {r["name"]: r for r in last.get("runs", [])}
+    for p in sorted(Path(runs).glob("*.json")):
+        r = json.loads(p.read_text())
+        if "task" in r and "final" in r:  # run records only (not speed.json)
+            recs[r["name"]] = r
+    speed = Path(runs) / "speed.json"
+    rows = json.loads(speed.read_text())["speed"] if speed.is_file() else last.get("speed", [])
+    return [recs[name] for name in sorted(recs, key=lambda n: f"{n}.json")], rows
+
+
 def report(runs: str, out: str) -> None:
-    """Write ``out``.md and ``out``.json from every cached run in ``runs``."""
+    """Write ``out``.md and ``out``.json from the run records and speed rows of :func:`records`."""
     from mita.io import write_json, write_text
     from mita.train.runinfo import hardware
 
-    recs = [json.loads(p.read_text()) for p in sorted(Path(runs).glob("*.json"))]
-    recs = [r for r in recs if "task" in r and "final" in r]  # run records only
+    recs, speed_rows = records(runs, out)
     lines = ["# Causal attention kinds: MQAR and shakespeare-char (CPU)", ""]
     hw = hardware(torch.device("cpu"))
     lines.append(
         f"Hardware: {hw.get('cpu', '?')}, torch {torch.__version__}; one thread per run, the machine "
-        "shared with other jobs. Regenerate: `python results/causal.py report`."
+        "shared with other jobs. Regenerate: `python results/causal.py report`. Runs whose record has a "
+        "`recipe` were trained by `mita train` (AdamW betas (0.9, 0.999), cosine to 0); the others by the "
+        "script's earlier loop (betas (0.9, 0.95), cosine to 10 % of the peak)."
     )
     mq = [r for r in recs if r["task"] == "mqar"]
     if mq:
@@ -557,17 +515,19 @@ def report(runs: str, out: str) -> None:
             if r.get("sample") and r["seed"] == 0 and r["steps"] == max(x["steps"] for x in sh):
                 lines += ["", f"Sample ({_label(r)}, temperature 0.8, top-k 40, prompt `ROMEO:`):", "", "```"]
                 lines += [r["sample"], "```"]
-    speed = Path(runs) / "speed.json"
-    if speed.is_file():
+    if speed_rows:
         lines += ["", "## Training-step throughput, interleaved in one process (median of the rounds)", ""]
         lines.append(_row("task", "N", "batch", "attention", "tokens/s", "vs full (SDPA causal)"))
         lines.append("|---|---|---|---|---|---|")
-        for row in json.loads(speed.read_text())["speed"]:
+        for row in speed_rows:
             for label, tok in row["tokens_per_s"].items():
                 cells = (row["task"], row["data"]["seq_len"], row["batch_size"], label, f"{tok:.0f}")
                 lines.append(_row(*cells, f"{row['vs_full'][label]:.2f}x"))
     write_text(Path(out).with_suffix(".md"), "\n".join(lines) + "\n")
-    write_json(Path(out).with_suffix(".json"), {"hardware": hw, "torch": torch.__version__, "runs": recs})
+    write_json(
+        Path(out).with_suffix(".json"),
+        {"hardware": hw, "torch": torch.__version__, "runs": recs, "speed": speed_rows},
+    )
     print("\n".join(lines))
 
 
@@ -619,8 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         "--routers", nargs="+", default=["argmax"], help="MQAR: MiTA routers to train (MiTACausal(router=))"
     )
     p.add_argument("--only", help="comma-separated substrings: run only the specs whose name has one")
-    p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--runs", default="runs/results-causal")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, CPU threads split between them")
+    p.add_argument("--device", default="auto", help="mita train --device (the tables' runs: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--runs", default="runs/results-causal", help="run directories and their records")
     p.add_argument("--out", default=str(HERE / "causal"))
     a = p.parse_args(argv)
     Path(a.runs).mkdir(parents=True, exist_ok=True)
@@ -642,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = mqar_specs(a) if a.experiment == "mqar" else shakespeare_specs(a)
         if a.only:
             specs = [s for s in specs if any(t in s["name"] for t in a.only.split(","))]
-        run_all(specs, a.runs, a.jobs)
+        run_all(specs, a.runs, a.jobs, a.device, not a.no_progress)
     report(a.runs, a.out)
     return 0
 

@@ -1,13 +1,21 @@
-"""results/causal.py: the MQAR curriculum (short stages before the task) is parsed and checked up front,
-trains every stage in order with one learning-rate schedule, and keeps runs of different curricula or
-seeds apart in the run cache; --full-first runs are the full run until they switch to MiTA;
---routed-only runs have no shared expert."""
+"""results/causal.py: the MQAR curriculum (short stages before the task) is parsed and checked up front and
+handed to ``mita train`` stage by stage before the task's own steps; runs of different curricula or seeds
+stay apart; every spec is a ``mita train`` command that builds exactly the spec's model; --full-first runs
+are the full run until they switch to MiTA; --routed-only runs have no shared expert; a smoke run through
+the driver writes records the report reads, and the committed records still render the committed tables."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(causal, **kw):
@@ -16,7 +24,11 @@ def _args(causal, **kw):
     return causal._filled(argparse.Namespace(**{**base, **kw}), "mqar")
 
 
-def test_curriculum_stages_keep_tokens_per_step_and_end_at_the_task(results_script):
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_curriculum_stages_keep_tokens_per_step_and_end_at_the_task(results_script, tmp_path):
     causal = results_script("causal")
     specs = causal.mqar_specs(_args(causal, curriculum="16:1:3,32:2:5"))
     for spec in specs:  # every kind trains the same stages, the last one the task itself
@@ -26,7 +38,10 @@ def test_curriculum_stages_keep_tokens_per_step_and_end_at_the_task(results_scri
         assert [st["steps"] for st in stages] == [3, 5, 4]
         assert [st["batch_size"] * st["data"]["seq_len"] for st in stages] == [128, 128, 128]
         assert stages[-1]["data"] == spec["data"]
+        argv = causal.train_argv(spec, tmp_path / spec["name"])  # the stages in order, then the task's steps
+        assert _flag(argv, "--curriculum") == "16:1:3:8,32:2:5:4" and _flag(argv, "--max-steps") == "4"
     assert all(s["curriculum"] == [] for s in causal.mqar_specs(_args(causal)))
+    assert "--curriculum" not in causal.train_argv(causal.mqar_specs(_args(causal))[0], tmp_path)
     given = causal._curriculum(_args(causal, curriculum="16:1:3:5"))
     assert [st["batch_size"] for st in given] == [5]
 
@@ -36,12 +51,12 @@ def test_curriculum_stages_keep_tokens_per_step_and_end_at_the_task(results_scri
     [
         ("16:1", "'16:1' is not LEN:PAIRS:STEPS\\[:BATCH\\]"),
         ("16:x:3", "'16:x:3' is not LEN:PAIRS:STEPS\\[:BATCH\\]"),
-        ("96:1:3", "'96:1:3' needs STEPS, BATCH >= 1 and 1 <= LEN <= --seq-len"),
-        ("16:1:0", "'16:1:0' needs STEPS, BATCH >= 1"),
-        ("16:1:3:0", "'16:1:3:0' needs STEPS, BATCH >= 1"),
+        ("96:1:3", "stage 96:1:3 is longer than the task's seq_len=64"),
+        ("16:1:0", "'16:1:0' is not LEN:PAIRS:STEPS\\[:BATCH\\] with positive integers"),
+        ("16:1:3:0", "'16:1:3:0' is not LEN:PAIRS:STEPS\\[:BATCH\\] with positive integers"),
         ("16:1:3:4:5", "'16:1:3:4:5' is not LEN"),
-        ("16:5:3", "seq_len=16 cannot hold num_pairs=5"),
-        ("8:1:3", "seq_len must be an int >= 16"),
+        ("16:5:3", "stage 16:5:3: .*seq_len=16 cannot hold num_pairs=5"),
+        ("8:1:3", "stage 8:1:3: .*seq_len must be an int >= 16"),
     ],
 )
 def test_bad_curriculum_stages_are_refused_naming_them(bad, match, results_script):
@@ -61,39 +76,62 @@ def test_run_names_tell_curricula_and_seeds_apart(results_script):
     assert any(n.endswith("-c16x1x3x8") for n in names) and any(n.endswith("-seed1") for n in names)
 
 
-def test_a_curriculum_run_trains_each_stage_in_order(monkeypatch, results_script):
-    causal = results_script("causal")
-    import mita.data
+def _built_model(argv: list[str]) -> tuple[dict, object]:
+    """The model keywords ``mita train ARGV`` builds, after its own checks and a forward pass (preflight)."""
+    from mita.data import get_task
+    from mita.train import cli
+    from mita.train.presets import causal_overrides, get_preset, model_spec
 
-    built = []
-    real = mita.data.build_dataset
-
-    def recording(task, split, **kw):
-        built.append((split, kw["seq_len"], kw["num_pairs"]))
-        return real(task, split, **kw)
-
-    monkeypatch.setattr(mita.data, "build_dataset", recording)
-    spec = next(
-        s for s in causal.mqar_specs(_args(causal, curriculum="16:1:3,32:2:2")) if s["attention"] == "full"
+    cfg = cli.config_from_args(cli.build_parser().parse_args(argv))
+    cli.preflight(cfg)
+    preset = get_preset(cfg.task, cfg.preset)
+    info = dataclasses.replace(
+        get_task(cfg.task), seq_len={**preset.data_kwargs, **cfg.data_kwargs}["seq_len"]
     )
-    rec = causal.train_run({**spec, "sweep_grid": []})
-    assert [b for b in built if b[0] == "train"] == [("train", 16, 1), ("train", 32, 2), ("train", 64, 4)]
-    assert rec["curve"][-1]["step"] == 3 + 2 + 4  # one schedule over all stages, evaluated at the end
-    assert rec["final"]["targets"] == 8 * 4  # the test set is the task's (4 queries per example)
+    attn = {"num_landmarks": cfg.num_landmarks, "topk": cfg.topk, **causal_overrides(cfg)}
+    return model_spec(preset, info, cfg.attention, attn, cfg.model_kwargs)[1], cfg
 
 
-def test_full_first_runs_are_the_full_run_until_they_switch(results_script):
+def test_every_spec_is_a_mita_train_command_building_the_specs_model(results_script, tmp_path):
+    causal = results_script("causal")
+    a = _args(causal, curriculum="16:1:2", full_first=3, routed_only=True)
+    a.routers = ["argmax", "gate+distill", "grouped"]
+    sh = causal._filled(argparse.Namespace(**{**vars(a), **dict.fromkeys(causal.DEFAULTS["shakespeare"])}),
+                        "shakespeare")  # fmt: skip
+    specs = [s for s in causal.mqar_specs(a) if "grouped" not in s["name"] or "frozen" in s["name"]]
+    specs += causal.shakespeare_specs(sh)
+    for spec in specs:
+        argv = causal.train_argv(spec, tmp_path / spec["name"])
+        kwargs, cfg = _built_model(argv)
+        assert {k: kwargs[k] for k in spec["model"]} == spec["model"], spec["name"]
+        assert set(kwargs) - set(spec["model"]) == {"attention", "vocab_size", "max_len"}, spec["name"]
+        assert kwargs["attention"] == spec["attention"] and cfg.seed == spec["seed"]
+        assert cfg.data_kwargs == spec["data"] and cfg.test_size == spec["test_size"]
+        assert (cfg.lr, cfg.weight_decay, cfg.batch_size) == (spec["lr"], 0.1, spec["batch_size"])
+        assert cfg.full_first == (spec.get("full_first") or None)
+
+
+def test_full_first_specs_switch_from_the_full_run(results_script, tmp_path):
     causal = results_script("causal")
     specs = causal.mqar_specs(_args(causal, curriculum="16:1:2", full_first=3))
     full = next(s for s in specs if s["attention"] == "full")
     switched = [s for s in specs if s.get("full_first")]
     assert sorted(s["model"]["landmark_horizon"] for s in switched) == ["frozen", "prefix"]
     assert all(s["name"].endswith("-full3") for s in switched)
-    frozen = next(s for s in switched if s["model"]["landmark_horizon"] == "frozen")
-    runs = [causal.train_run({**s, "eval_at": [3], "sweep_grid": []}) for s in (full, frozen)]
-    at_switch = [r["curve"][0] for r in runs]
-    assert at_switch[0]["step"] == 3 and at_switch[0] == at_switch[1]  # bit for bit the same run so far
-    assert runs[0]["final"] != runs[1]["final"]  # then MiTA's own steps
+    from mita.train import cli
+
+    def config(spec: dict) -> dict:
+        return cli.config_from_args(
+            cli.build_parser().parse_args(causal.train_argv(spec, tmp_path))
+        ).to_dict()
+
+    mine = ("attention", "full_first", "block_size", "topk", "landmark_horizon", "model_kwargs")
+    for s in switched:  # the full run's settings (seed, data, recipe), plus the switch and MiTA's own
+        got, base = config(s), config(full)
+        assert got["full_first"] == 3 and got["attention"] == "mita"
+        assert {k: v for k, v in got.items() if k not in mine} == {
+            k: v for k, v in base.items() if k not in mine
+        }
 
 
 @pytest.mark.parametrize("bad", [6, 7])
@@ -103,12 +141,75 @@ def test_full_first_must_leave_steps_to_the_kind(bad, results_script):
         causal.mqar_specs(_args(causal, curriculum="16:1:2", full_first=bad))
 
 
-def test_routed_only_adds_mita_runs_without_the_shared_expert(results_script):
+def test_routed_only_adds_mita_runs_without_the_shared_expert(results_script, tmp_path):
     causal = results_script("causal")
     specs = causal.mqar_specs(_args(causal, routed_only=True, full_first=3))
     routed = [s for s in specs if s["model"].get("shared") is False]
     assert len(routed) == 4  # both horizons, from scratch and after full attention
     assert all("-routed" in s["name"] for s in routed) and len({s["name"] for s in specs}) == len(specs)
     assert sum(bool(s.get("full_first")) for s in routed) == 2
-    rec = causal.train_run({**routed[0], "steps": 2, "sweep_grid": []})
-    assert "routed-only" in causal._label(rec) and 0 <= rec["final"]["accuracy"] <= 1
+    assert all("shared=false" in causal.train_argv(s, tmp_path) for s in routed)
+    assert all("routed-only" in causal._label(s) for s in routed)
+
+
+def test_a_smoke_run_through_the_driver(results_script, tmp_path, monkeypatch):
+    """A full run and a routed-only MiTA run that is the full run for its first 4 of 2 + 4 steps, each one
+    ``mita train``; their records, the report, and no training again once recorded."""
+    causal = results_script("causal")
+    runs, out = tmp_path / "runs", tmp_path / "causal"
+    argv = ["mqar", "--steps", "4", "--batch-size", "2", "--seq-len", "64", "--test-size", "8",
+            "--pairs", "4", "--vocab", "16", "--block-size", "8", "--topk", "8", "--curriculum", "16:1:2",
+            "--full-first", "4", "--routed-only", "--runs", str(runs), "--out", str(out), "--no-progress",
+            "--device", "cpu", "--only=-full-s4,frozen-k8-b8-routed-s4-c16x1x2x8-full4"]  # fmt: skip
+    assert causal.main(argv) == 0
+    recs = {r["attention"]: r for r in json.loads(out.with_suffix(".json").read_text())["runs"]}
+    full, mita = recs["full"], recs["mita"]
+    assert [c["step"] for c in full["curve"]] == [4, 6] == [c["step"] for c in mita["curve"]]
+    assert full["curve"][0] == mita["curve"][0]  # bit for bit the same run until the switch
+    assert full["final"]["loss"] != mita["final"]["loss"]  # then MiTA's own steps
+    assert full["final"]["targets"] == 8 * 4  # the test set is the task's (4 queries per example)
+    assert full["recipe"]["curriculum"] == "16:1:2:8" and full["recipe"]["total_steps"] == 6
+    assert "routed-only" in causal._label(mita) and 0 <= mita["final"]["accuracy"] <= 1
+    assert [r["layer"] for r in mita["recall"]] == [0, 1] and "recall" not in full
+    assert len(mita["sweep"]) == 5 and len(full["sweep"]) == 10  # the k x b grid; full: both horizons
+    assert full["train_seconds"] > 0 and full["train_tokens_per_s"] > 0 and full["params"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert (
+        "| 64 | 4 | 16 | full | 0 |" in md and "mita frozen routed-only (k=8, b=8, full for steps 1-4)" in md
+    )
+
+    import mita.train.report
+
+    def no_training(cmds, jobs):
+        assert not cmds, f"trained again: {list(cmds)}"
+        return {}
+
+    monkeypatch.setattr(mita.train.report, "run_all", no_training)
+    assert causal.main(argv) == 0
+
+
+def test_a_shakespeare_run_through_the_driver_has_bits_per_byte_and_a_sample(results_script, tmp_path):
+    causal = results_script("causal")
+    out = tmp_path / "causal"
+    argv = ["shakespeare", "--steps", "2", "--batch-size", "2", "--seq-len", "128", "--test-size", "2",
+            "--runs", str(tmp_path / "runs"), "--out", str(out), "--no-progress", "--device", "cpu",
+            "--only=-full-s2"]  # fmt: skip
+    assert causal.main(argv) == 0
+    (rec,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    final = rec["final"]
+    assert final["targets"] == 2 * 128 and final["step"] == 2
+    assert final["bits_per_byte"] == pytest.approx(final["loss"] / math.log(2))  # one byte per token
+    assert rec["sample"].startswith("ROMEO:\n") and len(rec["sample"]) > 100
+    md = out.with_suffix(".md").read_text()
+    assert "## shakespeare-char: held-out plays" in md and "Sample (full, temperature 0.8" in md
+
+
+def test_the_committed_records_render_the_committed_tables(results_script, tmp_path):
+    causal = results_script("causal")
+    shutil.copy(ROOT / "results" / "causal.json", tmp_path / "causal.json")
+    causal.report(str(tmp_path / "no-runs"), str(tmp_path / "causal"))
+    want = (ROOT / "results" / "causal.md").read_text().splitlines()
+    got = (tmp_path / "causal.md").read_text().splitlines()
+    assert len(got) == len(want)
+    assert [g for i, g in enumerate(got) if i != 2] == [w for i, w in enumerate(want) if i != 2]
+    assert got[2].split(";")[1:] == want[2].split(";")[1:]  # the hardware line: this machine's CPU

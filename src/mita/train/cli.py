@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="MQAR: stages trained before the task (short sequences, few pairs first); --max-steps then sets "
         "the task's own steps after them, one learning-rate schedule spans all",
     )  # fmt: skip
+    p.add_argument(
+        "--full-first", type=_positive, metavar="STEPS",
+        help="GPT causal kinds: full attention for the first STEPS optimizer steps, then --attention's kind "
+        "(same weights, optimizer and schedule: until then the full-attention run of the same seed)",
+    )  # fmt: skip
     p.add_argument("--epochs", type=_positive, help="epochs (default: the preset's epochs or steps)")
     p.add_argument(
         "--max-steps", type=_positive, help="stop after N optimizer steps (the schedule ends there)"

@@ -14,7 +14,7 @@ __all__ = ["TrainConfig", "check_device", "resume_differences"]
 
 _POSITIVE_INTS = (
     "num_landmarks", "topk", "block_size", "epochs", "max_steps", "batch_size", "train_size", "test_size",
-    "eval_every", "save_every", "log_every", "eval_batch_size", "context_parallel",
+    "eval_every", "save_every", "log_every", "eval_batch_size", "context_parallel", "full_first",
 )  # fmt: skip
 # model keywords that are sizes: zero or negative builds a model with nothing in it, or none at all
 _POSITIVE_MODEL_ARGS = (
@@ -58,6 +58,7 @@ class TrainConfig:
     block_size: int | None = None  # causal kinds of the GPT: landmark / own block size
     landmark_horizon: str | None = None  # causal MiTA: "prefix" or "frozen"
     curriculum: str | None = None  # MQAR: LEN:PAIRS:STEPS[:BATCH],... before the task (mita.train.curriculum)
+    full_first: int | None = None  # GPT causal kinds: full attention for the first N steps (train.full_first)
     epochs: int | None = None
     max_steps: int | None = None
     batch_size: int | None = None

@@ -74,6 +74,9 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         cfg, parts, state = self.cfg, self.parts, self.state
+        from .full_first import full_first  # before anything is written: a bad switch leaves no run
+
+        switch = full_first(parts.model, getattr(cfg, "full_first", None), parts.total_steps)
         self.metrics = Metrics(
             self.out, dist=self.dist, device=self.device, steps_per_epoch=parts.steps_per_epoch,
             total_steps=parts.total_steps, log_every=cfg.log_every, eval_every=cfg.eval_every,
@@ -92,6 +95,8 @@ class Trainer:
                 staged = state.step < parts.curriculum_steps  # a curriculum step, before the task's epochs
                 # the ranks of a context-parallel group train on one batch: count its samples once
                 counted = batch_size_of(x) if self.dist.rank % cfg.context_parallel == 0 else 0
+                if switch is not None:
+                    switch.at(state.step)
                 self.metrics.add(*self._step(x, y), counted)
                 staged_batch = batch_size_of(x) * self.dist.world_size // cfg.context_parallel
                 samples = staged_batch if staged else global_batch
