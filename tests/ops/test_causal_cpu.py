@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mita import mita_attention
 from mita.landmarks import block_mean
-from mita.ops.causal import op as causal_op
+from mita.ops.causal import api as causal_op
 from mita.ops.cpu import build
 
 needs_tools = pytest.mark.skipif(build._missing_tools() is not None, reason="no C++ compiler or ninja")
@@ -267,7 +267,7 @@ def test_torch_compile_fullgraph_matches_eager_forward_and_gradients():
 @pytest.mark.slow
 def test_custom_ops_pass_opcheck():
     # Fake kernels, schemas and registered autograd of the torch.library ops used under torch.compile.
-    from mita.ops.cpu import causal as kernels
+    from mita.ops.causal import cpu_backend as kernels
 
     q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 21, 4, seed=6))
     r = block_mean(q, 4).detach().requires_grad_()

@@ -94,7 +94,7 @@ def test_same_answer_at_one_and_two_threads():
     the whole op's gradients, those of k and the landmarks also pass through torch's own landmark-side
     matmul backward, which MKL may round differently with the thread count (the torch backend shares it),
     so there they are compared to float32 rounding."""
-    from mita.ops.cpu.backend import cpu_attention
+    from mita.ops.cpu_backend import cpu_attention
 
     q, k, v, r = make_inputs(2, 4, 2, 90, 16, 5, dtype=torch.float32, seed=4)
     mask = padding_mask(2, 90, [0, 13])
@@ -181,7 +181,7 @@ def test_torch_compile_traces_the_custom_ops():
 @needs_tools
 @pytest.mark.parametrize("s", [1, 2])
 def test_custom_op_registrations_pass_opcheck(s):
-    from mita.ops.cpu.backend import cpu_attention
+    from mita.ops.cpu_backend import cpu_attention
 
     assert build.availability()[0]
     g = torch.Generator().manual_seed(1)
@@ -201,7 +201,7 @@ def test_custom_op_registrations_pass_opcheck(s):
 
 @needs_tools
 def test_topk_takes_the_largest_lowest_index_first_on_ties():
-    from mita.ops.cpu.backend import cpu_topk
+    from mita.ops.cpu_backend import cpu_topk
 
     assert build.availability()[0]
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mita import mita_attention
-from mita.ops.cpu import backend as cpu_backend
+from mita.ops import cpu_backend
 from mita.ops.cpu import build
 
 from .helpers import make_inputs, padding_mask, same_routing

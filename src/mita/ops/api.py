@@ -240,7 +240,7 @@ def mita_attention(
     elif chosen == "torch":
         out, routing = torch_forward(p, q, k, v, landmarks, key_padding_mask)
     elif chosen == "cpu":
-        from .cpu.backend import cpu_forward
+        from .cpu_backend import cpu_forward
 
         out, routing = cpu_forward(p, q, k, v, landmarks, key_padding_mask)
     else:

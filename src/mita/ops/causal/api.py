@@ -112,7 +112,7 @@ def causal_attention(
     if chosen == "reference":
         out, routing = causal_reference_forward(p, q, k, v, landmarks)
     elif chosen == "cpu":
-        from ..cpu.causal import cpu_causal_forward
+        from .cpu_backend import cpu_causal_forward
 
         out, routing = cpu_causal_forward(p, q, k, v, landmarks, want_routing)
     else:

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import torch
 
-from ..causal.common import CausalProblem, CausalRouting, router_gate_shift
-from ..causal.torch_backend import _routed_tiles
-from .build import availability
-from .dispatch import eager_or_compiled
+from ..cpu.build import availability
+from ..cpu.dispatch import eager_or_compiled
+from .common import CausalProblem, CausalRouting, router_gate_shift
+from .torch_backend import _routed_tiles
 
 Tensor = torch.Tensor
 LIB = "mita_cpu_causal"
