@@ -325,7 +325,8 @@ def cmd_kernel_check(args) -> int:
     """One tiny MiTA forward+backward through the Triton kernels (GQA, padding, several blocks) against
     the dense reference: output, routing and the four gradients."""
     from mita import mita_attention
-    from mita.ops.triton.backend import availability, interpreter_requested
+    from mita.ops.triton.backend import availability
+    from mita.ops.triton.interpreter import interpreter_requested
 
     if args.device == "cpu" and not interpreter_requested():
         print("kernel-check: on CPU the kernels need TRITON_INTERPRET=1 in the environment", file=sys.stderr)

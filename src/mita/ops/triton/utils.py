@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreter_requested
+from .interpreter import interpreter_requested
 
 # Largest block along landmarks, routed keys and key/query sequences. Tests lower it to exercise the
 # multi-block loops at interpreter-sized inputs.
