@@ -151,7 +151,7 @@ def test_sequence_models_it_cannot_split_are_refused():
 
 def test_context_parallel_groups_under_ddp():
     """4 ranks: 2 groups of 2 sharing a batch each, DDP over all 4: the plain data-parallel gradient."""
-    import torch.distributed.fsdp  # noqa: F401  (DDP imports it lazily: once here, not in every forked rank)
+    import torch.distributed.fsdp  # noqa: F401, PLC0415  (DDP imports it lazily: once here, not in every forked rank)
 
     for rank, err in enumerate(run_ranks(4, workers.context_and_data_parallel, 2)):
         assert err <= TOL, f"rank {rank}: {err}"

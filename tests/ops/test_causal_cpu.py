@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mita import mita_causal_attention
 from mita.landmarks import block_mean
 from mita.ops.causal import api as causal_op
+from mita.ops.causal import cpu_backend as kernels
 from mita.ops.cpu import build
 
 needs_tools = pytest.mark.skipif(build._missing_tools() is not None, reason="no C++ compiler or ninja")
@@ -269,8 +270,6 @@ def test_torch_compile_fullgraph_matches_eager_forward_and_gradients():
 @pytest.mark.slow
 def test_custom_ops_pass_opcheck():
     # Fake kernels, schemas and registered autograd of the torch.library ops used under torch.compile.
-    from mita.ops.causal import cpu_backend as kernels
-
     q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 21, 4, seed=6))
     r = block_mean(q, 4).detach().requires_grad_()
     a, _, key_index = kernels.cpu_causal_landmarks(r, k, v, 0.5, 4, 3, True)

@@ -8,6 +8,7 @@ import torch
 
 from mita import MiTACache, mita_attention, mita_causal_attention
 from mita.landmarks import block_mean, pool_1d
+from mita.ops.cpu.build import availability
 
 from .helpers import CPU
 
@@ -197,8 +198,6 @@ def test_large_landmark_scale_gives_the_reference_on_cpu():
 def test_the_raw_kernels_refuse_indices_and_shapes_that_would_address_outside_their_tensors():
     if CPU.marks[0].args[0]:
         pytest.skip("no C++ compiler or ninja")
-    from mita.ops.cpu.build import availability
-
     assert availability()[0] and availability("mita_cpu_causal")[0]
     b, h, n, d, m, kk = 1, 2, 16, 4, 4, 3
     q, k, v = (_rand(b, h, n, d, seed=s) for s in range(3))

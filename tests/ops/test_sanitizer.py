@@ -8,6 +8,7 @@ with the kernel test files run alongside."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -55,8 +56,6 @@ def test_a_nan_query_after_the_first_block_is_routed_to_a_visible_landmark():
 
 def _runtime(name: str) -> str | None:
     """The sanitizer runtime ``name`` (e.g. ``libasan.so``) of the C++ compiler, None if it has none."""
-    import os
-
     cxx = os.environ.get("CXX", "c++")
     try:
         found = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True)

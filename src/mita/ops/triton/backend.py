@@ -45,7 +45,7 @@ def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cuda":
         return
     if t.device.type == "cpu":
-        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415 - optional
 
         from .parallel import attn_fwd_kernel  # noqa: PLC0415 - imports triton (optional), kernels on first use
 
