@@ -23,9 +23,7 @@ def _inputs(b, h, hkv, n, d, seed):
 
 def _run(backend, q, k, v, r, **kw):
     leaves = [t.clone().requires_grad_() for t in (q, k, v, r)]
-    out = mita_causal_attention(
-        *leaves, topk=3, block_size=4, backend=backend, landmark_scale=0.4, **kw
-    )
+    out = mita_causal_attention(*leaves, topk=3, block_size=4, backend=backend, landmark_scale=0.4, **kw)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
     return out.detach(), [t.grad for t in leaves]
 
@@ -113,9 +111,7 @@ def test_bitwise_causality_and_zero_future_gradients(backend, kw):
     q, k, v, _ = _inputs(1, 2, 2, 19, 4, seed=7)
 
     def f(q, k, v):
-        return mita_causal_attention(
-            q, k, v, block_mean(q, 4), topk=3, block_size=4, backend=backend, **kw
-        )
+        return mita_causal_attention(q, k, v, block_mean(q, 4), topk=3, block_size=4, backend=backend, **kw)
 
     ref = f(q, k, v)
     for p in (3, 4, 9, 16):

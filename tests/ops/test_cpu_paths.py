@@ -87,6 +87,7 @@ def test_both_paths_match_reference_float32(case, path, calls, monkeypatch):
 
 def test_whole_op_path_conditions():
     """s > 1, dedup, head dims off the vector length and long key sequences take the split path."""
+
     def applies(d=16, dv=16, n=64, s=1, dedup=False, dtype=torch.float32):
         q, k, v, r = make_inputs(1, 2, 2, n, d, 4, dtype=dtype, requires_grad=False)
         v = torch.randn(1, 2, n, dv, dtype=dtype)

@@ -93,9 +93,7 @@ def validate_causal(
     b, h, n, d = q.shape
     _, hkv, nk, _ = k.shape
     if nk != n:
-        raise ValueError(
-            f"causal MiTA needs k and q of the same length (self-attention), got q {n}, k {nk}"
-        )
+        raise ValueError(f"causal MiTA needs k and q of the same length (self-attention), got q {n}, k {nk}")
     bs = as_int("block_size", block_size)
     if landmarks.shape[2] != n // bs:
         raise ValueError(
