@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import inspect
 import json
 import sys
 import time
@@ -204,23 +203,25 @@ def cmd_grid(args) -> int:
 
 
 def causal_supported() -> bool:
-    from mita import mita_attention
+    import mita
 
-    return "causal" in inspect.signature(mita_attention).parameters
+    return hasattr(mita, "mita_causal_attention")
 
 
 def _causal_call(q, k, v, topk: int, backend: str):
-    """``mita_attention(..., causal=True, block_size=64)`` with landmark ``j`` the mean of query block
-    ``j`` (``mita.landmarks.block_mean`` where it exists)."""
+    """``mita_causal_attention(..., block_size=64, landmark_horizon="prefix")`` with landmark ``j`` the mean
+    of query block ``j`` (``mita.landmarks.block_mean`` where it exists)."""
     from mita import landmarks as lm
-    from mita import mita_attention
+    from mita import mita_causal_attention
 
     b, h, n, d = q.shape
     if hasattr(lm, "block_mean"):
         r = lm.block_mean(q, CAUSAL_BLOCK)
     else:
         r = q.reshape(b, h, n // CAUSAL_BLOCK, CAUSAL_BLOCK, d).mean(3)
-    return mita_attention(q, k, v, r, topk=topk, causal=True, block_size=CAUSAL_BLOCK, backend=backend)
+    return mita_causal_attention(
+        q, k, v, r, topk=topk, block_size=CAUSAL_BLOCK, landmark_horizon="prefix", backend=backend
+    )
 
 
 def _time(fn, tensors: tuple, kwargs: dict, mode: str, reps: int, device: str) -> dict:
@@ -325,7 +326,8 @@ def cmd_kernel_check(args) -> int:
     """One tiny MiTA forward+backward through the Triton kernels (GQA, padding, several blocks) against
     the dense reference: output, routing and the four gradients."""
     from mita import mita_attention
-    from mita.ops.triton.backend import availability, interpreter_requested
+    from mita.ops.triton.backend import availability
+    from mita.ops.triton.interpreter import interpreter_requested
 
     if args.device == "cpu" and not interpreter_requested():
         print("kernel-check: on CPU the kernels need TRITON_INTERPRET=1 in the environment", file=sys.stderr)

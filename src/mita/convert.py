@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .nn.base import AttentionBase
-from .nn.registry import attention_class, filter_kwargs
+from .nn.registry import attention_class, check_kwargs, filter_kwargs
 
 # Settings that describe the weights; the rest (m, k, landmarks, ...) may be changed freely.
 _NO_ATTN_DROP = ("mita", "linear")
@@ -185,10 +185,8 @@ def convert_module(
                 UserWarning,
                 stacklevel=3,
             )
+    check_kwargs("attention", kind, kw, attention_class(kind).accepted_kwargs())  # the source's are filtered
     cfg = filter_kwargs(kind, {**settings, **kw})
-    unknown = set(kw) - attention_class(kind).accepted_kwargs()
-    if unknown:
-        raise ValueError(f"attention kind {kind!r} does not take {sorted(unknown)}")
     ref = module.qkv.weight
     new = attention_class(kind)(**cfg).to(device=ref.device, dtype=ref.dtype)
     _copy_weights(module, new)

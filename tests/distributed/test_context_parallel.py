@@ -7,6 +7,9 @@ import torch
 
 from mita.distributed import comm_stats, context_parallel_attention
 from mita.distributed.selection import merge_candidates, topk_lowest_index
+from mita.distributed.sequence import check_context_parallel_model
+from mita.models.sequence import SequenceClassifier
+from mita.ops.api import cpu_available
 
 from . import workers
 from .spawn import run_ranks
@@ -33,8 +36,6 @@ def test_equals_single_process_op(world):
 
 
 def test_ties_go_to_the_lower_index_as_the_cpu_kernel():
-    from mita.ops.api import cpu_available
-
     if not cpu_available()[0]:
         pytest.skip("the CPU kernel is not built here")
     results = run_ranks(2, workers.ties)
@@ -134,9 +135,6 @@ def test_context_parallel_sequence_classifier(world, pair):
 
 
 def test_sequence_models_it_cannot_split_are_refused():
-    from mita.distributed.sequence import check_context_parallel_model
-    from mita.models.sequence import SequenceClassifier
-
     def seq(**kw):
         return SequenceClassifier(11, 3, 48, dim=16, depth=1, num_heads=2, **kw)
 
@@ -153,7 +151,7 @@ def test_sequence_models_it_cannot_split_are_refused():
 
 def test_context_parallel_groups_under_ddp():
     """4 ranks: 2 groups of 2 sharing a batch each, DDP over all 4: the plain data-parallel gradient."""
-    import torch.distributed.fsdp  # noqa: F401  (DDP imports it lazily: once here, not in every forked rank)
+    import torch.distributed.fsdp  # noqa: F401, PLC0415  (DDP imports it lazily: once here, not in every forked rank)
 
     for rank, err in enumerate(run_ranks(4, workers.context_and_data_parallel, 2)):
         assert err <= TOL, f"rank {rank}: {err}"

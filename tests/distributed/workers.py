@@ -7,9 +7,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mita import mita_attention
-from mita.distributed import comm_stats, context_parallel_attention, shard_sequence
+from mita import mita_attention, mita_causal_attention
+from mita.distributed import (
+    comm_stats,
+    context_parallel_attention,
+    context_parallel_causal_attention,
+    shard_sequence,
+)
 from mita.distributed.selection import topk_lowest_index
+from mita.distributed.sequence import ContextParallelSequence
+from mita.landmarks import block_mean
+from mita.models.sequence import SequenceClassifier
+from mita.train.distributed import DistInfo, context_parallel, data_parallel
 
 
 def make_case(
@@ -51,7 +60,8 @@ def make_case(
 
 def _reference(case: dict[str, Any], backend: str, **kw: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     leaves = [case[n].clone().requires_grad_() for n in ("q", "k", "v", "landmarks")]
-    out = mita_attention(*leaves, key_padding_mask=case["mask"], backend=backend, **kw)
+    op = mita_causal_attention if "block_size" in kw else mita_attention
+    out = op(*leaves, key_padding_mask=case["mask"], backend=backend, **kw)
     (out * case["cotangent"]).sum().backward()
     return out.detach(), [t.grad for t in leaves]
 
@@ -59,7 +69,8 @@ def _reference(case: dict[str, Any], backend: str, **kw: Any) -> tuple[torch.Ten
 def _parallel(case: dict[str, Any], group: dist.ProcessGroup | None, **kw: Any):
     local = [shard_sequence(case[n], 2, group).clone().requires_grad_() for n in ("q", "k", "v", "landmarks")]
     mask = None if case["mask"] is None else shard_sequence(case["mask"], 1, group)
-    out = context_parallel_attention(*local, key_padding_mask=mask, group=group, **kw)
+    op = context_parallel_causal_attention if "block_size" in kw else context_parallel_attention
+    out = op(*local, key_padding_mask=mask, group=group, **kw)
     (out * shard_sequence(case["cotangent"], 2, group)).sum().backward()
     return out.detach(), [t.grad for t in local]
 
@@ -176,9 +187,6 @@ def uneven(rank: int, world: int) -> list[str]:
 def sequence_model(rank: int, world: int, pair: bool) -> list[float]:
     """The context-parallel classifier against the plain one (float64): logits, loss and the gradients
     (summed over the ranks and divided by P, as DDP over the group would), largest |difference| of each."""
-    from mita.distributed.sequence import ContextParallelSequence
-    from mita.models.sequence import SequenceClassifier
-
     torch.manual_seed(0)
     model = SequenceClassifier(
         11, 3, 48, dim=16, depth=2, num_heads=2, attention="mita", num_landmarks=4, topk=5, pair=pair
@@ -218,14 +226,12 @@ CAUSAL_CASES: dict[str, dict[str, Any]] = {
 
 def causal_equality(rank: int, world: int, block: int, n_local: int) -> dict[str, list[float]]:
     """Frozen-horizon causal MiTA: landmarks are the block means of the queries (of every rank)."""
-    from mita.landmarks import block_mean
-
     out = {}
     for name, spec in CAUSAL_CASES.items():
         case = make_case(world, n_local, seed=7)
         case["landmarks"] = block_mean(case["q"], block)
         case["landmarks"] += 0.1 * torch.randn_like(case["landmarks"])  # a leaf of its own: its gradient
-        kw = {"causal": True, "block_size": block, "landmark_horizon": "frozen", **spec}
+        kw = {"block_size": block, "landmark_horizon": "frozen", **spec}
         out[name] = max_errors(case, **kw)
     return out
 
@@ -237,7 +243,8 @@ def causal_errors(rank: int, world: int) -> list[str]:
     msgs = []
     for kw, lm in (({"landmark_horizon": "prefix"}, 3), ({"block_size": 5}, 2), ({}, 2)):
         try:
-            context_parallel_attention(q, k, v, q[:, :, :lm], topk=3, causal=True, **{"block_size": 4, **kw})
+            kw = {"block_size": 4, "landmark_horizon": "frozen", **kw}
+            context_parallel_causal_attention(q, k, v, q[:, :, :lm], topk=3, **kw)
         except ValueError as err:
             msgs.append(str(err))
     return msgs
@@ -257,10 +264,7 @@ def context_and_data_parallel(rank: int, world: int, cp: int) -> float:
     """DDP over all ranks around the sharded classifier, groups of ``cp`` consecutive ranks sharing a
     batch (as ``mita train --context-parallel``): after one backward, every rank's gradient equals the
     mean over the data-parallel groups of the plain model's gradients on their batches (float64)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from mita.models.sequence import SequenceClassifier
-    from mita.train.distributed import DistInfo, context_parallel, data_parallel
+    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415 - once per forked rank, not at import
 
     torch.manual_seed(0)
     model = SequenceClassifier(11, 3, 48, dim=16, depth=2, num_heads=2, num_landmarks=4, topk=5).double()

@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import BertConfig, BertModel  # noqa: E402
+from transformers import AttentionInterface, BertConfig, BertModel, ViTConfig, ViTModel  # noqa: E402
 
 from mita.integrations import hf  # noqa: E402
+from mita.nn import MiTAAttention  # noqa: E402
 
 
 def _bert() -> BertModel:
@@ -83,8 +84,6 @@ def test_refuses_causal_dropout_and_foreign_masks():
 
 
 def test_vit_encoder_with_grid_landmarks():
-    from transformers import ViTConfig, ViTModel
-
     cfg = ViTConfig(
         image_size=12, patch_size=3, num_channels=1, hidden_size=32, num_hidden_layers=1,
         num_attention_heads=2, intermediate_size=64,
@@ -134,8 +133,6 @@ def test_default_settings_work_on_sequences_shorter_than_m_and_k():
     ],
 )
 def test_register_checks_its_settings_before_registering(settings, match):
-    from transformers import AttentionInterface
-
     with pytest.raises(ValueError, match=match):
         hf.register("mita_bad_settings", **settings)
     assert "mita_bad_settings" not in AttentionInterface._global_mapping
@@ -144,8 +141,6 @@ def test_register_checks_its_settings_before_registering(settings, match):
 def test_builds_landmarks_once_and_mixes_with_the_module_code(monkeypatch):
     """The function reuses one landmark builder (a new one only for a clipped m) and calls
     ``mita.nn.mita.mita_mix``, the body of ``MiTAAttention.attend``: same output as the module's attend."""
-    from mita.nn import MiTAAttention
-
     made, mixed = [], []
     real_builder, real_mix = hf.LandmarkBuilder, hf.mita_mix
     monkeypatch.setattr(hf, "LandmarkBuilder", lambda *a, **kw: made.append(a) or real_builder(*a, **kw))
@@ -184,8 +179,6 @@ def test_default_bert_config_trains_with_a_warning():
 
 
 def test_vit_with_interpolated_position_encoding_infers_the_grid():
-    from transformers import ViTConfig, ViTModel
-
     cfg = ViTConfig(
         image_size=12, patch_size=3, num_channels=1, hidden_size=32, num_hidden_layers=1,
         num_attention_heads=2, intermediate_size=64,

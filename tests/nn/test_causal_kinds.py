@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mita.nn.causal import CAUSAL_KINDS, build_causal_mixer
+from mita import mita_causal_attention
+from mita.landmarks import block_mean
+from mita.nn import MiTAAttention, build_attention
+from mita.nn.causal import CAUSAL_KINDS, MiTACausal, build_causal_mixer, filter_causal_kwargs
 
 KINDS_OPTS = {
     "full": {},
@@ -16,6 +19,7 @@ KINDS_OPTS = {
     "mita-frozen": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen"},
     "mita-routed": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen", "shared": False},
     "mita-gate": {"block_size": 4, "topk": 3, "landmark_horizon": "prefix", "router": "gate"},
+    "mita-s2": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen", "experts_per_query": 2},
 }
 
 
@@ -151,12 +155,24 @@ def test_wide_enough_budgets_are_exactly_causal_attention(kind, opts):
         ("mita", {"landmark_horizon": "future"}, "landmark_horizon must be 'prefix' or 'frozen'"),
         ("mita", {"topk": 0}, "topk must be a positive int"),
         ("mita", {"shared": "no"}, "shared must be True or False, got 'no'"),
-        ("full", {"num_landmarks": 4}, r"unknown causal attention options \['num_landmarks'\]"),
+        ("full", {"num_landmarks": 4}, r"causal attention kind 'full' does not take \['num_landmarks'\]"),
+        ("window", {"block_size": 4, "topk": 3}, r"causal attention kind 'window' does not take \['topk'\]"),
+        ("mita", {"experts_per_query": 0}, "experts_per_query"),
+        ("mita", {"router": "grouped", "landmark_horizon": "frozen", "experts_per_query": 2}, "grouped"),
     ],
 )
 def test_bad_options_raise(kind, kw, match):
     with pytest.raises(ValueError, match=match):
         build_causal_mixer(kind, **kw)
+
+
+def test_one_set_of_settings_is_carried_across_kinds_by_filtering_it():
+    settings = {"block_size": 4, "topk": 3, "top_blocks": 2, "landmark_horizon": "frozen"}
+    assert filter_causal_kwargs("window", settings) == {"block_size": 4}
+    assert filter_causal_kwargs("moba", settings) == {"block_size": 4, "top_blocks": 2}
+    assert build_causal_mixer("mita", **filter_causal_kwargs("mita", settings)).topk == 3
+    with pytest.raises(ValueError, match=r"unknown causal attention options \['num_landmarks'\]"):
+        filter_causal_kwargs("full", {"num_landmarks": 4})
 
 
 def test_bad_shapes_raise():
@@ -165,41 +181,41 @@ def test_bad_shapes_raise():
         build_causal_mixer("window", block_size=4)(q, k[:, :, :5], v)
 
 
-def test_mita_attention_module_causal_mode():
-    from mita import mita_attention
-    from mita.landmarks import block_mean
-    from mita.nn import MiTAAttention
-
+def test_mita_causal_is_the_causal_op_with_block_mean_landmarks():
     torch.manual_seed(0)
-    mod = MiTAAttention(16, 2, layout="seq", prefix_tokens=0, causal=True, block_size=4, topk=3).double()
-    x = torch.randn(2, 13, 16, dtype=torch.float64)
-    out = mod(x, is_causal=True)
-    x2 = x.clone()
-    x2[:, 6:] += 1.0
-    assert torch.equal(mod(x2)[:, :6], out[:, :6]) and not torch.equal(mod(x2)[:, 6], out[:, 6])
-    q, k, v = mod.split_heads(x)
-    mix = mita_attention(q, k, v, block_mean(q, 4), topk=3, causal=True, block_size=4)
-    torch.testing.assert_close(out, mod.proj(mix.transpose(1, 2).reshape(2, 13, 16)), rtol=0, atol=1e-12)
-    mod.record_routing = True
-    mod(x)
-    assert mod.last_routing.horizon == "prefix" and mod.last_routing.expert_index.shape[:3] == (2, 2, 13)
+    for s_ in (1, 2):
+        mod = MiTACausal(block_size=4, topk=3, experts_per_query=s_).eval()
+        q, k, v = _qkv(n=13)
+        out = mod(q, k, v)
+        q2 = q.clone()
+        q2[:, :, 6:] += 1.0
+        out2 = mod(q2, k, v)
+        assert torch.equal(out2[:, :, :6], out[:, :, :6]) and not torch.equal(out2[:, :, 6], out[:, :, 6])
+        mix = mita_causal_attention(
+            q, k, v, block_mean(q, 4), topk=3, block_size=4, landmark_horizon="prefix", experts_per_query=s_
+        )
+        torch.testing.assert_close(out, mix, rtol=0, atol=1e-12)
+        mod.record_routing = True
+        mod(q, k, v)
+        assert mod.last_routing.horizon == "prefix" and mod.last_routing.expert_index.shape == (2, 2, 13, s_)
 
 
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"layout": "grid"}, "causal=True needs layout='seq'"),
-        ({"prefix_tokens": 1}, "causal=True needs layout='seq' and prefix_tokens=0"),
-        ({"dwc": True}, "cannot use dwc"),
         ({"landmark_horizon": "all"}, "landmark_horizon must be 'prefix' or 'frozen'"),
         ({"block_size": 0}, "block_size"),
     ],
 )
-def test_mita_attention_module_causal_bad_settings(kw, match):
-    from mita.nn import MiTAAttention
-
-    cfg = {"layout": "seq", "prefix_tokens": 0, "causal": True, "topk": 3, **kw}
+def test_mita_causal_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
-        MiTAAttention(16, 2, **cfg)
+        MiTACausal(**{"topk": 3, **kw})
+
+
+def test_the_attention_modules_are_non_causal():
     with pytest.raises(ValueError, match="is non-causal"):
         MiTAAttention(16, 2, layout="seq", prefix_tokens=0, topk=3)(torch.randn(1, 8, 16), is_causal=True)
+    with pytest.raises(TypeError, match="causal"):  # causal MiTA is MiTACausal
+        MiTAAttention(16, 2, layout="seq", prefix_tokens=0, topk=3, causal=True)
+    with pytest.raises(ValueError, match=r"does not take \['block_size', 'causal'\]"):
+        build_attention("mita", 16, 2, layout="seq", prefix_tokens=0, causal=True, block_size=4)

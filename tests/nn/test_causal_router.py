@@ -9,6 +9,7 @@ import torch
 from mita.landmarks import block_mean
 from mita.nn.causal import ROUTERS, MiTACausal
 from mita.nn.causal_router import attach_loss, routing_distillation_loss
+from mita.ops.causal import CausalRouting
 from mita.ops.causal.common import validate_causal
 from mita.ops.causal.reference import causal_reference_forward
 
@@ -72,8 +73,6 @@ def test_distillation_loss_by_hand():
     q, k, _ = _qkv(b=1, h=1, n=6, d=3, seed=4)
     r = block_mean(q, 2)
     kset = torch.tensor([[[[0, 1], [3, 1], [2, 4]]]])  # landmark sets (landmark 2 is never visible here)
-    from mita.ops.causal import CausalRouting
-
     routing = CausalRouting(torch.zeros(1, 1, 6, 1, dtype=torch.long), kset, "frozen", 2)
 
     gen = torch.Generator().manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mita
 from mita.nn import ATTENTION_KINDS, build_attention
 
 _KW = {
@@ -75,8 +76,6 @@ def test_timm_model_passing_attn_mask():
     """A timm ViT forwards its ``attn_mask`` to every block: converted to ``full`` it gives timm's output
     exactly, and converted to MiTA the key-only mask acts as key padding."""
     timm = pytest.importorskip("timm")
-    import mita
-
     torch.manual_seed(0)
     arch = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **arch).eval()
@@ -103,9 +102,7 @@ def test_timm_naflexvit_key_only_mask_from_patch_valid():
     """timm's variable-resolution ViT builds a key-only additive mask ``[B, 1, 1, N]`` from ``patch_valid``:
     converted to ``full`` it matches timm, and converted to MiTA what the padded patches hold is ignored."""
     timm = pytest.importorskip("timm")
-    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
-
-    import mita
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg  # noqa: PLC0415 - optional
 
     cfg = NaFlexVitCfg(
         patch_size=4, embed_dim=32, depth=2, num_heads=2, use_key_only_attn_mask=True, global_pool="avg",

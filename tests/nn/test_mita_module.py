@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mita.convert import convert
 from mita.nn import MiTAAttention, build_attention
 
 from .dense import merge, mita_head, pool_grid, pool_seq, split
@@ -240,8 +241,6 @@ def test_numpy_integer_options_are_accepted():
 
 @pytest.mark.parametrize("kind", ["mita", "agent"])
 def test_landmarks_keyword_is_a_deprecated_alias_of_landmark_mode(kind):
-    from mita.convert import convert
-
     kw = dict(num_landmarks=4, topk=3) if kind == "mita" else dict(num_landmarks=4)
     torch.manual_seed(0)
     new = build_attention(kind, 16, 2, landmark_mode="learned", **kw)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mita.ops.cpu.build import _missing_tools
+
 
 def make_inputs(
     b: int = 2,
@@ -37,8 +39,6 @@ def padding_mask(b: int, n: int, pad_last: list[int]) -> torch.Tensor:
 
 
 def _cpu_kernel_tools_missing() -> bool:
-    from mita.ops.cpu.build import _missing_tools
-
     return _missing_tools() is not None
 
 

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from mita import mita_attention
+from mita.landmarks import pool_1d
+from mita.ops.api import validate
+from mita.ops.torch_backend import torch_forward
 
 from .helpers import CPU, make_inputs, padding_mask, same_routing
 
@@ -116,8 +119,6 @@ def test_unchosen_landmark_and_key_chosen_by_all(backend):
 
 @pytest.mark.parametrize("fast", FAST)
 def test_pooled_landmarks_gradient_reaches_queries_through_both_paths(fast):
-    from mita.landmarks import pool_1d
-
     q, kk, v, _ = make_inputs(2, 2, 2, 30, 8, 4)
     grads = []
     for backend in ("reference", fast):
@@ -128,9 +129,6 @@ def test_pooled_landmarks_gradient_reaches_queries_through_both_paths(fast):
 
 @pytest.mark.parametrize("tile", [8, 16, 64])
 def test_tile_size_does_not_change_result(tile):
-    from mita.ops.api import validate
-    from mita.ops.torch_backend import torch_forward
-
     q, kk, v, r = make_inputs(2, 2, 2, 77, 8, 5, requires_grad=False)
     kw = dict(
         topk=9, experts_per_query=2, scale=None, landmark_scale=None, shared=True, routed=True, dedup=True

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mita import MiTACache, mita_attention
+from mita import MiTACache, mita_attention, mita_causal_attention
 from mita.landmarks import block_mean
 from mita.ops.causal import CausalRouting
 
@@ -27,8 +27,8 @@ def _inputs(b=1, h=2, hkv=None, n=20, d=4, seed=0, dtype=torch.float64):
 
 def _op(q, k, v, r=None, *, bs, topk, horizon, backend, **kw):
     r = block_mean(q, bs) if r is None else r
-    return mita_attention(
-        q, k, v, r, topk=topk, causal=True, block_size=bs, landmark_horizon=horizon, backend=backend, **kw
+    return mita_causal_attention(
+        q, k, v, r, topk=topk, block_size=bs, landmark_horizon=horizon, backend=backend, **kw
     )
 
 
@@ -247,10 +247,10 @@ def test_half_precision_runs_in_float32_statistics():
 # ----------------------------------------------------------------------------- bad input
 def _bad(match, **kw):
     q, k, v = _inputs(1, 2, 2, 16, 4)
-    args = dict(q=q, k=k, v=v, landmarks=block_mean(q, 4), topk=3, causal=True, block_size=4)
+    args = dict(q=q, k=k, v=v, landmarks=block_mean(q, 4), topk=3, block_size=4, landmark_horizon="prefix")
     args.update(kw)
     with pytest.raises(ValueError, match=match):
-        mita_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("landmarks"), **args)
+        mita_causal_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("landmarks"), **args)
 
 
 def test_bad_inputs_name_the_argument():
@@ -266,7 +266,7 @@ def test_bad_inputs_name_the_argument():
     _bad("dedup", dedup=True, experts_per_query=2)
     _bad("shared=False and routed=False", shared=False, routed=False)
     _bad("backend='triton' has no causal path", backend="triton")
-    _bad("backend='cpu' with causal=True supports landmark_horizon='frozen' only", backend="cpu")
+    _bad("backend='cpu' of the causal op supports landmark_horizon='frozen' only", backend="cpu")
     _bad("landmark_scale", landmark_scale=-1.0)
     _bad("scale", scale=float("inf"))  # the checks the non-causal op makes (issue 13) hold here too
     _bad("scale", scale=True)
@@ -276,11 +276,20 @@ def test_bad_inputs_name_the_argument():
          v=v[:, :1].repeat(1, 3, 1, 1))  # fmt: skip
 
 
+def test_the_non_causal_op_takes_no_causal_option():
+    q, k, v = _inputs(1, 2, 2, 16, 4)
+    options = ({"causal": True}, {"block_size": 4}, {"landmark_horizon": "frozen"}, {"grouped": True})
+    for kw in options:
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            mita_attention(q, k, v, block_mean(q, 4), topk=3, **kw)
+
+
 def test_numpy_integer_options_are_accepted():
     q, k, v = _inputs(1, 2, 2, 16, 4)
     r = block_mean(q, 4)
-    out = mita_attention(q, k, v, r, topk=np.int64(4), causal=True, block_size=np.int32(4))
-    ref = mita_attention(q, k, v, r, topk=4, causal=True, block_size=4)
+    kw = dict(landmark_horizon="prefix")
+    out = mita_causal_attention(q, k, v, r, topk=np.int64(4), block_size=np.int32(4), **kw)
+    ref = mita_causal_attention(q, k, v, r, topk=4, block_size=4, **kw)
     assert torch.equal(out, ref)
     assert MiTACache(topk=np.int64(4), block_size=np.int64(4)).topk == 4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mita import MiTACache, mita_attention
+from mita import MiTACache, mita_causal_attention
 from mita.landmarks import block_mean
 
 HORIZONS = ["prefix", "frozen"]
@@ -48,8 +48,8 @@ def test_token_by_token_decoding_equals_the_parallel_op(horizon, case):
     bsz, h, hkv, n, d, dv, bs, topk, s, shared, routed = case
     q, k, v = _inputs(bsz, h, hkv, n, d, seed=n, dv=dv)
     opts = dict(experts_per_query=s, shared=shared, routed=routed)
-    ref = mita_attention(
-        q, k, v, block_mean(q, bs), topk=topk, causal=True, block_size=bs, landmark_horizon=horizon,
+    ref = mita_causal_attention(
+        q, k, v, block_mean(q, bs), topk=topk, block_size=bs, landmark_horizon=horizon,
         backend="reference", **opts,
     )  # fmt: skip
     cache = MiTACache(topk=topk, block_size=bs, landmark_horizon=horizon, **opts)
@@ -72,7 +72,9 @@ def test_chunked_prefill_equals_token_by_token(horizon):
 
 def test_prefill_then_decode_continues_the_sequence():
     q, k, v = _inputs(1, 2, 2, 50, 4, seed=4)
-    ref = mita_attention(q, k, v, block_mean(q, 8), topk=4, causal=True, block_size=8, backend="torch")
+    ref = mita_causal_attention(
+        q, k, v, block_mean(q, 8), topk=4, block_size=8, landmark_horizon="prefix", backend="torch"
+    )
     cache = MiTACache(topk=4, block_size=8)
     out = _decode(cache, q, k, v, [29] + [1] * 21)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
@@ -83,7 +85,9 @@ def test_prefill_then_decode_continues_the_sequence():
 
 def test_float32_cache_matches_the_parallel_op():
     q, k, v = (t.float() for t in _inputs(1, 2, 2, 70, 8, seed=5))
-    ref = mita_attention(q, k, v, block_mean(q, 8), topk=5, causal=True, block_size=8, backend="torch")
+    ref = mita_causal_attention(
+        q, k, v, block_mean(q, 8), topk=5, block_size=8, landmark_horizon="prefix", backend="torch"
+    )
     out = _decode(MiTACache(topk=5, block_size=8), q, k, v, [1] * 70)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)

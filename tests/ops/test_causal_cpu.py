@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mita import mita_attention
+from mita import mita_causal_attention
 from mita.landmarks import block_mean
-from mita.ops.causal import op as causal_op
+from mita.ops.causal import api as causal_op
+from mita.ops.causal import cpu_backend as kernels
 from mita.ops.cpu import build
 
 needs_tools = pytest.mark.skipif(build._missing_tools() is not None, reason="no C++ compiler or ninja")
@@ -28,8 +29,8 @@ def _inputs(b=1, h=2, hkv=None, n=20, d=4, seed=0, dtype=torch.float64, dv=None)
 
 def _op(q, k, v, r=None, *, bs, topk, backend, **kw):
     r = block_mean(q, bs) if r is None else r
-    return mita_attention(
-        q, k, v, r, topk=topk, causal=True, block_size=bs, landmark_horizon="frozen", backend=backend, **kw
+    return mita_causal_attention(
+        q, k, v, r, topk=topk, block_size=bs, landmark_horizon="frozen", backend=backend, **kw
     )
 
 
@@ -232,7 +233,9 @@ def test_auto_picks_the_kernel_for_frozen_on_cpu_and_torch_for_prefix():
     assert torch.equal(auto, _op(q, k, v, bs=4, topk=3, backend="cpu"))
     torch.testing.assert_close(auto, _op(q, k, v, bs=4, topk=3, backend="torch"), atol=1e-12, rtol=1e-10)
     with pytest.raises(ValueError, match="landmark_horizon='frozen' only"):
-        mita_attention(q, k, v, block_mean(q, 4), topk=3, causal=True, block_size=4, backend="cpu")
+        mita_causal_attention(
+            q, k, v, block_mean(q, 4), topk=3, block_size=4, landmark_horizon="prefix", backend="cpu"
+        )
 
 
 def test_unavailable_kernel_raises_for_cpu_and_falls_back_for_auto(fresh_state, recwarn):
@@ -267,8 +270,6 @@ def test_torch_compile_fullgraph_matches_eager_forward_and_gradients():
 @pytest.mark.slow
 def test_custom_ops_pass_opcheck():
     # Fake kernels, schemas and registered autograd of the torch.library ops used under torch.compile.
-    from mita.ops.cpu import causal as kernels
-
     q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 21, 4, seed=6))
     r = block_mean(q, 4).detach().requires_grad_()
     a, _, key_index = kernels.cpu_causal_landmarks(r, k, v, 0.5, 4, 3, True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mita import mita_attention
+from mita import mita_attention, mita_causal_attention
 from mita.landmarks import block_mean
 from mita.ops.cpu import build
 
@@ -23,9 +23,7 @@ def _inputs(b, h, hkv, n, d, seed):
 
 def _run(backend, q, k, v, r, **kw):
     leaves = [t.clone().requires_grad_() for t in (q, k, v, r)]
-    out = mita_attention(
-        *leaves, topk=3, causal=True, block_size=4, backend=backend, landmark_scale=0.4, **kw
-    )
+    out = mita_causal_attention(*leaves, topk=3, block_size=4, backend=backend, landmark_scale=0.4, **kw)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
     return out.detach(), [t.grad for t in leaves]
 
@@ -93,7 +91,7 @@ def test_grouped_gradcheck(backend):
     q, k, v, r = (t.requires_grad_() for t in _inputs(1, 2, 1, 13, 3, seed=5))
 
     def f(q, k, v, r):
-        return mita_attention(q, k, v, r, topk=3, causal=True, block_size=4, backend=backend, **kw)
+        return mita_causal_attention(q, k, v, r, topk=3, block_size=4, backend=backend, **kw)
 
     assert torch.autograd.gradcheck(f, (q, k, v, r), atol=1e-7, rtol=1e-5)
 
@@ -113,9 +111,7 @@ def test_bitwise_causality_and_zero_future_gradients(backend, kw):
     q, k, v, _ = _inputs(1, 2, 2, 19, 4, seed=7)
 
     def f(q, k, v):
-        return mita_attention(
-            q, k, v, block_mean(q, 4), topk=3, causal=True, block_size=4, backend=backend, **kw
-        )
+        return mita_causal_attention(q, k, v, block_mean(q, 4), topk=3, block_size=4, backend=backend, **kw)
 
     ref = f(q, k, v)
     for p in (3, 4, 9, 16):
@@ -133,11 +129,11 @@ def test_bitwise_causality_and_zero_future_gradients(backend, kw):
 def test_bad_options_raise():
     q, k, v, r = _inputs(1, 2, 2, 16, 4, seed=0)
     with pytest.raises(ValueError, match="grouped"):
-        mita_attention(q, k, v, r, topk=3, causal=True, block_size=4, landmark_horizon="prefix", grouped=True)
+        mita_causal_attention(q, k, v, r, topk=3, block_size=4, landmark_horizon="prefix", grouped=True)
     with pytest.raises(ValueError, match="grouped"):
-        mita_attention(q, k, v, r, topk=3, causal=True, block_size=4, landmark_horizon="frozen", grouped=True,
+        mita_causal_attention(q, k, v, r, topk=3, block_size=4, landmark_horizon="frozen", grouped=True,
                        backend="cpu")  # fmt: skip
-    with pytest.raises(ValueError, match="causal=True"):
+    with pytest.raises(TypeError, match="router_gate"):  # a causal-only option: the causal op's alone
         mita_attention(q, k, v, r, topk=3, router_gate=True)
     with pytest.raises(ValueError, match="router_gate"):
-        mita_attention(q, k, v, r, topk=3, causal=True, block_size=4, router_gate="yes")
+        mita_causal_attention(q, k, v, r, topk=3, block_size=4, landmark_horizon="prefix", router_gate="yes")

@@ -14,6 +14,7 @@ import torch
 from mita import mita_attention
 from mita.ops import api
 from mita.ops.cpu import build
+from mita.ops.cpu_backend import cpu_attention, cpu_topk
 
 from .helpers import make_inputs, padding_mask
 
@@ -94,8 +95,6 @@ def test_same_answer_at_one_and_two_threads():
     the whole op's gradients, those of k and the landmarks also pass through torch's own landmark-side
     matmul backward, which MKL may round differently with the thread count (the torch backend shares it),
     so there they are compared to float32 rounding."""
-    from mita.ops.cpu.backend import cpu_attention
-
     q, k, v, r = make_inputs(2, 4, 2, 90, 16, 5, dtype=torch.float32, seed=4)
     mask = padding_mask(2, 90, [0, 13])
     kw = dict(topk=9, experts_per_query=2, dedup=True, key_padding_mask=mask, backend="cpu")
@@ -181,8 +180,6 @@ def test_torch_compile_traces_the_custom_ops():
 @needs_tools
 @pytest.mark.parametrize("s", [1, 2])
 def test_custom_op_registrations_pass_opcheck(s):
-    from mita.ops.cpu.backend import cpu_attention
-
     assert build.availability()[0]
     g = torch.Generator().manual_seed(1)
     b, h, n, d, m, k = 1, 2, 12, 4, 3, 5
@@ -201,8 +198,6 @@ def test_custom_op_registrations_pass_opcheck(s):
 
 @needs_tools
 def test_topk_takes_the_largest_lowest_index_first_on_ties():
-    from mita.ops.cpu.backend import cpu_topk
-
     assert build.availability()[0]
     g = torch.Generator().manual_seed(0)
     for n, k in ((197, 25), (40, 40), (1000, 7), (33, 1)):

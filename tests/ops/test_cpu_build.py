@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from mita.ops.cpu import build, kernel_cache
 
@@ -29,8 +30,6 @@ class FakeToolchain:
     """``cpp_extension.load`` writes a fake library (or raises ``error``); loading records the path."""
 
     def __init__(self, monkeypatch, cache: Path):
-        from torch.utils import cpp_extension
-
         self.compiled: list[str] = []
         self.loaded: list[str] = []
         self.error: BaseException | None = None

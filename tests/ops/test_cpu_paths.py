@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mita import mita_attention
-from mita.ops.cpu import backend as cpu_backend
+from mita.ops import cpu_backend
+from mita.ops.api import validate
 from mita.ops.cpu import build
 
 from .helpers import make_inputs, padding_mask, same_routing
@@ -86,7 +87,6 @@ def test_both_paths_match_reference_float32(case, path, calls, monkeypatch):
 
 def test_whole_op_path_conditions():
     """s > 1, dedup, head dims off the vector length and long key sequences take the split path."""
-    from mita.ops.api import validate
 
     def applies(d=16, dv=16, n=64, s=1, dedup=False, dtype=torch.float32):
         q, k, v, r = make_inputs(1, 2, 2, n, d, 4, dtype=dtype, requires_grad=False)

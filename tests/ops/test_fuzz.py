@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mita import mita_attention
+from mita import mita_attention, mita_causal_attention
 from mita.landmarks import block_mean
 
 from .helpers import CPU
@@ -137,7 +137,6 @@ def causal_problems(draw):
         landmark_horizon=draw(st.sampled_from(["prefix", "frozen"])),
         experts_per_query=draw(st.integers(1, 3)),
         shared=draw(st.booleans()),
-        causal=True,
     )
     return q, k, v, opts, kind
 
@@ -147,9 +146,9 @@ def causal_problems(draw):
 def test_every_causal_backend_agrees_with_the_reference(problem):
     q, k, v, opts, kind = problem
     r = block_mean(q, opts["block_size"])
-    ref = mita_attention(q, k, v, r, backend="reference", **opts)
+    ref = mita_causal_attention(q, k, v, r, backend="reference", **opts)
     for backend in BACKENDS:
         if backend == "cpu" and opts["landmark_horizon"] != "frozen":
             continue
-        out = mita_attention(q, k, v, r, backend=backend, **opts)
+        out = mita_causal_attention(q, k, v, r, backend=backend, **opts)
         _check(out, ref, kind, q.dtype)

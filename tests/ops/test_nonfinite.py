@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mita import MiTACache, mita_attention
+from mita import MiTACache, mita_attention, mita_causal_attention
 from mita.landmarks import block_mean, pool_1d
+from mita.ops.cpu.build import availability
 
 from .helpers import CPU
 
@@ -84,7 +85,7 @@ def test_non_finite_outputs_match_the_reference_and_stay_in_their_batch_row_and_
 
 # ----------------------------------------------------------------------------- causal: nothing leaks back
 def _causal(q, k, v, r, backend, horizon, shared=True, s=1):
-    return mita_attention(q, k, v, r, topk=6, causal=True, block_size=8, landmark_horizon=horizon,
+    return mita_causal_attention(q, k, v, r, topk=6, block_size=8, landmark_horizon=horizon,
                           backend=backend, shared=shared, experts_per_query=s)  # fmt: skip
 
 
@@ -153,8 +154,8 @@ def test_decoding_cache_puts_nan_where_the_parallel_op_does(horizon, shared):
     for which, val in ((0, float("nan")), (1, float("inf")), (2, -float("inf"))):
         q, k, v = _rand(1, 4, n, 8, seed=11), _rand(1, 2, n, 8, seed=12), _rand(1, 2, n, 8, seed=13)
         (q, k, v)[which][0, 0, 37, 1] = val
-        par = mita_attention(q, k, v, block_mean(q, bs), topk=10, causal=True, block_size=bs,
-                             landmark_horizon=horizon, shared=shared, backend="torch")  # fmt: skip
+        par = mita_causal_attention(q, k, v, block_mean(q, bs), topk=10, block_size=bs,
+                                    landmark_horizon=horizon, shared=shared, backend="torch")  # fmt: skip
         cache = MiTACache(10, bs, horizon, shared=shared)
         pos, outs = 0, []
         for step in (1, 7, 30, 1, 51):  # chunked prefill and single tokens
@@ -173,8 +174,11 @@ def test_double_backward_through_the_cpu_backend_raises_instead_of_returning_zer
     if CPU.marks[0].args[0]:
         pytest.skip("no C++ compiler or ninja")
     q, k, v = (_rand(1, 2, 32, 8, seed=s).requires_grad_() for s in range(3))
-    kw = dict(causal=True, block_size=8, landmark_horizon="frozen") if causal else {}
-    out = mita_attention(q, k, v, block_mean(q, 8) if causal else pool_1d(q, 4), topk=4, backend="cpu", **kw)
+    if causal:
+        kw = dict(block_size=8, landmark_horizon="frozen", backend="cpu")
+        out = mita_causal_attention(q, k, v, block_mean(q, 8), topk=4, **kw)
+    else:
+        out = mita_attention(q, k, v, pool_1d(q, 4), topk=4, backend="cpu")
     with pytest.raises(RuntimeError, match="not differentiable"):
         torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
 
@@ -194,8 +198,6 @@ def test_large_landmark_scale_gives_the_reference_on_cpu():
 def test_the_raw_kernels_refuse_indices_and_shapes_that_would_address_outside_their_tensors():
     if CPU.marks[0].args[0]:
         pytest.skip("no C++ compiler or ninja")
-    from mita.ops.cpu.build import availability
-
     assert availability()[0] and availability("mita_cpu_causal")[0]
     b, h, n, d, m, kk = 1, 2, 16, 4, 4, 3
     q, k, v = (_rand(b, h, n, d, seed=s) for s in range(3))

@@ -8,12 +8,13 @@ with the kernel test files run alongside."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
 import torch
 
-from mita import mita_attention
+from mita import mita_attention, mita_causal_attention
 from mita.landmarks import block_mean, pool_1d
 from mita.ops.cpu import build
 
@@ -43,9 +44,9 @@ def test_a_nan_query_after_the_first_block_is_routed_to_a_visible_landmark():
     q, k, v = (torch.randn(1, 2, 48, 8, generator=g, dtype=torch.float64) for _ in range(3))
     bs = 8
     q[0, 1, 21, 3] = NAN  # in block 2: landmarks 0 and 1 are visible, 2 (its own block, NaN) is not
-    kw = dict(topk=8, causal=True, block_size=bs, landmark_horizon="frozen", return_routing=True)
-    _, routing = mita_attention(q, k, v, block_mean(q, bs), backend="cpu", **kw)
-    _, want = mita_attention(q, k, v, block_mean(q, bs), backend="torch", **kw)
+    kw = dict(topk=8, block_size=bs, landmark_horizon="frozen", return_routing=True)
+    _, routing = mita_causal_attention(q, k, v, block_mean(q, bs), backend="cpu", **kw)
+    _, want = mita_causal_attention(q, k, v, block_mean(q, bs), backend="torch", **kw)
     ei = routing.expert_index
     position = torch.arange(48).view(1, 1, 48, 1)
     visible = ei < position // bs  # a landmark of an earlier, completed block ...
@@ -55,8 +56,6 @@ def test_a_nan_query_after_the_first_block_is_routed_to_a_visible_landmark():
 
 def _runtime(name: str) -> str | None:
     """The sanitizer runtime ``name`` (e.g. ``libasan.so``) of the C++ compiler, None if it has none."""
-    import os
-
     cxx = os.environ.get("CXX", "c++")
     try:
         found = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True)

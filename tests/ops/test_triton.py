@@ -27,6 +27,13 @@ from mita.ops.triton import backend as triton_backend
 from .helpers import make_inputs, padding_mask
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'mita[triton]')")
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+from mita.ops.triton import landmark, parallel, utils  # noqa: E402
+from mita.ops.triton import utils as launch_mod  # noqa: E402
+from mita.ops.triton.landmark import landmark_bwd, landmark_fwd  # noqa: E402
+from mita.ops.triton.parallel import segment_sum  # noqa: E402
+from mita.ops.triton.utils import launch  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -108,8 +115,6 @@ class TestInterpreter:
         _check(q, kk, v, r, topk=k, key_padding_mask=mask, **F32)
 
     def test_multi_block_loops_match_reference(self, monkeypatch):
-        from mita.ops.triton import utils
-
         # Blocks capped at 16: 2 landmark blocks (m = 18), 3 routed-key blocks (k = 33), 3 key/query
         # blocks in the landmark, routing and shared kernels; padding on top.
         monkeypatch.setattr(utils, "BLOCK_CAP", 16)
@@ -139,8 +144,6 @@ class TestInterpreter:
 
     @pytest.mark.parametrize("splits,score_bytes", [(1, 1 << 28), (3, 1)], ids=["whole", "split_chunked"])
     def test_landmark_kernels_match_formula(self, splits, score_bytes):
-        from mita.ops.triton.landmark import landmark_bwd, landmark_fwd
-
         # GQA (4 query heads on 2 kv heads); padding covers the whole last key chunk when split in 3;
         # score_bytes=1 forces one head per pass through the score buffer.
         g = torch.Generator().manual_seed(8)
@@ -163,8 +166,6 @@ class TestInterpreter:
             torch.testing.assert_close(got, exp, msg=lambda m, name=name: f"d{name}: {m}", **F32)
 
     def test_segment_sum_adds_rows_by_target(self):
-        from mita.ops.triton.parallel import segment_sum
-
         g = torch.Generator().manual_seed(6)
         src = torch.randn(40, 20, generator=g)
         target = torch.randint(0, 9, (40,), generator=g)  # 9 rows, some of them never hit
@@ -243,10 +244,6 @@ class TestAvailability:
 
 class TestLaunchFallback:
     def test_retries_lighter_configs_on_out_of_resources_and_remembers(self):
-        from triton.runtime.errors import OutOfResources
-
-        from mita.ops.triton import utils as launch_mod
-
         calls = []
 
         class FakeKernel:  # needs <= 1 pipeline stage and BLOCK_K <= 32 to "fit"
@@ -266,10 +263,6 @@ class TestLaunchFallback:
         assert len(calls) == 4 and calls[-1] == calls[2]  # the working config is reused directly
 
     def test_gives_up_after_the_last_config(self):
-        from triton.runtime.errors import OutOfResources
-
-        from mita.ops.triton.utils import launch
-
         class NeverFits:
             def __getitem__(self, grid):
                 def run(*args, **kw):
@@ -283,8 +276,6 @@ class TestLaunchFallback:
 
 def _aot_jobs(dt: str, d: int) -> list:
     """(kernel, signature, constexprs, num_warps) for every kernel at head dim d and input dtype dt."""
-    from mita.ops.triton import landmark, parallel
-
     x, prec = "*" + dt, "ieee" if dt == "fp32" else "tf32"
     types = dict.fromkeys(["Q", "K", "V", "R", "O", "DO"], x)
     types.update(dict.fromkeys(["KEYS", "TILE_EXPERT", "TILE_ROWS", "EXPERT", "ORDER", "OFFSETS"], "*i64"))
@@ -313,8 +304,8 @@ def _aot_jobs(dt: str, d: int) -> list:
 def test_kernels_compile_for_h100_without_a_gpu(dt, d):
     """Ahead-of-time compile every kernel for sm_90 (triton ships ptxas; no driver needed): catches
     what the interpreter cannot (type rules of the compiler, layouts, shared-memory size)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415 - ahead-of-time compile checks only
+    from triton.compiler import ASTSource  # noqa: PLC0415
 
     h100_shared = 232_448  # bytes of shared memory one block may use on an H100
     for kernel, sig, consts, warps in _aot_jobs(dt, d):
@@ -335,8 +326,8 @@ def test_kernels_compile_for_h100_without_a_gpu(dt, d):
 def test_kernels_without_a_mask_compile_for_h100():
     """``MASK=None`` is what an unmasked call launches (``HAS_MASK`` False by ``triton.heuristics``): the
     kernels must compile with the pointer specialised away, at the largest configuration (bf16, d = 128)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415 - ahead-of-time compile checks only
+    from triton.compiler import ASTSource  # noqa: PLC0415
 
     masked = [job for job in _aot_jobs("bf16", 128) if "MASK" in job[0].arg_names]
     assert len(masked) == 5  # tile forward/backward and the three landmark kernels

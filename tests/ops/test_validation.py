@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mita import mita_attention
+from mita.ops import api
 
 from .helpers import make_inputs
 
@@ -98,8 +99,6 @@ def test_device_mismatch_named(qkvr):
 
 
 def test_triton_backend_unavailable_says_why(qkvr, monkeypatch):
-    from mita.ops import api
-
     monkeypatch.setattr(api, "triton_available", lambda: (False, "no CUDA device"))
     with pytest.raises(RuntimeError, match=r"backend='triton' is unavailable: no CUDA device"):
         call(*qkvr, backend="triton")

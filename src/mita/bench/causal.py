@@ -1,6 +1,6 @@
 """``mita bench --causal`` and ``mita bench --decode``: causal MiTA against SDPA in the same run.
 
-``--causal``: forward and forward+backward of ``mita_attention(..., causal=True)`` (torch backend, each
+``--causal``: forward and forward+backward of :func:`mita.mita_causal_attention` (torch backend, each
 horizon; ``--backends torch,cpu`` adds the fused CPU kernels, frozen horizon only, as ``mita-frozen-cpu``)
 against ``F.scaled_dot_product_attention(is_causal=True)``. The methods are interleaved rep by rep (best
 time of each is kept), so a busy machine slows them alike; ratios are SDPA time / MiTA time.
@@ -159,7 +159,7 @@ def _progress(items, desc: str):
 def _causal_case(args: argparse.Namespace, n: int, mode: str) -> list[dict]:
     """All methods at one N and mode, interleaved rep by rep (best time kept)."""
     from ..landmarks import block_mean
-    from ..ops import mita_attention
+    from ..ops import mita_causal_attention
 
     dtype = getattr(torch, args.dtype)
     hkv = args.kv_heads or args.heads
@@ -179,9 +179,9 @@ def _causal_case(args: argparse.Namespace, n: int, mode: str) -> list[dict]:
             if backend == "cpu" and hor != "frozen":
                 continue  # the fused kernels have the frozen horizon only
             methods[f"mita-{hor}" + ("-cpu" if backend == "cpu" else "")] = lambda hor=hor, be=backend: (
-                mita_attention(
-                    q, k, v, block_mean(q, args.block_size), topk=args.topk, causal=True,
-                    block_size=args.block_size, landmark_horizon=hor, backend=be,
+                mita_causal_attention(
+                    q, k, v, block_mean(q, args.block_size), topk=args.topk, block_size=args.block_size,
+                    landmark_horizon=hor, backend=be,
                 )
             )  # fmt: skip
 

@@ -1,4 +1,6 @@
-"""Causal MiTA with the frozen landmark horizon (SPEC §5) on a sequence sharded across ranks.
+"""``context_parallel_causal_attention``: causal MiTA with the frozen landmark horizon (SPEC §5) on a
+sequence sharded across ranks, the sibling of :mod:`.attention` as :func:`mita.mita_causal_attention` is
+of :func:`mita.mita_attention`.
 
 Landmark ``j`` is the mean of query block ``j`` and sees the keys ``t < (j + 1) b``; query ``i`` in block
 ``beta`` attends, in one softmax, to landmarks ``j < beta``, to the keys of its best such landmarks and
@@ -13,12 +15,45 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..ops.arguments import as_bool, as_horizon, as_int, check_attention_tensors
 from ..ops.causal.common import merge_parts, partial_softmax
 from ..ops.common import Problem
-from .attention import _routed_part, _selected_rows, _shared_values
 from .collectives import all_gather, group_rank
+from .common import routed_part, selected_rows, shard_problem, shared_values, validated
 
-__all__ = ["causal_context_parallel"]
+__all__ = ["context_parallel_causal_attention"]
+
+
+def _check_causal(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    landmarks: torch.Tensor,
+    block_size: int,
+    horizon: str,
+    dedup: bool,
+    mask: torch.Tensor | None,
+) -> int:
+    """The causal options the context-parallel op supports; returns the block size."""
+    b = as_int("block_size", block_size)
+    if as_horizon(horizon) != "frozen":
+        raise ValueError(
+            f"context parallelism supports landmark_horizon='frozen' only, got {horizon!r} (the prefix "
+            "horizon needs each query block's prefix of the other ranks' partials)"
+        )
+    if as_bool("dedup", dedup) or mask is not None:
+        raise ValueError("causal context parallelism supports neither dedup nor key_padding_mask")
+    n = q.shape[2]
+    if k.shape[2] != n or n % b:
+        raise ValueError(
+            "causal context parallelism needs every rank to hold whole blocks of queries and their keys: "
+            f"local q {n} and k {k.shape[2]} tokens must be equal and a multiple of block_size={b}"
+        )
+    if landmarks.shape[2] != n // b:
+        raise ValueError(
+            f"causal context parallelism needs n // block_size = {n // b} local landmarks, "
+            f"got {landmarks.shape[2]}"
+        )
+    return b
 
 
 def _route(qr: torch.Tensor, s: int, b: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +84,7 @@ def _own_block(p: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b:
     return lse.reshape(bb, h, n, 1), out.reshape(bb, h, n, p.value_dim)
 
 
-def causal_context_parallel(
+def _causal_context_parallel(
     p: Problem,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -74,12 +109,79 @@ def causal_context_parallel(
     expert_index, allowed = _route(qr, p.experts_per_query, b, offset)
     parts = [_own_block(p, q, k, v, b)]
     if p.shared:
-        values = _shared_values(p, scores, v, group)  # every landmark sees its own block: no empty row
+        values = shared_values(p, scores, v, group)  # every landmark sees its own block: no empty row
         parts.append(partial_softmax((qr * p.landmark_scale).masked_fill(~allowed, float("-inf")), values))
     if p.routed:
-        _, ktab, vtab, unfilled = _selected_rows(p, scores, k, v, True, group)
+        _, ktab, vtab, unfilled = selected_rows(p, scores, k, v, True, group)
         no_expert = (expert_index < 0)[..., None].expand(-1, -1, -1, -1, p.topk)
-        lse_r, out_r = _routed_part(p, q, ktab, vtab, unfilled, no_expert, expert_index.clamp_min(0), tile)
+        lse_r, out_r = routed_part(p, q, ktab, vtab, unfilled, no_expert, expert_index.clamp_min(0), tile)
         w = torch.softmax(lse_r, dim=-1)  # the s experts' parts merged into one
         parts.append((torch.logsumexp(lse_r, dim=-1, keepdim=True), (w.unsqueeze(-1) * out_r).sum(-2)))
     return merge_parts(parts)
+
+
+def context_parallel_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    landmarks: torch.Tensor,
+    *,
+    topk: int,
+    block_size: int,
+    landmark_horizon: str,
+    group: dist.ProcessGroup | None = None,
+    experts_per_query: int = 1,
+    scale: float | None = None,
+    landmark_scale: float | None = None,
+    shared: bool = True,
+    routed: bool = True,
+    tile: int | None = None,
+    dedup: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal MiTA (SPEC §5) on a sequence sharded across the ranks of ``group``; see the module docstring.
+
+    Every rank of ``group`` (default: the world) passes its contiguous shard, in rank order, of whole
+    blocks:
+
+    Args:
+        q: this rank's queries ``[B, H, n, d]``, ``n`` a multiple of ``block_size``.
+        k, v: this rank's keys and values ``[B, Hkv, n, d]`` / ``[B, Hkv, n, dv]`` (GQA as
+            :func:`mita.mita_causal_attention`); the full sequence has ``N = P n`` tokens.
+        landmarks: this rank's blocks' landmarks ``[B, H, n // block_size, d]`` (e.g.
+            :func:`mita.landmarks.block_mean` of the local queries); concatenated in rank order they are
+            the ``N // block_size`` landmarks of the op.
+        topk, block_size, experts_per_query, scale, landmark_scale, shared, routed: as
+            :func:`mita.mita_causal_attention`.
+        landmark_horizon: ``"frozen"`` only (``"prefix"`` raises ValueError: it would need each query
+            block's prefix of the other ranks' partials).
+        tile: query-expert pairs per tile of the routed part (default: as the torch backend).
+        dedup, key_padding_mask: not supported (ValueError), as in the single-process op.
+
+    Returns:
+        ``[B, H, n, dv]``: exactly this rank's rows of ``mita_causal_attention(cat(q), cat(k), cat(v),
+        cat(landmarks), ...)``, with gradients flowing into every rank's ``q``, ``k``, ``v`` and
+        ``landmarks`` (the objective being the sum of the ranks' losses). bf16 / fp16 inputs are
+        computed, and exchanged, in float32.
+
+    Raises:
+        ValueError: on bad local inputs, when the shards differ across ranks in shape, dtype or options
+        (raised on every rank), or when no process group is initialised.
+    """
+
+    def validate(world: int) -> tuple[Problem, list[float]]:
+        check_attention_tensors(q, k, v, landmarks)
+        b = _check_causal(q, k, landmarks, block_size, landmark_horizon, dedup, key_padding_mask)
+        return shard_problem(
+            q, k, v, landmarks, world, topk=topk, experts_per_query=experts_per_query, scale=scale,
+            landmark_scale=landmark_scale, shared=shared, routed=routed, dedup=dedup,
+            key_padding_mask=key_padding_mask, block_size=b,
+        )  # fmt: skip
+
+    p = validated(validate, key_padding_mask, group)
+    out_dtype = q.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    b = as_int("block_size", block_size)  # checked by validate
+    out = _causal_context_parallel(p, q, k, v, landmarks, b, group, tile)
+    return out.to(out_dtype)

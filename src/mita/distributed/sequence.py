@@ -23,8 +23,9 @@ from torch import nn
 
 from ..models.sequence import SequenceClassifier
 from ..nn.mita import MiTAAttention
-from .attention import context_parallel_attention, shard_sequence
+from .attention import context_parallel_attention
 from .collectives import all_reduce_sum, group_rank, group_size
+from .common import shard_sequence
 from .landmarks import pool_1d_sharded
 
 __all__ = ["ContextParallelSequence", "check_context_parallel_model"]
@@ -40,9 +41,7 @@ def check_context_parallel_model(model: nn.Module, world: int) -> None:
         if not isinstance(attn, MiTAAttention):
             raise ValueError(f"context parallelism needs MiTA attention; block {i} has {type(attn).__name__}")
         why = None
-        if attn.causal:
-            why = "causal=True"
-        elif attn.landmark_mode != "pool":
+        if attn.landmark_mode != "pool":
             why = f"landmark_mode={attn.landmark_mode!r} (only 'pool')"
         elif attn.rope_theta is not None:
             why = "rotary positions"

@@ -29,7 +29,7 @@ from .torchvision_shim import install as install_torchvision_shim
 def _require_transformers() -> Any:
     install_torchvision_shim()  # PyPI's CUDA-only torchvision would break the import on a CPU machine
     try:
-        import transformers
+        import transformers  # noqa: PLC0415 - optional
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError(
             "mita.integrations.hf needs transformers: pip install transformers (the 'hf' extra)"
@@ -175,7 +175,7 @@ def register(name: str = "mita", **settings: Any) -> str:
     fn = make_attention_function(**settings)
     tf = _require_transformers()
     tf.AttentionInterface.register(name, fn)
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface  # noqa: PLC0415 - optional
 
     AttentionMaskInterface.register(name, padding_mask_function)
     return name

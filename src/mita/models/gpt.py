@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.causal import CAUSAL_KINDS, CausalMixer, build_causal_mixer
+from ..nn.causal import CAUSAL_KINDS, CausalMixer, build_causal_mixer, filter_causal_kwargs
 from ..nn.rope import apply_rope, rope_angles
 from .blocks import Mlp, init_weights
 
@@ -54,7 +54,8 @@ class CausalSelfAttention(nn.Module):
     Args:
         dim, num_heads: width and heads (``dim % num_heads == 0``).
         attention: a :data:`mita.nn.causal.CAUSAL_KINDS` kind; ``mixer_kw`` its options
-            (``block_size``, ``topk``, ``landmark_horizon``, ``top_blocks``, ``backend``, ``router``).
+            (``block_size``, ``topk``, ``landmark_horizon``, ``top_blocks``, ``backend``, ``router``), of
+            which those of other kinds are dropped (:func:`mita.nn.causal.filter_causal_kwargs`).
         rope: RoPE theta (``None``: no rotary embedding).
         bias: biases in ``qkv`` and ``proj``.
     """
@@ -73,7 +74,7 @@ class CausalSelfAttention(nn.Module):
             )
         self.rope = rope
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.mixer = build_causal_mixer(attention, **mixer_kw)
+        self.mixer = build_causal_mixer(attention, **filter_causal_kwargs(attention, mixer_kw))
         self.proj = nn.Linear(dim, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
 

@@ -255,12 +255,13 @@ class AttentionBase(nn.Module):
             attn_mask: timm's argument with timm's (SDPA's) meaning, for use inside timm models: bool
                 True = attend, or additive float. Only a key-only mask ``[B, 1, 1, N]`` is supported; it is
                 turned into key padding (see :func:`padding_from_attn_mask`).
-            is_causal: must be False for the non-causal kinds.
+            is_causal: must be False: these modules are non-causal (the causal mixers are
+                :mod:`mita.nn.causal`'s).
             key_padding_mask: ``[B, N]`` bool, True = padding: mita's own way to mask keys.
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected input [B, N, {self.dim}], got {tuple(x.shape)}")
-        if is_causal and not getattr(self, "causal", False):  # causal modules (MiTA causal=True) accept it
+        if is_causal:
             raise ValueError(f"{type(self).__name__} is non-causal; is_causal=True is not supported")
         b, n, _ = x.shape
         mask = check_padding_mask(key_padding_mask, b, n)

@@ -6,8 +6,8 @@ whose ``append(q, k, v)`` returns the outputs of ``T >= 1`` new tokens given eve
 Query ``i`` sits in block ``beta(i) = i // block_size``.
 
 - ``full``: exact causal softmax attention (``F.scaled_dot_product_attention(is_causal=True)``).
-- ``mita``: causal MiTA (SPEC §5) through :func:`mita.mita_attention` ``(causal=True)``, landmarks the
-  block means of the queries; decoding with :class:`mita.MiTACache`.
+- ``mita``: causal MiTA (SPEC §5) through :func:`mita.mita_causal_attention`, landmarks the block means
+  of the queries; decoding with :class:`mita.MiTACache`.
 - ``moba``: causal MoBA (Lu et al., 2025): block gate keys are the mean keys of complete blocks; query
   ``i`` attends, in one softmax, to its own block causally (always on) and to the ``top_blocks`` past
   blocks ``j < beta(i)`` with the highest ``q_i . mean(K_j)``; blocks ``>= beta(i)`` are masked with
@@ -15,20 +15,26 @@ Query ``i`` sits in block ``beta(i) = i // block_size``.
 - ``window``: own block (causally) and the previous block only: the no-retrieval floor at the same
   block size.
 
-Budgets per query (keys in the softmax): full ``i + 1``; mita ``beta + topk + (i mod b) + 1``
-(landmarks, one routed expert, own block); moba ``top_blocks * b + (i mod b) + 1``; window
-``b + (i mod b) + 1``. ``moba`` with ``top_blocks * block_size == topk`` is MiTA's matched budget.
+Budgets per query (keys in the softmax): full ``i + 1``; mita ``beta + s topk + (i mod b) + 1``
+(landmarks, ``s = experts_per_query`` routed experts of ``topk`` keys, own block); moba
+``top_blocks * b + (i mod b) + 1``; window ``b + (i mod b) + 1``. ``moba`` with
+``top_blocks * block_size == topk`` is MiTA's matched budget (``s = 1``).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..landmarks import block_mean
+from ..ops import MiTACache, mita_causal_attention
+from ..ops.arguments import as_bool, as_horizon, as_int
 from .causal_router import attach_loss, routing_distillation_loss
+from .registry import check_kwargs
 
 __all__ = [
     "CAUSAL_KINDS",
@@ -40,6 +46,7 @@ __all__ = [
     "WindowCausal",
     "DenseCache",
     "build_causal_mixer",
+    "filter_causal_kwargs",
 ]
 
 
@@ -216,15 +223,17 @@ ROUTERS = ("argmax", "gate", "distill", "gate+distill", "grouped")
 
 
 class MiTACausal(CausalMixer):
-    """Causal MiTA (SPEC §5): landmarks = block means of the queries, one routed expert of ``topk`` keys,
-    the shared expert over each landmark's horizon and the own block, in one softmax.
+    """Causal MiTA (SPEC §5): landmarks = block means of the queries, ``experts_per_query`` routed experts
+    of ``topk`` keys each, the shared expert over each landmark's horizon and the own block, in one
+    softmax (:func:`mita.mita_causal_attention`).
 
     Args:
         block_size: b, landmark block (and own-block) size.
         topk: k, keys per routed expert.
+        experts_per_query: s, routed experts per query (its ``s`` best earlier landmarks).
         landmark_horizon: ``"prefix"`` (keys before the query's block) or ``"frozen"`` (keys up to the
             end of the landmark's own block); SPEC §5.2.
-        backend: the op backend (``"auto"`` | ``"torch"`` | ``"reference"``).
+        backend: the op backend (``"auto"`` | ``"torch"`` | ``"reference"`` | ``"cpu"``).
         shared: keep the shared expert (the landmarks' logits and values); ``False`` attends to the routed
             expert and the own block only (SPEC §2.5's ablation; docs/causal.md shows where it matters).
         router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`; docs/causal.md, "Routing
@@ -257,10 +266,9 @@ class MiTACausal(CausalMixer):
         router: str = "gate+distill",
         distill_weight: float = 1.0,
         distill_queries: int = 32,
+        experts_per_query: int = 1,
     ) -> None:
         super().__init__()
-        from mita.ops.arguments import as_bool
-
         self.shared = as_bool("shared", shared)
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
@@ -271,22 +279,21 @@ class MiTACausal(CausalMixer):
         self.distill_queries = _positive_int("distill_queries", distill_queries)
         self.block_size = _positive_int("block_size", block_size)
         self.topk = _positive_int("topk", topk)
-        if landmark_horizon not in ("prefix", "frozen"):
-            raise ValueError(f"landmark_horizon must be 'prefix' or 'frozen', got {landmark_horizon!r}")
-        self.landmark_horizon, self.backend = landmark_horizon, backend
+        self.experts_per_query = as_int("experts_per_query", experts_per_query)
+        if router == "grouped" and self.experts_per_query != 1:
+            raise ValueError("router='grouped' needs experts_per_query=1")
+        self.landmark_horizon, self.backend = as_horizon(landmark_horizon), backend
         self.record_routing = False
         self.last_routing: Any = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from mita import mita_attention
-        from mita.landmarks import block_mean
-
         _check_qkv(q, k, v)
         landmarks = block_mean(q, self.block_size)
         distill = "distill" in self.router and self.training and torch.is_grad_enabled()
-        res = mita_attention(
-            q, k, v, landmarks, topk=self.topk, causal=True, block_size=self.block_size,
-            landmark_horizon=self.landmark_horizon, backend=self.backend, shared=self.shared,
+        res = mita_causal_attention(
+            q, k, v, landmarks, topk=self.topk, block_size=self.block_size,
+            landmark_horizon=self.landmark_horizon, experts_per_query=self.experts_per_query,
+            backend=self.backend, shared=self.shared,
             return_routing=self.record_routing or distill, router_gate="gate" in self.router,
             grouped=self.router == "grouped" and self.training and torch.is_grad_enabled(),
         )  # fmt: skip
@@ -303,12 +310,11 @@ class MiTACausal(CausalMixer):
         return out
 
     def new_cache(self) -> Any:
-        from mita import MiTACache
-
         return MiTACache(
             topk=self.topk,
             block_size=self.block_size,
             landmark_horizon=self.landmark_horizon,
+            experts_per_query=self.experts_per_query,
             shared=self.shared,
         )
 
@@ -320,34 +326,33 @@ CAUSAL_CLASSES: dict[str, type[CausalMixer]] = {
     "window": WindowCausal,
 }
 CAUSAL_KINDS = tuple(CAUSAL_CLASSES)
-#: The options each kind takes (others given to :func:`build_causal_mixer` are dropped, so one set of
-#: settings can be carried across kinds, as ``mita train --attention`` does).
+#: The options each kind takes: its constructor's keywords.
 CAUSAL_OPTIONS: dict[str, tuple[str, ...]] = {
-    "full": (),
-    "mita": (
-        "block_size",
-        "topk",
-        "landmark_horizon",
-        "backend",
-        "shared",
-        "router",
-        "distill_weight",
-        "distill_queries",
-    ),  # fmt: skip
-    "moba": ("block_size", "top_blocks"),
-    "window": ("block_size",),
+    kind: tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
+    for kind, cls in CAUSAL_CLASSES.items()
 }
 ALL_OPTIONS = frozenset(o for opts in CAUSAL_OPTIONS.values() for o in opts)
 
 
 def build_causal_mixer(kind: str, **kw: Any) -> CausalMixer:
-    """The causal mixer ``kind`` (one of :data:`CAUSAL_KINDS`) with the options it takes from ``kw``.
+    """The causal mixer ``kind`` (one of :data:`CAUSAL_KINDS`) with options ``kw``.
 
-    Options no kind knows raise ValueError naming them; options of other kinds are ignored.
+    Options the kind does not take raise ValueError naming them, as :func:`mita.nn.build_attention`; to
+    carry one set of settings across kinds, filter it first with :func:`filter_causal_kwargs`.
     """
+    if kind not in CAUSAL_CLASSES:
+        raise ValueError(f"unknown causal attention kind {kind!r}; choose one of {CAUSAL_KINDS}")
+    check_kwargs("causal attention", kind, kw, CAUSAL_OPTIONS[kind])
+    return CAUSAL_CLASSES[kind](**kw)
+
+
+def filter_causal_kwargs(kind: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kw`` that causal ``kind`` takes, to carry one set of settings across kinds (as
+    :class:`mita.models.GPT`'s presets do); options that no causal kind takes raise ValueError naming
+    them (a misspelling is not silently dropped)."""
     if kind not in CAUSAL_CLASSES:
         raise ValueError(f"unknown causal attention kind {kind!r}; choose one of {CAUSAL_KINDS}")
     unknown = set(kw) - ALL_OPTIONS
     if unknown:
         raise ValueError(f"unknown causal attention options {sorted(unknown)}; known: {sorted(ALL_OPTIONS)}")
-    return CAUSAL_CLASSES[kind](**{k: v for k, v in kw.items() if k in CAUSAL_OPTIONS[kind]})
+    return {k: v for k, v in kw.items() if k in CAUSAL_OPTIONS[kind]}

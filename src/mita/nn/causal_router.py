@@ -11,12 +11,9 @@ loss: the forward output, causality and decoding are unaffected.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from mita.ops.causal import CausalRouting
+from ..ops.causal import CausalRouting
 
 __all__ = ["attach_loss", "routing_distillation_loss"]
 

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..landmarks import block_mean
 from ..ops import Routing, mita_attention
 from ..ops.api import BACKENDS
 from ..ops.arguments import as_bool, as_experts, as_int, as_scale
@@ -70,10 +69,9 @@ class MiTAAttention(AttentionBase):
         conv_kernel, landmark_seed: options of the ``"conv"`` and ``"random"`` landmark modes.
         dedup: with ``experts_per_query > 1``, count a key offered by several experts once.
         num_kv_heads: grouped-query attention (passed to the op unexpanded).
-        causal: exactly causal MiTA (SPEC §5) on a ``layout="seq"`` sequence without prefix tokens:
-            landmarks are the means of complete blocks of ``block_size`` queries, each landmark's keys
-            are those of its ``landmark_horizon`` (``"prefix"`` | ``"frozen"``), and every query also
-            attends causally to its own block; ``forward(..., is_causal=True)`` is then accepted.
+
+    Non-causal: causal MiTA (SPEC §5) is the causal mixer :class:`mita.nn.causal.MiTACausal` (the GPT's
+    ``attention="mita"``), on :func:`mita.mita_causal_attention`.
 
     With a padding mask no landmark reads a padded token, in every layout and landmark mode (see
     :class:`mita.nn.landmark_modes.LandmarkBuilder`); in the ``"seq"`` layout with ``"pool"`` a padded
@@ -116,9 +114,6 @@ class MiTAAttention(AttentionBase):
         dedup: bool = False,
         num_kv_heads: int | None = None,
         scale_norm: bool = False,
-        causal: bool = False,
-        block_size: int = 64,
-        landmark_horizon: str = "prefix",
         landmarks: str | None = None,
         device: Any = None,
         dtype: Any = None,
@@ -155,23 +150,10 @@ class MiTAAttention(AttentionBase):
         self.last_routing: Routing | None = None
         self.last_layout: dict | None = None
         self.last_key_padding_mask: torch.Tensor | None = None  # the [B, N] mask of that forward
-        self.causal = as_bool("causal", causal)
-        self.block_size, self.landmark_horizon = as_int("block_size", block_size), landmark_horizon
-        if self.causal:
-            if layout != "seq" or prefix_tokens:
-                raise ValueError(
-                    f"causal=True needs layout='seq' and prefix_tokens=0, got {layout!r}, {prefix_tokens}"
-                )
-            if dwc:
-                raise ValueError("causal=True cannot use dwc: its convolution sees the next token")
-            if landmark_horizon not in ("prefix", "frozen"):
-                raise ValueError(f"landmark_horizon must be 'prefix' or 'frozen', got {landmark_horizon!r}")
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
     ) -> torch.Tensor:
-        if self.causal:
-            return self._attend_causal(q, k, v, mask)
         res = mita_mix(
             self.landmark, q, k, v, mask, tl, topk=self.topk, experts_per_query=self.experts_per_query,
             landmark_scale=self.landmark_scale, shared=self.shared, routed=self.routed, dedup=self.dedup,
@@ -184,22 +166,6 @@ class MiTAAttention(AttentionBase):
         self.last_key_padding_mask = None if mask is None else mask.detach()
         self.last_layout = {"layout": tl.kind, "grid": tl.grid, "prefix_tokens": tl.prefix}
         self.last_layout["num_landmarks"] = self.num_landmarks
-        return out
-
-    def _attend_causal(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Causal MiTA (SPEC §5): landmarks are the block means of the queries (``num_landmarks`` unused);
-        ``last_routing`` keeps the op's ``CausalRouting``."""
-        res = mita_attention(
-            q, k, v, block_mean(q, self.block_size), topk=self.topk, causal=True, block_size=self.block_size,
-            landmark_horizon=self.landmark_horizon, experts_per_query=self.experts_per_query,
-            landmark_scale=self.landmark_scale, shared=self.shared, routed=self.routed, dedup=self.dedup,
-            key_padding_mask=mask, backend=self.backend, return_routing=self.record_routing,
-        )  # fmt: skip
-        if not self.record_routing:
-            return res
-        out, self.last_routing = res
         return out
 
     def extra_repr(self) -> str:

@@ -1,7 +1,11 @@
-"""One registry for every attention kind: ``build_attention(kind, dim, num_heads, **kw)``."""
+"""One registry for every attention kind: ``build_attention(kind, dim, num_heads, **kw)``, and the keyword
+rule it shares with the causal mixers' registry (:func:`mita.nn.causal.build_causal_mixer`): options a kind
+does not take raise ValueError naming them; a caller that carries one set of settings across kinds filters
+it first (:func:`filter_kwargs`, :func:`mita.nn.causal.filter_causal_kwargs`)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from .agent import AgentAttention
@@ -23,6 +27,13 @@ ATTENTION_CLASSES: dict[str, type[AttentionBase]] = {
 ATTENTION_KINDS = tuple(ATTENTION_CLASSES)
 
 
+def check_kwargs(what: str, kind: str, kw: dict[str, Any], accepted: Collection[str]) -> None:
+    """ValueError naming the options in ``kw`` that ``what`` kind ``kind`` does not take (``accepted``)."""
+    unknown = set(kw) - set(accepted)
+    if unknown:
+        raise ValueError(f"{what} kind {kind!r} does not take {sorted(unknown)}")
+
+
 def attention_class(kind: str) -> type[AttentionBase]:
     """The module class registered as ``kind``; ValueError listing the kinds otherwise."""
     try:
@@ -38,9 +49,7 @@ def build_attention(kind: str, dim: int, num_heads: int, **kw: Any) -> Attention
     Keywords the kind does not take raise ValueError naming them.
     """
     cls = attention_class(kind)
-    unknown = set(kw) - cls.accepted_kwargs()
-    if unknown:
-        raise ValueError(f"attention kind {kind!r} does not take {sorted(unknown)}")
+    check_kwargs("attention", kind, kw, cls.accepted_kwargs())
     return cls(dim, num_heads=num_heads, **kw)
 
 

@@ -1,14 +1,17 @@
-"""``mita_attention``: the public functional op, its input validation and its backend choice."""
+"""``mita_attention``: the non-causal op (SPEC §2), its input validation and its backend choice; the causal
+op mirrors this file in :mod:`.causal.api`."""
 
 from __future__ import annotations
 
 import torch
 
 from .arguments import as_bool, as_experts, as_int, as_scale, check_attention_tensors
-from .causal import CausalRouting, causal_attention
 from .common import Problem, Routing
+from .cpu import build as cpu_build
+from .cpu_backend import cpu_forward
 from .reference import reference_forward
 from .torch_backend import torch_forward
+from .triton import backend as triton_backend
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cpu")
 
@@ -85,11 +88,7 @@ def _check_mask(mask: torch.Tensor, b: int, n: int, device: torch.device) -> Non
 
 def triton_available() -> tuple[bool, str]:
     """Whether the Triton backend can run here, and if not, why."""
-    try:
-        from .triton.backend import availability
-    except ImportError as err:  # pragma: no cover - depends on the install
-        return False, f"the Triton backend could not be imported ({err})"
-    return availability()
+    return triton_backend.availability()
 
 
 # The Triton kernels pass every test under the interpreter but have not yet run on a GPU, so "auto"
@@ -99,9 +98,7 @@ AUTO_USES_TRITON = False
 
 def cpu_available() -> tuple[bool, str]:
     """Whether the fused CPU kernel (``backend="cpu"``) is built and loaded here, and if not, why."""
-    from .cpu.build import availability
-
-    return availability()
+    return cpu_build.availability()
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -112,9 +109,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             ok, why = cpu_available()
             if ok:
                 return "cpu"
-            from .cpu.build import warn_fallback_once
-
-            warn_fallback_once(why)
+            cpu_build.warn_fallback_once(why)
         return "torch"
     if backend == "cpu":
         ok, why = cpu_available() if device.type == "cpu" else (False, f"inputs are on {device}, not the CPU")
@@ -143,17 +138,13 @@ def mita_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
     return_routing: bool = False,
-    causal: bool = False,
-    block_size: int = 64,
-    landmark_horizon: str = "prefix",
-    router_gate: bool = False,
-    grouped: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, Routing | CausalRouting]:
+) -> torch.Tensor | tuple[torch.Tensor, Routing]:
     """Mixture-of-Top-k attention (SPEC §2), a drop-in for ``F.scaled_dot_product_attention``.
 
     Each query attends, in one softmax, to the ``m`` landmarks (the shared expert, whose values are
     ``A = softmax(R K^T c) V``, with logits ``q . r_j * landmark_scale``) and to the ``topk`` keys chosen
     by each of its ``experts_per_query`` best landmarks (routed experts, logits ``q . k_t * scale``).
+    Causal MiTA (SPEC §5) is its sibling op :func:`mita.mita_causal_attention`.
 
     Args:
         q: queries ``[B, H, N, d]``.
@@ -183,26 +174,6 @@ def mita_attention(
         return_routing: also return :class:`Routing` (``expert_index`` [B, H, N, s] and ``key_index``
             [B, H, m, k]); indices carry no gradient.
 
-        causal: exactly causal MiTA (SPEC §5; :mod:`mita.ops.causal`): blocks of ``block_size``
-            queries; ``landmarks`` must then have ``N // block_size`` rows (landmark ``j`` summarises block
-            ``j``, e.g. :func:`mita.landmarks.block_mean`) and serves only later blocks; each query
-            attends in one softmax to the landmarks of earlier blocks, its experts' top-k keys (over the
-            ``landmark_horizon``: ``"prefix"`` = every key before the query's block, ``"frozen"`` = keys
-            up to the end of the landmark's block) and causally to its own block. Needs ``k``/``v`` as
-            long as ``q``; ``key_padding_mask`` and ``dedup`` are not supported. Backends: ``"torch"``
-            (block-major), ``"reference"``, ``"cpu"`` (fused kernels, ``landmark_horizon="frozen"`` only)
-            and ``"auto"`` (``"cpu"`` for ``"frozen"`` on CPU when built, else ``"torch"``; ``"prefix"``
-            runs on ``"torch"``); ``"triton"`` raises ``ValueError``.
-            ``topk`` may exceed the visible keys (then every visible key is taken). With
-            ``return_routing`` a :class:`mita.ops.causal.CausalRouting` is returned. Decoding:
-            :class:`mita.MiTACache`.
-        router_gate: ``causal=True`` only: the straight-through router gate. The forward pass is unchanged
-            bit for bit; in the backward the routing logits ``q . r_j`` also receive the summed gradient
-            of each query's routed logits (through ``log softmax_j(lambda q . r_j)`` at the chosen
-            expert), so the router learns which landmark's keys help (:mod:`mita.ops.causal`).
-        grouped: ``causal=True``, ``"frozen"``, one expert: a training mode whose routed part takes
-            every visible landmark's keys with logits shifted by ``log pi_i(j)`` (the forward changes;
-            :func:`mita.ops.causal.causal_attention`).
     Returns:
         ``[B, H, N, dv]`` output in ``q``'s dtype, or ``(output, Routing)``.
 
@@ -210,15 +181,6 @@ def mita_attention(
         ValueError: on inconsistent shapes, dtypes, devices, sizes or options (the message names them).
         RuntimeError: when the requested backend is unavailable here (the message says why).
     """
-    if causal:
-        return causal_attention(
-            q, k, v, landmarks, topk=topk, block_size=block_size, landmark_horizon=landmark_horizon,
-            experts_per_query=experts_per_query, scale=scale, landmark_scale=landmark_scale, shared=shared,
-            routed=routed, dedup=dedup, key_padding_mask=key_padding_mask, backend=backend,
-            return_routing=return_routing, router_gate=router_gate, grouped=grouped,
-        )  # fmt: skip
-    if router_gate or grouped:
-        raise ValueError("router_gate and grouped need causal=True (the non-causal op has no router)")
     p = validate(
         q,
         k,
@@ -240,11 +202,7 @@ def mita_attention(
     elif chosen == "torch":
         out, routing = torch_forward(p, q, k, v, landmarks, key_padding_mask)
     elif chosen == "cpu":
-        from .cpu.backend import cpu_forward
-
         out, routing = cpu_forward(p, q, k, v, landmarks, key_padding_mask)
     else:
-        from .triton.backend import triton_forward
-
-        out, routing = triton_forward(p, q, k, v, landmarks, key_padding_mask)
+        out, routing = triton_backend.triton_forward(p, q, k, v, landmarks, key_padding_mask)
     return (out, routing) if return_routing else out

@@ -1,4 +1,5 @@
-"""Checks shared by the op (both forms) and the modules: each raises ValueError naming the argument.
+"""Checks shared by the ops (non-causal and causal), their caches and the modules: each raises ValueError
+naming the argument.
 
 Integers may be any ``numbers.Integral`` (numpy's included) but not bools; flags must be real bools (a
 string such as ``"no"`` is truthy); scales must be finite and positive (``inf`` gives all-NaN outputs).
@@ -48,6 +49,18 @@ def as_experts(shared: Any, routed: Any) -> tuple[bool, bool]:
     if not shared and not routed:
         raise ValueError("shared=False and routed=False leaves no expert to attend to; enable at least one")
     return shared, routed
+
+
+#: Causal MiTA's landmark horizons (SPEC §5.2): keys before the query's block, or up to the end of the
+#: landmark's own block.
+HORIZONS = ("prefix", "frozen")
+
+
+def as_horizon(value: Any) -> str:
+    """``value`` as one of :data:`HORIZONS`."""
+    if not isinstance(value, str) or value not in HORIZONS:
+        raise ValueError(f"landmark_horizon must be 'prefix' or 'frozen', got {value!r}")
+    return value
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..arguments import as_experts, as_int, as_scale
-from .common import HORIZONS, merge_parts, partial_softmax
+from ..arguments import as_experts, as_horizon, as_int, as_scale
+from .common import merge_parts, partial_softmax
 from .nonfinite import bad_tokens, finite_or_zero, poison
 
 
@@ -41,9 +41,9 @@ class MiTACache:
     """Decoding cache of one causal MiTA layer; :meth:`append` returns the new tokens' outputs.
 
     ``cache.append(q, k, v)`` with q ``[B, H, T, d]``, k/v ``[B, Hkv, T, d / dv]`` (``T >= 1``, GQA
-    with ``H % Hkv == 0``) returns ``[B, H, T, dv]``, the same as ``mita_attention(..., causal=True)``
+    with ``H % Hkv == 0``) returns ``[B, H, T, dv]``, the same as :func:`mita.mita_causal_attention`
     over everything appended so far with ``landmarks = block_mean(q, block_size)``; appending T tokens
-    at once (chunked prefill) equals appending them one by one. Options as in ``mita_attention``.
+    at once (chunked prefill) equals appending them one by one. Options as in ``mita_causal_attention``.
     Half-precision inputs are computed and stored in float32. ``append`` runs without autograd (decoding).
     """
 
@@ -62,8 +62,7 @@ class MiTACache:
         self.topk = as_int("topk", topk)
         self.block_size = as_int("block_size", block_size)
         self.experts_per_query = as_int("experts_per_query", experts_per_query)
-        if landmark_horizon not in HORIZONS:
-            raise ValueError(f"landmark_horizon must be one of {HORIZONS}, got {landmark_horizon!r}")
+        landmark_horizon = as_horizon(landmark_horizon)
         shared, routed = as_experts(shared, routed)
         self.horizon, self.shared, self.routed = landmark_horizon, shared, routed
         self._scale = as_scale("scale", scale)

@@ -8,9 +8,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..arguments import as_bool, as_experts, as_int, as_scale, check_attention_tensors
+from ..arguments import as_bool, as_experts, as_horizon, as_int, as_scale, check_attention_tensors
 
-HORIZONS = ("prefix", "frozen")
 CAUSAL_BACKENDS = ("auto", "reference", "torch", "cpu")  # "cpu": the frozen horizon only
 
 
@@ -89,23 +88,22 @@ def validate_causal(
     router_gate: bool = False,
     grouped: bool = False,
 ) -> CausalProblem:
-    """Check the inputs of ``mita_attention(..., causal=True)``; return their :class:`CausalProblem`."""
+    """Check the inputs of :func:`mita.mita_causal_attention`; return their :class:`CausalProblem`."""
     check_attention_tensors(q, k, v, landmarks)
     b, h, n, d = q.shape
     _, hkv, nk, _ = k.shape
     if nk != n:
-        raise ValueError(f"causal=True needs k and q of the same length (self-attention), got q {n}, k {nk}")
+        raise ValueError(f"causal MiTA needs k and q of the same length (self-attention), got q {n}, k {nk}")
     bs = as_int("block_size", block_size)
     if landmarks.shape[2] != n // bs:
         raise ValueError(
             f"landmarks must have N // block_size = {n} // {bs} = {n // bs} rows (one per complete block), "
             f"got {landmarks.shape[2]}"
         )
-    if landmark_horizon not in HORIZONS:
-        raise ValueError(f"landmark_horizon must be one of {HORIZONS}, got {landmark_horizon!r}")
+    landmark_horizon = as_horizon(landmark_horizon)
     topk = as_int("topk", topk)
     experts_per_query = as_int("experts_per_query", experts_per_query)
-    shared, routed, dedup = as_bool("shared", shared), as_bool("routed", routed), as_bool("dedup", dedup)
+    (shared, routed), dedup = as_experts(shared, routed), as_bool("dedup", dedup)
     router_gate, grouped = as_bool("router_gate", router_gate), as_bool("grouped", grouped)
     if grouped and (landmark_horizon != "frozen" or not routed or experts_per_query != 1 or router_gate):
         raise ValueError(
@@ -115,19 +113,18 @@ def validate_causal(
     if grouped and backend == "cpu":
         raise ValueError("grouped=True has no fused cpu kernel; use backend='torch' or 'auto'")
     scale, landmark_scale = as_scale("scale", scale), as_scale("landmark_scale", landmark_scale)
-    as_experts(shared, routed)
     if dedup:
         raise ValueError(
-            "dedup=True is not supported with causal=True (keys of several experts are concatenated)"
+            "dedup=True is not supported by causal MiTA (keys of several experts are concatenated)"
         )
     if key_padding_mask is not None:
         raise ValueError(
-            "key_padding_mask is not supported with causal=True: pad at the end (causality already hides "
+            "key_padding_mask is not supported by causal MiTA: pad at the end (causality already hides "
             "later positions from earlier ones) or split the batch"
         )
     if backend not in CAUSAL_BACKENDS:
         raise ValueError(
-            f"backend={backend!r} has no causal path; with causal=True use one of {CAUSAL_BACKENDS}"
+            f"backend={backend!r} has no causal path; causal MiTA runs on one of {CAUSAL_BACKENDS}"
         )
     return CausalProblem(
         batch=b,

@@ -146,7 +146,7 @@ def build_key(lib: str = "mita_cpu") -> str:
 
 
 def _missing_tools() -> str | None:
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # noqa: PLC0415 - heavy (setuptools), only where a build may run
 
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
@@ -210,7 +210,7 @@ def failure_reason(err: BaseException) -> str:
 def _compile(lib: str, key: str, build_dir: Path, so: Path) -> None:
     """Build ``lib`` in a scratch directory beside ``so`` (under the build lock), then install it there.
     The compiled library is loaded by ``cpp_extension.load``."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # noqa: PLC0415 - heavy (setuptools), only to build
 
     scratch = build_dir / f"scratch-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -292,24 +292,31 @@ def availability(lib: str = "mita_cpu", probe: str | None = None) -> tuple[bool,
 
     Not wrapped in ``torch.compiler.disable``: that imports ``torch._dynamo`` (150 MB of resident memory)
     into every process. Under ``torch.compile`` the cached answer is a plain dict lookup, and a first call
-    while compiling runs eagerly through :mod:`.compile_probe` (a constant for the graph)."""
+    while compiling runs eagerly through :func:`_cached_or_probe` (a constant for the graph)."""
     probe = probe or PROBES[lib]
     if lib not in _state:
         if torch.compiler.is_compiling():
-            from .compile_probe import probe_while_compiling
-
-            return probe_while_compiling(lib, probe)
+            return _cached_or_probe(lib, probe)  # run eagerly at trace time, a constant for the graph
         _state[lib] = _probe(lib, probe)
     ok, why = _state[lib]  # type: ignore[misc]
     return bool(ok), str(why)
 
 
 def _cached_or_probe(lib: str, probe: str) -> tuple[bool, str]:
-    """The cached answer for ``lib``, probing (and caching) it if needed; eager only."""
+    """The cached answer for ``lib``, probing (and caching) it if needed.
+
+    When the first MiTA call of a process happens while ``torch.compile`` traces it, this runs eagerly
+    at trace time (file system, compiler, loading) and its answer enters the graph as a constant, so
+    ``fullgraph=True`` works on a cold start: it carries the mark ``torch.compiler.assume_constant_result``
+    sets, set here directly because that function imports ``torch._dynamo`` (150 MB of resident memory)
+    into every process, compiling or not."""
     if lib not in _state:
         _state[lib] = _probe(lib, probe)
     ok, why = _state[lib]  # type: ignore[misc]
     return bool(ok), str(why)
+
+
+_cached_or_probe._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def warn_fallback_once(why: str) -> None:

@@ -1,4 +1,4 @@
-// Fused CPU kernels of MiTA (SPEC §2), two paths (ops/cpu/backend.py picks one per call):
+// Fused CPU kernels of MiTA (SPEC §2), two paths (ops/cpu_backend.py picks one per call):
 //   whole-op (whole_fwd / whole_bwd): per (batch, head) the landmark side too, R K^T, each landmark's top-k,
 //             the shared values A = softmax(R K^T) V and Q R^T (LandmarkHead), then the attention step;
 //             the backward recomputes the landmark probabilities P (Q R^T and A are saved).

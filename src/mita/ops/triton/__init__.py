@@ -7,8 +7,10 @@
   ``parallel_mita``.
 - :mod:`.landmark`: the landmark side, scores ``R K^T c`` for the top-k and ``A = softmax(R K^T c) V``
   in one pass over K and V, and its backward.
+- :mod:`.interpreter`: whether ``TRITON_INTERPRET`` asks for the interpreter (a leaf both sides read).
 - :mod:`.utils`: block sizes, loads/stores by row index, and ``launch`` (keyword launches with a
   fallback on ``OutOfResources``).
 
-Importing any module but :mod:`.backend` imports ``triton``; this package's ``__init__`` does not.
+Importing any module but :mod:`.backend` and :mod:`.interpreter` imports ``triton``; this package's
+``__init__`` does not.
 """

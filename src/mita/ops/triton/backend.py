@@ -9,13 +9,13 @@ The design is in docs/triton.md.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from ..common import Problem, Routing
 from ..torch_backend import torch_forward
+from .interpreter import interpreter_requested
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
@@ -28,15 +28,10 @@ def _warn_fallback(kind: str, why: str) -> None:
         warnings.warn(f"backend='triton' uses the torch backend for {why}; warned once", stacklevel=4)
 
 
-def interpreter_requested() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for the interpreter (the one place mita reads it)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
 def availability() -> tuple[bool, str]:
     """``(ok, reason)``: can the Triton kernels run here (CUDA, or CPU under ``TRITON_INTERPRET=1``)?"""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401, PLC0415 - optional
     except ImportError as err:
         return False, f"triton is not installed ({err}); install the extra: pip install 'mita[triton]'"
     if torch.cuda.is_available():
@@ -50,9 +45,9 @@ def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cuda":
         return
     if t.device.type == "cpu":
-        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415 - optional
 
-        from .parallel import attn_fwd_kernel
+        from .parallel import attn_fwd_kernel  # noqa: PLC0415 - imports triton (optional), kernels on first use
 
         if isinstance(attn_fwd_kernel.fn, InterpretedFunction):
             return
@@ -79,6 +74,6 @@ def triton_forward(
         _warn_fallback("dtype", f"dtype {q.dtype} (the kernels run float32, float16 and bfloat16)")
         return torch_forward(p, q, k, v, landmarks, key_padding_mask)
     _check_device(q)
-    from .parallel import parallel_mita
+    from .parallel import parallel_mita  # noqa: PLC0415 - imports triton (optional), kernels on first use
 
     return parallel_mita(p, q, k, v, landmarks, key_padding_mask)

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-from .backend import interpreter_requested
+from .interpreter import interpreter_requested
 
 # Largest block along landmarks, routed keys and key/query sequences. Tests lower it to exercise the
 # multi-block loops at interpreter-sized inputs.
@@ -107,8 +108,6 @@ def launch(kernel, grid: tuple[int, ...], args: dict[str, Any], meta: dict[str, 
     ``args`` are the tensors (``None`` for an absent one) and sizes; ``meta`` the compile-time
     constants and launch options, which alone decide whether a configuration fits.
     """
-    from triton.runtime.errors import OutOfResources
-
     key = (kernel, tuple(sorted((k, str(v)) for k, v in meta.items())))
     if key in _chosen:
         kernel[grid](**args, **{**meta, **_chosen[key]})

@@ -1,4 +1,4 @@
-"""``backend="cpu"`` with ``causal=True``: causal MiTA with the ``"frozen"`` horizon on fused CPU kernels.
+"""``backend="cpu"`` of the causal op: causal MiTA with the ``"frozen"`` horizon on fused CPU kernels.
 
 Two kernels of ``causal_kernel.cpp``, each with its own backward, chained by autograd:
 
@@ -16,7 +16,7 @@ Supported: s >= 1 (top-s routing in torch for s > 1, argmax in the kernel for s 
 refuses it and ``"auto"`` uses the torch backend for it.
 
 Under ``torch.compile`` the kernels run as ``torch.library.custom_op``s with fake implementations and
-registered autograd; in eager mode through plain ``autograd.Function``s (as :mod:`.backend`, to keep
+registered autograd; in eager mode through plain ``autograd.Function``s (as :mod:`..cpu_backend`, to keep
 ``torch._dynamo`` out of processes that never compile). No host sync.
 
 Memory per head (``n_l = N / b``): ``A`` ``n_l * dv`` and its lse, the key sets ``n_l * k``, padded copies
@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import torch
 
-from ..causal.common import CausalProblem, CausalRouting, router_gate_shift
-from ..causal.torch_backend import _routed_tiles
-from .build import availability
-from .dispatch import eager_or_compiled
+from ..cpu.build import availability
+from ..cpu.dispatch import eager_or_compiled
+from .common import CausalProblem, CausalRouting, route, router_gate_shift
+from .torch_backend import _routed_tiles
 
 Tensor = torch.Tensor
 LIB = "mita_cpu_causal"
@@ -228,20 +228,6 @@ def _gate(p: CausalProblem, q, k, v, landmarks, key_index, expert_index, out, ls
     return _RouterGate.apply(out, gate, weight, part_out)
 
 
-def _top_s(p: CausalProblem, qr: Tensor) -> Tensor:
-    """Top-s experts [B, H, N, s] among landmarks ``j < beta(i)``, best first, -1 where fewer are visible
-    (as :func:`mita.ops.causal.common.route`)."""
-    n, b, nl, s = p.seq_len, p.block_size, p.num_landmarks, p.experts_per_query
-    beta = torch.arange(n, device=qr.device) // b
-    allowed = torch.arange(nl, device=qr.device)[None, :] < beta[:, None]
-    se = min(s, nl)
-    idx = qr.detach().masked_fill(~allowed, float("-inf")).topk(se, dim=-1).indices
-    if se < s:
-        idx = torch.cat([idx, idx.new_zeros(*idx.shape[:-1], s - se)], dim=-1)
-    valid = torch.arange(s, device=qr.device)[None, :] < beta[:, None]  # rank r needs r + 1 landmarks
-    return torch.where(valid, idx, -1)
-
-
 def cpu_causal_forward(
     p: CausalProblem,
     q: Tensor,
@@ -253,14 +239,6 @@ def cpu_causal_forward(
     """SPEC §5 with the ``"frozen"`` horizon on the fused CPU kernels; the same choices as
     :func:`mita.ops.causal.torch_backend.causal_torch_forward` (same routing; the same key
     sets except among exactly tied scores, where the fused top-k keeps the lower key indices)."""
-    if p.horizon != "frozen":
-        raise ValueError(
-            f"backend='cpu' with causal=True supports landmark_horizon='frozen' only, got {p.horizon!r}; "
-            "use backend='torch' or 'auto' for 'prefix'"
-        )
-    ok, why = causal_kernel_available()  # builds or loads the library once; a dict lookup after
-    if not ok:
-        raise RuntimeError(f"backend='cpu' is unavailable: {why}")
     out_dtype = q.dtype
     if out_dtype not in (torch.float32, torch.float64):
         # bf16/fp16 inputs: compute in float32 (half-precision softmax statistics lose too much).
@@ -285,7 +263,7 @@ def cpu_causal_forward(
     expert_index = None
     if s > 1 and nl > 0:
         with torch.no_grad():
-            expert_index = _top_s(p, q @ landmarks.transpose(-1, -2))
+            _, expert_index = route(p, q, landmarks)
     if s > 1 and nl == 0:
         expert_index = torch.full((bsz, h, n, s), -1, dtype=torch.long, device=q.device)
     router = landmarks

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from ..common import Problem, Routing, without_padding
-from ..torch_backend import _dedup_mask
-from .dispatch import eager_or_compiled
+from .common import Problem, Routing, without_padding
+from .cpu.dispatch import eager_or_compiled
+from .torch_backend import _dedup_mask
 
 Tensor = torch.Tensor
 
