@@ -14,6 +14,9 @@
 //   bwd: the same order, recomputing logits and probabilities from the saved log-sum-exp; the landmarks'
 //        gradient (through the shared logits), the own block's and each expert's dK/dV accumulate in local
 //        buffers added to the head's rows once, no scatter.
+//   The router gate (optional input gate [N, s], the straight-through l - sg(l), exactly 0): added to every
+//   routed logit of a (query, expert) pair in both passes; bwd returns its gradient, the pair's summed
+//   logit gradient, from the routed probabilities it computes anyway.
 // Every query's logits, softmax and output are computed on its row alone (row-wise micro-kernels, a
 // fixed order of parts), so a query's result does not depend on later tokens or on its tile-mates, and
 // results do not depend on the thread count (work is split over (batch, head), one thread per item).
@@ -87,8 +90,9 @@ std::vector<T> landmarks_t(const T* r, const CSizes& z) {
   return rt;
 }
 
+// gate [N][s] (null: none): added to every routed logit of the query's r-th expert (the router gate).
 template <typename T>
-void forward_head(const HeadIn<T>& x, const HeadOut<T>& o, T scale, T lam, const CSizes& z) {
+void forward_head(const HeadIn<T>& x, const HeadOut<T>& o, T scale, T lam, const CSizes& z, const T* gate) {
   const T *q = x.q, *k = x.k, *v = x.v, *r = x.r, *sv = x.sv;
   const int64_t *kidx = x.kidx, *eidx_in = x.eidx;
   T *out = o.out, *lse = o.lse;
@@ -189,7 +193,8 @@ void forward_head(const HeadIn<T>& x, const HeadOut<T>& o, T scale, T lam, const
             continue;
           }
           const int64_t i = order[t0 + b] / z.s;
-          for (int64_t j = 0; j < z.kp; ++j) l[j] = l[j] * scale + eb.bias[j];
+          const T gv = gate != nullptr ? gate[order[t0 + b]] : T(0);  // + 0: the same logits bit for bit
+          for (int64_t j = 0; j < z.kp; ++j) l[j] = l[j] * scale + eb.bias[j] + gv;
           online_fold(l, z.kp, acc_m[i], acc_z[i], ar[b], z.ep);
         }
         mk_pb(w.data(), z.kp, eb.vp.data(), z.kk, z.ep, ar);
@@ -205,8 +210,12 @@ void forward_head(const HeadIn<T>& x, const HeadOut<T>& o, T scale, T lam, const
   }
 }
 
+// gate [N][s] as in forward_head; dgate [N][s] (null: none) receives each (query, expert) pair's summed
+// logit gradient sum_j p_ij (dout_i . v_j - delta_i), the gate's gradient, from the probabilities the
+// routed part computes anyway (no recomputation of the routed part for the gate).
 template <typename T>
-void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam, const CSizes& z) {
+void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam, const CSizes& z, const T* gate,
+                   T* dgate) {
   const T *q = x.q, *k = x.k, *v = x.v, *r = x.r, *sv = x.sv;
   const T *out = grads.out, *lse = grads.lse, *dout = grads.dout;
   const int64_t *kidx = x.kidx, *eidx = x.eidx;
@@ -215,7 +224,7 @@ void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam,
   for (int64_t i = 0; i < z.n; ++i) delta[i] = dot_row(dout + i * z.dv, out + i * z.dv, z.dv);
   const int64_t wp = std::max({z.mp, z.kp, z.bp, VT<T>::L});
   std::vector<T> p(QB * wp), g(QB * wp), xq(QB * z.dp), xd(QB * z.ep), dqb(QB * z.dp);
-  std::vector<int64_t> rows(QB);
+  std::vector<int64_t> rows(QB), pairs(QB);
   const T* xqr[QB] = {xq.data(), xq.data() + z.dp, xq.data() + 2 * z.dp, xq.data() + 3 * z.dp};
   const T* xdr[QB] = {xd.data(), xd.data() + z.ep, xd.data() + 2 * z.ep, xd.data() + 3 * z.ep};
   T* dq_rows[QB] = {dqb.data(), dqb.data() + z.dp, dqb.data() + 2 * z.dp, dqb.data() + 3 * z.dp};
@@ -320,7 +329,10 @@ void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam,
     std::fill(dve.begin(), dve.end(), T(0));
     for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
       const int64_t nb = std::min(QB, start[e + 1] - t0);
-      for (int64_t b = 0; b < nb; ++b) rows[b] = order[t0 + b] / z.s;
+      for (int64_t b = 0; b < nb; ++b) {
+        pairs[b] = order[t0 + b];
+        rows[b] = pairs[b] / z.s;
+      }
       gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
       gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
       mk_xbt(xqr, eb.kt.data(), z.d, z.kp, p.data());
@@ -334,9 +346,12 @@ void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam,
           continue;
         }
         const int64_t i = rows[b];
-        for (int64_t j = 0; j < z.kp; ++j) l[j] = l[j] * scale + eb.bias[j] - lse[i];
+        const T gv = gate != nullptr ? gate[pairs[b]] : T(0);
+        for (int64_t j = 0; j < z.kp; ++j) l[j] = l[j] * scale + eb.bias[j] + gv - lse[i];
         exp_inplace(l, z.kp);  // probabilities, exactly 0 for unfilled slots
-        for (int64_t j = 0; j < z.kp; ++j) gr[j] = l[j] * (gr[j] - delta[i]) * scale;
+        for (int64_t j = 0; j < z.kp; ++j) gr[j] = l[j] * (gr[j] - delta[i]);
+        if (dgate != nullptr) dgate[pairs[b]] = padded_sum(gr, z.kp);  // padded slots: p = 0, gr = 0
+        for (int64_t j = 0; j < z.kp; ++j) gr[j] *= scale;
       }
       std::fill(dqb.begin(), dqb.end(), T(0));
       mk_pb(g.data(), z.kp, eb.kr.data(), z.kk, z.dp, dq_rows);
@@ -389,15 +404,17 @@ void check_experts(const at::Tensor& eidx, const at::Tensor& q, int64_t block_si
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const std::optional<at::Tensor>& eidx_,
-    double scale, double landmark_scale, int64_t block_size, bool routed) {
+    double scale, double landmark_scale, int64_t block_size, bool routed, const std::optional<at::Tensor>& gate_) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous();
-  const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_);
+  const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_), gate = contiguous_opt(gate_);
   check_inputs(q, k, v, r, kidx, block_size);
   if (eidx_in) check_experts(*eidx_in, q, block_size, "mita_cpu_causal.fwd");
   check_shape(sv, {q.size(0), q.size(1), r.size(2), v.size(3)}, "mita_cpu_causal.fwd", "shared_values");
   const int64_t b = q.size(0), h = q.size(1), hkv = k.size(1), n = q.size(2), nl = r.size(2);
   const int64_t s = eidx_in ? eidx_in->size(3) : 1, group = h / hkv;
+  TORCH_CHECK(!gate || eidx_in, "mita_cpu_causal.fwd: a gate needs the expert_index it follows");
+  check_shape(gate, {b, h, n, s}, "mita_cpu_causal.fwd", "gate");
   at::Tensor out = at::empty({b, h, n, v.size(3)}, q.options());
   at::Tensor lse = at::empty({b, h, n}, q.options());
   at::Tensor eidx = at::empty({eidx_in ? 0 : b, h, n, 1}, kidx.options());
@@ -405,6 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
     const CSizes z = make_csizes<scalar_t>(n, q.size(3), v.size(3), nl, kidx.size(3), s, block_size,
                                            sv.has_value(), routed);
     const scalar_t* sv_p = ptr_or_null<scalar_t>(sv);
+    const scalar_t* gate_p = ptr_or_null<scalar_t>(gate);
     at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t kvh = (bh / h) * hkv + (bh % h) / group;
@@ -415,7 +433,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
                                  eidx_in ? eidx_in->data_ptr<int64_t>() + bh * n * s : nullptr, nullptr, nullptr};
         const HeadOut<scalar_t> o{out.data_ptr<scalar_t>() + bh * n * z.dv, z.dv, lse.data_ptr<scalar_t>() + bh * n,
                                   eidx_in ? nullptr : eidx.data_ptr<int64_t>() + bh * n};
-        forward_head<scalar_t>(x, o, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z);
+        forward_head<scalar_t>(x, o, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z,
+                               gate_p ? gate_p + bh * n * s : nullptr);
       }
     });
   });
@@ -423,14 +442,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
 }
 
 // dq, dk and dv per *query* head [B, H, N, .] (the caller sums each GQA group), d landmarks (through the
-// shared logits; their part through A is torch's) and d shared_values.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bwd(
+// shared logits; their part through A is torch's), d shared_values and d gate [B, H, N, s] (empty without
+// a gate).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const at::Tensor& eidx_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& dout_, double scale,
-    double landmark_scale, int64_t block_size, bool routed) {
+    double landmark_scale, int64_t block_size, bool routed, const std::optional<at::Tensor>& gate_) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
+  const auto gate = contiguous_opt(gate_);
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
   const auto sv = contiguous_opt(sv_);
   check_inputs(q, k, v, r, kidx, block_size);
@@ -439,12 +460,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
   check_shape(sv, {b, h, nl, v.size(3)}, "mita_cpu_causal.bwd", "shared_values");
   for (const at::Tensor* t : {&out, &dout}) check_shape(*t, {b, h, n, v.size(3)}, "mita_cpu_causal.bwd", "out/dout");
   check_shape(lse, {b, h, n}, "mita_cpu_causal.bwd", "lse");
-  const int64_t group = h / hkv;
+  check_shape(gate, {b, h, n, eidx.size(3)}, "mita_cpu_causal.bwd", "gate");
+  const int64_t group = h / hkv, s = eidx.size(3);
   at::Tensor dq = at::zeros_like(q);
   at::Tensor dk = at::zeros({b, h, n, k.size(3)}, q.options());
   at::Tensor dv = at::zeros({b, h, n, v.size(3)}, q.options());
   at::Tensor dr = at::zeros_like(r);
   at::Tensor dsv = sv ? at::zeros_like(*sv) : at::empty({0}, q.options());
+  at::Tensor dgate = gate ? at::zeros_like(*gate) : at::empty({0}, q.options());  // 0 for pairs without expert
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "mita_cpu_causal_bwd", [&] {
     const CSizes z = make_csizes<scalar_t>(n, q.size(3), v.size(3), nl, kidx.size(3), eidx.size(3),
                                            block_size, sv.has_value(), routed);
@@ -462,11 +485,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
                                    dk.data_ptr<scalar_t>() + bh * n * z.d, dv.data_ptr<scalar_t>() + bh * n * z.dv,
                                    nullptr, dr.data_ptr<scalar_t>() + bh * nl * z.d,
                                    sv ? dsv.data_ptr<scalar_t>() + bh * nl * z.dv : nullptr};
-        backward_head<scalar_t>(x, g, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z);
+        backward_head<scalar_t>(x, g, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z,
+                                gate ? gate->data_ptr<scalar_t>() + bh * n * s : nullptr,
+                                gate ? dgate.data_ptr<scalar_t>() + bh * n * s : nullptr);
       }
     });
   });
-  return {dq, dk, dv, dr, dsv};
+  return {dq, dk, dv, dr, dsv, dgate};
 }
 
 // ---- the landmark side: A_j = softmax_t(c r_j . k_t) v_t over t < (j+1) b, with the key sets ----
@@ -666,12 +691,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_bwd(const at::Tensor& r_
 TORCH_LIBRARY(mita_cpu_causal, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? shared_values, Tensor key_index, "
-      "Tensor? expert_index, float scale, float landmark_scale, int block_size, bool routed) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? expert_index, float scale, float landmark_scale, int block_size, bool routed, "
+      "Tensor? gate=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bwd(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? shared_values, Tensor key_index, "
       "Tensor expert_index, Tensor out, Tensor lse, Tensor dout, float scale, float landmark_scale, "
-      "int block_size, bool routed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int block_size, bool routed, Tensor? gate=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "landmark_fwd(Tensor landmarks, Tensor k, Tensor v, float scale, int block_size, int topk, "
       "bool values) -> (Tensor, Tensor, Tensor)");
