@@ -275,5 +275,6 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(kernels.cpu_causal_landmarks, (r, k, v, 0.5, 4, 3, True))
     a = a.detach().requires_grad_()
     for values in (a, None):
-        args = (q, k, v, r, values, key_index, None, 0.5, 0.25, 4, True)
-        torch.library.opcheck(kernels.cpu_causal_attention, args)
+        for gate in (False, True):  # the router gate: the backward's extra terms, landmarks included
+            args = (q, k, v, r, values, key_index, None, 0.5, 0.25, 4, True, gate)
+            torch.library.opcheck(kernels.cpu_causal_attention, args)

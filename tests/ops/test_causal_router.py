@@ -63,17 +63,20 @@ def test_router_gate_matches_reference_and_changes_only_the_routing_gradients(ba
 
 
 @needs_tools
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_cpu_gate_is_carried_by_the_kernel_without_recomputing_the_routed_part(monkeypatch, case):
-    """The fused path's gate gradient comes from the kernel's backward: the torch routed part
-    (``_routed_tiles``, the torch backend's recomputation) is never called, and the result still matches
-    the dense reference."""
-    from mita.ops.causal import torch_backend
+@pytest.mark.parametrize("case", CASES + [(1, 4, 2, 23, 4, 2, False)], ids=lambda c: "-".join(map(str, c)))
+def test_cpu_gate_is_carried_by_the_kernel_without_torch_recomputation(monkeypatch, case):
+    """The fused path's gate gradient comes from the kernel's backward: neither the torch routed part
+    (``_routed_tiles``) nor the torch gate (``router_gate_shift``) is called, and every gradient still
+    matches the dense reference (float64; GQA, s = 2, N % b != 0, and with ``shared=False`` the landmarks'
+    gradient is the gate's alone)."""
+    from mita.ops.causal import common, torch_backend
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the cpu gate fell back to the torch routed part")
+        raise AssertionError("the cpu gate fell back to torch code")
 
-    monkeypatch.setattr(torch_backend, "_routed_tiles", refuse)
+    for module, name in ((torch_backend, "_routed_tiles"), (torch_backend, "router_gate_shift"),
+                         (common, "router_gate_shift")):  # fmt: skip
+        monkeypatch.setattr(module, name, refuse)
     bsz, h, hkv, n, d, s, shared = case
     q, k, v, r = _inputs(bsz, h, hkv, n, d, seed=n + 1)
     kw = dict(landmark_horizon="frozen", experts_per_query=s, shared=shared, router_gate=True)
@@ -82,45 +85,6 @@ def test_cpu_gate_is_carried_by_the_kernel_without_recomputing_the_routed_part(m
     torch.testing.assert_close(o_cpu, o_ref, atol=1e-12, rtol=1e-10)
     for name, a, b in zip("qkvr", g_cpu, g_ref):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9, msg=f"grad of {name}")
-
-
-@needs_tools
-@pytest.mark.parametrize("s,shared", [(1, True), (2, True), (1, False)])
-def test_cpu_kernel_gate_input_is_a_shift_of_the_routed_logits(s, shared):
-    """The kernel's ``gate`` input, nonzero here: every routed logit of pair (i, r) is shifted by
-    ``gate[i, r]`` (against the torch backend's parts, shifted the same way), and its gradient is the
-    derivative of the outputs (float64 gradcheck through the kernel's backward), GQA and N % b != 0."""
-    from mita.ops.causal.common import merge_parts, partial_softmax, route, validate_causal
-    from mita.ops.causal.torch_backend import _own_block, _routed_tiles
-    from mita.ops.cpu import causal as kernels
-
-    n, bs = 19, 4
-    q, k, v, r = _inputs(1, 4, 2, n, 4, seed=11)
-    p = validate_causal(
-        q, k, v, r, topk=3, block_size=bs, landmark_horizon="frozen", experts_per_query=s, scale=0.5,
-        landmark_scale=0.4, shared=shared, routed=True, dedup=False, key_padding_mask=None, backend="cpu",
-    )  # fmt: skip
-    _, expert_index = route(p, q, r)
-    sv, _, key_index = kernels.cpu_causal_landmarks(r, k, v, p.scale, bs, p.topk, True)
-    sv = sv if shared else None
-    gate = 0.7 * torch.randn(expert_index.shape, generator=torch.Generator().manual_seed(3), dtype=q.dtype)
-    gate = torch.where(expert_index >= 0, gate, 0.0)  # no expert: nothing to shift
-
-    def f(gate, q, k, v):
-        args = (sv, key_index, expert_index, p.scale, p.landmark_scale, bs, True, gate)
-        return kernels.cpu_causal_attention(q, k, v, r, *args)[0]
-
-    leaves = tuple(t.clone().requires_grad_() for t in (gate, q, k, v))
-    assert torch.autograd.gradcheck(f, leaves, atol=1e-8, rtol=1e-6)
-    # The forward against the torch backend's parts: own block, shared, routed (each lse shifted).
-    parts = [_own_block(p, q, k, v)]
-    if shared:
-        visible = torch.arange(p.num_landmarks)[None, :] < (torch.arange(n) // bs)[:, None]
-        logits = (q @ r.transpose(-1, -2) * p.landmark_scale).masked_fill(~visible, float("-inf"))
-        parts.append(partial_softmax(logits, sv))
-    routed = _routed_tiles(p, q, k, v, key_index, expert_index)
-    parts += [(lse + gate[..., x : x + 1], o) for x, (lse, o) in enumerate(routed)]
-    torch.testing.assert_close(f(gate, q, k, v), merge_parts(parts), atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[3:], ids=lambda c: "-".join(map(str, c)))

@@ -82,9 +82,9 @@ def routing_distillation_loss(
     beta = pos // b
     qs = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))  # [B, H, S, d]
     with torch.no_grad():
-        logits = (qs @ k.transpose(-1, -2)) * scale  # [B, H, S, N]
+        logits = (qs * scale) @ k.transpose(-1, -2)  # [B, H, S, N]; scaled before: S d, not S N products
         before = torch.arange(n, device=q.device)[None, :] < (beta * b)[:, :, None]  # [B, S, N]
-        teacher = torch.softmax(logits.masked_fill(~before[:, None], float("-inf")), dim=-1)
+        teacher = torch.softmax(torch.where(before[:, None], logits, float("-inf")), dim=-1)
         ki = routing.key_index
         if routing.horizon == "prefix":  # [B, H, nq, n_l, kk]: the sets as the query's block sees them
             ki = ki.gather(2, beta[:, None, :, None, None].expand(-1, h, -1, nl, ki.shape[-1]))

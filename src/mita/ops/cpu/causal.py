@@ -24,19 +24,20 @@ of ``K^T`` and ``V`` (``N * (d + dv)``), and per query head dK/dV rows in the ba
 groups); with ``s > 1`` also ``Q R^T`` (``N * n_l``, no gradient) for the top-s. Nothing ``N x N`` or
 ``N x n_l`` otherwise.
 
-The straight-through router gate (``router_gate=True``) is an input of the attention kernel: ``gate``
-[B, H, N, s] = ``l - sg(l)`` (exactly 0, so the forward is unchanged bit for bit) is added to every routed
-logit of the query's ``r``-th expert, and the kernel's backward returns its gradient, the summed gradient
-``sum_t p_it (dO_i . v_t - dO_i . O_i)`` of those logits, from the routed probabilities it computes anyway
-(no recomputation of the routed part). The routing is then computed in torch before the call (the gate
-needs the experts it follows), and ``Q R^T`` (``N * n_l``) is kept for the gate's log-softmax.
+The straight-through router gate (``router_gate=True``, :func:`mita.ops.causal.common.router_gate_shift`)
+is carried by the attention kernel's backward: the forward is unchanged (the same routing, bit for bit),
+and the backward sums each (query, expert) pair's routed logit gradients from the routed probabilities it
+computes anyway, then applies the gate's chain rule through ``log pi_i(e)`` together with the shared
+logits' gradient (the same ``q . r_j``; with ``shared=False`` a pass over them for the gate alone). No
+torch recomputation of the routed part and no ``N x n_l`` tensor; the landmarks then get a gradient even
+with ``shared=False`` (they route).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..causal.common import CausalProblem, CausalRouting, route, router_gate_shift
+from ..causal.common import CausalProblem, CausalRouting
 from .build import availability
 from .dispatch import eager_or_compiled
 
@@ -124,20 +125,20 @@ def cpu_causal_attention(
     landmark_scale: float,
     block_size: int,
     routed: bool,
-    gate: Tensor | None = None,
+    router_gate: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Output [B, H, N, dv], log-sum-exp [B, H, N] and, when ``expert_index`` is None (s = 1), the
-    routing argmax [B, H, N, 1] (-1 in block 0; else an empty tensor). ``gate`` [B, H, N, s] (with
-    ``expert_index``): added to every routed logit of the query's ``r``-th expert."""
+    routing argmax [B, H, N, 1] (-1 in block 0; else an empty tensor). ``router_gate``: the backward
+    carries the straight-through router gate (the forward is the same)."""
     return torch.ops.mita_cpu_causal.fwd(
         q, k, v, landmarks, shared_values, key_index, expert_index, scale, landmark_scale, block_size, routed,
-        gate,
+        router_gate,
     )  # fmt: skip
 
 
 @cpu_causal_attention.register_fake
 def _(q, k, v, landmarks, shared_values, key_index, expert_index, scale, landmark_scale, block_size, routed,
-      gate=None):  # fmt: skip
+      router_gate=False):  # fmt: skip
     b, h, n, _ = q.shape
     routing = q.new_empty(0 if expert_index is not None else b, h, n, 1, dtype=torch.long)
     return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), routing
@@ -159,24 +160,23 @@ def cpu_causal_attention_backward(
     landmark_scale: float,
     block_size: int,
     routed: bool,
-    gate: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk and dv per query head [B, H, N, .], d landmarks (shared logits part), d shared_values and
-    d gate [B, H, N, s] (empty without ``gate``)."""
+    router_gate: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk and dv per query head [B, H, N, .], d landmarks (shared logits and router gate part),
+    d shared_values."""
     return torch.ops.mita_cpu_causal.bwd(
         q, k, v, landmarks, shared_values, key_index, expert_index, out, lse, grad_out, scale, landmark_scale,
-        block_size, routed, gate,
+        block_size, routed, router_gate,
     )  # fmt: skip
 
 
 @cpu_causal_attention_backward.register_fake
 def _(q, k, v, landmarks, shared_values, key_index, expert_index, out, lse, grad_out, scale,
-      landmark_scale, block_size, routed, gate=None):  # fmt: skip
+      landmark_scale, block_size, routed, router_gate=False):  # fmt: skip
     b, h, n = q.shape[0], q.shape[1], q.shape[2]
     dsv = torch.empty_like(shared_values) if shared_values is not None else q.new_empty(0)
-    dgate = torch.empty_like(gate) if gate is not None else q.new_empty(0)
     return (torch.empty_like(q), q.new_empty(b, h, n, k.shape[-1]), q.new_empty(b, h, n, v.shape[-1]),
-            torch.empty_like(landmarks), dsv, dgate)  # fmt: skip
+            torch.empty_like(landmarks), dsv)  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
@@ -184,22 +184,21 @@ def _setup_context(ctx, inputs, output):
     out, lse, routing = output
     if expert_index is None:
         expert_index = routing
-    gate = gate[0] if gate else None
-    ctx.save_for_backward(q, k, v, r, sv, key_index, expert_index, out, lse, gate)
-    ctx.args = (scale, landmark_scale, block_size, routed)
-    ctx.num_inputs = len(inputs)
+    ctx.save_for_backward(q, k, v, r, sv, key_index, expert_index, out, lse)
+    ctx.args = (scale, landmark_scale, block_size, routed, bool(gate and gate[0]))
+    ctx.num_inputs = len(inputs)  # router_gate may be left to its default
 
 
 def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
-    q, k, v, r, sv, key_index, expert_index, out, lse, gate = ctx.saved_tensors
-    dq, dk, dv, dr, dsv, dgate = (bwd or cpu_causal_attention_backward)(
-        q, k, v, r, sv, key_index, expert_index, out, lse, grad_out.contiguous(), *ctx.args, gate
+    q, k, v, r, sv, key_index, expert_index, out, lse = ctx.saved_tensors
+    dq, dk, dv, dr, dsv = (bwd or cpu_causal_attention_backward)(
+        q, k, v, r, sv, key_index, expert_index, out, lse, grad_out.contiguous(), *ctx.args
     )
     dk, dv = _sum_groups(dk, k.shape[1]), _sum_groups(dv, v.shape[1])
-    gate_grad = (dgate if gate is not None else None,)[: ctx.num_inputs - 11]  # a slot only if passed
-    if sv is None:  # landmarks only route: no gradient
-        return dq, dk, dv, None, None, None, None, None, None, None, None, *gate_grad
-    return dq, dk, dv, dr, dsv, None, None, None, None, None, None, *gate_grad
+    rest = (None,) * (ctx.num_inputs - 5)
+    if sv is None:  # landmarks only route: no gradient but the gate's
+        return dq, dk, dv, dr if ctx.args[-1] else None, None, *rest
+    return dq, dk, dv, dr, dsv, *rest
 
 
 cpu_causal_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -264,16 +263,14 @@ def cpu_causal_forward(
             )
     if not sets:
         key_index = torch.full((bsz, h, nl, width), -1, dtype=torch.long, device=q.device)
-    expert_index = gate = None
-    if p.router_gate and nl > 0:  # the gate is an input of the kernel: the experts are chosen first
-        qr, expert_index = route(p, q, landmarks)
-        gate = router_gate_shift(p, qr, expert_index)  # exactly 0, with gradient
-    elif s > 1 and nl > 0:
+    expert_index = None
+    if s > 1 and nl > 0:
         with torch.no_grad():
             expert_index = _top_s(p, q @ landmarks.transpose(-1, -2))
     if s > 1 and nl == 0:
         expert_index = torch.full((bsz, h, n, s), -1, dtype=torch.long, device=q.device)
-    if not p.shared:
+    gate = p.router_gate and nl > 0
+    if not p.shared and not gate:
         landmarks = landmarks.detach()  # routing only: no gradient
     out, lse, routing = _attention(
         q, k, v, landmarks, values, key_index, expert_index, p.scale, p.landmark_scale, b, p.routed, gate
