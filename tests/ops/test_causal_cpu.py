@@ -80,6 +80,27 @@ def test_cpu_matches_reference_forward_routing_and_all_gradients(case):
 
 
 @needs_tools
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_router_gate_matches_reference_on_every_case(case):
+    """``router_gate=True`` (carried by the kernel's backward; this file also runs under the sanitizer and
+    target-CPU builds): the forward bit for bit as without the gate, every gradient as the reference's."""
+    bsz, h, hkv, n, d, dv, bs, topk, s, shared, routed = case
+    q, k, v = _inputs(bsz, h, hkv, n, d, seed=n + 3, dv=dv)
+    g = torch.Generator().manual_seed(n)
+    r = block_mean(q, bs) + 0.3 * torch.randn(bsz, h, n // bs, d, generator=g, dtype=torch.float64)
+    kw = dict(bs=bs, topk=topk, experts_per_query=s, shared=shared, routed=routed, router_gate=True)
+    o_ref, _, g_ref = _run("reference", q, k, v, r, **kw)
+    o_cpu, rt_cpu, g_cpu = _run("cpu", q, k, v, r, **kw)
+    o_off, rt_off, _ = _run("cpu", q, k, v, r, **{**kw, "router_gate": False})
+    assert torch.equal(o_cpu, o_off) and torch.equal(rt_cpu.expert_index, rt_off.expert_index)
+    torch.testing.assert_close(o_cpu, o_ref, atol=1e-12, rtol=1e-10)
+    for name, a, b in zip("qkv", g_cpu, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9, msg=f"grad of {name}")
+    if n // bs > 0:  # shared or routed: the landmarks get the shared logits' and the gate's gradients
+        torch.testing.assert_close(g_cpu[3], g_ref[3], atol=1e-11, rtol=1e-9, msg="grad of landmarks")
+
+
+@needs_tools
 def test_custom_scales_and_strided_inputs():
     q, k, v = _inputs(2, 4, 2, 45, 6, seed=8)
     r = block_mean(q, 5)
@@ -276,5 +297,6 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(kernels.cpu_causal_landmarks, (r, k, v, 0.5, 4, 3, True))
     a = a.detach().requires_grad_()
     for values in (a, None):
-        args = (q, k, v, r, values, key_index, None, 0.5, 0.25, 4, True)
-        torch.library.opcheck(kernels.cpu_causal_attention, args)
+        for gate in (False, True):  # the router gate: the backward's extra terms, landmarks included
+            args = (q, k, v, r, values, key_index, None, 0.5, 0.25, 4, True, gate)
+            torch.library.opcheck(kernels.cpu_causal_attention, args)

@@ -60,6 +60,31 @@ def test_router_gate_matches_reference_and_changes_only_the_routing_gradients(ba
     )  # shared=False: routes only
 
 
+@needs_tools
+@pytest.mark.parametrize("case", CASES + [(1, 4, 2, 23, 4, 2, False)], ids=lambda c: "-".join(map(str, c)))
+def test_cpu_gate_is_carried_by_the_kernel_without_torch_recomputation(monkeypatch, case):
+    """The fused path's gate gradient comes from the kernel's backward: neither the torch routed part
+    (``_routed_tiles``) nor the torch gate (``router_gate_shift``) is called, and every gradient still
+    matches the dense reference (float64; GQA, s = 2, N % b != 0, and with ``shared=False`` the landmarks'
+    gradient is the gate's alone)."""
+    from mita.ops.causal import common, torch_backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cpu gate fell back to torch code")
+
+    for module, name in ((torch_backend, "_routed_tiles"), (torch_backend, "router_gate_shift"),
+                         (common, "router_gate_shift")):  # fmt: skip
+        monkeypatch.setattr(module, name, refuse)
+    bsz, h, hkv, n, d, s, shared = case
+    q, k, v, r = _inputs(bsz, h, hkv, n, d, seed=n + 1)
+    kw = dict(landmark_horizon="frozen", experts_per_query=s, shared=shared, router_gate=True)
+    o_ref, g_ref = _run("reference", q, k, v, r, **kw)
+    o_cpu, g_cpu = _run("cpu", q, k, v, r, **kw)
+    torch.testing.assert_close(o_cpu, o_ref, atol=1e-12, rtol=1e-10)
+    for name, a, b in zip("qkvr", g_cpu, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9, msg=f"grad of {name}")
+
+
 @pytest.mark.parametrize("case", CASES[:2] + CASES[3:], ids=lambda c: "-".join(map(str, c)))
 def test_grouped_matches_reference(case):
     bsz, h, hkv, n, d, _, shared = case

@@ -30,8 +30,9 @@ class _AttachLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # noqa: D102 - autograd plumbing
         (rows,) = ctx.saved_tensors
-        live = (g != 0).any(-1)  # [B, H, N]: rows whose output takes part in the objective
-        g_losses = live.gather(2, rows[:, None, :].expand(-1, g.shape[1], -1)).to(g.dtype)
+        # The sampled rows' gradients only (S of N rows): whether each takes part in the objective.
+        g_rows = g.gather(2, rows[:, None, :, None].expand(-1, g.shape[1], -1, g.shape[-1]))
+        g_losses = (g_rows != 0).any(-1).to(g.dtype)
         return g, g_losses, None
 
 
@@ -78,20 +79,26 @@ def routing_distillation_loss(
     beta = pos // b
     qs = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))  # [B, H, S, d]
     with torch.no_grad():
-        logits = (qs @ k.transpose(-1, -2)) * scale  # [B, H, S, N]
+        logits = (qs * scale) @ k.transpose(-1, -2)  # [B, H, S, N]; scaled before: S d, not S N products
         before = torch.arange(n, device=q.device)[None, :] < (beta * b)[:, :, None]  # [B, S, N]
-        teacher = torch.softmax(logits.masked_fill(~before[:, None], float("-inf")), dim=-1)
+        teacher = torch.softmax(torch.where(before[:, None], logits, float("-inf")), dim=-1)
         ki = routing.key_index
         if routing.horizon == "prefix":  # [B, H, nq, n_l, kk]: the sets as the query's block sees them
             ki = ki.gather(2, beta[:, None, :, None, None].expand(-1, h, -1, nl, ki.shape[-1]))
-        else:  # [B, H, n_l, kk], one set per landmark
-            ki = ki[:, :, None].expand(-1, -1, queries, -1, -1)
-        mass = teacher.gather(-1, ki.clamp_min(0).flatten(-2)).view(ki.shape)
-        mass = torch.where(ki >= 0, mass, 0.0).sum(-1)  # [B, H, S, n_l]
+            mass = teacher.gather(-1, ki.clamp_min(0).flatten(-2)).view(ki.shape)
+            mass = torch.where(ki >= 0, mass, 0.0).sum(-1)  # [B, H, S, n_l]
+        else:  # [B, H, n_l, kk], one set per landmark for every query: the teacher's mass per set is a
+            # product with the sets' 0/1 membership [N, n_l] (a set holds a key once), not an S-fold gather
+            member = teacher.new_zeros(bsz, h, n + 1, nl)  # row n: the unfilled slots (-1)
+            slots = torch.where(ki >= 0, ki, n).transpose(-1, -2)  # [B, H, kk, n_l]
+            member.scatter_(2, slots, 1.0)
+            mass = teacher @ member[:, :, :n]  # [B, H, S, n_l]
         visible = torch.arange(nl, device=q.device)[None, None, :] < beta[:, :, None]  # [B, S, n_l]
         mass = torch.where(visible[:, None], mass, 0.0)
         target = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
     router = (qs @ landmarks.transpose(-1, -2)) * landmark_scale  # [B, H, S, n_l], with gradient
-    logp = torch.log_softmax(router.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    router = router.masked_fill(~visible[:, None], float("-inf"))
+    # logits - logsumexp, not log_softmax: torch's CPU (log-)softmax over a short last dimension is slow.
+    logp = router - torch.logsumexp(router, dim=-1, keepdim=True)
     terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), 0.0)
     return terms.sum(-1), pos

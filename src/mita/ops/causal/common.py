@@ -175,19 +175,30 @@ def router_gate_shift(p: CausalProblem, qr: torch.Tensor, expert_index: torch.Te
     routing logits the gradient ``(1[j = e] - pi_j) lambda`` times the summed gradient of those routed
     logits: the chosen landmark is credited with whether its keys helped.
     """
-    logp = router_log_probs(p, qr).gather(-1, expert_index.clamp_min(0))
+    logits, lse, _ = _router_logits(p, qr)
+    logp = logits.gather(-1, expert_index.clamp_min(0)) - lse  # only the chosen entries of log pi
     logp = torch.where(expert_index >= 0, logp, 0.0)
     return logp - logp.detach()
+
+
+def _router_logits(p: CausalProblem, qr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's masked logits ``lambda q_i . r_j`` [B, H, N, n_l] (``-inf`` for ``j >= beta(i)``, 0 in
+    rows with no visible landmark, so nothing is NaN), their log-sum-exp [B, H, N, 1] and the mask.
+
+    ``logits - logsumexp`` rather than ``log_softmax``: on CPU, torch's (log-)softmax over a short last
+    dimension (``n_l``) runs a slow path, about 10x the time of ``logsumexp``; the two differ by rounding."""
+    n, b, nl = p.seq_len, p.block_size, p.num_landmarks
+    allowed = torch.arange(nl, device=qr.device)[None, :] < (torch.arange(n, device=qr.device) // b)[:, None]
+    logits = (qr * p.landmark_scale).masked_fill(~allowed, float("-inf"))
+    logits = logits.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # block 0: no landmark, no NaN
+    return logits, torch.logsumexp(logits, dim=-1, keepdim=True), allowed
 
 
 def router_log_probs(p: CausalProblem, qr: torch.Tensor) -> torch.Tensor:
     """``log pi_i(j)`` [B, H, N, n_l]: log-softmax of ``lambda q_i . r_j`` over ``j < beta(i)``; ``-inf``
     for the others, and 0 in rows with no visible landmark (block 0), so nothing is NaN."""
-    n, b, nl = p.seq_len, p.block_size, p.num_landmarks
-    allowed = torch.arange(nl, device=qr.device)[None, :] < (torch.arange(n, device=qr.device) // b)[:, None]
-    logits = (qr * p.landmark_scale).masked_fill(~allowed, float("-inf"))
-    logits = logits.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # block 0: no landmark, no NaN
-    return torch.log_softmax(logits, dim=-1).masked_fill(~allowed, float("-inf"))
+    logits, lse, allowed = _router_logits(p, qr)
+    return (logits - lse).masked_fill(~allowed, float("-inf"))
 
 
 def partial_softmax(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

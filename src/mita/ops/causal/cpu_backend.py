@@ -24,12 +24,13 @@ of ``K^T`` and ``V`` (``N * (d + dv)``), and per query head dK/dV rows in the ba
 groups); with ``s > 1`` also ``Q R^T`` (``N * n_l``, no gradient) for the top-s. Nothing ``N x N`` or
 ``N x n_l`` otherwise.
 
-The straight-through router gate (``router_gate=True``) leaves the kernels as they are: the forward is
-unchanged, and its gradient, ``dL/dl_ir = w_ir dO_i . (o_ir - O_i)`` for expert ``r``'s routed part
-(mass ``w = exp(lse_r - lse)``, normalised output ``o_r``), needs only that part's partial softmax. It is
-recomputed in torch without gradient (:func:`mita.ops.causal.torch_backend._routed_tiles`, ``N s k``
-logits, the routed share of the forward) and joined to the output by :class:`_RouterGate`, an identity
-in the forward pass. With the gate, ``Q R^T`` (``N * n_l``) is kept for the gate's log-softmax.
+The straight-through router gate (``router_gate=True``, :func:`mita.ops.causal.common.router_gate_shift`)
+is carried by the attention kernel's backward: the forward is unchanged (the same routing, bit for bit),
+and the backward sums each (query, expert) pair's routed logit gradients from the routed probabilities it
+computes anyway, then applies the gate's chain rule through ``log pi_i(e)`` together with the shared
+logits' gradient (the same ``q . r_j``; with ``shared=False`` a pass over them for the gate alone). No
+torch recomputation of the routed part and no ``N x n_l`` tensor; the landmarks then get a gradient even
+with ``shared=False`` (they route).
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ import torch
 
 from ..cpu.build import availability
 from ..cpu.dispatch import eager_or_compiled
-from .common import CausalProblem, CausalRouting, route, router_gate_shift
-from .torch_backend import _routed_tiles
+from .common import CausalProblem, CausalRouting, route
 
 Tensor = torch.Tensor
 LIB = "mita_cpu_causal"
@@ -125,16 +125,20 @@ def cpu_causal_attention(
     landmark_scale: float,
     block_size: int,
     routed: bool,
+    router_gate: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Output [B, H, N, dv], log-sum-exp [B, H, N] and, when ``expert_index`` is None (s = 1), the
-    routing argmax [B, H, N, 1] (-1 in block 0; else an empty tensor)."""
+    routing argmax [B, H, N, 1] (-1 in block 0; else an empty tensor). ``router_gate``: the backward
+    carries the straight-through router gate (the forward is the same)."""
     return torch.ops.mita_cpu_causal.fwd(
-        q, k, v, landmarks, shared_values, key_index, expert_index, scale, landmark_scale, block_size, routed
-    )
+        q, k, v, landmarks, shared_values, key_index, expert_index, scale, landmark_scale, block_size, routed,
+        router_gate,
+    )  # fmt: skip
 
 
 @cpu_causal_attention.register_fake
-def _(q, k, v, landmarks, shared_values, key_index, expert_index, scale, landmark_scale, block_size, routed):
+def _(q, k, v, landmarks, shared_values, key_index, expert_index, scale, landmark_scale, block_size, routed,
+      router_gate=False):  # fmt: skip
     b, h, n, _ = q.shape
     routing = q.new_empty(0 if expert_index is not None else b, h, n, 1, dtype=torch.long)
     return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), routing
@@ -156,17 +160,19 @@ def cpu_causal_attention_backward(
     landmark_scale: float,
     block_size: int,
     routed: bool,
+    router_gate: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk and dv per query head [B, H, N, .], d landmarks (shared logits part), d shared_values."""
+    """dq, dk and dv per query head [B, H, N, .], d landmarks (shared logits and router gate part),
+    d shared_values."""
     return torch.ops.mita_cpu_causal.bwd(
         q, k, v, landmarks, shared_values, key_index, expert_index, out, lse, grad_out, scale, landmark_scale,
-        block_size, routed,
+        block_size, routed, router_gate,
     )  # fmt: skip
 
 
 @cpu_causal_attention_backward.register_fake
 def _(q, k, v, landmarks, shared_values, key_index, expert_index, out, lse, grad_out, scale,
-      landmark_scale, block_size, routed):  # fmt: skip
+      landmark_scale, block_size, routed, router_gate=False):  # fmt: skip
     b, h, n = q.shape[0], q.shape[1], q.shape[2]
     dsv = torch.empty_like(shared_values) if shared_values is not None else q.new_empty(0)
     return (torch.empty_like(q), q.new_empty(b, h, n, k.shape[-1]), q.new_empty(b, h, n, v.shape[-1]),
@@ -174,12 +180,13 @@ def _(q, k, v, landmarks, shared_values, key_index, expert_index, out, lse, grad
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, r, sv, key_index, expert_index, scale, landmark_scale, block_size, routed = inputs
+    q, k, v, r, sv, key_index, expert_index, scale, landmark_scale, block_size, routed, *gate = inputs
     out, lse, routing = output
     if expert_index is None:
         expert_index = routing
     ctx.save_for_backward(q, k, v, r, sv, key_index, expert_index, out, lse)
-    ctx.args = (scale, landmark_scale, block_size, routed)
+    ctx.args = (scale, landmark_scale, block_size, routed, bool(gate and gate[0]))
+    ctx.num_inputs = len(inputs)  # router_gate may be left to its default
 
 
 def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
@@ -188,9 +195,10 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
         q, k, v, r, sv, key_index, expert_index, out, lse, grad_out.contiguous(), *ctx.args
     )
     dk, dv = _sum_groups(dk, k.shape[1]), _sum_groups(dv, v.shape[1])
-    if sv is None:  # landmarks only route: no gradient
-        return dq, dk, dv, None, None, None, None, None, None, None, None
-    return dq, dk, dv, dr, dsv, None, None, None, None, None, None
+    rest = (None,) * (ctx.num_inputs - 5)
+    if sv is None:  # landmarks only route: no gradient but the gate's
+        return dq, dk, dv, dr if ctx.args[-1] else None, None, *rest
+    return dq, dk, dv, dr, dsv, *rest
 
 
 cpu_causal_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -199,33 +207,6 @@ cpu_causal_attention.register_autograd(_backward, setup_context=_setup_context)
 _attention = eager_or_compiled(
     cpu_causal_attention, "mita_cpu_causal", "fwd", "bwd", _setup_context, _backward, (1, 2)
 )
-
-
-class _RouterGate(torch.autograd.Function):
-    """``out`` unchanged; the backward also hands the gate logits ``l`` [B, H, N, s] their gradient
-    ``w_r g . (o_r - out)`` (``w`` [B, H, N, s]: each routed part's share of the softmax mass, ``o``
-    [B, H, N, s, dv]: its normalised output), as if ``l`` had been added to the part's log-sum-exp."""
-
-    @staticmethod
-    def forward(ctx, out, gate, weight, part_out):  # noqa: D102 - autograd plumbing
-        ctx.save_for_backward(out, weight, part_out)
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: D102 - autograd plumbing
-        out, weight, part_out = ctx.saved_tensors
-        g_gate = weight * (g.unsqueeze(-2) * (part_out - out.unsqueeze(-2))).sum(-1)
-        return g, g_gate, None, None
-
-
-def _gate(p: CausalProblem, q, k, v, landmarks, key_index, expert_index, out, lse) -> Tensor:
-    """``out`` with the router gate's gradient attached (see the module docstring)."""
-    gate = router_gate_shift(p, q @ landmarks.transpose(-1, -2), expert_index)  # exactly 0, with gradient
-    with torch.no_grad():
-        parts = _routed_tiles(p, q.detach(), k.detach(), v.detach(), key_index, expert_index)
-        weight = torch.exp(torch.cat([lse_r for lse_r, _ in parts], dim=-1) - lse.unsqueeze(-1))
-        part_out = torch.stack([o for _, o in parts], dim=-2)
-    return _RouterGate.apply(out, gate, weight, part_out)
 
 
 def cpu_causal_forward(
@@ -266,16 +247,14 @@ def cpu_causal_forward(
             _, expert_index = route(p, q, landmarks)
     if s > 1 and nl == 0:
         expert_index = torch.full((bsz, h, n, s), -1, dtype=torch.long, device=q.device)
-    router = landmarks
-    if not p.shared:
+    gate = p.router_gate and nl > 0
+    if not p.shared and not gate:
         landmarks = landmarks.detach()  # routing only: no gradient
     out, lse, routing = _attention(
-        q, k, v, landmarks, values, key_index, expert_index, p.scale, p.landmark_scale, b, p.routed
+        q, k, v, landmarks, values, key_index, expert_index, p.scale, p.landmark_scale, b, p.routed, gate
     )
     if expert_index is None:
         expert_index = routing
-    if p.router_gate and nl > 0:
-        out = _gate(p, q, k, v, router, key_index, expert_index, out, lse)
     out = out.to(out_dtype)
     if not return_routing:
         return out, None

@@ -11,9 +11,14 @@
 //        keys packed once into a small buffer that stays in cache while the queries routed to it fold
 //        their k logits in. Frozen keys of expert j all lie before (j+1) b <= beta(i) b, so no per-query
 //        mask is needed beyond the unfilled slots.
-//   bwd: the same order, recomputing logits and probabilities from the saved log-sum-exp; the landmarks'
-//        gradient (through the shared logits), the own block's and each expert's dK/dV accumulate in local
-//        buffers added to the head's rows once, no scatter.
+//   bwd: recomputes logits and probabilities from the saved log-sum-exp (own block, routed experts, then
+//        the shared logits); the landmarks' gradient (through the shared logits), the own block's and each
+//        expert's dK/dV accumulate in local buffers added to the head's rows once, no scatter.
+//   The straight-through router gate (bwd's router_gate; the forward is unchanged): each (query i, expert
+//   e_r) pair's routed logits are credited as if log pi_i(e_r) had been added to them, pi_i = softmax_j
+//   (lambda q_i . r_j) over the visible landmarks. The pair's summed logit gradient dl_ir comes from the
+//   routed probabilities the backward computes anyway, and its chain rule through log pi joins the shared
+//   logits' gradient (the same q . r_j, the same products into dq and d landmarks): no extra pass.
 // Every query's logits, softmax and output are computed on its row alone (row-wise micro-kernels, a
 // fixed order of parts), so a query's result does not depend on later tokens or on its tile-mates, and
 // results do not depend on the thread count (work is split over (batch, head), one thread per item).
@@ -205,8 +210,28 @@ void forward_head(const HeadIn<T>& x, const HeadOut<T>& o, T scale, T lam, const
   }
 }
 
+// The router gate's share of the gradient of s_j = q_i . r_j (s [jp], on entry; vis visible landmarks):
+// c_j = lambda (sum_{r: e_r = j} dl_r - pi_j sum_r dl_r), pi = softmax_{j < vis} (lambda s_j), over the
+// query's experts e [ns] (-1: none, weight 0) and their gate gradients dl [ns]; c [jp] is 0 beyond vis.
+// Experts were checked to lie below the query's block, so e_r < vis.
 template <typename T>
-void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam, const CSizes& z) {
+void router_gate_grad(const T* s, int64_t vis, int64_t jp, T lam, const int64_t* e, const T* dl, int64_t ns,
+                      T* c) {
+  T total = T(0);
+  for (int64_t r = 0; r < ns; ++r) total += e[r] >= 0 ? dl[r] : T(0);
+  for (int64_t j = 0; j < vis; ++j) c[j] = s[j] * lam;
+  std::fill(c + vis, c + jp, neg_inf<T>());
+  const T mx = padded_max(c, jp);
+  for (int64_t j = 0; j < jp; ++j) c[j] -= mx;
+  exp_inplace(c, jp);  // vectorised; beyond vis: 0
+  const T w = -lam * total / padded_sum(c, jp);
+  for (int64_t j = 0; j < jp; ++j) c[j] *= w;
+  for (int64_t r = 0; r < ns; ++r)
+    if (e[r] >= 0 && e[r] < vis) c[e[r]] += lam * dl[r];
+}
+
+template <typename T>
+void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam, const CSizes& z, bool gate) {
   const T *q = x.q, *k = x.k, *v = x.v, *r = x.r, *sv = x.sv;
   const T *out = grads.out, *lse = grads.lse, *dout = grads.dout;
   const int64_t *kidx = x.kidx, *eidx = x.eidx;
@@ -219,51 +244,10 @@ void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam,
   const T* xqr[QB] = {xq.data(), xq.data() + z.dp, xq.data() + 2 * z.dp, xq.data() + 3 * z.dp};
   const T* xdr[QB] = {xd.data(), xd.data() + z.ep, xd.data() + 2 * z.ep, xd.data() + 3 * z.ep};
   T* dq_rows[QB] = {dqb.data(), dqb.data() + z.dp, dqb.data() + 2 * z.dp, dqb.data() + 3 * z.dp};
-  // 1. Shared: the logits' gradient ds_ij = lambda p_ij (dout_i . A_j - delta_i) gives dq_i += ds_ij r_j
-  // and dr_j += ds_ij q_i; dA_j += p_ij dout_i.
-  if (z.shared && z.nl > 0) {
-    std::vector<T> svt(z.dv * z.mp, T(0)), dsa(z.nl * z.ep, T(0));  // A transposed [dv][Mp]; dA padded
-    std::vector<T> rp(z.nl * z.dp, T(0)), dra(z.nl * z.dp, T(0));   // landmarks [n_l][Dp]; dR padded
-    const std::vector<T> rt = landmarks_t(r, z);
-    transpose_rows(sv, z.nl, z.dv, z.dv, svt.data(), z.mp);
-    for (int64_t j = 0; j < z.nl; ++j) std::memcpy(rp.data() + j * z.dp, r + j * z.d, sizeof(T) * z.d);
-    for (int64_t beta = 1; beta < z.nq; ++beta) {
-      const int64_t vis = std::min(beta, z.nl), jp = round_up(vis, VT<T>::L);
-      const int64_t lo = beta * z.bs, hi = std::min(z.n, lo + z.bs);
-      for (int64_t i0 = lo; i0 < hi; i0 += QB) {
-        const int64_t nb = std::min(QB, hi - i0);
-        for (int64_t b = 0; b < QB; ++b) rows[b] = i0 + std::min(b, nb - 1);
-        gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
-        gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
-        mk_xbt(xqr, rt.data(), z.d, jp, p.data(), z.mp, jp);  // q . r_j, as in the forward
-        mk_xbt(xdr, svt.data(), z.dv, jp, g.data(), z.mp, jp);
-        for (int64_t b = 0; b < QB; ++b) {
-          T* pr = p.data() + b * jp;
-          T* gr = g.data() + b * jp;
-          if (b >= nb) {
-            std::fill(pr, pr + jp, T(0));
-            std::fill(gr, gr + jp, T(0));
-            continue;
-          }
-          const int64_t i = i0 + b;
-          for (int64_t j = 0; j < vis; ++j) pr[j] = pr[j] * lam - lse[i];
-          std::fill(pr + vis, pr + jp, neg_inf<T>());
-          exp_inplace(pr, jp);  // columns >= vis: 0
-          for (int64_t j = 0; j < jp; ++j) gr[j] = lam * pr[j] * (gr[j] - delta[i]);
-        }
-        std::fill(dqb.begin(), dqb.end(), T(0));
-        mk_pb(g.data(), jp, rp.data(), vis, z.dp, dq_rows);
-        for (int64_t b = 0; b < nb; ++b) add_row(dq + (i0 + b) * z.d, dqb.data() + b * z.dp, z.d);
-        mk_rank(g.data(), jp, xq.data(), vis, z.dp, dra.data());
-        mk_rank(p.data(), jp, xd.data(), vis, z.ep, dsa.data());
-      }
-    }
-    for (int64_t j = 0; j < z.nl; ++j) {
-      std::memcpy(dsv + j * z.dv, dsa.data() + j * z.ep, sizeof(T) * z.dv);
-      std::memcpy(dr + j * z.d, dra.data() + j * z.dp, sizeof(T) * z.d);
-    }
-  }
-  // 2. Own block.
+  // The router gate's gradient per (query, expert) pair, dl_ir = sum_t p_it (dout_i . v_t - delta_i) over
+  // the pair's routed logits: filled by the routed experts (2.), spent with the shared logits (3.).
+  std::vector<T> dgate(gate ? z.n * z.s : 0, T(0)), gc(gate ? wp : 0);
+  // 1. Own block.
   {
     BlockBuf<T> bb(z, true);
     std::vector<T> dkb(z.bp * z.dp), dvb(z.bp * z.ep);
@@ -305,49 +289,106 @@ void backward_head(const HeadIn<T>& x, const HeadGrad<T>& grads, T scale, T lam,
       }
     }
   }
-  // 3. Routed experts.
-  if (!z.routed || z.nl == 0) return;
-  const Sizes es = expert_sizes<T>(z);
-  std::vector<int64_t> start(z.nl + 1), order(z.n * z.s);
-  bucket_pairs(eidx, z.n * z.s, z.nl, start, order);
-  ExpertBuf<T> eb(es, true);
-  std::vector<T> dke(z.kk * z.dp), dve(z.kk * z.ep);
-  for (int64_t e = 0; e < z.nl; ++e) {
-    if (start[e] == start[e + 1]) continue;
-    const int64_t* ki = kidx + e * z.kk;
-    eb.pack(k, v, ki, nullptr, es);
-    std::fill(dke.begin(), dke.end(), T(0));
-    std::fill(dve.begin(), dve.end(), T(0));
-    for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
-      const int64_t nb = std::min(QB, start[e + 1] - t0);
-      for (int64_t b = 0; b < nb; ++b) rows[b] = order[t0 + b] / z.s;
-      gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
-      gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
-      mk_xbt(xqr, eb.kt.data(), z.d, z.kp, p.data());
-      mk_xbt(xdr, eb.vt.data(), z.dv, z.kp, g.data());
-      for (int64_t b = 0; b < QB; ++b) {
-        T* l = p.data() + b * z.kp;
-        T* gr = g.data() + b * z.kp;
-        if (b >= nb) {
-          std::fill(l, l + z.kp, T(0));
-          std::fill(gr, gr + z.kp, T(0));
-          continue;
+  // 2. Routed experts.
+  if (z.routed && z.nl > 0) {
+    const Sizes es = expert_sizes<T>(z);
+    std::vector<int64_t> start(z.nl + 1), order(z.n * z.s);
+    bucket_pairs(eidx, z.n * z.s, z.nl, start, order);
+    ExpertBuf<T> eb(es, true);
+    std::vector<T> dke(z.kk * z.dp), dve(z.kk * z.ep);
+    for (int64_t e = 0; e < z.nl; ++e) {
+      if (start[e] == start[e + 1]) continue;
+      const int64_t* ki = kidx + e * z.kk;
+      eb.pack(k, v, ki, nullptr, es);
+      std::fill(dke.begin(), dke.end(), T(0));
+      std::fill(dve.begin(), dve.end(), T(0));
+      for (int64_t t0 = start[e]; t0 < start[e + 1]; t0 += QB) {
+        const int64_t nb = std::min(QB, start[e + 1] - t0);
+        for (int64_t b = 0; b < nb; ++b) rows[b] = order[t0 + b] / z.s;
+        gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
+        gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
+        mk_xbt(xqr, eb.kt.data(), z.d, z.kp, p.data());
+        mk_xbt(xdr, eb.vt.data(), z.dv, z.kp, g.data());
+        for (int64_t b = 0; b < QB; ++b) {
+          T* l = p.data() + b * z.kp;
+          T* gr = g.data() + b * z.kp;
+          if (b >= nb) {
+            std::fill(l, l + z.kp, T(0));
+            std::fill(gr, gr + z.kp, T(0));
+            continue;
+          }
+          const int64_t i = rows[b];
+          for (int64_t j = 0; j < z.kp; ++j) l[j] = l[j] * scale + eb.bias[j] - lse[i];
+          exp_inplace(l, z.kp);  // probabilities, exactly 0 for unfilled slots
+          for (int64_t j = 0; j < z.kp; ++j) gr[j] = l[j] * (gr[j] - delta[i]);
+          if (gate) dgate[order[t0 + b]] = padded_sum(gr, z.kp);  // unfilled and padded slots add 0
+          for (int64_t j = 0; j < z.kp; ++j) gr[j] *= scale;
         }
-        const int64_t i = rows[b];
-        for (int64_t j = 0; j < z.kp; ++j) l[j] = l[j] * scale + eb.bias[j] - lse[i];
-        exp_inplace(l, z.kp);  // probabilities, exactly 0 for unfilled slots
-        for (int64_t j = 0; j < z.kp; ++j) gr[j] = l[j] * (gr[j] - delta[i]) * scale;
+        std::fill(dqb.begin(), dqb.end(), T(0));
+        mk_pb(g.data(), z.kp, eb.kr.data(), z.kk, z.dp, dq_rows);
+        for (int64_t b = 0; b < nb; ++b) add_row(dq + rows[b] * z.d, dqb.data() + b * z.dp, z.d);
+        mk_rank(g.data(), z.kp, xq.data(), z.kk, z.dp, dke.data());
+        mk_rank(p.data(), z.kp, xd.data(), z.kk, z.ep, dve.data());
       }
-      std::fill(dqb.begin(), dqb.end(), T(0));
-      mk_pb(g.data(), z.kp, eb.kr.data(), z.kk, z.dp, dq_rows);
-      for (int64_t b = 0; b < nb; ++b) add_row(dq + rows[b] * z.d, dqb.data() + b * z.dp, z.d);
-      mk_rank(g.data(), z.kp, xq.data(), z.kk, z.dp, dke.data());
-      mk_rank(p.data(), z.kp, xd.data(), z.kk, z.ep, dve.data());
+      for (int64_t j = 0; j < z.kk; ++j) {
+        if (ki[j] < 0) continue;  // unfilled slot: weight 0, nothing to add
+        add_row(dk + ki[j] * z.d, dke.data() + j * z.dp, z.d);
+        add_row(dvv + ki[j] * z.dv, dve.data() + j * z.ep, z.dv);
+      }
     }
-    for (int64_t j = 0; j < z.kk; ++j) {
-      if (ki[j] < 0) continue;  // unfilled slot: weight 0, nothing to add
-      add_row(dk + ki[j] * z.d, dke.data() + j * z.dp, z.d);
-      add_row(dvv + ki[j] * z.dv, dve.data() + j * z.ep, z.dv);
+  }
+  // 3. Shared: the logits' gradient ds_ij = lambda p_ij (dout_i . A_j - delta_i) gives dq_i += ds_ij r_j
+  // and dr_j += ds_ij q_i; dA_j += p_ij dout_i. The gate adds to ds_ij (the gradient of s_ij = q_i . r_j)
+  // lambda (sum_{r: e_r = j} dl_ir - pi_ij sum_r dl_ir), its chain rule through log pi_i(e_r).
+  if ((z.shared || gate) && z.nl > 0) {
+    std::vector<T> svt(z.shared ? z.dv * z.mp : 0, T(0)), dsa(z.shared ? z.nl * z.ep : 0, T(0));  // A^T; dA
+    std::vector<T> rp(z.nl * z.dp, T(0)), dra(z.nl * z.dp, T(0));  // landmarks [n_l][Dp]; dR padded
+    const std::vector<T> rt = landmarks_t(r, z);
+    if (z.shared) transpose_rows(sv, z.nl, z.dv, z.dv, svt.data(), z.mp);
+    for (int64_t j = 0; j < z.nl; ++j) std::memcpy(rp.data() + j * z.dp, r + j * z.d, sizeof(T) * z.d);
+    for (int64_t beta = 1; beta < z.nq; ++beta) {
+      const int64_t vis = std::min(beta, z.nl), jp = round_up(vis, VT<T>::L);
+      const int64_t lo = beta * z.bs, hi = std::min(z.n, lo + z.bs);
+      for (int64_t i0 = lo; i0 < hi; i0 += QB) {
+        const int64_t nb = std::min(QB, hi - i0);
+        for (int64_t b = 0; b < QB; ++b) rows[b] = i0 + std::min(b, nb - 1);
+        gather_rows(q, z.d, rows.data(), nb, z.dp, xq.data());
+        mk_xbt(xqr, rt.data(), z.d, jp, p.data(), z.mp, jp);  // q . r_j, as in the forward
+        if (z.shared) {
+          gather_rows(dout, z.dv, rows.data(), nb, z.ep, xd.data());
+          mk_xbt(xdr, svt.data(), z.dv, jp, g.data(), z.mp, jp);
+        }
+        for (int64_t b = 0; b < QB; ++b) {
+          T* pr = p.data() + b * jp;
+          T* gr = g.data() + b * jp;
+          if (b >= nb) {
+            std::fill(pr, pr + jp, T(0));
+            std::fill(gr, gr + jp, T(0));
+            continue;
+          }
+          const int64_t i = i0 + b;
+          if (gate) router_gate_grad(pr, vis, jp, lam, eidx + i * z.s, dgate.data() + i * z.s, z.s, gc.data());
+          if (!z.shared) {
+            std::copy(gc.begin(), gc.begin() + jp, gr);
+            continue;
+          }
+          for (int64_t j = 0; j < vis; ++j) pr[j] = pr[j] * lam - lse[i];
+          std::fill(pr + vis, pr + jp, neg_inf<T>());
+          exp_inplace(pr, jp);  // columns >= vis: 0
+          for (int64_t j = 0; j < jp; ++j) gr[j] = lam * pr[j] * (gr[j] - delta[i]);
+          if (gate)
+            for (int64_t j = 0; j < jp; ++j) gr[j] += gc[j];
+        }
+        std::fill(dqb.begin(), dqb.end(), T(0));
+        mk_pb(g.data(), jp, rp.data(), vis, z.dp, dq_rows);
+        for (int64_t b = 0; b < nb; ++b) add_row(dq + (i0 + b) * z.d, dqb.data() + b * z.dp, z.d);
+        mk_rank(g.data(), jp, xq.data(), vis, z.dp, dra.data());
+        if (z.shared) mk_rank(p.data(), jp, xd.data(), vis, z.ep, dsa.data());
+      }
+    }
+    for (int64_t j = 0; j < z.nl; ++j) {
+      if (z.shared) std::memcpy(dsv + j * z.dv, dsa.data() + j * z.ep, sizeof(T) * z.dv);
+      std::memcpy(dr + j * z.d, dra.data() + j * z.dp, sizeof(T) * z.d);
     }
   }
 }
@@ -385,11 +426,12 @@ void check_experts(const at::Tensor& eidx, const at::Tensor& q, int64_t block_si
 }
 
 // out [B,H,N,dv], lse [B,H,N] and, when no expert_index is passed (s = 1), the routing [B,H,N,1]
-// (-1 in block 0; an empty tensor otherwise).
+// (-1 in block 0; an empty tensor otherwise). router_gate changes only the backward (the forward takes it so
+// that both passes have one argument list).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const std::optional<at::Tensor>& eidx_,
-    double scale, double landmark_scale, int64_t block_size, bool routed) {
+    double scale, double landmark_scale, int64_t block_size, bool routed, bool /*router_gate*/) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous();
   const auto sv = contiguous_opt(sv_), eidx_in = contiguous_opt(eidx_);
@@ -423,12 +465,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_fwd(
 }
 
 // dq, dk and dv per *query* head [B, H, N, .] (the caller sums each GQA group), d landmarks (through the
-// shared logits; their part through A is torch's) and d shared_values.
+// shared logits and, with router_gate, the gate; their part through A is torch's) and d shared_values.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bwd(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& r_,
     const std::optional<at::Tensor>& sv_, const at::Tensor& kidx_, const at::Tensor& eidx_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& dout_, double scale,
-    double landmark_scale, int64_t block_size, bool routed) {
+    double landmark_scale, int64_t block_size, bool routed, bool router_gate) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), r = r_.contiguous();
   const at::Tensor kidx = kidx_.contiguous(), eidx = eidx_.contiguous();
   const at::Tensor out = out_.contiguous(), lse = lse_.contiguous(), dout = dout_.contiguous();
@@ -462,7 +504,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_bw
                                    dk.data_ptr<scalar_t>() + bh * n * z.d, dv.data_ptr<scalar_t>() + bh * n * z.dv,
                                    nullptr, dr.data_ptr<scalar_t>() + bh * nl * z.d,
                                    sv ? dsv.data_ptr<scalar_t>() + bh * nl * z.dv : nullptr};
-        backward_head<scalar_t>(x, g, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z);
+        backward_head<scalar_t>(x, g, static_cast<scalar_t>(scale), static_cast<scalar_t>(landmark_scale), z,
+                                router_gate && routed);
       }
     });
   });
@@ -666,12 +709,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_bwd(const at::Tensor& r_
 TORCH_LIBRARY(mita_cpu_causal, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? shared_values, Tensor key_index, "
-      "Tensor? expert_index, float scale, float landmark_scale, int block_size, bool routed) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? expert_index, float scale, float landmark_scale, int block_size, bool routed, "
+      "bool router_gate=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bwd(Tensor q, Tensor k, Tensor v, Tensor landmarks, Tensor? shared_values, Tensor key_index, "
       "Tensor expert_index, Tensor out, Tensor lse, Tensor dout, float scale, float landmark_scale, "
-      "int block_size, bool routed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int block_size, bool routed, bool router_gate=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "landmark_fwd(Tensor landmarks, Tensor k, Tensor v, float scale, int block_size, int topk, "
       "bool values) -> (Tensor, Tensor, Tensor)");
