@@ -76,8 +76,8 @@ def evaluate_lm(model, ds, batch_size: int) -> dict[str, float]:
 
 @torch.no_grad()
 def mqar_recall(model, ds, n_examples: int = 64) -> list[dict[str, Any]]:
-    """Per-layer routing recall (:func:`mita.analysis.recall.routing_recall`) on ``n_examples`` examples."""
-    from mita.analysis.recall import needed_positions, routing_recall
+    """Per-layer routing recall (:func:`mita.train.recall.routing_recall`) on ``n_examples`` examples."""
+    from mita.train.recall import needed_positions, routing_recall
 
     xs, ys = zip(*(ds[i] for i in range(min(n_examples, len(ds)))))
     x, y = torch.stack(xs), torch.stack(ys)
@@ -470,7 +470,7 @@ def _seed_means(sh: list[dict[str, Any]]) -> list[str]:
 def report(runs: str, out: str) -> None:
     """Write ``out``.md and ``out``.json from every cached run in ``runs``."""
     from mita.io import write_json, write_text
-    from mita.train.runinfo import hardware
+    from mita.system import hardware
 
     recs = [json.loads(p.read_text()) for p in sorted(Path(runs).glob("*.json"))]
     recs = [r for r in recs if "task" in r and "final" in r]  # run records only
