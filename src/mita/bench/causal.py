@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=None, help="k/v heads (GQA; default = heads)")
-    p.add_argument("--head-dim", dest="dim", type=int, default=32, help="head dimension d")
+    p.add_argument("--head-dim", dest="dim", metavar="D", type=int, default=32, help="head dimension d")
     p.add_argument("--block-size", type=int, default=64, help="b")
     p.add_argument("--topk", type=int, default=64, help="k")
     p.add_argument("--horizons", default="prefix,frozen", help="landmark horizons to measure")

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", default=DEFAULT_NS, help="comma-separated sequence lengths (default %(default)s)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", dest="dim", type=int, default=32, help="head dimension d")
+    p.add_argument("--head-dim", dest="dim", metavar="D", type=int, default=32, help="head dimension d")
     p.add_argument("--num-landmarks", dest="landmarks", type=int, default=64, help="m")
     p.add_argument("--topk", type=int, default=64, help="k")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])

@@ -32,7 +32,7 @@ def format_gflops(r: dict) -> str:
     """A row's achieved GFLOP/s as a table cell (rows that hold only ``tflops`` too; ``—`` without)."""
     if "gflops" in r:
         return f"{r['gflops']:,.1f}"
-    if "tflops" in r:  # rows from before the GFLOP/s column
+    if "tflops" in r:  # a row that carries only the TFLOP/s figure
         return f"{1000 * r['tflops']:,.1f}"
     return "—"
 
