@@ -42,12 +42,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mita.data import build_dataset
+from mita.io import write_json, write_text
+from mita.models import build_model
+from mita.nn.causal import MiTACausal
+from mita.system import hardware
+from mita.train.checkpoint import load_model
+from mita.train.curriculum import check_stages, parse_curriculum
+from mita.train.evaluate import evaluate
+from mita.train.objective import IGNORE_INDEX, loss_fn
+from mita.train.presets import get_preset
+from mita.train.recall import mqar_routing_summary
+from mita.train.report import run_all as train_all
+from mita.train.report import train_args
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,7 +76,6 @@ def _curriculum(a: argparse.Namespace) -> list[dict[str, Any]]:
     tokens per step (``mita train``'s default would be ``--batch-size`` sequences). Empty without the flag.
     Zoology trains MQAR on a mixture of lengths, most of it short; stages do the same in order, with one
     learning-rate schedule over all of them and the task."""
-    from mita.train.curriculum import check_stages, parse_curriculum
 
     stages = parse_curriculum(a.curriculum)
     check_stages(stages, "mqar", {"seq_len": a.seq_len, "vocab_size": a.vocab})
@@ -170,8 +184,6 @@ def train_argv(spec: dict[str, Any], out: Path, device: str = "auto", progress: 
     as flags, the rest as ``--model-arg``); ``--epochs`` equal to the steps lifts the preset's own step
     count, so that ``--max-steps`` alone sets the run's length (with a curriculum: the task's steps after
     the stages)."""
-    from mita.train.presets import get_preset
-    from mita.train.report import train_args
 
     preset = get_preset(spec["task"])
     base = {**preset.model_kwargs, **preset.attention_kwargs.get(spec["attention"], {})}
@@ -199,7 +211,6 @@ def train_argv(spec: dict[str, Any], out: Path, device: str = "auto", progress: 
 
 def _test_set(spec: dict[str, Any]) -> Any:
     """The run's test set, as ``mita train`` builds it (the task's data at the spec's size)."""
-    from mita.data import build_dataset
 
     return build_dataset(spec["task"], "test", size=spec["test_size"], **spec["data"])
 
@@ -219,9 +230,6 @@ def mqar_sweep(model: torch.nn.Module, test: Any, spec: dict[str, Any]) -> list[
     A MiTA model is re-run with each ``(topk, block_size)`` of ``spec["sweep_grid"]``; a model trained with
     another kind has its mixers swapped for MiTA's (both horizons), keeping every weight (mixers hold none).
     """
-    from mita.analysis.recall import mqar_routing_summary
-    from mita.nn.causal import MiTACausal
-    from mita.train.evaluate import evaluate
 
     rows = []
     attns = [blk.attn for blk in model.blocks]
@@ -244,8 +252,6 @@ def run_record(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     """The record of the finished run of ``spec`` in ``out``: the spec, the evaluations of its
     ``metrics.jsonl`` (``curve``, ``final``), time and throughput from its ``summary.json``, and what the
     saved weights give: MQAR's sweep over k and b, shakespeare-char's sample."""
-    from mita.train.checkpoint import load_model
-    from mita.train.objective import IGNORE_INDEX
 
     summary = json.loads((out / "summary.json").read_text())
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -283,8 +289,6 @@ def run_all(
     specs: list[dict[str, Any]], runs: str, jobs: int, device: str = "auto", progress: bool = True
 ) -> None:
     """Train every spec without a record in ``runs`` (``jobs`` at a time), then write the records."""
-    from mita.io import write_json
-    from mita.train.report import run_all as train_all
 
     todo = [s for s in specs if not (Path(runs) / f"{s['name']}.json").is_file()]
     cmds = {
@@ -307,11 +311,6 @@ def speed_run(
 ) -> dict[str, Any]:
     """Training-step throughput of each kind, interleaved round by round in one process on one batch
     (median of ``rounds``), so that every kind sees the same machine load; ratios are against ``full``."""
-    import statistics
-
-    from mita.data import build_dataset
-    from mita.models import build_model
-    from mita.train.objective import loss_fn
 
     torch.set_num_threads(1)
     ds = build_dataset(task, "train", seed=0, **data)
@@ -426,8 +425,6 @@ def records(runs: str, out: str) -> tuple[list[dict[str, Any]], list[dict[str, A
 
 def report(runs: str, out: str) -> None:
     """Write ``out``.md and ``out``.json from the run records and speed rows of :func:`records`."""
-    from mita.io import write_json, write_text
-    from mita.train.runinfo import hardware
 
     recs, speed_rows = records(runs, out)
     lines = ["# Causal attention kinds: MQAR and shakespeare-char (CPU)", ""]
@@ -587,8 +584,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     Path(a.runs).mkdir(parents=True, exist_ok=True)
     if a.experiment == "speed":
-        from mita.io import write_json
-
         rows = []
         for exp, make in (("shakespeare", shakespeare_specs), ("mqar", mqar_specs)):
             # shakespeare at its defaults (the MQAR flags do not apply); MQAR: the first pair count

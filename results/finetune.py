@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from mita.data import build_dataset, get_task
-from mita.io import write_json, write_text
+from mita.io import markdown_table, write_json, write_text
+from mita.system import hardware
 from mita.train.evaluate import evaluate
 from mita.train.init_from import init_from
 from mita.train.presets import build, get_preset, model_spec
-from mita.train.report import markdown_table, pct, run_all, run_training, train_args
-from mita.train.runinfo import hardware
+from mita.train.report import pct, run_all, run_training, train_args
 
 HERE = Path(__file__).resolve().parent
 KINDS = ("full", "mita", "agent", "linear")

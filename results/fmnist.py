@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from mita.io import write_json, write_text
+from mita.io import markdown_table, write_json, write_text
+from mita.system import hardware
 from mita.train.checkpoint import load_model
 from mita.train.evaluate import evaluate
-from mita.train.report import attention_label, markdown_table, pct, run_all, train_args
-from mita.train.runinfo import hardware
+from mita.train.report import attention_label, pct, run_all, train_args
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,6 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from causal import MQAR_MODEL, _batches, _loss  # noqa: E402
 
+from mita.data import build_dataset
+from mita.models import build_model
+
 
 def main(argv: list[str] | None = None) -> int:
     """Print a markdown table: router, median step ms, ratio to ``argmax``."""
@@ -33,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", default="frozen")
     p.add_argument("--routers", nargs="+", default=["argmax", "gate", "distill", "gate+distill"])
     a = p.parse_args(argv)
-    from mita.data import build_dataset
-    from mita.models import build_model
 
     torch.set_num_threads(1)
     ds = build_dataset("mqar", "train", seed=0, seq_len=a.seq_len, num_pairs=a.pairs, vocab_size=a.vocab)

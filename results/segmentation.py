@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from mita.io import write_json, write_text
-from mita.train.report import markdown_table, pct, run_all, train_args
-from mita.train.runinfo import hardware
+from mita.io import markdown_table, write_json, write_text
+from mita.system import hardware
+from mita.train.report import pct, run_all, train_args
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {

@@ -17,17 +17,25 @@ same method (N^2 for SDPA, N for MiTA) would exceed the per-case cap or the time
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mita import mita_attention, mita_causal_attention
+from mita.bench.measure import Case, run_case
+from mita.bench.timing import time_call
 from mita.io import write_json, write_text
-from mita.train.runinfo import cpu_model
+from mita.landmarks import block_mean
+from mita.ops.triton.backend import availability
+from mita.ops.triton.interpreter import interpreter_requested
+from mita.system import cpu_model, resolve_device
 
 GRID_NS = (4096, 16384, 65536, 262144, 1048576)
 LONG = dict(batch=1, heads=16, head_dim=128, m=64, k=64, dtype="bfloat16")
@@ -41,31 +49,13 @@ CAUSAL_BLOCK = 64
 # ------------------------------------------------------------------------------------ bench glue
 
 
-def _case(method: str, mode: str, shape: dict, n: int, device: str, reps: int):
-    """A ``mita.bench.measure.Case`` whatever its field names (``dim``/``head_dim``, ``landmarks``/
-    ``num_landmarks``): the bench's vocabulary is being renamed while this script is in use."""
-    from mita.bench.measure import Case
-
-    names = {f.name for f in dataclasses.fields(Case)}
-
-    def pick(*candidates: str) -> str:
-        for c in candidates:
-            if c in names:
-                return c
-        raise SystemExit(
-            f"gpu_grid: mita.bench.measure.Case has none of {candidates} (fields: {sorted(names)})"
-        )
-
-    kw = {
-        "method": method, "mode": mode, "n": n, "topk": shape["k"], "dtype": shape["dtype"], "device": device,
-        pick("batch", "batch_size"): shape["batch"], pick("heads", "num_heads"): shape["heads"],
-        pick("head_dim", "dim"): shape["head_dim"], pick("num_landmarks", "landmarks"): shape["m"],
-    }  # fmt: skip
-    if "reps" in names:
-        kw["reps"] = reps
-    if shape.get("grid") is not None:
-        kw["grid"] = shape["grid"]
-    return Case(**kw)
+def _case(method: str, mode: str, shape: dict, n: int, device: str, reps: int) -> Case:
+    """The ``mita.bench.measure.Case`` of one grid cell."""
+    return Case(
+        method=method, mode=mode, n=n, batch=shape["batch"], heads=shape["heads"], dim=shape["head_dim"],
+        landmarks=shape["m"], topk=shape["k"], dtype=shape["dtype"], device=device, reps=reps,
+        grid=shape.get("grid"),
+    )  # fmt: skip
 
 
 def _plan_grid(ns: tuple[int, ...]) -> list[tuple[str, str, str, dict, int]]:
@@ -82,7 +72,7 @@ def _plan_grid(ns: tuple[int, ...]) -> list[tuple[str, str, str, dict, int]]:
 def _versions() -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
-        import triton
+        import triton  # noqa: PLC0415
 
         info["triton"] = triton.__version__
     except ImportError:
@@ -101,12 +91,8 @@ def _versions() -> dict:
 
 def _measure(case) -> dict:
     """``run_case`` with SDPA pinned to flash on CUDA; errors (out of memory included) become a field."""
-    from mita.bench.measure import run_case
-
     try:
         if case.method == "sdpa" and case.device == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                 return run_case(case)
         return run_case(case)
@@ -165,8 +151,6 @@ def cmd_grid(args) -> int:
     ns = tuple(int(x) for x in args.ns.split(","))
     plan = _plan_grid(ns)
     if args.plan:
-        from mita.bench.measure import run_case  # noqa: F401 - the grid times through it
-
         for label, method, mode, shape, n in plan:
             _case(method, mode, shape, n, args.device, args.reps)  # the bench accepts every case
             print(f"grid case: {label} N={n} {mode} {method}")
@@ -202,23 +186,10 @@ def cmd_grid(args) -> int:
 # ---------------------------------------------------------------------------------------- causal
 
 
-def causal_supported() -> bool:
-    import mita
-
-    return hasattr(mita, "mita_causal_attention")
-
-
 def _causal_call(q, k, v, topk: int, backend: str):
-    """``mita_causal_attention(..., block_size=64, landmark_horizon="prefix")`` with landmark ``j`` the mean
-    of query block ``j`` (``mita.landmarks.block_mean`` where it exists)."""
-    from mita import landmarks as lm
-    from mita import mita_causal_attention
-
-    b, h, n, d = q.shape
-    if hasattr(lm, "block_mean"):
-        r = lm.block_mean(q, CAUSAL_BLOCK)
-    else:
-        r = q.reshape(b, h, n // CAUSAL_BLOCK, CAUSAL_BLOCK, d).mean(3)
+    """``mita_causal_attention(..., block_size=64, landmark_horizon="prefix")``, landmark ``j`` the mean of
+    query block ``j``."""
+    r = block_mean(q, CAUSAL_BLOCK)
     return mita_causal_attention(
         q, k, v, r, topk=topk, block_size=CAUSAL_BLOCK, landmark_horizon="prefix", backend=backend
     )
@@ -242,13 +213,7 @@ def _time(fn, tensors: tuple, kwargs: dict, mode: str, reps: int, device: str) -
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = [time_call(step, device) for _ in range(reps)]
         peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
         return {"time_s": min(times), "peak_mem_rise_bytes": peak}
     except Exception as err:  # noqa: BLE001
@@ -260,22 +225,13 @@ def _time(fn, tensors: tuple, kwargs: dict, mode: str, reps: int, device: str) -
 
 
 def cmd_causal(args) -> int:
-    import torch.nn.functional as F
-
-    supported = causal_supported()
     methods = ("sdpa", "mita-auto")  # "auto" is what a caller gets (the torch backend today)
     if args.plan:
-        print(f"causal: mita_attention accepts causal: {supported}")
         for n in CAUSAL_NS:
             print(f"causal case: N={n} block {CAUSAL_BLOCK} " + ", ".join(methods))
         return 0
     path = Path(args.out) / "causal.json"
-    doc = {"versions": _versions(), "supported": supported, "rows": []}
-    if not supported:
-        doc["skipped"] = "mita_attention has no causal argument"
-        write_json(path, doc)
-        print(doc["skipped"])
-        return 0
+    doc = {"versions": _versions(), "rows": []}
     start, sh = time.perf_counter(), LONG
     failed: set[tuple] = set()
     dtype = getattr(torch, sh["dtype"])
@@ -325,10 +281,6 @@ def _status(rows: list[dict], method: str) -> int:
 def cmd_kernel_check(args) -> int:
     """One tiny MiTA forward+backward through the Triton kernels (GQA, padding, several blocks) against
     the dense reference: output, routing and the four gradients."""
-    from mita import mita_attention
-    from mita.ops.triton.backend import availability
-    from mita.ops.triton.interpreter import interpreter_requested
-
     if args.device == "cpu" and not interpreter_requested():
         print("kernel-check: on CPU the kernels need TRITON_INTERPRET=1 in the environment", file=sys.stderr)
         return 2
@@ -385,8 +337,6 @@ def _load(path: Path) -> dict:
 
 def junit_counts(path: Path) -> dict[str, int] | None:
     """``tests``, ``failures``, ``errors``, ``skipped`` from pytest's JUnit XML (our own file), or None."""
-    import xml.etree.ElementTree as ET
-
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
@@ -545,11 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("versions")
     sub.add_parser("plan", help="list the grid and causal cases (checking the bench accepts them)")
     k = sub.add_parser("kernel-check")
-    k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    k.add_argument("--device", default=resolve_device("auto").type)
     for name in ("grid", "causal"):
         s = sub.add_parser(name)
         s.add_argument("--out", default=".")
-        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        s.add_argument("--device", default=resolve_device("auto").type)
         s.add_argument("--budget", type=float, default=280.0, help="seconds for the whole stage")
         s.add_argument("--reps", type=int, default=3)
         s.add_argument("--plan", action="store_true", help="list the cases (checking the bench accepts them)")

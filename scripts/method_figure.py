@@ -24,6 +24,7 @@ import torch
 from mita import mita_attention
 from mita.analysis.plots import figure
 from mita.analysis.windows import landmark_windows_2d
+from mita.data import build_dataset
 from mita.landmarks import pool_2d
 
 GRID = (14, 14)
@@ -35,8 +36,6 @@ DIM = 16
 def _image() -> np.ndarray:
     """A 28 x 28 grayscale image in [0, 1]: the first Fashion-MNIST test image, else a synthetic one."""
     try:
-        from mita.data import build_dataset
-
         x, _ = build_dataset("fmnist", "test")[0]
         img = x[0].numpy()
         return (img - img.min()) / (img.max() - img.min())
@@ -72,9 +71,9 @@ def route(img: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def draw(img: np.ndarray, r: dict, out: Path) -> Path:
-    from matplotlib import colormaps
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Rectangle
+    from matplotlib import colormaps  # noqa: PLC0415 - optional dependency
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415 - optional dependency
+    from matplotlib.patches import Rectangle  # noqa: PLC0415 - optional dependency
 
     h, w = GRID
     counts = np.bincount(r["expert"], minlength=len(r["windows"]))

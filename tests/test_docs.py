@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import re
 from pathlib import Path
 
 import pytest
+
+import mita
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "docs" / "spec.md"
@@ -60,7 +63,6 @@ def test_spec_citation_parsing_can_fail():
 
 
 def test_package_docstring_points_to_the_spec():
-    import mita
 
     assert "docs/spec.md" in mita.__doc__ and "SPEC §" in mita.__doc__
 
@@ -120,7 +122,6 @@ def _class_like(code: str) -> list[str]:
 
 
 def test_quoted_class_names_exist():
-    import builtins
 
     known = _defined_names() | EXTERNAL_NAMES | set(dir(builtins))
     missing = {}

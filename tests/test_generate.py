@@ -7,6 +7,7 @@ import torch
 
 from mita.generate import decode, encode_prompt, main
 from mita.models import build_model
+from mita.train.checkpoint import save_model_file
 
 KINDS = ["full", "window", "moba", "mita"]
 
@@ -84,8 +85,6 @@ def test_prompt_encoding():
 
 
 def test_generate_command_round_trip(tmp_path, capsys):
-    from mita.train.checkpoint import save_model_file
-
     model = build_model("gpt", attention="window", vocab_size=256, max_len=64, dim=16, depth=1, num_heads=2,
                         block_size=8)  # fmt: skip
     kwargs = {k: v for k, v in model.config.items() if k != "name"}

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from mita.data import get_task
+from mita.train import cli
+from mita.train.presets import causal_overrides, get_preset, model_spec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -78,9 +82,6 @@ def test_run_names_tell_curricula_and_seeds_apart(results_script):
 
 def _built_model(argv: list[str]) -> tuple[dict, object]:
     """The model keywords ``mita train ARGV`` builds, after its own checks and a forward pass (preflight)."""
-    from mita.data import get_task
-    from mita.train import cli
-    from mita.train.presets import causal_overrides, get_preset, model_spec
 
     cfg = cli.config_from_args(cli.build_parser().parse_args(argv))
     cli.preflight(cfg)
@@ -118,7 +119,6 @@ def test_full_first_specs_switch_from_the_full_run(results_script, tmp_path):
     switched = [s for s in specs if s.get("full_first")]
     assert sorted(s["model"]["landmark_horizon"] for s in switched) == ["frozen", "prefix"]
     assert all(s["name"].endswith("-full3") for s in switched)
-    from mita.train import cli
 
     def config(spec: dict) -> dict:
         return cli.config_from_args(
@@ -177,8 +177,6 @@ def test_a_smoke_run_through_the_driver(results_script, tmp_path, monkeypatch):
     assert (
         "| 64 | 4 | 16 | full | 0 |" in md and "mita frozen routed-only (k=8, b=8, full for steps 1-4)" in md
     )
-
-    import mita.train.report
 
     def no_training(cmds, jobs):
         assert not cmds, f"trained again: {list(cmds)}"

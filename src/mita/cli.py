@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
-from typing import Any
 
 # subcommand -> (module, help). Each module exposes ``main(argv: list[str] | None) -> int | None``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mita.bench", "time and memory of MiTA backends against SDPA"),
     "train": ("mita.train.cli", "train a model on a task"),
-    "eval": ("mita.train.evaluate", "evaluate a checkpoint (optionally with another attention, m, k)"),
+    "eval": ("mita.analysis.eval_cli", "evaluate a checkpoint (optionally with another attention, m, k)"),
     "viz": ("mita.analysis.viz", "routing/pruning/expert figures for a checkpoint"),
     "grid": ("mita.analysis.grid", "accuracy over inference m x k"),
     "swap": ("mita.analysis.swap", "train-attention x eval-attention accuracy matrix"),
     "data": ("mita.data.report", "build the datasets and report their sizes and class balance"),
     "generate": ("mita.generate", "continue a prompt with a trained GPT checkpoint"),
 }
-
-
-class Renamed(argparse.Action):
-    """``add_argument("--new", "--old", action=Renamed)``: stores the value; given by an old spelling, it
-    also says the new one on stderr (old spellings keep working for a release)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None):
-        if option is not None and option != self.option_strings[0]:
-            print(f"{parser.prog}: note: {option} is now {self.option_strings[0]}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def _usage() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["EXTRAS", "MissingDependency", "require"]
+__all__ = ["EXTRAS", "MissingDependency", "available", "require"]
 
 # module -> the pip extra that installs it
 EXTRAS = {
@@ -25,18 +25,22 @@ class MissingDependency(ImportError):
     """An optional package a command needs is not installed (the message says how to install it)."""
 
 
+def available(module: str) -> bool:
+    """Whether optional ``module`` imports here (a broken install counts as missing)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def require(*modules: str, purpose: str) -> None:
     """Import each of ``modules`` now; :class:`MissingDependency` naming them and the install line if any
     fails (a broken install counts as missing).
 
     ``purpose`` finishes the sentence "... needs X", e.g. ``"mita train (to save weights)"``.
     """
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
+    missing = [name for name in modules if not available(name)]
     if missing:
         extras = sorted({EXTRAS.get(m, m) for m in missing})
         raise MissingDependency(

@@ -16,6 +16,10 @@ import sys
 
 import torch
 
+from mita.models.gpt import GPT
+from mita.system import resolve_device
+from mita.train.checkpoint import CheckpointError, load_model
+
 __all__ = ["encode_prompt", "decode", "main"]
 
 BYTE_VOCAB = 256
@@ -68,12 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Print the prompt and its continuation; 2 (with a message) on bad input or a non-GPT checkpoint."""
     args = _parser().parse_args(argv)
-    from mita.models.gpt import GPT
-    from mita.train.checkpoint import CheckpointError, load_model
-    from mita.train.config import check_device
 
     try:
-        device = check_device(args.device)
+        device = resolve_device(args.device)
         model, _ = load_model(args.checkpoint, device=device)
         if not isinstance(model, GPT):
             raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}, not a GPT language model")

@@ -1,4 +1,5 @@
-"""Atomic file writes and strict JSON: the one I/O helper used by checkpoints, caches, bench and analysis.
+"""Atomic file writes, strict JSON and markdown tables: the one I/O helper used by checkpoints, caches,
+training, bench and analysis.
 
 Every file mita writes goes to a temporary name in the destination directory, is flushed to disk, and
 is renamed over the destination with ``os.replace`` (atomic on POSIX): a reader, or a run killed at any
@@ -13,11 +14,11 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_text", "write_json", "to_json", "finite_or_none"]
+__all__ = ["atomic_path", "write_text", "write_json", "to_json", "finite_or_none", "markdown_table"]
 
 
 @contextlib.contextmanager
@@ -66,3 +67,14 @@ def to_json(obj: Any, *, indent: int | None = 2, default: Any = None) -> str:
 def write_json(path: str | os.PathLike, obj: Any, *, default: Any = None, mode: int = 0o644) -> Path:
     """Write ``obj`` as indented strict JSON (see :func:`to_json`) to ``path`` atomically."""
     return write_text(path, to_json(obj, default=default) + "\n", mode)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub markdown table (cells converted with ``str``); ``align`` gives one character per column,
+    ``l`` (``---``) or ``r`` (``---:``); default all ``l``."""
+    rule = ["---:" if a == "r" else "---" for a in (align or "l" * len(headers))]
+    if len(rule) != len(headers):
+        raise ValueError(f"align has {len(rule)} columns, the headers {len(headers)}")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -8,7 +8,13 @@ import json
 import pytest
 import torch
 
+from mita.analysis.loading import eval_dataset
 from mita.cli import main as mita_main
+from mita.data import PAD_ID, build_dataset, get_task
+from mita.data.fmnist import fmnist_dir
+from mita.train.checkpoint import load_model, save_model_file
+from mita.train.evaluate import evaluate
+from mita.train.presets import build, get_preset, model_spec
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("safetensors")
@@ -24,10 +30,6 @@ def assert_png(path):
 
 def save_checkpoint(path, task, attention, *, data_kwargs, model_overrides, seed=0, **attn):
     """A randomly initialised model saved exactly as ``mita train`` saves its final weights."""
-    from mita.data import get_task
-    from mita.train.checkpoint import save_model_file
-    from mita.train.presets import build, get_preset, model_spec
-
     info = get_task(task)
     if "seq_len" in data_kwargs:
         info = dataclasses.replace(info, seq_len=data_kwargs["seq_len"])
@@ -55,8 +57,6 @@ def listops_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fmnist_run(tmp_path_factory):
-    from mita.data.fmnist import fmnist_dir
-
     if not (fmnist_dir() / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     over = {"embed_dim": 16, "depth": 2, "num_heads": 2}
@@ -67,10 +67,6 @@ def fmnist_run(tmp_path_factory):
 
 
 def native_accuracy(run, n):
-    from mita.analysis.loading import eval_dataset
-    from mita.train.checkpoint import load_model
-    from mita.train.evaluate import evaluate
-
     model, meta = load_model(run)
     return evaluate(model, eval_dataset(meta, size=n), max_samples=n)["test_accuracy"]
 
@@ -93,12 +89,11 @@ def test_viz_image_checkpoint(fmnist_run, tmp_path):
 
 def test_viz_sequence_checkpoint_leaves_padding_out(listops_runs, tmp_path):
     assert mita_main(["viz", "--checkpoint", str(listops_runs["mita"]), "--out", str(tmp_path),
-                      "--samples", "2", "--stats-samples", "6"]) == 0  # fmt: skip
+                      "--samples", "2", "--test-size", "6"]) == 0  # fmt: skip
     for name in ("pruning_maps.png", "expert_maps.png", "layer_curves.png"):
         assert_png(tmp_path / name)
     report = json.loads((tmp_path / "stats.json").read_text())
     assert report["layout"]["layout"] == "seq" and len(report["layers"]) == 2
-    from mita.data import PAD_ID, build_dataset
 
     data = build_dataset(
         "listops", "test", size=6, **LISTOPS, cache_dir=str(listops_runs["mita"].parent / "cache")
@@ -125,9 +120,8 @@ def test_grid_command(listops_runs, tmp_path):
 
 
 def test_grid_on_image_reports_non_square_m(fmnist_run, tmp_path):
-    # the old spellings (--m, --k, --max-samples) still work
-    assert mita_main(["grid", "--checkpoint", str(fmnist_run), "--m", "4,5", "--k", "6",
-                      "--max-samples", "8", "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert mita_main(["grid", "--checkpoint", str(fmnist_run), "--num-landmarks", "4,5", "--topk", "6",
+                      "--test-size", "8", "--out", str(tmp_path)]) == 0  # fmt: skip
     report = json.loads((tmp_path / "grid.json").read_text())
     assert report["accuracy"][1] == [None] and "square" in report["errors"]["m=5,k=6"]
     assert report["accuracy"][0][0] == pytest.approx(native_accuracy(fmnist_run, 8))
@@ -152,12 +146,21 @@ def test_commands_fail_cleanly(listops_runs, tmp_path, capsys):
     assert mita_main(["viz", "--checkpoint", str(listops_runs["full"]), "--out", str(tmp_path)]) == 2
     assert "no MiTA attention layer" in capsys.readouterr().err
     assert (
-        mita_main(["grid", "--checkpoint", str(listops_runs["mita"]), "--m", "a,b", "--out", str(tmp_path)])
+        mita_main(
+            [
+                "grid",
+                "--checkpoint",
+                str(listops_runs["mita"]),
+                "--num-landmarks",
+                "a,b",
+                "--out",
+                str(tmp_path),
+            ]
+        )
         == 2
     )
     err = capsys.readouterr().err
     assert "--num-landmarks must be a comma-separated list" in err
-    assert "mita grid: note: --m is now --num-landmarks" in err  # the old spelling works, and says so
     assert mita_main(["swap", "--checkpoints", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
     assert mita_main(["swap", "--checkpoints", str(listops_runs["mita"]), "--kinds", "mita,fast",
@@ -175,9 +178,6 @@ def test_commands_fail_cleanly(listops_runs, tmp_path, capsys):
 
 
 def test_eval_dataset_drops_training_only_options(fmnist_run):
-    from mita.analysis.loading import eval_dataset
-    from mita.data import build_dataset
-
     meta = {"task": "fmnist", "data_kwargs": {"augment": True, "size": 5}}
     data = eval_dataset(meta, size=3)
     plain = build_dataset("fmnist", "test", augment=False, size=3)

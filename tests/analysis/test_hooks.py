@@ -8,8 +8,9 @@ from torch import nn
 
 import mita
 from mita.analysis import RoutingRecorder, routing_layers
+from mita.nn import MiTAAttention
 
-from .toys import ToyMiTA
+from .toys import ToyMiTA, ToySeq
 
 
 class ToyNet(nn.Module):
@@ -59,9 +60,6 @@ def test_recorder_rejects_models_without_mita():
 
 
 def test_recorder_reads_the_layout_once_and_records_padding():
-    from mita.nn import MiTAAttention
-
-    from .toys import ToySeq
 
     torch.manual_seed(0)
     attn = MiTAAttention(16, 2, num_landmarks=4, topk=3, grid=(4, 4), prefix_tokens=1)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mita.analysis import viz
+from mita.analysis import eval_cli, viz
 from mita.data.fmnist import DEFAULT_FMNIST_DIR
-from mita.train import cli, evaluate
+from mita.train import cli
 
 pytest.importorskip("matplotlib")
 pytestmark = [
@@ -53,7 +53,7 @@ def test_eval_reports_miou_also_under_another_attention(seg_run, tmp_path, capsy
     for extra in ([], ["--attention", "full"]):
         path = tmp_path / f"eval{len(extra)}.json"
         argv = ["--checkpoint", str(seg_run), "--json", str(path), "--test-size", "8", "--device", "cpu"]
-        assert evaluate.main(argv + extra) == 0
+        assert eval_cli.main(argv + extra) == 0
         report = json.loads(path.read_text())
         assert report["attention"] == (extra[1] if extra else "mita") and report["n"] == 8
         assert 0 <= report["test_miou"] <= 1 and report["baseline_miou"] < 1

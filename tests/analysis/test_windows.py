@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import mita
+from mita.analysis.hooks import RoutingLayout
+from mita.analysis.viz import _windows
 from mita.analysis.windows import adaptive_span, landmark_grid, landmark_windows_1d, landmark_windows_2d
 
 
@@ -40,9 +42,6 @@ def test_landmark_grid():
 
 
 def test_viz_windows_follow_the_landmark_mode():
-    from mita.analysis.hooks import RoutingLayout
-    from mita.analysis.viz import _windows
-
     def layout(kind, mode, m, grid=None, prefix=0, landmark_grid=None):
         return RoutingLayout(kind, grid, prefix, m, mode, landmark_grid)
 

@@ -9,7 +9,9 @@ import torch
 
 from mita.bench import cli
 from mita.bench.measure import Case, run_case, useful_flops
-from mita.bench.report import add_ratios, cpu_model, markdown_table
+from mita.bench.report import add_ratios, bench_table
+from mita.io import write_json
+from mita.system import cpu_model
 
 
 def _case(**kw) -> Case:
@@ -56,7 +58,7 @@ def test_ratios_pair_rows_of_the_same_shape_and_mode():
     add_ratios(rows)
     assert rows[1]["speedup_vs_sdpa"] == 4.0 and rows[1]["memory_ratio_vs_sdpa"] == 0.5
     assert "speedup_vs_sdpa" not in rows[2]  # no SDPA row in fwdbwd: no ratio
-    table = markdown_table(rows)
+    table = bench_table(rows)
     assert "| seq | 64 | fwd | mita-torch | 500.0 | — | 0 | 4.00x |" in table
     assert "boom" in table
 
@@ -81,9 +83,7 @@ def test_command_writes_table_json_and_vision_shape(tmp_path, capsys):
     assert (out / "bench.png").stat().st_size > 0
 
 
-def test_deprecated_flag_names_still_work(tmp_path):
-    args = cli._parser().parse_args(["--dim", "16", "--landmarks", "8"])
-    assert (args.dim, args.landmarks) == (16, 8)
+def test_flag_names(tmp_path):
     args = cli._parser().parse_args(["--head-dim", "16", "--num-landmarks", "8"])
     assert (args.dim, args.landmarks) == (16, 8) and args.device == "auto"
 
@@ -91,15 +91,15 @@ def test_deprecated_flag_names_still_work(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--n", "64,abc"], "--n must be comma-separated integers"),
+        (["--n", "64,abc"], "--n must be a comma-separated list of integers"),
         (["--n", "16", "--num-landmarks", "32"], "every N must be >= m"),
         (["--modes", "fwd,back"], "unknown mode"),
         (["--vision", "2,3"], "--vision must be batch,heads,head-dim"),
         (["--vision", "2,0,8"], "--vision sizes must be positive"),
         (["--batch", "0"], "--batch must be a positive integer, got 0"),
         (["--heads", "0"], "--heads must be a positive integer, got 0"),
-        (["--dim", "-1"], "--head-dim must be a positive integer, got -1"),
-        (["--landmarks", "0"], "--num-landmarks must be a positive integer, got 0"),
+        (["--head-dim", "-1"], "--head-dim must be a positive integer, got -1"),
+        (["--num-landmarks", "0"], "--num-landmarks must be a positive integer, got 0"),
         (["--reps", "0"], "--reps must be a positive integer, got 0"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--backends", "bogus"], "--backends: unknown backend 'bogus'"),
@@ -137,8 +137,8 @@ def test_missing_matplotlib_is_announced_before_the_work(tmp_path, capsys, monke
 
 
 def test_json_is_strict(tmp_path):
-    from mita.bench.report import write_json
-
-    write_json([{"n": 1, "time_s": float("nan")}], {"device": "cpu"}, tmp_path / "b.json")
+    write_json(
+        tmp_path / "b.json", {"meta": {"device": "cpu"}, "results": [{"n": 1, "time_s": float("nan")}]}
+    )
     text = (tmp_path / "b.json").read_text()
     assert "NaN" not in text and json.loads(text)["results"][0]["time_s"] is None

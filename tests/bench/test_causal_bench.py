@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from mita.bench import cli
+from mita.bench.causal import _parser as causal_parser
 from mita.bench.causal import causal_flops, causal_table, decode_table
 
 
@@ -22,7 +25,7 @@ def test_causal_flops_follow_the_formulas():
 
 def test_bench_causal_writes_table_json_and_ratios(tmp_path, capsys):
     out = tmp_path / "c"
-    rc = cli.main(["--causal", "--n", "128", "--heads", "2", "--dim", "8", "--block-size", "16",
+    rc = cli.main(["--causal", "--n", "128", "--heads", "2", "--head-dim", "8", "--block-size", "16",
                    "--topk", "8", "--reps", "1", "--out", str(out), "--no-plot"])  # fmt: skip
     assert rc == 0
     data = json.loads((out / "causal.json").read_text())
@@ -45,7 +48,7 @@ def test_bench_causal_writes_table_json_and_ratios(tmp_path, capsys):
 
 def test_bench_decode_reports_latency_ratio_and_cache_memory(tmp_path):
     out = tmp_path / "d"
-    rc = cli.main(["--decode", "--context", "96", "--heads", "2", "--dim", "8", "--block-size", "16",
+    rc = cli.main(["--decode", "--context", "96", "--heads", "2", "--head-dim", "8", "--block-size", "16",
                    "--topk", "8", "--reps", "1", "--tokens", "16", "--out", str(out),
                    "--no-plot"])  # fmt: skip
     assert rc == 0
@@ -99,9 +102,6 @@ def test_bad_arguments_exit_with_a_message(argv, match):
 
 
 def test_bad_arguments_exit_2_in_one_line(capsys):
-    import subprocess
-    import sys
-
     for argv in (
         ["--causal", "--n", "12,x"],
         ["--decode", "--context", "0"],
@@ -121,7 +121,5 @@ def test_cpu_backend_with_the_prefix_horizon_only_is_refused():
 
 
 def test_head_dim_is_the_same_flag_in_both_modes(tmp_path):
-    from mita.bench.causal import _parser as causal_parser
-
     args = causal_parser().parse_args(["--causal", "--head-dim", "16"])
-    assert args.dim == 16 and causal_parser().parse_args(["--causal", "--dim", "8"]).dim == 8
+    assert args.dim == 16 and cli._parser().parse_args(["--head-dim", "16"]).dim == 16

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mita.data import build_dataset
-from mita.data.cache import cache_path, cache_root, cached_arrays
+from mita.data.cache import cache_path, cache_root, cached_arrays, check_rows
 
 
 def test_cache_root_precedence(tmp_path, monkeypatch):
@@ -58,8 +58,6 @@ def test_dataset_cache_round_trip(tmp_path):
 
 
 def test_cache_with_a_missing_key_or_short_arrays_is_rebuilt(tmp_path):
-    from mita.data.cache import check_rows
-
     first = build_dataset("listops", "val", cache_dir=tmp_path, size=12, seq_len=64)
     (path,) = tmp_path.glob("listops-val-*.npz")
     with np.load(path) as f:

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from mita.data import build_dataset, get_task
+from mita.train import cli
+from mita.train.checkpoint import load_model, read_meta
+
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
@@ -159,8 +163,6 @@ def test_layout_errors(tmp_path):
 
 
 def test_build_dataset_task(tmp_path):
-    from mita.data import build_dataset, get_task
-
     root = make_folder(tmp_path)
     ds = build_dataset("imagefolder", "train", root=root, img_size=8, augment=False, size=4)
     assert isinstance(ds, ImageFolder) and len(ds) == 4 and not ds.augment and ds[0][0].shape == (3, 8, 8)
@@ -173,9 +175,6 @@ def test_build_dataset_task(tmp_path):
 
 def test_mita_train_on_folders_and_init_from_into_other_classes_and_size(tmp_path):
     """Train on one folder, then fine-tune its weights on another (2 classes, 12 px) into MiTA."""
-    from mita.train import cli
-    from mita.train.checkpoint import load_model, read_meta
-
     base = [
         "--task",
         "imagefolder",

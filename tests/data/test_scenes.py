@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mita.data import build_dataset, get_task
+from mita.data import build_dataset, get_task, report
 from mita.data.fmnist import DEFAULT_FMNIST_DIR, MEAN, STD
 from mita.data.scenes import (
     INK_THRESHOLD,
@@ -137,7 +137,6 @@ def test_bad_data_arg_fails_before_the_run_directory_exists(tmp_path, capsys, ar
 
 def test_mita_data_reports_pixel_classes_and_draws_scenes(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    from mita.data import report
 
     monkeypatch.setattr("mita.data.scenes.load_fmnist", lambda split, root=None: _pool())
     row = report.task_stats("fmnist-seg", "test", size=5, canvas=64)

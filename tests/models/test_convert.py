@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from mita.convert import convert
+from mita.convert import convert, convert_module
 from mita.models import vit_fmnist
 from mita.nn import FullAttention, MiTAAttention, build_attention
 
@@ -67,8 +69,6 @@ def test_convert_rejects_bad_requests():
     with pytest.raises(ValueError, match=r"does not take \['topk'\]"):
         convert(vit_fmnist(embed_dim=32, depth=1, num_heads=2), "full", topk=3)
     with pytest.raises(ValueError, match="cannot convert Linear"):
-        from mita.convert import convert_module
-
         convert_module(torch.nn.Linear(2, 2), "full")
 
 
@@ -98,7 +98,6 @@ def test_dynamic_img_size_timm_pools_over_each_inputs_grid():
     """A dynamic-size timm ViT tells the converted attention each input's grid (5x6 for 40x48 pixels),
     where a fixed 4x4 grid would treat 14 patches as extra tokens."""
     timm = pytest.importorskip("timm")
-    from mita.convert import convert_module
 
     model = convert(_dynamic_vit(timm), "mita", num_landmarks=4, topk=4)
     seen = {}
@@ -115,7 +114,6 @@ def test_dynamic_img_size_timm_pools_over_each_inputs_grid():
         model(torch.randn(1, 3, 24, 32))  # a new size: a new grid
         assert attn.input_grid == (3, 4)
         # a copy of the model tracks its own inputs, leaving the original's modules alone
-        import copy
 
         twin = copy.deepcopy(model)
         twin(torch.randn(1, 3, 16, 16))
@@ -138,8 +136,8 @@ def test_dynamic_img_size_full_matches_timm_at_other_sizes():
 
 def test_nothing_to_convert_raises_naming_the_classes():
     timm = pytest.importorskip("timm")
-    from timm.models.eva import Eva
-    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.eva import Eva  # noqa: PLC0415
+    from timm.models.swin_transformer import SwinTransformer  # noqa: PLC0415
 
     eva = Eva(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, use_rot_pos_emb=True)
     with pytest.raises(ValueError, match=r"nothing to convert in Eva: found only \{'EvaAttention': 1\}"):

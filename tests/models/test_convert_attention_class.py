@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -48,8 +50,6 @@ def test_dropped_attention_dropout_warns(kind, warns):
         with pytest.warns(UserWarning, match=r"no attention dropout; .*attn_drop=0\.2 is dropped"):
             convert(model, kind, **kw)
     else:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             convert(model, kind, **kw)

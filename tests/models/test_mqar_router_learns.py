@@ -1,6 +1,6 @@
 """A real learning test: on a tiny MQAR task (N = 128, 4 pairs filling block 0, b = k = 8, frozen
 horizon), the GPT's default causal-MiTA router learns to route: the best layer's routing recall beats
-random routing (the chance line of :func:`mita.analysis.recall.routing_recall`) by a clear margin.
+random routing (the chance line of :func:`mita.train.recall.routing_recall`) by a clear margin.
 
 Measured with this loop (seeds 0 / 1; recall minus chance, best layer): default (``"gate+distill"``)
 0.18 / 0.24, ``"gate"`` 0.21 / 0.22, ``"argmax"`` 0.10 / 0.26. At this size the old argmax router also
@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mita.analysis.recall import mqar_routing_summary
 from mita.data import build_dataset
 from mita.models import build_model
 from mita.train.curriculum import parse_curriculum, stage_batches
+from mita.train.recall import mqar_routing_summary
 
 DATA = {"vocab_size": 32}
 TASK = {"seq_len": 128, "num_pairs": 4, **DATA}  # the pairs fill block 0 exactly (b = 8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mita.convert import convert
 from mita.models import MODEL_NAMES, build_model, vit_fmnist
 from mita.nn import ATTENTION_KINDS, MiTAAttention
 
@@ -82,6 +83,5 @@ def test_timm_checkpoint_loads_and_gives_timms_outputs():
     # and back: our weights (trained with any kind) load into timm and give the same outputs under full
     ours = build_model("vit_tiny", attention="mita", **kw).eval()
     ref.load_state_dict(ours.state_dict())
-    from mita.convert import convert
 
     torch.testing.assert_close(convert(ours, "full")(x), ref(x), rtol=1e-5, atol=1e-5)

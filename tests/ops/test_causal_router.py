@@ -9,6 +9,7 @@ import torch
 
 from mita import mita_attention, mita_causal_attention
 from mita.landmarks import block_mean
+from mita.ops.causal import common, torch_backend
 from mita.ops.cpu import build
 
 needs_tools = pytest.mark.skipif(build._missing_tools() is not None, reason="no C++ compiler or ninja")
@@ -67,7 +68,6 @@ def test_cpu_gate_is_carried_by_the_kernel_without_torch_recomputation(monkeypat
     (``_routed_tiles``) nor the torch gate (``router_gate_shift``) is called, and every gradient still
     matches the dense reference (float64; GQA, s = 2, N % b != 0, and with ``shared=False`` the landmarks'
     gradient is the gate's alone)."""
-    from mita.ops.causal import common, torch_backend
 
     def refuse(*args, **kwargs):
         raise AssertionError("the cpu gate fell back to torch code")

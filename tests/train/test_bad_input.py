@@ -1,11 +1,19 @@
 """Bad input to ``mita train`` / ``mita eval``: a clear one-line error, exit code 2, no partial checkpoint."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from mita.train import cli, evaluate
-from mita.train.presets import get_preset
+from mita.analysis import eval_cli, loading
+from mita.cli import main
+from mita.data import TASKS, get_task
+from mita.nn.registry import ATTENTION_CLASSES
+from mita.train import cli
+from mita.train.checkpoint import save_model_file
+from mita.train.presets import build, get_preset
 
 from .helpers import TINY
 
@@ -63,17 +71,16 @@ def test_existing_run_needs_resume_and_matching_settings(tmp_path, capsys, cache
 def test_eval_rejects_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x00" * 40)
-    assert evaluate.main(["--checkpoint", str(bad)]) == 2
+    assert eval_cli.main(["--checkpoint", str(bad)]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
-    assert evaluate.main(["--checkpoint", str(tmp_path / "absent")]) == 2
+    assert eval_cli.main(["--checkpoint", str(tmp_path / "absent")]) == 2
     assert "not found" in capsys.readouterr().err
     (tmp_path / "meta").mkdir()
     ok = tmp_path / "meta" / "model.safetensors"
-    import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # noqa: PLC0415
 
     save_file({"w": torch.zeros(1)}, str(ok), metadata={"mita_meta": json.dumps({"task": "listops"})})
-    assert evaluate.main(["--checkpoint", str(ok)]) == 2
+    assert eval_cli.main(["--checkpoint", str(ok)]) == 2
     assert "does not describe a buildable model" in capsys.readouterr().err
 
 
@@ -99,28 +106,19 @@ def test_eval_rejects_corrupt_and_foreign_checkpoints(tmp_path, capsys):
 )
 def test_bad_settings_fail_in_one_line_before_the_run_directory_exists(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
-    args = ["--preset" if a == "--model" else a for a in TINY]  # the old spelling adds a note line
+    args = list(TINY)
     code, err = _train(args + ["--out", str(out)] + extra, capsys)
     assert code == 2 and message in err, err
     assert err.count("\n") == 1 and err.startswith("mita train: error: ")  # one line, no traceback
     assert not out.exists()
 
 
-def test_preset_flag_and_its_old_spelling(tmp_path, capsys):
-    from mita.train.config import TrainConfig
-
+def test_preset_flag(tmp_path, capsys):
     args = cli.build_parser().parse_args(["--task", "listops", "--preset", "tiny"])
     assert cli.config_from_args(args).preset == "tiny" and capsys.readouterr().err == ""
-    old = cli.build_parser().parse_args(["--task", "listops", "--model", "tiny"])
-    assert cli.config_from_args(old).preset == "tiny"
-    assert TrainConfig("listops", preset="tiny").model == "tiny"  # the field's old name reads it too
-    assert capsys.readouterr().err == "mita train: note: --model is now --preset\n"
 
 
 def test_task_and_attention_choices_come_from_the_registries(monkeypatch):
-    from mita.data import TASKS, get_task
-    from mita.nn.registry import ATTENTION_CLASSES
-
     monkeypatch.setitem(TASKS, "listops-copy", get_task("listops"))
     monkeypatch.setitem(ATTENTION_CLASSES, "mita-copy", ATTENTION_CLASSES["mita"])
     args = cli.build_parser().parse_args(["--task", "listops-copy", "--attention", "mita-copy"])
@@ -129,9 +127,6 @@ def test_task_and_attention_choices_come_from_the_registries(monkeypatch):
 
 def _mita_without(modules, argv, cwd):
     """``python -m mita ARGV`` in a fresh process where importing any of ``modules`` fails."""
-    import subprocess
-    import sys
-
     code = (
         f"import sys\nfor m in {list(modules)!r}: sys.modules[m] = None  # import m now raises ImportError\n"
         f"from mita.cli import main\nsys.exit(main({list(argv)!r}))"
@@ -157,9 +152,6 @@ def test_train_without_safetensors_stops_before_training(tmp_path):
     ],
 )
 def test_figure_commands_without_matplotlib_stop_before_working(argv, tmp_path, monkeypatch, capsys):
-    import sys
-
-    from mita.cli import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     monkeypatch.setenv("MITA_CACHE", str(tmp_path / "cache"))
@@ -173,17 +165,15 @@ def test_figure_commands_without_matplotlib_stop_before_working(argv, tmp_path, 
 
 
 def test_eval_errors_are_one_line(tmp_path, capsys):
-    from mita.train.checkpoint import save_model_file
-    from mita.train.presets import build
 
-    assert evaluate.main(["--checkpoint", str(tmp_path), "--device", "foo"]) == 2
+    assert eval_cli.main(["--checkpoint", str(tmp_path), "--device", "foo"]) == 2
     assert "--device 'foo' is not a device" in capsys.readouterr().err
     # metadata that builds a model but does not name its task
     kwargs = {"vocab_size": 16, "num_classes": 2, "max_len": 8, "dim": 8, "depth": 1, "num_heads": 2,
               "attention": "full"}  # fmt: skip
     meta = {"attention": "full", "model": "seq", "model_kwargs": kwargs}
     save_model_file(tmp_path / "untasked" / "model.safetensors", build("seq", kwargs), meta)
-    assert evaluate.main(["--checkpoint", str(tmp_path / "untasked")]) == 2
+    assert eval_cli.main(["--checkpoint", str(tmp_path / "untasked")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mita eval: error: ") and "does not name its task" in err and err.count("\n") == 1
 
@@ -195,8 +185,8 @@ def test_eval_json_to_an_unwritable_path_fails_before_evaluating(tmp_path, capsy
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     calls = []
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: calls.append(1))
-    assert evaluate.main(["--checkpoint", str(run), "--json", str(blocker / "eval.json")]) == 2
+    monkeypatch.setattr(loading, "evaluate", lambda *a, **k: calls.append(1))
+    assert eval_cli.main(["--checkpoint", str(run), "--json", str(blocker / "eval.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mita eval: error: cannot write to") and str(blocker) in err
     assert calls == []  # refused before any evaluation

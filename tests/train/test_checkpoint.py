@@ -8,6 +8,10 @@ from torch import nn
 
 pytest.importorskip("safetensors")
 
+import random
+
+import numpy as np
+
 from mita.train import checkpoint as ck  # noqa: E402
 
 
@@ -45,7 +49,7 @@ def test_corrupt_and_foreign_files(tmp_path):
     path.write_bytes(blob[: len(blob) // 3])
     with pytest.raises(ck.CheckpointError, match="not a readable safetensors"):
         ck.read_meta(path)
-    import safetensors.torch as st
+    import safetensors.torch as st  # noqa: PLC0415
 
     st.save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ck.CheckpointError, match="not written by mita train"):
@@ -58,7 +62,7 @@ def test_corrupt_and_foreign_files(tmp_path):
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeypatch):
     path = ck.save_model_file(tmp_path / "m.safetensors", _net(), {"version": 1})
-    import safetensors.torch as st
+    import safetensors.torch as st  # noqa: PLC0415
 
     def broken(model, filename, metadata=None):
         with open(filename, "wb") as fh:
@@ -108,9 +112,6 @@ def test_no_checkpoint_to_resume(tmp_path):
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
-    import random
-
-    import numpy as np
 
     ck.seed_all(3)
     np.random.standard_normal()  # leaves a cached Gaussian in numpy's state

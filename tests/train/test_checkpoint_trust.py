@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from mita.analysis import eval_cli
+from mita.models.timm_models import PREFIX, build_timm
 from mita.train import checkpoint as ckpt
-from mita.train.timm_models import PREFIX, build_timm
 
 timm = pytest.importorskip("timm")
 
@@ -80,10 +81,8 @@ def test_a_string_setting_must_be_a_plain_word(tmp_path, no_loading):
 
 
 def test_mita_eval_refuses_a_crafted_checkpoint_in_one_line(tmp_path, capsys, no_loading):
-    from mita.train import evaluate
-
     path = _crafted(tmp_path, "vit_tiny_patch16_224", checkpoint_path="/any/file.pth")
-    assert evaluate.main(["--checkpoint", path]) == 2
+    assert eval_cli.main(["--checkpoint", path]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "checkpoint_path" in err
 

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from mita.train.checkpoint import load_model
+
 from .helpers import TINY, run_mita
 
 
@@ -38,7 +40,6 @@ def test_torchrun_two_cpu_processes(tmp_path, cache_dir):
     assert res.stderr.count("step 8: test accuracy") == 1  # progress lines from rank 0 only
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["latest.json", "step-00000008.pt", "step-00000008.safetensors"]
-    from mita.train.checkpoint import load_model
 
     model, meta = load_model(out)
     assert meta["recipe"]["world_size"] == 2

@@ -53,7 +53,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch, cache_dir,
 
 
 def test_disk_full_writing_the_final_model(tmp_path, capsys, monkeypatch, cache_dir):
-    import safetensors.torch as st
+    import safetensors.torch as st  # noqa: PLC0415
 
     out = tmp_path / "run"
     args = TINY + ["--max-steps", "2", "--cache-dir", cache_dir, "--out", str(out)]

@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from mita.train import cli, evaluate
+from mita.analysis import eval_cli
+from mita.data.corpus import corpus_dir
+from mita.train import cli
 
 
 @pytest.mark.slow
 def test_eval_reports_loss_and_bits_per_byte_of_a_byte_level_lm(tmp_path, capsys):
-    from mita.data.corpus import corpus_dir
-
     try:
         corpus_dir()
     except FileNotFoundError:
@@ -25,7 +25,7 @@ def test_eval_reports_loss_and_bits_per_byte_of_a_byte_level_lm(tmp_path, capsys
     assert cli.main(args) == 0
     out = tmp_path / "eval.json"
     capsys.readouterr()
-    assert evaluate.main(["--checkpoint", str(run), "--test-size", "4", "--json", str(out)]) == 0
+    assert eval_cli.main(["--checkpoint", str(run), "--test-size", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["n"] == 4 and report["test_loss"] > 0
     # byte-level: one byte per token, so bits per byte is the loss in bits
@@ -35,13 +35,10 @@ def test_eval_reports_loss_and_bits_per_byte_of_a_byte_level_lm(tmp_path, capsys
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
-    import mita.analysis.loading as loading
-    from mita.train import evaluate
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loading, "load_checkpoint", interrupted)
-    assert evaluate.main(["--checkpoint", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 130
+    monkeypatch.setattr(eval_cli, "load_checkpoint", interrupted)
+    assert eval_cli.main(["--checkpoint", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "mita eval: interrupted" and not (tmp_path / "r.json").exists()

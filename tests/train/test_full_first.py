@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 from mita.train import cli
+from mita.train.loop import KILL_ENV
+
+from .helpers import run_mita
 
 MQAR = ["--task", "mqar", "--data-arg", "seq_len=64", "--data-arg", "num_pairs=4",
         "--data-arg", "vocab_size=32", "--curriculum", "16:2:2:8", "--max-steps", "3", "--batch-size", "4",
@@ -50,11 +53,7 @@ def test_a_switch_with_no_step_left_or_no_causal_mixer_is_refused(tmp_path, cach
 
 
 def test_a_run_killed_before_the_switch_resumes_with_full_attention(tmp_path, cache_dir):
-    from safetensors.torch import load_file
-
-    from mita.train.loop import KILL_ENV
-
-    from .helpers import run_mita
+    from safetensors.torch import load_file  # noqa: PLC0415 - optional dependency
 
     args = [*MQAR, "--cache-dir", cache_dir, "--attention", "mita", "--full-first", "3", "--save-every", "2",
             "--log-every", "1"]  # fmt: skip

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mita.models import build_model
+from mita.train import cli
 from mita.train.checkpoint import save_model_file
 from mita.train.init_from import (
     InitFromError,
@@ -22,6 +23,8 @@ from mita.train.init_from import (
     load_state_dict_file,
     resample_pos_embed,
 )
+
+from .helpers import TINY
 
 # a small vit_fmnist: 28x28x1, patch 2 (14x14 grid + cls = 197 tokens), width 32, 2 blocks
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -93,7 +96,7 @@ def test_timm_state_dict_loads_and_gives_timms_outputs(tmp_path, fmt):
     if fmt == "pth":
         torch.save({"model": ref.state_dict()}, path)  # a common checkpoint layout, unwrapped on load
     else:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # noqa: PLC0415
 
         save_file(ref.state_dict(), str(path))
     full = vit("full", seed=5).eval()
@@ -241,11 +244,7 @@ def test_apply_hook(tmp_path):
 
 def test_mita_train_init_from_a_full_run_with_attn_only(tmp_path, cache_dir):
     """End to end: a full-attention run, then ``--init-from`` it into MiTA with ``--attn-only``."""
-    from safetensors.torch import load_file
-
-    from mita.train import cli
-
-    from .helpers import TINY
+    from safetensors.torch import load_file  # noqa: PLC0415
 
     base = TINY + ["--max-steps", "3", "--cache-dir", cache_dir]
     assert cli.main(base + ["--attention", "full", "--out", str(tmp_path / "full")]) == 0

@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from mita.train import cli, evaluate
+from mita.analysis import eval_cli
+from mita.train import cli
 from mita.train.checkpoint import read_meta, resolve_model_path
 
 from ..data.test_fmnist import write_idx
@@ -41,20 +42,20 @@ def test_moved_fmnist_run_reads_the_data_where_this_machine_has_it(tmp_path, mon
     out = tmp_path / "eval.json"
 
     monkeypatch.setenv("MITA_FMNIST_DIR", str(here))  # the documented variable is honoured
-    assert evaluate.main(["--checkpoint", str(moved), "--json", str(out)]) == 0
+    assert eval_cli.main(["--checkpoint", str(moved), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["n"] == 5
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("MITA_FMNIST_DIR", str(empty))  # ... even over the recorded directory
     capsys.readouterr()
-    assert evaluate.main(["--checkpoint", str(moved)]) == 2
+    assert eval_cli.main(["--checkpoint", str(moved)]) == 2
     assert str(empty) in capsys.readouterr().err
-    assert evaluate.main(["--checkpoint", str(moved), "--data-root", str(here)]) == 0  # explicit wins
+    assert eval_cli.main(["--checkpoint", str(moved), "--data-root", str(here)]) == 0  # explicit wins
 
     monkeypatch.delenv("MITA_FMNIST_DIR")
     monkeypatch.setattr("mita.data.fmnist.DEFAULT_FMNIST_DIR", str(here))  # "installed" here
     with pytest.warns(UserWarning, match="data directory .* does not exist here"):
-        assert evaluate.main(["--checkpoint", str(moved)]) == 0
+        assert eval_cli.main(["--checkpoint", str(moved)]) == 0
 
 
 def test_no_data_directory_is_recorded_unless_given(tmp_path, monkeypatch):
@@ -73,7 +74,7 @@ def test_a_checkpoint_does_not_choose_where_caches_are_written(tmp_path, monkeyp
     shutil.rmtree(trained_cache)
     here = tmp_path / "machine-2" / "cache"
     monkeypatch.setenv("MITA_CACHE", str(here))
-    assert evaluate.main(["--checkpoint", str(moved), "--test-size", "16"]) == 0
+    assert eval_cli.main(["--checkpoint", str(moved), "--test-size", "16"]) == 0
     assert not trained_cache.exists() and list(here.glob("listops-test-*.npz"))
 
 

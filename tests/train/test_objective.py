@@ -108,7 +108,7 @@ def test_training_a_language_model_reports_loss_and_bits_per_byte(tmp_path, monk
     assert len(losses) == 2 and losses[1] < losses[0]  # it learns the cycle
     # the summary's figures are those of the final model, recomputed here
     model = TinyLM()
-    from safetensors.torch import load_model
+    from safetensors.torch import load_model  # noqa: PLC0415
 
     load_model(model, str(out / "model.safetensors"))
     again = evaluate.evaluate(model, test_set)

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-from mita.data import get_task
-from mita.train.presets import DEFAULT_PRESET, PRESETS, build, get_preset, model_spec
+from mita.data import TASKS, get_task
+from mita.nn.causal import CAUSAL_CLASSES
+from mita.nn.registry import ATTENTION_CLASSES
+from mita.train.config import TrainConfig
+from mita.train.presets import DEFAULT_PRESET, PRESETS, attention_kinds, build, get_preset, model_spec
 
 LRA = ("listops", "text", "retrieval", "image", "pathfinder")
 
@@ -40,8 +43,6 @@ def test_command_line_overrides_win():
 
 
 def test_every_task_has_a_default_and_bad_names_fail():
-    from mita.data import TASKS
-
     assert set(TASKS) <= set(DEFAULT_PRESET) and set(DEFAULT_PRESET.values()) <= set(PRESETS)
     for task in TASKS:  # every registered task trains with its default preset
         assert get_preset(task).applies_to(task)
@@ -52,16 +53,12 @@ def test_every_task_has_a_default_and_bad_names_fail():
 
 
 def test_attention_kinds_come_from_the_registry(monkeypatch):
-    from mita.nn.registry import ATTENTION_CLASSES
-
     monkeypatch.setitem(ATTENTION_CLASSES, "mita-copy", ATTENTION_CLASSES["mita"])
     _, kw = model_spec(get_preset("listops"), get_task("listops"), "mita-copy")  # registered once, trainable
     assert kw["attention"] == "mita-copy"
 
 
 def test_a_task_without_a_default_preset_says_so(monkeypatch):
-    from mita.data import TASKS
-
     monkeypatch.setitem(TASKS, "listops-copy", get_task("listops"))
     with pytest.raises(ValueError, match="task 'listops-copy' has no default preset; pass --preset"):
         get_preset("listops-copy")
@@ -69,9 +66,6 @@ def test_a_task_without_a_default_preset_says_so(monkeypatch):
 
 def test_language_models_train_with_the_causal_kinds():
     pytest.importorskip("mita.nn.causal")
-    from mita.nn.causal import CAUSAL_CLASSES
-    from mita.train.config import TrainConfig
-    from mita.train.presets import attention_kinds
 
     assert attention_kinds("gpt") == tuple(CAUSAL_CLASSES) and "agent" not in attention_kinds("gpt")
     assert "window" not in attention_kinds("seq") and set(attention_kinds()) >= set(CAUSAL_CLASSES)

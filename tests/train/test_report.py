@@ -1,4 +1,5 @@
-"""``mita.train.report``: the helpers the results/ scripts use to launch runs and write tables."""
+"""``mita.train.report`` and ``mita.io.markdown_table``: what the results/ scripts use to launch runs and
+write tables."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mita.io import markdown_table
 from mita.train import report
+from mita.train.distributed import DistInfo
+from mita.train.metrics import Metrics
 
 
 def _fake_run(calls: list, summary: dict, returncode: int = 0):
@@ -42,7 +46,7 @@ def test_run_training_raises_on_failure(tmp_path, monkeypatch):
 
 def test_tables_and_percentages():
     assert report.pct(0.87345) == "87.34" and report.pct(None) == "—" and report.pct(float("nan")) == "—"
-    table = report.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
+    table = markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2 | y |"]
     label = report.attention_label({"attention": "mita", "model_kwargs": {"num_landmarks": 25, "topk": 16}})
     assert label == "mita (m=25, k=16)"
@@ -78,9 +82,6 @@ def test_run_training_gives_the_progress_line(tmp_path, monkeypatch):
 
 
 def test_progress_bar_on_its_line(tmp_path, monkeypatch):
-    from mita.train.distributed import DistInfo
-    from mita.train.metrics import Metrics
-
     monkeypatch.setenv(report.PROGRESS_LINE_ENV, "1")
     m = Metrics(tmp_path, dist=DistInfo(), device=torch.device("cpu"), steps_per_epoch=2, total_steps=4,
                 log_every=1, eval_every=None, save_every=None)  # fmt: skip

@@ -20,7 +20,7 @@ def _records(run):
 
 
 def _weights(path):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # noqa: PLC0415
 
     return load_file(str(path))
 

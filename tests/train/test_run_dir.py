@@ -18,7 +18,7 @@ def args(cache_dir):
 
 
 def test_a_locked_run_directory_is_refused(tmp_path, capsys, args):
-    import fcntl
+    import fcntl  # noqa: PLC0415
 
     run = tmp_path / "run"
     run.mkdir()

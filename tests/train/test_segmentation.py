@@ -9,9 +9,12 @@ import math
 import pytest
 import torch
 
+from mita.data import get_task
 from mita.data.fmnist import DEFAULT_FMNIST_DIR
+from mita.data.scenes import SceneConfig, scene_info
 from mita.train.evaluate import evaluate
 from mita.train.objective import hits, loss_fn, loss_sum
+from mita.train.presets import get_preset, model_spec
 from mita.train.segmentation import background_baseline, confusion_matrix, segmentation_scores
 
 from .helpers import run_mita
@@ -90,10 +93,6 @@ def test_a_short_run_beats_the_all_background_baseline(tmp_path):
 
 
 def test_presets_build_segmenters_for_segmentation_tasks_only():
-    from mita.data import get_task
-    from mita.data.scenes import SceneConfig, scene_info
-    from mita.train.presets import get_preset, model_spec
-
     seg = get_task("fmnist-seg")
     builder, kw = model_spec(get_preset("fmnist-seg"), seg, "mita")
     assert builder == "segmenter" and (kw["num_landmarks"], kw["topk"]) == (49, 49)

@@ -62,7 +62,7 @@ def test_sigint_saves_at_the_next_step_and_resumes_exactly(tmp_path, cache_dir):
 
     straight = tmp_path / "straight"
     assert run_mita(args + ["--out", str(straight)]).returncode == 0
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # noqa: PLC0415
 
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -93,7 +93,7 @@ def test_diverged_run_stops_with_an_error_and_keeps_the_last_finite_checkpoint(t
     records = _records(run)  # strict JSON: the NaN loss is written as null
     assert [r["loss"] is None for r in records if r["event"] == "train"] == [False, True]
     assert not (run / "model.safetensors").exists() and not (run / "summary.json").exists()
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # noqa: PLC0415
 
     weights = load_file(str(run / "checkpoints" / "step-00000001.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())

@@ -5,6 +5,9 @@ import json
 import pytest
 import torch
 
+from mita.analysis import eval_cli
+from mita.data import build_dataset
+from mita.data.fmnist import fmnist_dir
 from mita.train import cli, evaluate
 from mita.train.checkpoint import load_model
 
@@ -48,7 +51,6 @@ def test_saved_model_reloads_and_reproduces_accuracy(run_dir, cache_dir):
     model, meta = load_model(run_dir)
     assert meta["task"] == "listops" and meta["attention"] == "mita" and meta["model"] == "seq"
     assert meta["model_kwargs"]["max_len"] == 64 and meta["step"] == 8
-    from mita.data import build_dataset
 
     test = build_dataset("listops", "test", size=16, seq_len=64, cache_dir=cache_dir)
     result = evaluate.evaluate(model, test, batch_size=5)
@@ -67,17 +69,17 @@ def test_saved_model_reloads_and_reproduces_accuracy(run_dir, cache_dir):
 
 def test_eval_cli_with_json_and_swap(run_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    args = ["--checkpoint", str(run_dir), "--max-samples", "16", "--json", str(out)]
-    assert evaluate.main(args) == 0
+    args = ["--checkpoint", str(run_dir), "--test-size", "16", "--json", str(out)]
+    assert eval_cli.main(args) == 0
     report = json.loads(out.read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert report["test_accuracy"] == summary["test_accuracy"] and report["n"] == 16
     assert "accuracy" in capsys.readouterr().out
     # checkpoint swap: same weights under full attention, and MiTA with other m, k
-    assert evaluate.main(["--checkpoint", str(run_dir), "--max-samples", "16", "--attention", "full",
+    assert eval_cli.main(["--checkpoint", str(run_dir), "--test-size", "16", "--attention", "full",
                           "--json", str(out)]) == 0  # fmt: skip
     assert json.loads(out.read_text())["attention"] == "full"
-    assert evaluate.main(["--checkpoint", str(run_dir), "--max-samples", "16", "--num-landmarks", "8",
+    assert eval_cli.main(["--checkpoint", str(run_dir), "--test-size", "16", "--num-landmarks", "8",
                           "--topk", "2", "--json", str(out)]) == 0  # fmt: skip
     swapped = json.loads(out.read_text())
     assert (swapped["attention"], swapped["num_landmarks"], swapped["topk"]) == ("mita", 8, 2)
@@ -97,8 +99,6 @@ def test_evaluate_counts_against_a_known_model():
 
 
 def test_fmnist_vit_smoke(tmp_path):
-    from mita.data.fmnist import fmnist_dir
-
     if not (fmnist_dir() / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     out = tmp_path / "vit"

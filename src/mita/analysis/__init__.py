@@ -3,6 +3,7 @@
 - :class:`RoutingRecorder` records what every MiTA layer of a model routed during forward calls, with
   each layer's :class:`RoutingLayout` and the padding mask it was given;
 - :mod:`mita.analysis.stats`: token pruning, expert load and key/query IoU from a :class:`mita.Routing`;
+- ``mita eval`` (:mod:`.eval_cli`) evaluates a checkpoint, optionally with another attention or m and k;
 - ``mita viz`` / ``mita grid`` / ``mita swap`` (modules :mod:`.viz`, :mod:`.grid`, :mod:`.swap`) draw
   figures and need matplotlib (``pip install mita[plot]``); they are imported only when used.
 """

@@ -18,8 +18,17 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..cli import Renamed
-from .loading import add_eval_args, evaluate_variant
+from ..io import write_json
+from ..system import parse_int_list
+from . import plots
+from .loading import (
+    add_eval_args,
+    check_eval_args,
+    check_writable,
+    eval_dataset,
+    evaluate_variant,
+    load_checkpoint,
+)
 
 __all__ = ["accuracy_grid", "main"]
 
@@ -68,13 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mita grid", description="Accuracy over inference-time m x k")
     p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint file or run directory")
     p.add_argument(
-        "--num-landmarks", "--m", dest="num_landmarks", action=Renamed, default="1,4,9,16,25,36,49",
-        help="comma-separated m values (numbers of landmarks; --m: the old spelling)",
-    )  # fmt: skip
+        "--num-landmarks", default="1,4,9,16,25,36,49", help="comma-separated m values (numbers of landmarks)"
+    )
     p.add_argument(
-        "--topk", "--k", dest="topk", action=Renamed, default="1,4,9,16,25,36,49",
-        help="comma-separated k values (keys per routed expert; --k: the old spelling)",
-    )  # fmt: skip
+        "--topk", default="1,4,9,16,25,36,49", help="comma-separated k values (keys per routed expert)"
+    )
     p.add_argument("--out", required=True, help="directory for grid.json and grid.png")
     add_eval_args(p, batch_size=256)
     return p
@@ -83,16 +90,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``mita grid``: see the module docstring."""
     args = _parser().parse_args(argv)
-    from . import plots
-    from .loading import (
-        check_eval_args,
-        check_writable,
-        eval_dataset,
-        load_checkpoint,
-        parse_int_list,
-        write_json,
-    )
-
     try:
         ms = parse_int_list(args.num_landmarks, "--num-landmarks")
         ks = parse_int_list(args.topk, "--topk")

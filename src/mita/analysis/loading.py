@@ -5,61 +5,50 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..cli import Renamed
-from ..io import write_json
+from ..convert import convert
+from ..data import build_dataset
+from ..data.paths import resolve_data_kwargs
+from ..deps import require
+from ..models.gpt import GPT
+from ..nn.registry import filter_kwargs
+from ..system import positive_int, resolve_device
+from ..train.checkpoint import load_model
+from ..train.evaluate import evaluate
 
 __all__ = [
     "add_eval_args",
-    "positive_int",
     "check_eval_args",
     "check_writable",
     "load_checkpoint",
     "eval_dataset",
     "variant",
     "evaluate_variant",
-    "parse_int_list",
-    "write_json",
 ]
-
-
-def positive_int(text: str) -> int:
-    """``argparse`` type: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_eval_args(parser: argparse.ArgumentParser, batch_size: int, *, test_size: bool = True) -> None:
     """The evaluation options every evaluation command shares, spelled as ``mita train`` spells them:
-    ``--batch-size``, ``--device`` (default ``auto``), ``--data-root``, ``--cache-dir`` and ``--test-size``
-    (``--max-samples`` is its old name)."""
+    ``--batch-size``, ``--device`` (default ``auto``), ``--data-root``, ``--cache-dir``, ``--test-size``."""
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
     parser.add_argument("--data-root", help=_DATA_ROOT_HELP)
     parser.add_argument("--cache-dir", help="cache of generated tasks (default $MITA_CACHE or ~/.cache/mita)")
     if test_size:
-        parser.add_argument(
-            "--test-size",
-            "--max-samples",
-            dest="test_size",
-            action=Renamed,
-            type=positive_int,
-            help=_TEST_HELP,
-        )
+        parser.add_argument("--test-size", type=positive_int, help=_TEST_HELP)
 
 
 _DATA_ROOT_HELP = (
     "data directory (default: $MITA_FMNIST_DIR / $MITA_TEXT_DIR, else the one given at training if it "
     "exists here, else the data module's default)"
 )
-_TEST_HELP = "evaluate on the first N test samples only (--max-samples: the old spelling)"
+_TEST_HELP = "evaluate on the first N test samples only"
 
 
 def check_eval_args(args: argparse.Namespace, prog: str, *, figures: bool) -> str:
@@ -68,12 +57,8 @@ def check_eval_args(args: argparse.Namespace, prog: str, *, figures: bool) -> st
     Raises ValueError (bad ``--device``) or :class:`mita.deps.MissingDependency` (``figures`` without
     matplotlib).
     """
-    from mita.train.config import check_device
-
-    device = str(check_device(args.device))
+    device = str(resolve_device(args.device))
     if figures:
-        from mita.deps import require
-
         require("matplotlib", purpose=f"{prog} (its figures)")
     return device
 
@@ -81,8 +66,6 @@ def check_eval_args(args: argparse.Namespace, prog: str, *, figures: bool) -> st
 def check_writable(path: str | Path, *, directory: bool = False) -> Path:
     """Make sure ``path`` (a file, or with ``directory=True`` a directory for outputs) can be written,
     creating the directories it needs; ValueError saying why not. Called before long work starts."""
-    import tempfile
-
     path = Path(path)
     folder = path if directory else path.parent
     if not directory and path.is_dir():
@@ -100,8 +83,6 @@ def load_checkpoint(path: str | Path, *, purpose: str | None = None) -> tuple[nn
     """``(model, meta)`` of a ``mita train`` checkpoint (:func:`mita.train.checkpoint.load_model`);
     ValueError when the metadata does not name its task, or (with ``purpose``, the command's name) when
     it holds a GPT, which that command cannot analyse."""
-    from mita.train.checkpoint import load_model
-
     model, meta = load_model(path)
     if not meta.get("task"):
         raise ValueError(f"{path}: the checkpoint's metadata does not name its task (no 'task' key)")
@@ -113,8 +94,6 @@ def load_checkpoint(path: str | Path, *, purpose: str | None = None) -> tuple[nn
 def check_not_language_model(model: nn.Module, what: str) -> None:
     """ValueError when ``model`` is a GPT: the attention swaps, landmark and routing analyses work on the
     non-causal attention modules of classifiers, not on causal language models."""
-    from mita.models.gpt import GPT
-
     if isinstance(model, GPT):
         raise ValueError(
             f"{what} is not supported for GPT checkpoints (causal language models); evaluate them with "
@@ -136,9 +115,6 @@ def eval_dataset(
     (:func:`mita.data.paths.resolve_data_kwargs`); ``size`` keeps the first ``size`` examples
     (generated tasks then generate only those).
     """
-    from mita.data import build_dataset
-    from mita.data.paths import resolve_data_kwargs
-
     kwargs = resolve_data_kwargs(meta["task"], meta.get("data_kwargs"), root=root, cache_dir=cache_dir)
     if size is not None:
         kwargs["size"] = size
@@ -157,8 +133,6 @@ def variant(
 
     Returns the model and the attention settings actually used (for reports).
     """
-    from mita.nn.registry import filter_kwargs
-
     kind = attention or trained
     if kind != trained or any(v is not None for v in settings.values()):
         check_not_language_model(model, "--attention / --num-landmarks / --topk")
@@ -170,8 +144,6 @@ def variant(
     kwargs = filter_kwargs(kind, given)
     if kind == trained and not kwargs:
         return model, {"attention": kind}
-    from mita.convert import convert
-
     return convert(copy.deepcopy(model), kind, **kwargs), {"attention": kind, **kwargs}
 
 
@@ -191,21 +163,8 @@ def evaluate_variant(
 
     ValueError when the conversion or the model cannot run on these inputs (e.g. m > N).
     """
-    from mita.train.evaluate import evaluate
-
     converted, used = variant(model, trained, attention, **settings)
     result = evaluate(
         converted, dataset, batch_size=batch_size, device=device, max_samples=max_samples, amp=amp
     )
     return result, used
-
-
-def parse_int_list(text: str, name: str) -> list[int]:
-    """``"1,4,9"`` -> ``[1, 4, 9]``; ValueError naming the option on anything else."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{name} needs positive integers, got {text!r}")
-    return values

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io import atomic_path
 from .stats import LayerStats
 
 __all__ = ["figure", "plot_pruning_maps", "plot_expert_maps", "plot_layer_curves", "plot_heatmap"]
@@ -20,15 +21,13 @@ __all__ = ["figure", "plot_pruning_maps", "plot_expert_maps", "plot_layer_curves
 def figure(width: float, height: float) -> Any:
     """A headless matplotlib Figure; ImportError naming the extra when matplotlib is missing."""
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError("mita's figures need matplotlib: pip install matplotlib (or 'mita[plot]')") from err
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    from ..io import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:  # a reader never sees half a PNG
         fig.savefig(tmp, bbox_inches="tight", format="png")
@@ -189,7 +188,7 @@ def _cells(pos: Sequence[int], grid: tuple[int, int], prefix: int) -> tuple[np.n
 
 
 def _rect(x: float, y: float, w: float, h: float) -> Any:
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # noqa: PLC0415
 
     return Rectangle((x, y), w, h, fill=False, edgecolor="tab:green", lw=2)
 
@@ -262,6 +261,6 @@ def plot_heatmap(
 
 
 def _outline(x: float, y: float) -> Any:
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # noqa: PLC0415
 
     return Rectangle((x, y), 1, 1, fill=False, edgecolor="red", lw=2.5)

@@ -58,7 +58,7 @@ def plot_segmentation(
             ax.axis("off")
     present = sorted(set(np.unique(torch.stack(ys).numpy()).tolist()) | set(np.unique(preds).tolist()))
     if class_names:
-        from matplotlib.patches import Patch
+        from matplotlib.patches import Patch  # noqa: PLC0415
 
         handles = [
             Patch(color=CLASS_COLOURS[c], label=class_names[c]) for c in present if c < len(class_names)

@@ -18,7 +18,18 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from .loading import add_eval_args, evaluate_variant, positive_int
+from ..io import write_json
+from ..nn.registry import attention_class
+from ..system import positive_int
+from . import plots
+from .loading import (
+    add_eval_args,
+    check_eval_args,
+    check_writable,
+    eval_dataset,
+    evaluate_variant,
+    load_checkpoint,
+)  # fmt: skip
 
 __all__ = ["swap_column", "main"]
 
@@ -84,9 +95,6 @@ def _label(path: str, attention: str, labels: list[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``mita swap``: see the module docstring."""
     args = _parser().parse_args(argv)
-    from . import plots
-    from .loading import check_eval_args, check_writable, eval_dataset, load_checkpoint, write_json
-
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     kwargs = {k: v for k, v in (("num_landmarks", args.num_landmarks), ("topk", args.topk)) if v is not None}
     columns: list[dict[str, Any]] = []
@@ -94,8 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not kinds:
             raise ValueError(f"--kinds needs at least one attention kind, got {args.kinds!r}")
-        from mita.nn.registry import attention_class
-
         for kind in kinds:
             attention_class(kind)  # an unknown kind fails here, naming the valid ones
         device = check_eval_args(args, "mita swap", figures=True)

@@ -27,9 +27,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..cli import Renamed
+from ..data.scenes import SEG_CLASS_NAMES
+from ..io import write_json
+from ..system import positive_int
+from . import plots
 from .hooks import LayerRecord, RoutingLayout, RoutingRecorder, routing_layers
-from .loading import add_eval_args, positive_int
+from .loading import add_eval_args, check_eval_args, check_writable, eval_dataset, load_checkpoint
+from .segviz import plot_segmentation
 from .stats import expert_iou, expert_load, layer_stats, selection_counts
 from .windows import adaptive_span, landmark_grid, landmark_windows_1d, landmark_windows_2d
 
@@ -135,9 +139,6 @@ def visualize(
 
     Returns the JSON report (per-layer statistics and the files written).
     """
-    from . import plots
-    from .loading import write_json
-
     if samples < 1 or stats_samples < 1:
         raise ValueError(f"samples ({samples}) and stats_samples ({stats_samples}) must be >= 1")
     out = Path(out)
@@ -221,9 +222,11 @@ def _parser() -> argparse.ArgumentParser:
         "--samples", type=positive_int, default=4, help="test inputs drawn in the maps (default 4)"
     )
     p.add_argument(
-        "--test-size", "--stats-samples", dest="test_size", action=Renamed, type=positive_int, default=256,
-        help="first N test inputs for the statistics (default 256; --stats-samples: the old spelling)",
-    )  # fmt: skip
+        "--test-size",
+        type=positive_int,
+        default=256,
+        help="first N test inputs for the statistics (default 256)",
+    )
     p.add_argument("--head", type=int, default=0, help="head shown in the expert maps")
     p.add_argument("--experts", type=positive_int, default=4, help="experts per layer in the expert maps")
     add_eval_args(p, batch_size=64, test_size=False)
@@ -233,8 +236,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``mita viz``: see the module docstring."""
     args = _parser().parse_args(argv)
-    from .loading import check_eval_args, check_writable, eval_dataset, load_checkpoint
-
     try:
         device = check_eval_args(args, "mita viz", figures=True)
         model, meta = load_checkpoint(args.checkpoint, purpose="mita viz")
@@ -283,10 +284,6 @@ def _segmentation_figure(
     info = getattr(dataset, "info", None)
     if getattr(info, "kind", None) != "segmentation":
         return []
-    from mita.data.scenes import SEG_CLASS_NAMES
-
-    from .segviz import plot_segmentation
-
     names = SEG_CLASS_NAMES if info.num_classes == len(SEG_CLASS_NAMES) else None
     model = model.to(device)
     path = plot_segmentation(model, dataset, Path(out) / "segmentation.png", samples=samples, device=device,

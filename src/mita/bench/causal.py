@@ -1,7 +1,7 @@
 """``mita bench --causal`` and ``mita bench --decode``: causal MiTA against SDPA in the same run.
 
 ``--causal``: forward and forward+backward of :func:`mita.mita_causal_attention` (torch backend, each
-horizon; ``--backends torch,cpu`` adds the fused CPU kernels, frozen horizon only, as ``mita-frozen-cpu``)
+horizon; ``--backends torch,cpu`` adds the ``cpu`` backend, frozen horizon only, as ``mita-frozen-cpu``)
 against ``F.scaled_dot_product_attention(is_causal=True)``. The methods are interleaved rep by rep (best
 time of each is kept), so a busy machine slows them alike; ratios are SDPA time / MiTA time.
 
@@ -18,14 +18,20 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from ..deps import available
 from ..io import write_json, write_text
-from ..train.runinfo import cpu_model
+from ..landmarks import block_mean
+from ..ops import MiTACache, mita_causal_attention
+from ..system import cpu_model, parse_int_list
+from .report import format_gflops
+from .timing import SLOW_CALL_S, time_call
 
 DEFAULT_NS = "1024,2048,4096,8192,16384,32768,65536"
 DEFAULT_CONTEXTS = "4096,16384,65536,262144"
@@ -53,13 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=None, help="k/v heads (GQA; default = heads)")
-    p.add_argument("--head-dim", "--dim", dest="dim", type=int, default=32, help="head dimension d")
+    p.add_argument("--head-dim", dest="dim", metavar="D", type=int, default=32, help="head dimension d")
     p.add_argument("--block-size", type=int, default=64, help="b")
     p.add_argument("--topk", type=int, default=64, help="k")
     p.add_argument("--horizons", default="prefix,frozen", help="landmark horizons to measure")
     p.add_argument(
         "--backends", default="torch",
-        help="--causal: MiTA backends, torch and/or cpu (fused kernels, frozen only: 'mita-frozen-cpu')",
+        help="--causal: MiTA backends, torch and/or cpu (frozen horizon only: 'mita-frozen-cpu')",
     )  # fmt: skip
     p.add_argument("--modes", default="fwd,fwdbwd", help="--causal: fwd and/or fwdbwd")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
@@ -76,18 +82,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _ints(text: str, name: str) -> list[int]:
     try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise BadArgument(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise BadArgument(f"{name} must be positive integers, got {text!r}")
-    return vals
+        return parse_int_list(text, name)
+    except ValueError as err:
+        raise BadArgument(str(err)) from None
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("batch", "heads", "dim", "block_size", "topk", "reps"):
+    flags = {"batch": "--batch", "heads": "--heads", "dim": "--head-dim", "block_size": "--block-size",
+             "topk": "--topk", "reps": "--reps"}  # fmt: skip
+    for name, flag in flags.items():
         if getattr(args, name) < 1:
-            raise BadArgument(f"--{name.replace('_', '-')} must be >= 1")
+            raise BadArgument(f"{flag} must be >= 1")
     hkv = args.kv_heads or args.heads
     if args.heads % hkv:
         raise BadArgument(f"--heads ({args.heads}) must be a multiple of --kv-heads ({hkv})")
@@ -115,9 +120,7 @@ def _plot_available(no_plot: bool) -> bool:
     """Checked before the work starts, so a missing matplotlib is known at once."""
     if no_plot:
         return False
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not available("matplotlib"):
         print("matplotlib is not installed: no PNG will be written (pip install matplotlib)")
         return False
     return True
@@ -150,17 +153,12 @@ def _meta(args: argparse.Namespace) -> dict:
 
 
 def _progress(items, desc: str):
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="case")
 
 
 # --------------------------------------------------------------------------------------------- causal
 def _causal_case(args: argparse.Namespace, n: int, mode: str) -> list[dict]:
     """All methods at one N and mode, interleaved rep by rep (best time kept)."""
-    from ..landmarks import block_mean
-    from ..ops import mita_causal_attention
-
     dtype = getattr(torch, args.dtype)
     hkv = args.kv_heads or args.heads
     g = torch.Generator().manual_seed(0)
@@ -177,7 +175,7 @@ def _causal_case(args: argparse.Namespace, n: int, mode: str) -> list[dict]:
     for hor in args.horizons.split(","):
         for backend in args.backends.split(","):
             if backend == "cpu" and hor != "frozen":
-                continue  # the fused kernels have the frozen horizon only
+                continue  # the cpu backend has the frozen horizon only
             methods[f"mita-{hor}" + ("-cpu" if backend == "cpu" else "")] = lambda hor=hor, be=backend: (
                 mita_causal_attention(
                     q, k, v, block_mean(q, args.block_size), topk=args.topk, block_size=args.block_size,
@@ -185,8 +183,7 @@ def _causal_case(args: argparse.Namespace, n: int, mode: str) -> list[dict]:
                 )
             )  # fmt: skip
 
-    def step(fn) -> float:
-        t0 = time.perf_counter()
+    def step(fn) -> None:
         if grad:
             fn().backward(up)
             for t in (q, k, v):
@@ -194,23 +191,22 @@ def _causal_case(args: argparse.Namespace, n: int, mode: str) -> list[dict]:
         else:
             with torch.no_grad():
                 fn()
-        return time.perf_counter() - t0
 
     best = {name: float("inf") for name in methods}
     errors: dict[str, str] = {}
-    for rep in range(args.reps + 1):  # rep 0 warms up (kept only for sizes slower than 10 s)
+    for rep in range(args.reps + 1):  # rep 0 warms up (kept only for sizes slower than SLOW_CALL_S)
         for name, fn in methods.items():
             if name in errors:
                 continue
             try:
-                t = step(fn)
+                t = time_call(lambda fn=fn: step(fn))
             except RuntimeError as err:  # e.g. out of memory: record it and go on
                 errors[name] = str(err)[:300]
                 continue
-            if rep > 0 or t > 10.0:
+            if rep > 0 or t > SLOW_CALL_S:
                 best[name] = min(best[name], t)
         if rep == 0 and all(best[name] < float("inf") for name in methods if name not in errors):
-            break  # every method took > 10 s: one run each is enough
+            break  # every method took > SLOW_CALL_S: one run each is enough
     rows = []
     for name in methods:
         row = {"n": n, "mode": mode, "method": name}
@@ -222,7 +218,7 @@ def _causal_case(args: argparse.Namespace, n: int, mode: str) -> list[dict]:
                 n, args.dim, args.dim, args.block_size, args.topk, args.heads, args.batch, kind
             )
             flops *= 3 if grad else 1
-            row.update(time_s=best[name], tflops=flops / best[name] / 1e12)
+            row.update(time_s=best[name], tflops=flops / best[name] / 1e12, gflops=flops / best[name] / 1e9)
             if kind == "mita" and "sdpa" in methods and "sdpa" not in errors:
                 row["speedup_vs_sdpa"] = best["sdpa"] / best[name]
         rows.append(row)
@@ -248,16 +244,27 @@ def causal_table(rows: list[dict]) -> str:
         ratio = "1.00x" if r["method"] == "sdpa" else "—"
         if "speedup_vs_sdpa" in r:
             ratio = f"{r['speedup_vs_sdpa']:.2f}x"
-        gflops = f"{1000 * r['tflops']:,.1f}"  # the JSON keeps "tflops"; tables show GFLOP/s as the others
-        cells = [r["n"], r["mode"], r["method"], f"{1000 * r['time_s']:,.1f}", gflops, ratio]
+        cells = [r["n"], r["mode"], r["method"], f"{1000 * r['time_s']:,.1f}", format_gflops(r), ratio]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------- decode
-def _decode_rows(args: argparse.Namespace) -> list[dict]:
-    from ..ops import MiTACache
+def _prefill(cache: MiTACache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int) -> None:
+    for s in range(0, ctx, 8192):  # chunked
+        e = min(ctx, s + 8192)
+        cache.append(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
 
+
+def _dense_token(q, k, v, kbuf: torch.Tensor, vbuf: torch.Tensor, i: int) -> None:
+    """Dense decoding of token ``i``: its K/V into the preallocated buffers, then SDPA with one query."""
+    kbuf[:, :, i : i + 1], vbuf[:, :, i : i + 1] = k[:, :, i : i + 1], v[:, :, i : i + 1]
+    F.scaled_dot_product_attention(
+        q[:, :, i : i + 1], kbuf[:, :, : i + 1], vbuf[:, :, : i + 1], enable_gqa=kbuf.shape[1] != q.shape[1]
+    )
+
+
+def _decode_rows(args: argparse.Namespace) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     hkv = args.kv_heads or args.heads
     horizons = args.horizons.split(",")
@@ -274,11 +281,7 @@ def _decode_rows(args: argparse.Namespace) -> list[dict]:
             caches, prefill_s = {}, {}
             for hor in horizons:
                 cache = MiTACache(topk=args.topk, block_size=args.block_size, landmark_horizon=hor)
-                t0 = time.perf_counter()
-                for s in range(0, ctx, 8192):  # chunked prefill
-                    e = min(ctx, s + 8192)
-                    cache.append(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
-                prefill_s[hor] = time.perf_counter() - t0
+                prefill_s[hor] = time_call(partial(_prefill, cache, q, k, v, ctx))
                 caches[hor] = cache
             kbuf, vbuf = torch.empty_like(k), torch.empty_like(v)
             kbuf[:, :, :ctx], vbuf[:, :, :ctx] = k[:, :, :ctx], v[:, :, :ctx]
@@ -288,19 +291,10 @@ def _decode_rows(args: argparse.Namespace) -> list[dict]:
             for rnd in range(rounds):
                 times = {name: [] for name in names}
                 for i in range(ctx + rnd * steps, ctx + (rnd + 1) * steps):  # alternate token by token
-                    t0 = time.perf_counter()
-                    kbuf[:, :, i : i + 1], vbuf[:, :, i : i + 1] = k[:, :, i : i + 1], v[:, :, i : i + 1]
-                    F.scaled_dot_product_attention(
-                        q[:, :, i : i + 1],
-                        kbuf[:, :, : i + 1],
-                        vbuf[:, :, : i + 1],
-                        enable_gqa=hkv != args.heads,
-                    )
-                    times["dense"].append(time.perf_counter() - t0)
+                    times["dense"].append(time_call(partial(_dense_token, q, k, v, kbuf, vbuf, i)))
                     for hor in horizons:
-                        t0 = time.perf_counter()
-                        caches[hor].append(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1])
-                        times[hor].append(time.perf_counter() - t0)
+                        token = (q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1])
+                        times[hor].append(time_call(partial(caches[hor].append, *token)))
                 if rnd > 0 or rounds == 1:
                     for name in names:
                         per_round[name].append(sum(times[name]) / steps)
@@ -342,10 +336,10 @@ def decode_table(rows: list[dict]) -> str:
 
 
 def _plot(rows: list[dict], path: Path, decode: bool, title: str) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
     if decode:

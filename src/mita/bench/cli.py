@@ -10,9 +10,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..io import write_text
+from ..deps import available
+from ..io import write_json, write_text
+from ..ops import triton_available
+from ..ops.api import cpu_available
+from ..system import cpu_model, parse_int_list, resolve_device
+from .causal import main as causal_main
 from .measure import Case, run_case, run_isolated
-from .report import add_ratios, cpu_model, markdown_table, write_json, write_plot
+from .report import add_ratios, bench_table, write_plot
 
 DEFAULT_NS = "1024,2048,4096,8192,16384,32768,65536"
 MITA_BACKENDS = ("torch", "cpu", "triton", "reference")
@@ -28,10 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", default=DEFAULT_NS, help="comma-separated sequence lengths (default %(default)s)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", "--dim", dest="dim", type=int, default=32,
-                   help="head dimension d (--dim: deprecated alias)")  # fmt: skip
-    p.add_argument("--num-landmarks", "--landmarks", dest="landmarks", type=int, default=64,
-                   help="m (--landmarks: deprecated alias)")  # fmt: skip
+    p.add_argument("--head-dim", dest="dim", metavar="D", type=int, default=32, help="head dimension d")
+    p.add_argument("--num-landmarks", dest="landmarks", type=int, default=64, help="m")
     p.add_argument("--topk", type=int, default=64, help="k")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if available)")
@@ -39,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--backends",
         default=None,
         help=f"comma-separated MiTA backends from {', '.join(MITA_BACKENDS)}; default torch plus the "
-        "fused one of the device (cpu on CPU when it builds, triton on CUDA when available)",
+        "compiled backend of the device (cpu on CPU when it builds, triton on CUDA when available)",
     )
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (best is reported)")
@@ -66,13 +69,9 @@ def _backends(args: argparse.Namespace) -> list[str]:
         return [b.strip() for b in args.backends.split(",") if b.strip()]
     names = ["torch"]
     if args.device.startswith("cuda"):
-        from ..ops import triton_available
-
         if triton_available()[0]:
             names.append("triton")
     else:
-        from ..ops.api import cpu_available
-
         if cpu_available()[0]:
             names.append("cpu")
     return names
@@ -83,7 +82,7 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, Case]]:
     modes = [m.strip() for m in args.modes.split(",")]
     common = dict(dtype=args.dtype, device=args.device, reps=args.reps, threads=args.threads)
     out = []
-    for n in (int(x) for x in args.n.split(",")):
+    for n in parse_int_list(args.n, "--n"):
         for mode in modes:
             for method in methods:
                 if method == "sdpa" and args.sdpa_max_n is not None and n > args.sdpa_max_n:
@@ -113,9 +112,8 @@ def _vision_shape(text: str) -> tuple[int, int, int]:
 
 def _validate(args: argparse.Namespace) -> None:
     """Every option checked before any work; ValueError naming the option."""
-    from ..train.config import check_device
 
-    args.device = str(check_device(args.device))
+    args.device = str(resolve_device(args.device))
     sizes = {"--batch": args.batch, "--heads": args.heads, "--head-dim": args.dim,
              "--num-landmarks": args.landmarks, "--topk": args.topk, "--reps": args.reps}  # fmt: skip
     for flag, value in sizes.items():
@@ -123,10 +121,7 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     if not args.no_vision:
         _vision_shape(args.vision)
-    try:
-        ns = [int(x) for x in args.n.split(",")]
-    except ValueError:
-        raise ValueError(f"--n must be comma-separated integers, got {args.n!r}") from None
+    ns = parse_int_list(args.n, "--n")
     if min(ns) < max(args.landmarks, args.topk):
         raise ValueError(f"every N must be >= m ({args.landmarks}) and k ({args.topk})")
     bad = set(args.modes.split(",")) - {"fwd", "fwdbwd"}
@@ -141,9 +136,6 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _check_backend(name: str, device: str) -> None:
-    from ..ops import triton_available
-    from ..ops.api import cpu_available
-
     if name not in MITA_BACKENDS:
         raise ValueError(f"--backends: unknown backend {name!r}; choose from {', '.join(MITA_BACKENDS)}")
     if name == "triton":
@@ -154,7 +146,7 @@ def _check_backend(name: str, device: str) -> None:
             raise ValueError(f"--backends triton is unavailable here: {why}")
     if name == "cpu":
         if device != "cpu":
-            raise ValueError("--backends cpu needs --device cpu (it is the fused CPU kernel)")
+            raise ValueError("--backends cpu needs --device cpu (the cpu backend runs on the CPU)")
         ok, why = cpu_available()
         if not ok:
             raise ValueError(f"--backends cpu is unavailable here: {why}")
@@ -162,8 +154,6 @@ def _check_backend(name: str, device: str) -> None:
 
 def _check_out(out_dir: Path) -> None:
     """Fail before the work, not after it, when --out cannot be written."""
-    from ..io import write_text
-
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = write_text(out_dir / ".mita-bench-write-test", "")
@@ -173,11 +163,7 @@ def _check_out(out_dir: Path) -> None:
 
 
 def _plot_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return available("matplotlib")
 
 
 def meta_info(args: argparse.Namespace) -> dict:
@@ -195,7 +181,7 @@ def meta_info(args: argparse.Namespace) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         try:
-            import triton
+            import triton  # noqa: PLC0415
 
             info["triton"] = triton.__version__
         except ImportError:
@@ -206,8 +192,6 @@ def meta_info(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     if "--causal" in raw or "--decode" in raw:
-        from .causal import main as causal_main  # causal op / decoding: its own options (mita.bench.causal)
-
         return causal_main(raw)
     args = _parser().parse_args(argv)
     args.argv = raw  # recorded with the results, to rerun them exactly
@@ -239,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     add_ratios(rows)
     meta = meta_info(args)
-    table = markdown_table(rows, meta)
+    table = bench_table(rows, meta)
     print(table)
-    write_json(rows, meta, out_dir / "bench.json")
+    write_json(out_dir / "bench.json", {"meta": meta, "results": rows})
     write_text(out_dir / "bench.md", table)
     written = [out_dir / "bench.json", out_dir / "bench.md"]
     if plot:

@@ -26,8 +26,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mita.distributed import comm_stats, context_parallel_attention
+from mita.io import write_json
 from mita.landmarks import pool_1d
 from mita.ops import mita_attention
+from mita.system import cpu_model
 
 SHAPE = {"b": 1, "h": 4, "hkv": 4, "d": 64, "dv": 64, "m": 64, "k": 64}
 
@@ -136,7 +138,6 @@ def bytes_table(lengths: list[int], worlds: list[int]) -> list[dict[str, Any]]:
 
 def time_table(n: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(1)
-    from .report import cpu_model
 
     res = {"N": n, "shape": SHAPE, "threads_per_process": 1, "cpu": cpu_model()}
     for p in (1, 2):
@@ -172,8 +173,6 @@ def main() -> None:
     else:
         res = time_table(a.n, a.repeats)
     if a.out:
-        from mita.io import write_json
-
         write_json(a.out, res)
 
 

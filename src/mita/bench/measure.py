@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-# One call slower than this is measured once, without warm-up: at that length warm-up changes nothing.
-SLOW_CALL_S = 10.0
+from ..landmarks import pool_1d, pool_2d
+from ..ops import mita_attention
+from ..system import peak_memory
+from .timing import best_time
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,6 @@ def _inputs(c: Case) -> tuple[torch.Tensor, ...]:
 
 
 def _landmarks(c: Case, q: torch.Tensor) -> torch.Tensor:
-    from ..landmarks import pool_1d, pool_2d
-
     if c.grid is not None:
         side = int(round(c.landmarks**0.5))
         return pool_2d(q, c.grid, (side, side), prefix=c.n - c.grid[0] * c.grid[1])
@@ -78,8 +76,6 @@ def _runner(c: Case):
         def fwd() -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v)
     else:
-        from ..ops import mita_attention
-
         backend = c.method.split("-", 1)[1]
 
         def fwd() -> torch.Tensor:
@@ -97,13 +93,8 @@ def _runner(c: Case):
     return step
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_memory(torch.device("cpu"))[0]
 
 
 def run_case(c: Case) -> dict:
@@ -118,25 +109,14 @@ def run_case(c: Case) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-    t0 = time.perf_counter()
-    step()
-    _sync(c.device)
-    first = time.perf_counter() - t0
-    times = [first]
-    if first < SLOW_CALL_S:
-        times = []
-        for _ in range(max(1, c.reps)):
-            t0 = time.perf_counter()
-            step()
-            _sync(c.device)
-            times.append(time.perf_counter() - t0)
+    seconds, timed = best_time(step, c.reps, c.device)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes()
     return {
         **asdict(c),
-        "time_s": min(times),
-        "tflops": useful_flops(c) / min(times) / 1e12,
-        "gflops": useful_flops(c) / min(times) / 1e9,
-        "reps_timed": len(times),
+        "time_s": seconds,
+        "tflops": useful_flops(c) / seconds / 1e12,
+        "gflops": useful_flops(c) / seconds / 1e9,
+        "reps_timed": timed,
         "peak_mem_rise_bytes": max(0, peak - base),
     }
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import atomic_path
-from ..io import write_json as _write_json
-from ..train.runinfo import cpu_model  # noqa: F401  (re-exported: the bench table names the CPU)
+from ..analysis.plots import figure
+from ..io import atomic_path, markdown_table
 
 
 def _key(r: dict) -> tuple:
@@ -29,15 +28,16 @@ def _mb(x: float) -> str:
     return f"{x / 2**20:,.0f}"
 
 
-def _gflops(r: dict) -> str:
+def format_gflops(r: dict) -> str:
+    """A row's achieved GFLOP/s as a table cell (rows that hold only ``tflops`` too; ``—`` without)."""
     if "gflops" in r:
         return f"{r['gflops']:,.1f}"
-    if "tflops" in r:  # rows from before the GFLOP/s column
+    if "tflops" in r:  # a row that carries only the TFLOP/s figure
         return f"{1000 * r['tflops']:,.1f}"
     return "—"
 
 
-def markdown_table(rows: Sequence[dict], meta: dict | None = None) -> str:
+def bench_table(rows: Sequence[dict], meta: dict | None = None) -> str:
     """One row per (shape, N, mode, method): time, achieved GFLOP/s of the method's own FLOPs
     (:func:`mita.bench.measure.useful_flops`), peak memory rise and speed-up over SDPA; with ``meta``, a
     first line naming the CPU (or GPU), threads and torch version the figures were measured with."""
@@ -48,8 +48,16 @@ def markdown_table(rows: Sequence[dict], meta: dict | None = None) -> str:
         if meta.get("command"):
             head += f"Command: `{meta['command']}`\n"
         head += "\n"
-    head += "| shape | N | mode | method | time (ms) | GFLOP/s | peak mem rise (MiB) | speed-up vs SDPA |\n"
-    head += "|---|---:|---|---|---:|---:|---:|---:|\n"
+    headers = [
+        "shape",
+        "N",
+        "mode",
+        "method",
+        "time (ms)",
+        "GFLOP/s",
+        "peak mem rise (MiB)",
+        "speed-up vs SDPA",
+    ]
     lines = []
     for r in rows:
         if "error" in r:
@@ -62,26 +70,17 @@ def markdown_table(rows: Sequence[dict], meta: dict | None = None) -> str:
                 r["mode"],
                 r["method"],
                 f"{1000 * r['time_s']:,.1f}",
-                _gflops(r),
+                format_gflops(r),
                 _mb(r["peak_mem_rise_bytes"]),
                 ratio,
             ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def write_json(rows: Sequence[dict], meta: dict, path: Path) -> None:
-    """Strict JSON (non-finite numbers as null), written atomically."""
-    _write_json(path, {"meta": meta, "results": list(rows)})
+        lines.append(cells)
+    return head + markdown_table(headers, lines, align="lrllrrrr") + "\n"
 
 
 def write_plot(rows: Sequence[dict], path: Path, title: str) -> bool:
     """Time vs N (log-log) per method and mode, and speed-up vs N, drawn with the analysis figure helper
     (headless, no pyplot) and written atomically. False if matplotlib is missing or no row has a time."""
-    try:
-        from ..analysis.plots import figure
-    except ImportError:  # numpy-free installs cannot import the analysis package
-        return False
     seq = [r for r in rows if r.get("label") == "seq" and "time_s" in r]
     if not seq:
         return False

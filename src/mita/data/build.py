@@ -14,8 +14,13 @@ from . import listops as _listops
 from . import pathfinder as _pathfinder
 from . import text as _text
 from .cache import cached_arrays, check_rows
+from .corpus import corpus_dir, load_plays
 from .fmnist import FashionMNIST, PixelSequences, load_fmnist, pad_to_32
+from .imagefolder import build_imagefolder
+from .mqar import MQAR, MQARConfig
+from .scenes import SegmentationScenes, scene_config
 from .sequences import SpanPairs, SpanSequences
+from .shakespeare import ShakespeareChar, play_stream
 from .tasks import TaskInfo, get_task
 
 __all__ = ["SPLITS", "build_dataset"]
@@ -86,8 +91,6 @@ def build_dataset(
     The returned dataset has an ``info`` attribute (the actual :class:`TaskInfo`).
     """
     if name == "imagefolder":  # sized by its data (mita.data.imagefolder)
-        from .imagefolder import build_imagefolder
-
         kw = {"img_size": img_size, "channels": channels, "crop_pct": crop_pct}
         return build_imagefolder(split, root=root, augment=augment, size=size, **kw)
     if img_size is not None or channels is not None or crop_pct is not None:
@@ -117,8 +120,6 @@ def build_dataset(
         raise ValueError(f"canvas, items and scale only apply to 'fmnist-seg', not {name!r}")
     seed, size = int(seed), None if size is None else int(size)
     if name == "fmnist-seg":  # scenes made per example from (seed, split, index): no cache
-        from .scenes import SegmentationScenes, scene_config
-
         cfg = scene_config(canvas, items, scale)
         return SegmentationScenes(cfg, split, seed, size, root)
     if name in _LM_BUILDERS:  # the language-modelling tasks (mita.data.shakespeare, mita.data.mqar)
@@ -204,8 +205,6 @@ def _pathfinder_ds(*, info: TaskInfo, split, cache_dir, seed, size, difficulty, 
 
 def _corpus_key(root) -> list:
     """Names and sizes of the play files: a change in the corpus invalidates cached documents."""
-    from .corpus import corpus_dir
-
     base = corpus_dir(root)
     return sorted((str(p.relative_to(base)), p.stat().st_size) for p in Path(base).glob("*/*.md"))
 
@@ -240,8 +239,6 @@ def _check_spans(pairs: bool):
 
 
 def _text_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Dataset:
-    from .corpus import load_plays
-
     def build() -> dict[str, np.ndarray]:
         return _text.build_text(load_plays(root), split, seed, info.seq_len, size)
 
@@ -251,8 +248,6 @@ def _text_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Data
 
 
 def _retrieval_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) -> Dataset:
-    from .corpus import load_plays
-
     def build() -> dict[str, np.ndarray]:
         return _text.build_retrieval(load_plays(root), split, seed, info.seq_len, size)
 
@@ -262,15 +257,10 @@ def _retrieval_ds(*, info: TaskInfo, split, root, cache_dir, seed, size, **_) ->
 
 
 def _shakespeare_ds(*, info: TaskInfo, split, root, seed, size, **_) -> Dataset:
-    from .corpus import load_plays
-    from .shakespeare import ShakespeareChar, play_stream
-
     return ShakespeareChar(play_stream(load_plays(root), split), split, info.seq_len, seed, size, info)
 
 
 def _mqar_ds(*, info: TaskInfo, split, seed, size, num_pairs, vocab_size, **_) -> Dataset:
-    from .mqar import MQAR, MQARConfig
-
     cfg = MQARConfig(vocab_size or info.vocab_size, 64 if num_pairs is None else num_pairs, info.seq_len)
     info = dataclasses.replace(info, vocab_size=cfg.vocab_size, num_classes=cfg.vocab_size)
     return MQAR(cfg, split, seed, size, info)  # generated per example from (seed, split, index): no cache

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from .tasks import TaskInfo
 
@@ -74,7 +75,7 @@ class FolderScan:
 
 def _pil():
     try:
-        from PIL import Image
+        from PIL import Image  # noqa: PLC0415
     except ImportError as err:
         raise ImportError(
             "--task imagefolder decodes images with Pillow, which is not installed: pip install pillow "
@@ -155,7 +156,6 @@ def scan_folder(root: str | os.PathLike, *, progress: bool = False) -> FolderSca
                 f"the class folders of {root}/train and {root}/{split} differ: only in train: "
                 f"{only_train or 'none'}; only in {split}: {only_other or 'none'}"
             )
-    from tqdm import tqdm
 
     all_files = [f for s in present for f, _ in per_split[s][1]]
     gray = True

@@ -13,7 +13,9 @@ prefix of the full data set, and any example can be regenerated alone.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -114,12 +116,9 @@ def generate_listops(
     """``n`` examples, ragged: ``tokens`` uint8 (concatenated), ``offsets`` int64 [n+1], ``labels``."""
     if split not in _SPLIT_IDS:
         raise ValueError(f"ListOps has splits {list(_SPLIT_IDS)}, got {split!r}")
-    import multiprocessing
 
     # daemonic processes (e.g. pool workers) may not start children: generate serially there
     if workers > 1 and n >= 4 * workers and not multiprocessing.current_process().daemon:
-        from concurrent.futures import ProcessPoolExecutor
-
         bounds = np.linspace(0, n, workers + 1).astype(int)
         with ProcessPoolExecutor(workers) as pool:
             parts = list(

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import Renamed
+from ..deps import require
+from ..io import atomic_path, markdown_table, write_text
+from ..system import positive_int
 from .build import SPLITS, build_dataset
 from .pathfinder import DIFFICULTIES
+from .scenes import CLASS_COLOURS, SEG_CLASS_NAMES
 from .tasks import TASKS
 
 __all__ = ["task_stats", "render_examples", "main"]
@@ -72,10 +75,9 @@ def _pixel_counts(ds, n: int) -> np.ndarray:
 
 
 def _markdown(rows: list[dict]) -> str:
-    out = [
-        "| task | split | examples | per-class counts | majority class | length mean (min-max) | build s |",
-        "|---|---|---:|---|---:|---|---:|",
-    ]
+    headers = ["task", "split", "examples", "per-class counts", "majority class", "length mean (min-max)",
+               "build s"]  # fmt: skip
+    cells = []
     for r in rows:
         length = (
             "-"
@@ -83,20 +85,18 @@ def _markdown(rows: list[dict]) -> str:
             else f"{r['length_mean']:.0f} ({r['length_min']}-{r['length_max']})"
         )
         counts = " / ".join(str(c) for c in r["class_counts"])
-        out.append(
-            f"| {r['task']} | {r['split']} | {r['n']:,} | {counts} | {100 * r['majority']:.1f}% | {length} "
-            f"| {r['seconds']:.1f} |"
-        )
-    return "\n".join(out)
+        cells.append([r["task"], r["split"], f"{r['n']:,}", counts, f"{100 * r['majority']:.1f}%", length,
+                      f"{r['seconds']:.1f}"])  # fmt: skip
+    return markdown_table(headers, cells, align="llrlrlr")
 
 
 def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path]:
     """Write one figure per image task; returns the paths. Needs matplotlib (``pip install mita[plot]``)."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError as e:
         raise ImportError("rendering examples needs matplotlib: pip install 'mita[plot]'") from e
     img_dir = Path(img_dir)
@@ -139,12 +139,10 @@ def render_examples(img_dir: str | Path, root=None, cache_dir=None) -> list[Path
 
 def render_scenes(path: str | Path, root=None, count: int = 4, **scene_kwargs) -> Path:
     """A grid of ``fmnist-seg`` test scenes (top row) and their label maps (bottom row), to ``path``."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .scenes import CLASS_COLOURS, SEG_CLASS_NAMES
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     ds = build_dataset("fmnist-seg", "test", root=root, size=count, **scene_kwargs)
     fig, axes = plt.subplots(2, count, figsize=(2.2 * count, 4.6), squeeze=False)
@@ -161,8 +159,6 @@ def render_scenes(path: str | Path, root=None, count: int = 4, **scene_kwargs) -
 
 
 def _save(fig, path: Path, plt) -> Path:
-    from mita.io import atomic_path
-
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -170,36 +166,23 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """``mita data``: print the table, optionally write it and the example figures; 2 on bad input."""
     p = argparse.ArgumentParser(prog="mita data", description=__doc__.split("\n\n")[0])
     labelled = [t for t, info in TASKS.items() if info.kind != "lm"]  # lm tasks have no class labels
     p.add_argument("--tasks", nargs="*", default=labelled, choices=labelled, help="tasks to describe")
-    p.add_argument("--size", type=_positive, default=None, help="cap every split at N examples (quick look)")
+    p.add_argument(
+        "--size", type=positive_int, default=None, help="cap every split at N examples (quick look)"
+    )
     p.add_argument("--data-root", help="data directory of the file-based tasks (default: each task's)")
     p.add_argument("--cache-dir", default=None, help="data cache (default $MITA_CACHE or ~/.cache/mita)")
-    p.add_argument(
-        "--out",
-        "--img-dir",
-        dest="out",
-        action=Renamed,
-        help="write the example figures to this directory (default: none)",
-    )
+    p.add_argument("--out", help="write the example figures to this directory (default: none)")
     p.add_argument("--no-images", action="store_true", help="skip the figures even with --out")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     images = args.out is not None and not args.no_images
     try:
         if images:
-            from mita.deps import require
-
             require("matplotlib", purpose="mita data --out (the example figures)")
         rows = []
         for name in args.tasks:
@@ -217,8 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         table = _markdown(rows)
         print(table)
         if args.markdown:
-            from mita.io import write_text
-
             write_text(args.markdown, table + "\n")
         if images:
             paths = []

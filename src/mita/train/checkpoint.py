@@ -36,6 +36,8 @@ from torch import nn
 
 from mita.io import atomic_path, write_text
 
+from .presets import build_model_from_meta
+
 META_KEY = "mita_meta"
 LATEST = "latest.json"
 
@@ -46,7 +48,7 @@ class CheckpointError(ValueError):
 
 def _safetensors():
     try:
-        import safetensors.torch as st
+        import safetensors.torch as st  # noqa: PLC0415
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError(
             "checkpoints need the 'safetensors' package: "
@@ -77,7 +79,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        from safetensors import safe_open
+        from safetensors import safe_open  # noqa: PLC0415
 
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get(META_KEY)
@@ -134,8 +136,6 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         task description (``task_info``) and the data settings (``data_kwargs``, e.g. a cut ``seq_len``);
         it is also attached to the model as ``model.mita_meta``.
     """
-    from .presets import build_model_from_meta
-
     file = resolve_model_path(path)
     meta = read_meta(file)
     why = "a buildable model"

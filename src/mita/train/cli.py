@@ -7,14 +7,27 @@ on CUDA; rank 0 logs and writes checkpoints).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..cli import Renamed
+import torch
+
+from mita.data import DATA_TASKS, TASKS, get_task
+from mita.data.imagefolder import folder_info_for
+from mita.data.scenes import scene_config, scene_info
+from mita.deps import require
+
+from ..system import positive_int
+from .batches import forward
+from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .presets import PRESETS, Preset
+from .init_from import init_from
+from .loop import TrainError, format_summary, train
+from .presets import PRESETS, Preset, attention_kinds, build, causal_overrides, get_preset, model_spec
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -28,13 +41,6 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``mita train`` argument parser."""
     p = argparse.ArgumentParser(
@@ -42,20 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a classifier on a task with MiTA or a baseline attention. "
         "Multi-GPU/multi-process: torchrun --nproc_per_node=N -m mita train ...",
     )
-    from mita.data import DATA_TASKS, TASKS
-
-    from .presets import attention_kinds
 
     # choices come from the registries, so a newly registered task or attention kind is trainable at once
     p.add_argument("--task", required=True, choices=[*TASKS, *DATA_TASKS])
     p.add_argument("--attention", default="mita", choices=attention_kinds())
-    p.add_argument(
-        "--preset", "--model", dest="preset", action=Renamed,
-        help=f"model preset (default: the task's); one of {', '.join(PRESETS)} (--model: the old spelling)",
-    )  # fmt: skip
-    p.add_argument("--num-landmarks", type=_positive, help="m: landmarks (MiTA, Agent)")
-    p.add_argument("--topk", type=_positive, help="k: keys per routed expert (MiTA) / per query (top-k)")
-    p.add_argument("--block-size", type=_positive, help="b: block size of the causal kinds (GPT presets)")
+    p.add_argument("--preset", help=f"model preset (default: the task's); one of {', '.join(PRESETS)}")
+    p.add_argument("--num-landmarks", type=positive_int, help="m: landmarks (MiTA, Agent)")
+    p.add_argument("--topk", type=positive_int, help="k: keys per routed expert (MiTA) / per query (top-k)")
+    p.add_argument("--block-size", type=positive_int, help="b: block size of the causal kinds (GPT presets)")
     p.add_argument(
         "--landmark-horizon",
         choices=("prefix", "frozen"),
@@ -67,15 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the task's own steps after them, one learning-rate schedule spans all",
     )  # fmt: skip
     p.add_argument(
-        "--full-first", type=_positive, metavar="STEPS",
+        "--full-first", type=positive_int, metavar="STEPS",
         help="GPT causal kinds: full attention for the first STEPS optimizer steps, then --attention's kind "
         "(same weights, optimizer and schedule: until then the full-attention run of the same seed)",
     )  # fmt: skip
-    p.add_argument("--epochs", type=_positive, help="epochs (default: the preset's epochs or steps)")
+    p.add_argument("--epochs", type=positive_int, help="epochs (default: the preset's epochs or steps)")
     p.add_argument(
-        "--max-steps", type=_positive, help="stop after N optimizer steps (the schedule ends there)"
+        "--max-steps", type=positive_int, help="stop after N optimizer steps (the schedule ends there)"
     )
-    p.add_argument("--batch-size", type=_positive, help="per-process batch size")
+    p.add_argument("--batch-size", type=positive_int, help="per-process batch size")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup", type=float, dest="warmup_frac", help="warm-up as a fraction of all steps")
@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "installed package's); recorded in the checkpoint, overridable by mita eval --data-root",
     )
     p.add_argument("--cache-dir", help="cache of generated tasks (default $MITA_CACHE or ~/.cache/mita)")
-    p.add_argument("--train-size", type=_positive, help="use only N training samples")
-    p.add_argument("--test-size", type=_positive, help="evaluate on only N test samples")
+    p.add_argument("--train-size", type=positive_int, help="use only N training samples")
+    p.add_argument("--test-size", type=positive_int, help="evaluate on only N test samples")
     p.add_argument(
         "--data-arg",
         type=_key_value,
@@ -111,12 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-every",
-        type=_positive,
+        type=positive_int,
         help="also evaluate every N steps (always: each epoch's end and the end)",
     )
-    p.add_argument("--save-every", type=_positive, help="checkpoint every N steps (default: each epoch)")
-    p.add_argument("--log-every", type=_positive, default=50, help="log metrics every N steps")
-    p.add_argument("--eval-batch-size", type=_positive, default=256)
+    p.add_argument("--save-every", type=positive_int, help="checkpoint every N steps (default: each epoch)")
+    p.add_argument("--log-every", type=positive_int, default=50, help="log metrics every N steps")
+    p.add_argument("--eval-batch-size", type=positive_int, default=256)
     p.add_argument(
         "--workers",
         type=int,
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="num_workers",
         help="data-loader workers (0: exact resume even with augmentation)",
     )
-    p.add_argument("--img-size", type=_positive, help="imagefolder: image side (= --data-arg img_size=N)")
+    p.add_argument("--img-size", type=positive_int, help="imagefolder: image side (= --data-arg img_size=N)")
     p.add_argument(
         "--init-from", metavar="PATH",
         help="start from these weights (mita run dir or .safetensors of any attention kind, or a timm-key "
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-pos-embed", action="store_true", help="resample --init-from's pos_embed grid")
     p.add_argument("--new-head", action="store_true", help="re-create --init-from's head for this task")
     p.add_argument(
-        "--context-parallel", type=_positive, default=1, metavar="P",
+        "--context-parallel", type=positive_int, default=1, metavar="P",
         help="split each sequence across P consecutive torchrun processes (MiTA sequence tasks; the world "
         "size / P groups are data parallel)",
     )  # fmt: skip
@@ -161,32 +161,18 @@ def preflight(config: TrainConfig) -> None:
     the model on a dummy input of the task's shape (m or k larger than the sequence, a bad ``--model-arg``).
     Raises ValueError or :class:`mita.deps.MissingDependency`."""
     config.validate()
-    from mita.deps import require
 
     require("safetensors", purpose="mita train (it saves the weights as model.safetensors)")
-    from .presets import get_preset
 
     _check_model(config, get_preset(config.task, config.preset))
 
 
 def _check_model(config: TrainConfig, preset: Preset) -> None:
-    import dataclasses
-
-    import torch
-
-    from mita.data import get_task
-
-    from .batches import forward
-    from .presets import build, causal_overrides, model_spec
 
     info = get_task(config.task)
     if config.task == "imagefolder":  # sized by the folder; scanning it reports bad images before any work
-        from mita.data.imagefolder import folder_info_for
-
         info = folder_info_for(config.data_root, {**preset.data_kwargs, **config.data_kwargs})
     if info.kind == "segmentation":  # sized by the scene options; bad ones fail here, before any work
-        from mita.data.scenes import scene_config, scene_info
-
         scene_kw = {**preset.data_kwargs, **config.data_kwargs}
         info = scene_info(scene_config(*(scene_kw.get(k) for k in ("canvas", "items", "scale"))))
     seq_len = {**preset.data_kwargs, **config.data_kwargs}.get("seq_len")
@@ -200,8 +186,6 @@ def _check_model(config: TrainConfig, preset: Preset) -> None:
         except TypeError as err:
             raise ValueError(f"cannot build {builder} with these settings: {err}") from None
         if config.init_from and not config.resume:  # --init-from's shapes, before the run directory exists
-            from .init_from import init_from
-
             flags = {"resize_pos_embed": config.resize_pos_embed, "new_head": config.new_head}
             init_from(model, config.init_from, **flags)
         if info.kind in ("image", "segmentation"):
@@ -219,8 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mita train``: returns 0 on success, 2 on bad input (with a one-line error on stderr)."""
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    from .checkpoint import CheckpointError
-    from .loop import TrainError, format_summary, train
 
     try:
         preflight(config)
@@ -235,6 +217,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_rank0() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"

@@ -8,9 +8,14 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
+from mita.data import build_dataset, get_task
+from mita.system import resolve_device
 
-__all__ = ["TrainConfig", "check_device", "resume_differences"]
+from .curriculum import check_stages, parse_curriculum
+from .init_from import check_config
+from .presets import attention_kinds, get_preset
+
+__all__ = ["TrainConfig", "resume_differences"]
 
 _POSITIVE_INTS = (
     "num_landmarks", "topk", "block_size", "epochs", "max_steps", "batch_size", "train_size", "test_size",
@@ -21,25 +26,6 @@ _POSITIVE_MODEL_ARGS = (
     "dim", "embed_dim", "depth", "num_heads", "num_kv_heads", "mlp_ratio", "patch_size", "num_landmarks",
     "topk", "experts_per_query", "window",
 )  # fmt: skip
-
-
-def check_device(name: str) -> torch.device:
-    """``"auto"`` (CUDA when available, else CPU) or a torch device string that exists on this machine;
-    ValueError naming the option otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} was requested but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
-    return device
 
 
 @dataclass
@@ -91,11 +77,6 @@ class TrainConfig:
     # ranks per sequence (mita.distributed): consecutive torchrun ranks split each sequence; 1 = off
     context_parallel: int = 1
 
-    @property
-    def model(self) -> str | None:
-        """The preset's name under its old field name (``--model`` is ``--preset``'s old spelling)."""
-        return self.preset
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -103,12 +84,8 @@ class TrainConfig:
         """Check every setting that needs no data: names against their registries, numbers in range, the
         device, the data and model keywords. Raises ValueError naming the flag; creates nothing, so it
         runs before the run directory exists."""
-        from mita.data import build_dataset, get_task
-
-        from .presets import attention_kinds, get_preset
 
         get_task(self.task)
-        from .init_from import check_config
 
         check_config(self)
         kinds = attention_kinds(get_preset(self.task, self.preset).builder)
@@ -132,7 +109,7 @@ class TrainConfig:
             raise ValueError(f"--workers must be >= 0, got {self.num_workers!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
-        check_device(self.device)
+        resolve_device(self.device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if self.context_parallel > 1 and world % self.context_parallel:
             raise ValueError(
@@ -141,7 +118,6 @@ class TrainConfig:
             )
         if self.landmark_horizon is not None and self.landmark_horizon not in ("prefix", "frozen"):
             raise ValueError(f"--landmark-horizon must be prefix or frozen, got {self.landmark_horizon!r}")
-        from .curriculum import check_stages, parse_curriculum
 
         preset_data = get_preset(self.task, self.preset).data_kwargs
         check_stages(parse_curriculum(self.curriculum), self.task, {**preset_data, **self.data_kwargs})

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from mita.data import build_dataset
+
 __all__ = ["Stage", "parse_curriculum", "stage_batches"]
 
 
@@ -52,8 +54,6 @@ def parse_curriculum(text: str | None) -> list[Stage]:
 def check_stages(stages: list[Stage], task: str, data_kwargs: dict[str, Any]) -> None:
     """Build one example of every stage (the task's own checks, e.g. too many pairs for the length or the
     vocabulary) before any training; ValueError naming the stage."""
-    from mita.data import build_dataset
-
     if stages and task != "mqar":
         raise ValueError(f"--curriculum is for --task mqar (stages of LEN:PAIRS), not {task!r}")
     seq_len = data_kwargs.get("seq_len")
@@ -89,8 +89,6 @@ def stage_batches(
 
     Step ``j`` of stage ``s`` takes this rank's share of the ``j``-th block of a permutation of the
     stage's training set seeded by ``(seed, s, pass)``: nothing depends on earlier steps."""
-    from mita.data import build_dataset
-
     offset = 0
     for s, st in enumerate(stages):
         if start >= offset + st.steps:

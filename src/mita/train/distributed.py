@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mita.distributed.sequence import ContextParallelSequence
+from mita.system import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,14 +34,10 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; with torchrun on CUDA, the local rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+def process_device(name: str) -> torch.device:
+    """:func:`mita.system.resolve_device`, then with torchrun on CUDA the local rank's GPU (made current)."""
+    device = resolve_device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA device is available")
         if device.index is None and launched_by_torchrun():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -117,7 +116,6 @@ def context_parallel(model: torch.nn.Module, info: DistInfo, size: int) -> torch
     """``model`` split across groups of ``size`` consecutive ranks (:mod:`mita.distributed`), or itself."""
     if size == 1:
         return model
-    from mita.distributed.sequence import ContextParallelSequence
 
     data_parallel(info, size)
     # every rank creates every group, in the same order (torch.distributed requires it)

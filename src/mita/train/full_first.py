@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..nn.causal import FullCausal
+
 __all__ = ["FullFirst", "full_first"]
 
 
@@ -19,8 +21,6 @@ class FullFirst:
     steps are done, and the model's own mixers after."""
 
     def __init__(self, model: nn.Module, steps: int) -> None:
-        from mita.nn.causal import FullCausal
-
         # a GPT's attention layers: the modules holding a causal ``mixer``
         self.attns = [m for m in model.modules() if isinstance(getattr(m, "mixer", None), nn.Module)]
         self.own = [a.mixer for a in self.attns]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..convert import attention_modules
+from ..integrations.torchvision_shim import import_timm
 from .checkpoint import CheckpointError, read_meta, resolve_model_path, unwrap
 
 __all__ = [
@@ -145,7 +146,7 @@ def load_state_dict_file(
 
 def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     try:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # noqa: PLC0415
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError("--init-from with a .safetensors file needs: pip install safetensors") from err
     try:
@@ -238,7 +239,6 @@ def _timm_resample() -> Callable | None:
     """timm's ``resample_abs_pos_embed`` when timm is installed and imports."""
     if importlib.util.find_spec("timm") is None:
         return None
-    from ..integrations.torchvision_shim import import_timm  # works around a CUDA torchvision on CPU
 
     try:
         return import_timm().layers.resample_abs_pos_embed

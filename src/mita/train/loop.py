@@ -25,18 +25,22 @@ import torch
 from torch import nn
 
 from mita.io import write_json
+from mita.system import hardware, peak_memory
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from . import setup
 from .batches import batch_size_of, forward, to_device
 from .config import TrainConfig, resume_differences
+from .curriculum import stage_batches
 from .errors import Diverged, Interrupted, TrainError
 from .evaluate import eval_sums, segmentation_report
+from .full_first import full_first
 from .heap import release_free_heap
 from .metrics import Clock, Metrics
 from .objective import bits_per_byte, hits, loss_fn
-from .runinfo import format_summary, hardware, peak_memory
+from .recall import mqar_routing_summary
+from .runinfo import format_summary
 from .state import RunState
 from .stop import KILL_ENV, StopSignals, resume_command
 
@@ -51,7 +55,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
-        self.device = dist_.resolve_device(config.device)
+        self.device = dist_.process_device(config.device)
         self.dist = dist_.setup(self.device)
         self.out = Path(config.out)
         self.state = RunState()
@@ -74,8 +78,7 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         cfg, parts, state = self.cfg, self.parts, self.state
-        from .full_first import full_first  # before anything is written: a bad switch leaves no run
-
+        # before anything is written: a bad switch leaves no run
         switch = full_first(parts.model, getattr(cfg, "full_first", None), parts.total_steps)
         self.metrics = Metrics(
             self.out, dist=self.dist, device=self.device, steps_per_epoch=parts.steps_per_epoch,
@@ -117,8 +120,6 @@ class Trainer:
         """Device batches from the run's position on, epoch after epoch, up to the last step."""
         parts, state = self.parts, self.state
         if state.step < parts.curriculum_steps:
-            from .curriculum import stage_batches
-
             for x, y in stage_batches(
                 parts.curriculum, self.cfg.task, parts.data_kwargs, start=state.step,
                 batch_size=parts.batch_size, seed=self.cfg.seed, rank=self.dist.rank,
@@ -284,8 +285,6 @@ class Trainer:
             "torch_version": torch.__version__,
         }
         if self.cfg.task == "mqar":  # routing recall per layer of causal MiTA, split, with chance and oracle
-            from mita.analysis.recall import mqar_routing_summary
-
             routing = mqar_routing_summary(parts.model, parts.test_set)
             if routing:
                 summary["routing_recall"] = routing

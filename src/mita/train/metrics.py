@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from mita.io import to_json, write_text
 
@@ -166,8 +167,6 @@ class Metrics:
     @contextlib.contextmanager
     def progress(self, initial: int, desc: str, enabled: bool) -> Iterator[None]:
         """A tqdm bar over the run's steps on rank 0 (``bar.write`` keeps messages above it)."""
-        from tqdm import tqdm
-
         line = os.environ.get(PROGRESS_LINE_ENV, "")  # runs in parallel: one line each (train.report)
         self.bar = tqdm(
             total=self.total_steps,

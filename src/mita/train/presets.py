@@ -14,6 +14,11 @@ from typing import Any
 
 from torch import nn
 
+from mita.models import build_model
+from mita.models.timm_models import PREFIX, TIMM_ATTENTION, build_timm, image_kwargs, is_timm_model
+from mita.nn.causal import CAUSAL_CLASSES
+from mita.nn.registry import ATTENTION_CLASSES
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -185,20 +190,24 @@ def attention_kinds(builder: str | None = None) -> tuple[str, ...]:
     """The attention kinds a model ``builder`` trains with, read from the registries (not copied, so a
     newly registered kind trains at once): the causal mixers (:mod:`mita.nn.causal`) for ``"gpt"``, the
     attention modules (:mod:`mita.nn.registry`) for the others; ``None``: all of them."""
-    from mita.nn.registry import ATTENTION_CLASSES
-
     kinds: dict[str, None] = {}
     if builder != "gpt":
         kinds.update(dict.fromkeys(ATTENTION_CLASSES))
     if builder in ("gpt", None):
-        try:
-            from mita.nn.causal import CAUSAL_CLASSES
-        except ModuleNotFoundError as err:  # a tree without the causal mixers
-            if err.name != "mita.nn.causal":
-                raise
-            CAUSAL_CLASSES = {}
         kinds.update(dict.fromkeys(CAUSAL_CLASSES))
     return tuple(kinds)
+
+
+def timm_preset(name: str) -> Preset | None:
+    """A :class:`Preset` for timm model ``name`` (``--preset vit_tiny_patch16_224``), or None when timm is
+    not installed or does not know the name."""
+    if not is_timm_model(name):
+        return None
+    return Preset(
+        name=name, builder=PREFIX + name, model_kwargs={}, attention_kwargs=TIMM_ATTENTION, batch_size=64,
+        lr=5e-4, weight_decay=0.05, epochs=10, warmup_frac=0.05,
+        description=f"timm's {name} (not downloaded: use --init-from), attention swapped by mita.convert",
+    )  # fmt: skip
 
 
 def get_preset(task: str, name: str | None = None) -> Preset:
@@ -207,8 +216,6 @@ def get_preset(task: str, name: str | None = None) -> Preset:
         raise ValueError(f"task {task!r} has no default preset; pass --preset (one of {', '.join(PRESETS)})")
     name = name or DEFAULT_PRESET[task]
     if name not in PRESETS:
-        from .timm_models import timm_preset
-
         preset = timm_preset(name)  # a timm model name, where timm is installed
         if preset is None:
             raise ValueError(
@@ -272,8 +279,6 @@ def model_spec(
         if "dim" in kwargs:  # one spelling for all presets; ViTs use timm's name
             kwargs["embed_dim"] = kwargs.pop("dim")
         kwargs["num_classes"] = info.num_classes
-        from .timm_models import image_kwargs
-
         kwargs.update(image_kwargs(builder, info, kwargs))  # data-sized tasks (imagefolder), timm models
     return builder, kwargs
 
@@ -293,10 +298,6 @@ def causal_overrides(cfg: Any) -> dict[str, Any]:
 
 def build(builder: str, kwargs: dict[str, Any]) -> nn.Module:
     """Instantiate :func:`mita.models.build_model` ``builder`` with ``kwargs``."""
-    from mita.models import build_model
-
-    from .timm_models import PREFIX, build_timm
-
     if builder.startswith(PREFIX):
         return build_timm(builder[len(PREFIX) :], **kwargs)
     return build_model(builder, **kwargs)

@@ -1,21 +1,17 @@
-"""Helpers for the ``results/`` scripts: run a set of trainings and build markdown tables (files are
-written with :mod:`mita.io`)."""
+"""Helpers for the ``results/`` scripts: run a set of trainings and label their results (tables and
+files are written with :mod:`mita.io`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import queue
+import subprocess
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table (cells converted with ``str``)."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def pct(x: float | None) -> str:
@@ -51,9 +47,6 @@ def run_training(
     (for runs that share the machine); ``line`` puts the run's progress bar on that terminal line, below
     the first (runs in parallel each keep their own bar).
     """
-    import subprocess
-    import sys
-
     args = list(args)
     out = Path(args[args.index("--out") + 1])
     if "--resume" in args and not (out / "checkpoints" / "latest.json").is_file():
@@ -77,7 +70,6 @@ def run_all(runs: dict[Any, Sequence[str]], jobs: int = 1) -> dict[Any, dict[str
     """
     if jobs <= 1:
         return {name: run_training(args) for name, args in runs.items()}
-    from concurrent.futures import ThreadPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     free = queue.SimpleQueue()  # terminal lines of the progress bars: one per job running

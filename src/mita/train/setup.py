@@ -25,13 +25,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from mita.data import build_dataset, get_task
+from mita.data.paths import recorded_data_kwargs
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .config import TrainConfig, resume_differences
 from .curriculum import Stage, parse_curriculum
 from .errors import TrainError
+from .init_from import apply
 from .presets import Preset, build, causal_overrides, get_preset, model_spec
 from .sampler import ResumableSampler
 from .schedule import warmup_cosine
@@ -153,7 +158,7 @@ def _open_lock(path: Path) -> int:
 def _lock(out: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``out/.lock`` (released when the process ends, however it ends)."""
     try:
-        import fcntl
+        import fcntl  # noqa: PLC0415
     except ImportError:  # pragma: no cover - not POSIX: no lock
         yield
         return
@@ -301,9 +306,6 @@ def _run_length(cfg: TrainConfig, preset: Preset, steps_per_epoch: int, dist: di
 
 def _data(cfg: TrainConfig, preset: Preset) -> tuple[Dataset, Dataset, Any, dict[str, Any]]:
     """``(train, test, task info, data keywords to store)``."""
-    from mita.data import build_dataset, get_task
-    from mita.data.paths import recorded_data_kwargs
-
     # the data set's own seed stays at its canonical value unless given (--data-arg seed=N)
     kw = {**preset.data_kwargs, **cfg.data_kwargs}
     if cfg.data_root:
@@ -355,8 +357,6 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
     builder, model_kwargs, model = _model(cfg, preset, info)
     extra_meta = {}
     if getattr(cfg, "init_from", None) or getattr(cfg, "attn_only", False):
-        from .init_from import apply
-
         extra_meta = apply(model, cfg, resuming=cfg.resume, log=lambda msg: note(msg, dist))
     model = model.to(device)
     ckpt.seed_all(cfg.seed * 1000 + 1 + dist.rank)  # per-rank dropout / augmentation streams
@@ -401,8 +401,6 @@ def build_parts(cfg: TrainConfig, device: torch.device, dist: dist_.DistInfo) ->
         meta["recipe"]["context_parallel"] = cfg.context_parallel
     ddp = evaluator = dist_.context_parallel(model, dist, cfg.context_parallel)
     if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         ddp = DistributedDataParallel(ddp, device_ids=[device.index] if device.type == "cuda" else None)
     return Parts(
         preset=preset,

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mita.models.timm_models import PREFIX, build_timm, image_kwargs
 from mita.nn.base import AttentionBase
 from mita.train.init_from import init_from
-from mita.train.timm_models import PREFIX, build_timm, image_kwargs, timm_preset
+from mita.train.presets import build, get_preset, model_spec, timm_preset
 
 timm = pytest.importorskip("timm")
 
@@ -52,7 +53,6 @@ def test_image_kwargs_only_where_they_differ():
 
 
 def test_timm_name_through_presets_builds_for_the_task():
-    from mita.train.presets import build, get_preset, model_spec
 
     preset = get_preset("imagefolder", "vit_tiny_patch16_224")
     info = SimpleNamespace(name="imagefolder", kind="image", num_classes=3, image_size=(32, 32), channels=1)

@@ -1,10 +1,10 @@
-"""timm model names as presets: ``mita train --preset vit_tiny_patch16_224 --attention mita ...``.
+"""timm models with mita attention: ``build_timm(name, attention, **settings)``.
 
 The model is ``timm.create_model(name, pretrained=False, ...)`` (nothing is downloaded; weights come from
-``--init-from``) sized for the task (classes, image size, channels), with every attention swapped by
-:func:`mita.convert` (``full`` too, so all kinds run the same shell). Checkpoints record the builder as
-``timm:<name>``, so ``mita eval`` and ``--resume`` rebuild it the same way. timm is optional; a name
-that is not a mita preset is looked up here only when timm is installed.
+``mita train --init-from``) with every attention swapped by :func:`mita.convert` (``full`` too, so all
+kinds run the same shell). Training records the builder as ``timm:<name>`` (:data:`PREFIX`), so
+``mita eval`` and ``--resume`` rebuild it the same way; the presets for timm names are in
+:mod:`mita.train.presets`. timm is optional: it is imported when a timm model is asked for.
 """
 
 from __future__ import annotations
@@ -15,11 +15,21 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["PREFIX", "TIMM_SETTINGS", "build_timm", "check_timm_settings", "image_kwargs", "timm_preset"]
+from ..convert import convert
+from ..integrations.torchvision_shim import import_timm  # works around a CUDA torchvision on CPU
+from ..nn.registry import attention_class
+from .vit import VIT_PRESETS
+
+__all__ = [
+    "PREFIX", "TIMM_ATTENTION", "TIMM_SETTINGS", "build_timm", "check_timm_settings", "image_kwargs",
+    "is_timm_model",
+]  # fmt: skip
 
 PREFIX = "timm:"
-# MiTA / Agent settings for timm's 14x14 patch grids (224 px, patch 16), as the vit-fmnist preset
-_ATTN = {"mita": {"num_landmarks": 25, "topk": 25}, "agent": {"num_landmarks": 49}, "topk": {"topk": 50}}
+#: MiTA / Agent / top-k settings for timm's 14x14 patch grids (224 px, patch 16), as the vit-fmnist preset
+TIMM_ATTENTION = {
+    "mita": {"num_landmarks": 25, "topk": 25}, "agent": {"num_landmarks": 49}, "topk": {"topk": 50},
+}  # fmt: skip
 
 #: The timm settings a mita run may record and pass to ``timm.create_model``: sizes, rates and kinds.
 #: Anything else (``checkpoint_path``, ``pretrained_cfg``, ``cache_dir``, layer classes, ...) could make
@@ -62,8 +72,6 @@ def check_timm_settings(name: Any, settings: dict[str, Any], attention_keys: set
 
 
 def _timm():
-    from ..integrations.torchvision_shim import import_timm  # works around a CUDA torchvision on CPU
-
     try:
         return import_timm()
     except RuntimeError as err:  # any other broken install
@@ -71,21 +79,11 @@ def _timm():
         raise ImportError(f"timm is installed but does not import ({first})") from err
 
 
-def timm_preset(name: str):
-    """A :class:`~mita.train.presets.Preset` for timm model ``name``, or None when timm is not installed
-    or does not know the name."""
+def is_timm_model(name: Any) -> bool:
+    """True when timm is installed and knows model ``name`` (False without timm: it is optional)."""
     if not isinstance(name, str) or importlib.util.find_spec("timm") is None:
-        return None
-    timm = _timm()
-    if not timm.is_model(name):
-        return None
-    from .presets import Preset
-
-    return Preset(
-        name=name, builder=PREFIX + name, model_kwargs={}, attention_kwargs=_ATTN, batch_size=64, lr=5e-4,
-        weight_decay=0.05, epochs=10, warmup_frac=0.05,
-        description=f"timm's {name} (not downloaded: use --init-from), attention swapped by mita.convert",
-    )  # fmt: skip
+        return False
+    return bool(_timm().is_model(name))
 
 
 def build_timm(name: str, attention: str = "mita", **kw: Any) -> nn.Module:
@@ -94,9 +92,6 @@ def build_timm(name: str, attention: str = "mita", **kw: Any) -> nn.Module:
 
     Only timm model names and the settings :func:`check_timm_settings` allows are accepted (ValueError
     otherwise): a checkpoint's metadata must not make timm load a file or reach the network."""
-    from ..convert import convert
-    from ..nn.registry import attention_class
-
     timm = _timm()
     accepted = attention_class(attention).accepted_kwargs() - {"dim", "num_heads", "norm_layer"}
     check_timm_settings(name, kw, accepted)
@@ -115,8 +110,6 @@ def image_kwargs(builder: str, info: Any, kwargs: dict[str, Any]) -> dict[str, A
     size, chans = int(info.image_size[0]), int(info.channels or 3)
     if builder.startswith(PREFIX):
         return {"img_size": kwargs.get("img_size", size), "in_chans": kwargs.get("in_chans", chans)}
-    from ..models.vit import VIT_PRESETS
-
     base = {**VIT_PRESETS.get(builder, {}), **kwargs}
     out = {}
     if base.get("img_size") != size:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from mita.nn.causal import MiTACausal
+
 __all__ = ["mqar_routing_summary", "needed_positions", "routing_recall"]
 
 
@@ -122,8 +124,6 @@ def mqar_routing_summary(model: torch.nn.Module, dataset: Any, n_examples: int =
     """Per causal-MiTA layer of ``model``, :func:`routing_recall` on the first ``n_examples`` of the MQAR
     ``dataset`` (``(x, y)`` items), with its coverage / routing split and the chance line; ``[]`` when the
     model has no causal MiTA mixer. The model is left in the mode it was in."""
-    from mita.nn.causal import MiTACausal
-
     mixers = [m for m in model.modules() if isinstance(m, MiTACausal)]
     if not mixers or len(dataset) == 0:
         return []

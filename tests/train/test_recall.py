@@ -1,12 +1,12 @@
-"""Routing recall on MQAR (mita.analysis.recall): needed positions and hits, by hand-made routings."""
+"""Routing recall on MQAR (mita.train.recall): needed positions and hits, by hand-made routings."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mita.analysis.recall import needed_positions, routing_recall
 from mita.ops.causal.common import CausalRouting
+from mita.train.recall import needed_positions, routing_recall
 
 
 def test_needed_position_is_one_past_the_first_occurrence():
