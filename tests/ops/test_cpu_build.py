@@ -349,10 +349,13 @@ def _run(script: str, env: dict[str, str], timeout: float = 300) -> subprocess.C
 @needs_tools
 def test_a_cached_kernel_loads_in_a_process_without_compiler_or_ninja(tmp_path):
     assert build.availability()[0]  # built (or found) in this process's cache
+    # that cache: MITA_CACHE may have changed since this process loaded the kernel (session fixtures)
+    root = build.loaded_from("mita_cpu").parents[2]
     bare = tmp_path / "bin"  # a PATH with python only: no c++, no ninja
     bare.mkdir()
     (bare / "python3").symlink_to(sys.executable)
-    run = _run(AVAILABLE, _env(PATH=str(bare), CXX=str(tmp_path / "no-c++")), timeout=120)
+    env = _env(PATH=str(bare), CXX=str(tmp_path / "no-c++"), MITA_CACHE=str(root))
+    run = _run(AVAILABLE, env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "available True" in run.stdout and "agrees True" in run.stdout, run.stdout + run.stderr[-2000:]
     assert "compiling" not in run.stderr

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.common import query_side
+from ..ops.common import float32_if_half, query_side
 from ..ops.torch_backend import _dedup_mask
 from .collectives import all_gather
 from .common import routed_part, selected_rows, shard_problem, shard_sequence, shared_values, validated
@@ -91,8 +91,7 @@ def context_parallel_attention(
     shared, routed = p.shared, p.routed
 
     out_dtype = q.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):
-        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    q, k, v, landmarks = float32_if_half(q, k, v, landmarks)
     every = all_gather(landmarks, group, "landmarks")  # [P, B, H, m / P, d]
     r = every.permute(1, 2, 0, 3, 4).reshape(b, h, m, d)
     scores = (r.reshape(b, hkv, p.group * m, d) @ k.transpose(-1, -2)) * p.scale  # [B, Hkv, g*m, n]

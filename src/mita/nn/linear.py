@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..ops.common import float32_if_half
 from .base import AttentionBase, config_of
 from .layout import TokenLayout
 
@@ -36,8 +37,7 @@ class LinearAttention(AttentionBase):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
     ) -> torch.Tensor:
         out_dtype = q.dtype
-        if out_dtype in (torch.float16, torch.bfloat16):  # sums over N lose too much in half precision
-            q, k, v = q.float(), k.float(), v.float()
+        q, k, v = float32_if_half(q, k, v)
         fq, fk = elu_feature(q), elu_feature(k)
         if mask is not None:
             fk = fk.masked_fill(mask[:, None, :, None], 0.0)

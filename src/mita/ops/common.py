@@ -134,3 +134,21 @@ class ExpertTiles:
         local = rank_of_pair - pair_start[expert_of_pair]
         self.slot_of_pair = (tile_start[expert_of_pair] + local // tile) * tile + local % tile
         self.n_tiles, self.tile = n_tiles, tile
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def float32_if_half(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in float32 when the first is half precision, else unchanged: softmax statistics and
+    long sums lose too much in float16/bfloat16 (and fp16 logits overflow past 65504)."""
+    if tensors[0].dtype in HALF:
+        return tuple(t.float() for t in tensors)
+    return tensors
+
+
+def sum_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """GQA: ``x`` [B, H, ...] holds one row per query head; sum each group of ``H / kv_heads`` heads, in a
+    fixed order, into [B, kv_heads, ...]."""
+    b, h = x.shape[:2]
+    return x if h == kv_heads else x.reshape(b, kv_heads, h // kv_heads, *x.shape[2:]).sum(2)

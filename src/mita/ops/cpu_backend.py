@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Problem, Routing, without_padding
+from .common import Problem, Routing, sum_groups, without_padding
 from .cpu.dispatch import eager_or_compiled
 from .torch_backend import _dedup_mask
 
@@ -115,13 +115,6 @@ def _(q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, shared_val
             torch.empty_like(landmarks))  # fmt: skip
 
 
-def _sum_groups(h: int, t: Tensor, kv_heads: int) -> Tensor:
-    """GQA: each query head wrote its own dK/dV rows; sum them over the group, in a fixed order."""
-    if h == kv_heads:
-        return t
-    return t.reshape(t.shape[0], kv_heads, h // kv_heads, *t.shape[2:]).sum(2)
-
-
 def _whole_op_setup_context(ctx, inputs, output):
     q, k, v, landmarks, pad, topk, scale, landmark_scale, shared, routed, save = inputs
     out, lse, expert_index, key_index, qr, values = output
@@ -134,9 +127,9 @@ def _whole_op_backward(ctx, grad_out, grad_lse, grad_experts, grad_keys, grad_qr
     dq, dk, dv, dr = (bwd or cpu_whole_op_backward)(
         q, k, v, landmarks, pad, key_index, expert_index, out, lse, qr, values, grad_out, *ctx.args
     )
-    h, hkv = q.shape[1], k.shape[1]
+    hkv = k.shape[1]
     shared = ctx.args[2]
-    return (dq, _sum_groups(h, dk, hkv), _sum_groups(h, dv, hkv), dr if shared else None,
+    return (dq, sum_groups(dk, hkv), sum_groups(dv, hkv), dr if shared else None,
             None, None, None, None, None, None, None)  # fmt: skip
 
 
@@ -242,8 +235,8 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
     dq, dk, dv, dqr, dsv = (bwd or cpu_attention_backward)(
         q, k, v, qr, sv, key_index, expert_index, pad, dup, out, lse, grad_out.contiguous(), *ctx.args
     )
-    h, hkv = q.shape[1], k.shape[1]
-    dk, dv = _sum_groups(h, dk, hkv), _sum_groups(h, dv, hkv)
+    hkv = k.shape[1]
+    dk, dv = sum_groups(dk, hkv), sum_groups(dv, hkv)
     return dq, dk, dv, dqr, (dsv if sv is not None else None), None, None, None, None, None, None, None
 
 

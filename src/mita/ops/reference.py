@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Problem, Routing, landmark_side, query_side, without_padding
+from .common import Problem, Routing, float32_if_half, landmark_side, query_side, without_padding
 
 
 def _per_query_keys(p: Problem, key_index: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
@@ -44,9 +44,7 @@ def reference_forward(
     key_padding_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, Routing]:
     out_dtype = q.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):
-        # In float32, as the torch backend: half-precision logits overflow (|q . k| > 65504 in fp16).
-        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    q, k, v, landmarks = float32_if_half(q, k, v, landmarks)  # as the torch backend
     k, v = without_padding(k, v, key_padding_mask)
     key_index, values = landmark_side(p, k, v, landmarks, key_padding_mask)
     qr, expert_index = query_side(p, q, landmarks)

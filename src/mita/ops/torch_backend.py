@@ -18,6 +18,7 @@ from .common import (
     Problem,
     Routing,
     default_tile_size,
+    float32_if_half,
     landmark_side,
     query_side,
     without_padding,
@@ -110,9 +111,7 @@ def torch_forward(
     tile: int | None = None,
 ) -> tuple[torch.Tensor, Routing]:
     out_dtype = q.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):
-        # Softmax statistics in float32: half-precision exp/log-sum-exp lose too much.
-        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    q, k, v, landmarks = float32_if_half(q, k, v, landmarks)
     k, v = without_padding(k, v, key_padding_mask)
     key_index, values = landmark_side(p, k, v, landmarks, key_padding_mask)
     qr, expert_index = query_side(p, q, landmarks)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..arguments import as_experts, as_horizon, as_int, as_scale
+from ..common import float32_if_half
 from .common import merge_parts, partial_softmax
 from .nonfinite import bad_tokens, finite_or_zero, poison
 
@@ -149,8 +150,7 @@ class MiTACache:
     def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append ``T >= 1`` new tokens; return their outputs ``[B, H, T, dv]``."""
         self._check(q, k, v)
-        if q.dtype in (torch.float16, torch.bfloat16):
-            q, k, v = q.float(), k.float(), v.float()
+        q, k, v = float32_if_half(q, k, v)
         with torch.no_grad():
             bad_q, bad_k, bad_v = bad_tokens(q), bad_tokens(k), bad_tokens(v)
             q, k, v = finite_or_zero(q, bad_q), finite_or_zero(k, bad_k), finite_or_zero(v, bad_v)

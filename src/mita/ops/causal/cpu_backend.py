@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import sum_groups
 from ..cpu.build import availability
 from ..cpu.dispatch import eager_or_compiled
 from .common import CausalProblem, CausalRouting, route
@@ -84,12 +85,6 @@ def _(landmarks, k, v, values, lse, grad_values, scale, block_size):
     return torch.empty_like(landmarks), k.new_empty(b, h, n, k.shape[-1]), v.new_empty(b, h, n, v.shape[-1])
 
 
-def _sum_groups(x: Tensor, hkv: int) -> Tensor:
-    """GQA: each query head wrote its own rows; sum them over the group, in a fixed order."""
-    b, h = x.shape[:2]
-    return x if h == hkv else x.reshape(b, hkv, h // hkv, *x.shape[2:]).sum(2)
-
-
 def _landmarks_setup(ctx, inputs, output):
     r, k, v, scale, block_size, _, _ = inputs
     a, lse, _ = output
@@ -100,7 +95,7 @@ def _landmarks_setup(ctx, inputs, output):
 def _landmarks_backward(ctx, grad_a, grad_lse, grad_idx, bwd=None):
     r, k, v, a, lse = ctx.saved_tensors
     dr, dk, dv = (bwd or cpu_causal_landmarks_backward)(r, k, v, a, lse, grad_a.contiguous(), *ctx.args)
-    return dr, _sum_groups(dk, k.shape[1]), _sum_groups(dv, v.shape[1]), None, None, None, None
+    return dr, sum_groups(dk, k.shape[1]), sum_groups(dv, v.shape[1]), None, None, None, None
 
 
 cpu_causal_landmarks.register_autograd(_landmarks_backward, setup_context=_landmarks_setup)
@@ -194,7 +189,7 @@ def _backward(ctx, grad_out, grad_lse, grad_routing, bwd=None):
     dq, dk, dv, dr, dsv = (bwd or cpu_causal_attention_backward)(
         q, k, v, r, sv, key_index, expert_index, out, lse, grad_out.contiguous(), *ctx.args
     )
-    dk, dv = _sum_groups(dk, k.shape[1]), _sum_groups(dv, v.shape[1])
+    dk, dv = sum_groups(dk, k.shape[1]), sum_groups(dv, v.shape[1])
     rest = (None,) * (ctx.num_inputs - 5)
     if sv is None:  # landmarks only route: no gradient but the gate's
         return dq, dk, dv, dr if ctx.args[-1] else None, None, *rest

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import ExpertTiles, default_tile_size
+from ..common import ExpertTiles, default_tile_size, float32_if_half
 from .common import (
     CausalProblem,
     CausalRouting,
@@ -265,9 +265,7 @@ def causal_torch_forward(
     return_routing: bool = False,
 ) -> tuple[torch.Tensor, CausalRouting | None]:
     out_dtype = q.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):
-        # Softmax statistics in float32: half-precision exp/log-sum-exp lose too much.
-        q, k, v, landmarks = (t.float() for t in (q, k, v, landmarks))
+    q, k, v, landmarks = float32_if_half(q, k, v, landmarks)
     bsz, h, n, d = q.shape
     nl, b, nq, s, g = p.num_landmarks, p.block_size, p.num_query_blocks, p.experts_per_query, p.group
     kk = min(p.topk, max(1, nl * b))

@@ -56,6 +56,7 @@ SANITIZERS = ("address", "undefined")
 _FALSE = ("0", "false", "no", "off", "")
 
 _state: dict[str, object] = {}  # per library: (ok, why), set once per process; "warned"
+_loaded: dict[str, Path] = {}  # per library: the file this process loaded it from
 
 
 class KernelUnavailable(RuntimeError):
@@ -250,6 +251,7 @@ def _build(lib: str) -> None:
         raise KernelUnavailable(why)
     if kernel_cache.verified(so):  # built before: no compiler or lock needed
         torch.ops.load_library(str(so))
+        _loaded[lib] = so
         return
     retry = os.environ.get(ENV_REBUILD, "").strip().lower() not in _FALSE
     if (why := kernel_cache.remembered_failure(build_dir, retry)) is not None:
@@ -259,6 +261,7 @@ def _build(lib: str) -> None:
     with kernel_cache.build_lock(build_dir, f"the mita CPU kernel {lib}"):
         if kernel_cache.verified(so):  # another process built it while this one waited
             torch.ops.load_library(str(so))
+            _loaded[lib] = so
             return
         for stale in build_dir.glob("scratch-*"):  # left by killed builds (this process holds the lock)
             shutil.rmtree(stale, ignore_errors=True)
@@ -269,6 +272,7 @@ def _build(lib: str) -> None:
             kernel_cache.remember_failure(build_dir, why)
             raise KernelUnavailable(why) from err
         kernel_cache.forget_failure(build_dir)
+        _loaded[lib] = so
 
 
 def _probe(lib: str, probe: str) -> tuple[bool, str]:
@@ -284,6 +288,11 @@ def _probe(lib: str, probe: str) -> tuple[bool, str]:
         return False, f"building the CPU kernel failed: {failure_reason(err)}"
     ok = _registered(lib, probe)
     return ok, "" if ok else f"the built library registered no {lib} ops"
+
+
+def loaded_from(lib: str = "mita_cpu") -> Path | None:
+    """The shared library this process loaded for ``lib`` (its cache entry), or None."""
+    return _loaded.get(lib)
 
 
 def availability(lib: str = "mita_cpu", probe: str | None = None) -> tuple[bool, str]:
