@@ -17,6 +17,7 @@ import pytest
 
 from mita.data import get_task
 from mita.train import cli
+from mita.train import report as train_report
 from mita.train.presets import causal_overrides, get_preset, model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +183,7 @@ def test_a_smoke_run_through_the_driver(results_script, tmp_path, monkeypatch):
         assert not cmds, f"trained again: {list(cmds)}"
         return {}
 
-    monkeypatch.setattr(mita.train.report, "run_all", no_training)
+    monkeypatch.setattr(train_report, "run_all", no_training)
     assert causal.main(argv) == 0
 
 

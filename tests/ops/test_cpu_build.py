@@ -39,6 +39,7 @@ class FakeToolchain:
         monkeypatch.setattr(build, "_registered", lambda lib, probe: bool(self.loaded))
         monkeypatch.setattr(cpp_extension, "load", self.load)
         monkeypatch.setattr(torch.ops, "load_library", self.loaded.append)
+        monkeypatch.setattr(build, "_loaded", {})  # fake loads leave the record of the real one alone
 
     def load(self, *, name, build_directory, **kwargs):
         self.compiled.append(name)
@@ -350,7 +351,9 @@ def _run(script: str, env: dict[str, str], timeout: float = 300) -> subprocess.C
 def test_a_cached_kernel_loads_in_a_process_without_compiler_or_ninja(tmp_path):
     assert build.availability()[0]  # built (or found) in this process's cache
     # that cache: MITA_CACHE may have changed since this process loaded the kernel (session fixtures)
-    root = build.loaded_from("mita_cpu").parents[2]
+    loaded = build.loaded_from("mita_cpu")
+    assert loaded is not None and loaded.is_file(), loaded
+    root = loaded.parents[2]
     bare = tmp_path / "bin"  # a PATH with python only: no c++, no ninja
     bare.mkdir()
     (bare / "python3").symlink_to(sys.executable)
