@@ -1,5 +1,5 @@
 """What a MiTA layer keeps for its backward on the fused CPU path: what full attention keeps, plus the
-routing, the pooling weights and Q R^T (issue 15: training memory no higher than full attention's)."""
+routing, the pooling weights and Q R^T (training memory no higher than full attention's)."""
 
 from __future__ import annotations
 

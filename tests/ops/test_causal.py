@@ -268,7 +268,7 @@ def test_bad_inputs_name_the_argument():
     _bad("backend='triton' has no causal path", backend="triton")
     _bad("backend='cpu' of the causal op supports landmark_horizon='frozen' only", backend="cpu")
     _bad("landmark_scale", landmark_scale=-1.0)
-    _bad("scale", scale=float("inf"))  # the checks the non-causal op makes (issue 13) hold here too
+    _bad("scale", scale=float("inf"))  # the checks the non-causal op makes hold here too
     _bad("scale", scale=True)
     _bad("shared must be True or False", shared="no")
     _bad("dtype", v=v.float())

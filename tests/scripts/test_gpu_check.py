@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh, the prepared GPU check of issue 12: its dry run (what CI can check without a GPU)
+"""scripts/gpu_check.sh, the prepared GPU check: its dry run (what CI can check without a GPU)
 and the pieces of scripts/gpu_grid.py that decide what the GPU run reports (targets, skipped cases)."""
 
 from __future__ import annotations

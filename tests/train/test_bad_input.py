@@ -84,7 +84,7 @@ def test_eval_rejects_corrupt_and_foreign_checkpoints(tmp_path, capsys):
     assert "does not describe a buildable model" in capsys.readouterr().err
 
 
-# ---- settings checked before anything is created (issue 13) ------------------------------------------
+# ---- settings checked before anything is created ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(

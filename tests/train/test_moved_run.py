@@ -1,4 +1,4 @@
-"""A run directory moved to another machine (issue 13, item 9): the checkpoint says how to find its data,
+"""A run directory moved to another machine: the checkpoint says how to find its data,
 this machine says where it is (``--data-root``, ``$MITA_FMNIST_DIR``...), and caches go where this machine
 puts them, never where the checkpoint was trained."""
 
