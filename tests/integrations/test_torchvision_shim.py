@@ -1,4 +1,4 @@
-"""timm, transformers and the README's timm example work outside pytest, i.e. without tests/conftest.py."""
+"""timm, transformers and the timm example of docs/api.md work outside pytest (without tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ print(json.dumps({"broken": broken, "applied": torchvision_shim.install()}))
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="needs timm")
-def test_readme_timm_example_and_transformers_run_outside_pytest(tmp_path):
-    """One fresh interpreter in an empty directory (no conftest): the README's timm example prints what it
+def test_docs_timm_example_and_transformers_run_outside_pytest(tmp_path):
+    """One fresh interpreter in an empty directory (no conftest): the docs' timm example prints what it
     claims, then transformers imports; the workaround is applied exactly where torchvision is broken."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), flags=re.S)
     timm_blocks = [b for b in blocks if "import_timm" in b]
     assert len(timm_blocks) == 1
     block = timm_blocks[0]
