@@ -127,9 +127,10 @@ def test_loss_and_gradient_against_an_explicit_float64_computation():
         for hi in range(h):
             for s, i in enumerate(rows[bi].tolist()):
                 qi = q[bi, hi, i]
-                p = torch.softmax(torch.stack([c * qi.detach() @ k[bi, hi // 2, t].detach() for t in real]), 0)
-                pt = dict(zip(real, p))
-                mass = torch.stack([sum(pt.get(t, 0.0) for t in set(ki[bi, hi, j].tolist())) for j in range(m)])
+                logits = [c * qi.detach() @ k[bi, hi // 2, t].detach() for t in real]
+                pt = dict(zip(real, torch.softmax(torch.stack(logits), 0)))
+                sets = [set(ki[bi, hi, j].tolist()) for j in range(m)]  # a key counts once per set
+                mass = torch.stack([sum(pt.get(t, 0.0) for t in kset) for kset in sets])
                 target = mass / mass.sum()
                 logpi = torch.log_softmax(lam * (r[bi, hi] @ qi), 0)
                 want[bi, hi, s] = (target * (target.log() - logpi)).sum()
