@@ -7,6 +7,10 @@ saved weights, evaluates them on the 10k test images, and writes ``results/fmnis
 
     python results/fmnist.py                      # preset length for mita and full
     python results/fmnist.py --max-steps 300      # a quick look
+    python results/fmnist.py --attentions mita,mita:router=distill,full --seeds 0,1   # options, seeds
+
+An attention entry ``KIND:KEY=VALUE[:KEY=VALUE...]`` trains ``KIND`` with those model keywords
+(``mita train --model-arg KEY=VALUE``), in the run directory ``KIND-KEY=VALUE-sSEED``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ HERE = Path(__file__).resolve().parent
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--attentions", default="mita,full", help="comma-separated attention kinds")
+    p.add_argument(
+        "--attentions",
+        default="mita,full",
+        help="comma-separated attention kinds, each KIND or KIND:KEY=VALUE[:KEY=VALUE...] (model keywords)",
+    )
     p.add_argument("--epochs", type=int, help="epochs per run (default: the preset's)")
     p.add_argument("--max-steps", type=int, help="cap on optimizer steps per run")
     p.add_argument("--train-size", type=int, help="train on the first N images only (budget cut)")
@@ -39,6 +47,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds, each kind trained once per seed (not --seed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--data-root", help="Fashion-MNIST directory (default: the Debian package's)")
@@ -64,7 +73,7 @@ def curve_table(records: list[dict]) -> str:
         path = Path(r["out"]) / "metrics.jsonl"
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         evals = [e for e in lines if e.get("event") == "eval"]
-        curves[attention_label(r)] = {f"{e['epoch']:.2f}": e["test_accuracy"] for e in evals}
+        curves[r["label"]] = {f"{e['epoch']:.2f}": e["test_accuracy"] for e in evals}
     epochs = sorted({e for c in curves.values() for e in c}, key=float)
     rows = [[name] + [pct(c.get(e)) for e in epochs] for name, c in curves.items()]
     return markdown_table(["attention"] + [f"epoch {e}" for e in epochs], rows)
@@ -75,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     rows, records = [], []
     attentions = [a.strip() for a in args.attentions.split(",") if a.strip()]
-    outs = {a: Path(args.runs) / f"{a}-s{args.seed}" for a in attentions}
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    keys = [(a, seed) for seed in seeds for a in attentions]
+    outs = {(a, seed): Path(args.runs) / f"{a.replace(':', '-')}-s{seed}" for a, seed in keys}
     taken = [out for out in outs.values() if out.exists()]
     if taken and args.fresh:
         for out in taken:
@@ -87,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     switches = {"--resume": args.resume, "--amp": args.amp, "--no-progress": args.no_progress}
     cmds = {
-        attention: train_args(
+        (attention, seed): train_args(
             {
                 "--task": "fmnist",
-                "--attention": attention,
-                "--seed": args.seed,
-                "--out": outs[attention],
+                "--attention": attention.split(":")[0],
+                "--seed": seed,
+                "--out": outs[attention, seed],
                 "--device": args.device,
                 "--epochs": args.epochs,
                 "--max-steps": args.max_steps,
@@ -104,22 +115,25 @@ def main(argv: list[str] | None = None) -> int:
             },
             switches,
         )  # fmt: skip
-        for attention in attentions
+        + [x for option in attention.split(":")[1:] for x in ("--model-arg", option)]
+        for attention, seed in keys
     }
     summaries = run_all(cmds, args.jobs)
-    for attention in attentions:
-        summary, out = summaries[attention], outs[attention]
+    for attention, seed in keys:
+        summary, out = summaries[attention, seed], outs[attention, seed]
+        label = " ".join([attention_label(summary), *attention.split(":")[1:]])
+        label += f" s{seed}" if len(seeds) > 1 else ""
         device = summary["hardware"]["device"]
         ev = {"test_accuracy": summary["test_accuracy"], "samples_per_s": summary["eval_samples_per_s"]}
         if args.reeval:  # evaluate the saved weights again (checks the checkpoint; costs one more pass)
             model, _ = load_model(out, device=device)
             data_kwargs = {"root": args.data_root} if args.data_root else {}
             ev = evaluate(model, "fmnist", device=device, amp=args.amp, data_kwargs=data_kwargs)
-        record = {**summary, "out": str(out), "reloaded_eval": ev if args.reeval else None}
+        record = {**summary, "out": str(out), "label": label, "reloaded_eval": ev if args.reeval else None}
         records.append(record)
         rows.append(
             [
-                attention_label(summary),
+                label,
                 pct(ev["test_accuracy"]),
                 pct(summary["best_test_accuracy"]),
                 summary["steps"],
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{summary['num_params'] / 1e6:.2f}",
             ]
         )
-        print(f"{attention}: test accuracy {pct(ev['test_accuracy'])}%", file=sys.stderr)
+        print(f"{label}: test accuracy {pct(ev['test_accuracy'])}%", file=sys.stderr)
     hw = hardware(torch.device(records[0]["hardware"]["device"])) if records else {}
     if records:  # the threads the runs used, not this launcher's
         hw["torch_threads"] = records[0]["hardware"].get("torch_threads", "?")

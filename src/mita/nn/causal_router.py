@@ -15,7 +15,7 @@ import torch
 
 from ..ops.causal import CausalRouting
 
-__all__ = ["attach_loss", "routing_distillation_loss"]
+__all__ = ["attach_loss", "landmark_mass", "router_kl", "routing_distillation_loss"]
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -87,18 +87,44 @@ def routing_distillation_loss(
             ki = ki.gather(2, beta[:, None, :, None, None].expand(-1, h, -1, nl, ki.shape[-1]))
             mass = teacher.gather(-1, ki.clamp_min(0).flatten(-2)).view(ki.shape)
             mass = torch.where(ki >= 0, mass, 0.0).sum(-1)  # [B, H, S, n_l]
-        else:  # [B, H, n_l, kk], one set per landmark for every query: the teacher's mass per set is a
-            # product with the sets' 0/1 membership [N, n_l] (a set holds a key once), not an S-fold gather
-            member = teacher.new_zeros(bsz, h, n + 1, nl)  # row n: the unfilled slots (-1)
-            slots = torch.where(ki >= 0, ki, n).transpose(-1, -2)  # [B, H, kk, n_l]
-            member.scatter_(2, slots, 1.0)
-            mass = teacher @ member[:, :, :n]  # [B, H, S, n_l]
+        else:  # [B, H, n_l, kk], one set per landmark for every query
+            mass = landmark_mass(teacher, ki)  # [B, H, S, n_l]
         visible = torch.arange(nl, device=q.device)[None, None, :] < beta[:, :, None]  # [B, S, n_l]
-        mass = torch.where(visible[:, None], mass, 0.0)
+    return router_kl(qs, landmarks, mass, landmark_scale=landmark_scale, visible=visible), pos
+
+
+def landmark_mass(teacher: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+    """The mass ``[B, H, S, n_l]`` of the rows of ``teacher`` ``[B, H, S, N]`` inside each landmark's key
+    set ``key_index`` ``[B, H, n_l, kk]`` (-1 = an unfilled slot), one set per landmark for every row: a
+    product with the sets' 0/1 membership ``[N, n_l]`` (a set holds a key once), not an S-fold gather."""
+    bsz, h, _, n = teacher.shape
+    member = teacher.new_zeros(bsz, h, n + 1, key_index.shape[2])  # row n: the unfilled slots (-1)
+    slots = torch.where(key_index >= 0, key_index, n).transpose(-1, -2)  # [B, H, kk, n_l]
+    member.scatter_(2, slots, 1.0)
+    return teacher @ member[:, :, :n]
+
+
+def router_kl(
+    qs: torch.Tensor,
+    landmarks: torch.Tensor,
+    mass: torch.Tensor,
+    *,
+    landmark_scale: float,
+    visible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``KL(target || pi)`` per query ``[B, H, S]``: ``target`` is the teacher's ``mass`` ``[B, H, S, n_l]``
+    per landmark normalised over the landmarks (detached), ``pi = softmax_j(landmark_scale qs . r_j)`` of
+    the queries ``qs`` ``[B, H, S, d]`` and ``landmarks`` ``[B, H, n_l, d]`` (gradient flows through these
+    logits only). ``visible`` ``[B, S, n_l]`` bool (None: all) restricts both to the landmarks a query
+    may route to."""
+    with torch.no_grad():
+        if visible is not None:
+            mass = torch.where(visible[:, None], mass, 0.0)
         target = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
     router = (qs @ landmarks.transpose(-1, -2)) * landmark_scale  # [B, H, S, n_l], with gradient
-    router = router.masked_fill(~visible[:, None], float("-inf"))
+    if visible is not None:
+        router = router.masked_fill(~visible[:, None], float("-inf"))
     # logits - logsumexp, not log_softmax: torch's CPU (log-)softmax over a short last dimension is slow.
     logp = router - torch.logsumexp(router, dim=-1, keepdim=True)
     terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), 0.0)
-    return terms.sum(-1), pos
+    return terms.sum(-1)

@@ -11,8 +11,10 @@ from ..ops import Routing, mita_attention
 from ..ops.api import BACKENDS
 from ..ops.arguments import as_bool, as_experts, as_int, as_scale
 from .base import AttentionBase, config_of
+from .causal_router import attach_loss
 from .landmark_modes import LandmarkBuilder, landmark_mode_arg
 from .layout import TokenLayout
+from .router import ROUTERS, routing_distillation_loss
 
 
 def mita_mix(
@@ -32,9 +34,11 @@ def mita_mix(
     dedup: bool = False,
     backend: str = "auto",
     return_routing: bool = False,
+    landmarks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Routing]:
     """MiTA's token mixing of head-split ``q`` ``[B, H, N, d]``, ``k``/``v`` ``[B, Hkv, N, d]``: landmarks
-    from ``landmark`` for layout ``tl``, then :func:`mita.mita_attention`. ``mask`` [B, N], True = padding.
+    from ``landmark`` for layout ``tl`` (or ``landmarks``, already built so), then
+    :func:`mita.mita_attention`. ``mask`` [B, N], True = padding.
 
     The body of :meth:`MiTAAttention.attend`, shared with the Hugging Face integration.
     """
@@ -43,7 +47,7 @@ def mita_mix(
         raise ValueError(f"topk={topk} exceeds the sequence length N={n}")
     if landmark.m > n:
         raise ValueError(f"num_landmarks={landmark.m} exceeds the sequence length N={n}")
-    r = landmark(q, tl, mask)  # [B, H, m, d]
+    r = landmark(q, tl, mask) if landmarks is None else landmarks  # [B, H, m, d]
     return mita_attention(
         q, k, v, r, topk=topk, experts_per_query=experts_per_query, scale=scale,
         landmark_scale=landmark_scale, shared=shared, routed=routed, dedup=dedup, key_padding_mask=mask,
@@ -69,6 +73,13 @@ class MiTAAttention(AttentionBase):
         conv_kernel, landmark_seed: options of the ``"conv"`` and ``"random"`` landmark modes.
         dedup: with ``experts_per_query > 1``, count a key offered by several experts once.
         num_kv_heads: grouped-query attention (passed to the op unexpanded).
+        router: how the routing ``argmax_j q . r_j`` learns (:data:`mita.nn.router.ROUTERS`; docs/causal.md,
+            "Routing that learns"). ``"argmax"`` (default): the op alone, the routing gets no gradient.
+            ``"distill"``: in training (and with gradients on), a routing distillation loss from dense
+            attention (:mod:`mita.nn.router`) on ``distill_queries`` queries per sequence, weight
+            ``distill_weight``, attached to the output (unchanged bit for bit) so that its gradient joins
+            the task loss's in the same backward pass. Needs the routed experts (``routed=True``).
+        distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
 
     Non-causal: causal MiTA (SPEC §5) is the causal mixer :class:`mita.nn.causal.MiTACausal` (the GPT's
     ``attention="mita"``), on :func:`mita.mita_causal_attention`.
@@ -115,6 +126,9 @@ class MiTAAttention(AttentionBase):
         num_kv_heads: int | None = None,
         scale_norm: bool = False,
         landmarks: str | None = None,
+        router: str = "argmax",
+        distill_weight: float = 1.0,
+        distill_queries: int = 32,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -135,6 +149,14 @@ class MiTAAttention(AttentionBase):
         landmark_scale = as_scale("landmark_scale", landmark_scale)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if router == "distill" and not routed:
+            raise ValueError("router='distill' trains the routed experts' routing; it needs routed=True")
+        distill_weight = float(distill_weight)
+        if not distill_weight >= 0 or distill_weight == float("inf"):
+            raise ValueError(f"distill_weight must be a finite number >= 0, got {distill_weight}")
+        distill_queries = as_int("distill_queries", distill_queries)
         self.landmark = LandmarkBuilder(
             dim, num_heads, num_landmarks, landmark_mode, layout, self.grid, conv_kernel, landmark_seed
         )
@@ -145,6 +167,7 @@ class MiTAAttention(AttentionBase):
         self.landmark_mode = landmark_mode
         self.shared, self.routed = shared, routed
         self.landmark_scale, self.backend, self.dedup = landmark_scale, backend, dedup
+        self.router, self.distill_weight, self.distill_queries = router, distill_weight, distill_queries
         self.config = cfg
         self.record_routing = False
         self.last_routing: Routing | None = None
@@ -154,14 +177,27 @@ class MiTAAttention(AttentionBase):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
     ) -> torch.Tensor:
+        distill = self.router == "distill" and self.training and torch.is_grad_enabled()
+        distill = distill and self.distill_weight > 0
+        r = self.landmark(q, tl, mask) if distill else None  # the landmarks the loss's router reads
         res = mita_mix(
             self.landmark, q, k, v, mask, tl, topk=self.topk, experts_per_query=self.experts_per_query,
             landmark_scale=self.landmark_scale, shared=self.shared, routed=self.routed, dedup=self.dedup,
-            backend=self.backend, return_routing=self.record_routing,
+            backend=self.backend, return_routing=self.record_routing or distill, landmarks=r,
         )  # fmt: skip
-        if not self.record_routing:
+        if not (self.record_routing or distill):
             return res
         out, routing = res
+        if distill:
+            d = q.shape[-1]
+            terms, rows = routing_distillation_loss(
+                q, k, r, routing.key_index, scale=d**-0.5,
+                landmark_scale=self.landmark_scale if self.landmark_scale is not None else 1.0 / d,
+                queries=self.distill_queries, key_padding_mask=mask,
+            )  # fmt: skip
+            out = attach_loss(out, terms * (self.distill_weight / terms.numel()), rows)
+        if not self.record_routing:
+            return out
         self.last_routing = Routing(routing.expert_index.detach(), routing.key_index.detach())
         self.last_key_padding_mask = None if mask is None else mask.detach()
         self.last_layout = {"layout": tl.kind, "grid": tl.grid, "prefix_tokens": tl.prefix}

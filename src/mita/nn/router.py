@@ -1,0 +1,67 @@
+"""Routing distillation for non-causal MiTA (``MiTAAttention(router="distill")``).
+
+The routing ``argmax_j q . r_j`` passes no gradient, so nothing in the task loss trains it. As for causal
+MiTA (:mod:`mita.nn.causal_router`), a training-only loss distils it from dense attention: for a sample of
+queries ``i`` per sequence, the teacher is the dense softmax of ``c q_i . k_t`` over all real (unpadded)
+keys, detached; its mass inside each landmark's routed key set, normalised over the landmarks, is the
+target of the router ``pi_i = softmax_j(lambda q_i . r_j)`` under ``KL(target || pi_i)``. The terms are
+attached to the output with :func:`mita.nn.causal_router.attach_loss`, so the forward output is unchanged
+and no training loop has to know about the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .causal_router import landmark_mass, router_kl
+
+__all__ = ["ROUTERS", "routing_distillation_loss"]
+
+#: How non-causal MiTA's router learns (``MiTAAttention(router=...)``): ``"argmax"``, the op alone (the
+#: routing gets no gradient); ``"distill"``, plus the routing distillation loss of this module.
+ROUTERS = ("argmax", "distill")
+
+
+def routing_distillation_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    landmarks: torch.Tensor,
+    key_index: torch.Tensor,
+    *,
+    scale: float,
+    landmark_scale: float,
+    queries: int,
+    key_padding_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(teacher mass per landmark || router)`` of ``queries`` random queries per sequence.
+
+    Args:
+        q: ``[B, H, N, d]`` queries.
+        k: ``[B, Hkv, N, d]`` keys, ``H % Hkv == 0`` (query head ``h`` reads key head ``h // (H // Hkv)``).
+        landmarks: ``[B, H, m, d]``, the routing vectors ``r_j``.
+        key_index: ``[B, H, m, k]``, each landmark's routed keys (:class:`mita.Routing`'s ``key_index``).
+        scale, landmark_scale: ``c`` of the key logits, ``lambda`` of the landmark logits.
+        queries: queries sampled per sequence, uniformly with replacement among its unpadded positions.
+        key_padding_mask: ``[B, N]`` bool, True = padding: padded keys are outside the teacher, padded
+            queries are not sampled.
+
+    Returns ``(terms [B, H, S], rows [B, S])``: each sampled query's KL and its position (their mean is the
+    loss). The terms carry gradient to ``q`` and ``landmarks`` only through the router logits.
+    """
+    bsz, h, n, d = q.shape
+    hkv = k.shape[1]
+    if key_padding_mask is None:
+        pos = torch.randint(n, (bsz, queries), device=q.device, generator=generator)  # [B, S]
+    else:
+        real = (~key_padding_mask).float()
+        pos = torch.multinomial(real, queries, replacement=True, generator=generator)
+    qs = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))  # [B, H, S, d]
+    with torch.no_grad():
+        # query head h = kv * g + j reads key head kv: group the query heads instead of repeating k
+        grouped = (qs * scale).view(bsz, hkv, h // hkv, queries, d)
+        logits = (grouped @ k[:, :, None].transpose(-1, -2)).view(bsz, h, queries, n)  # [B, H, S, N]
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        mass = landmark_mass(torch.softmax(logits, dim=-1), key_index)  # [B, H, S, m]
+    return router_kl(qs, landmarks, mass, landmark_scale=landmark_scale), pos
