@@ -11,7 +11,8 @@ Query ``i`` sits in block ``beta(i) = i // block_size``.
 - ``moba``: causal MoBA (Lu et al., 2025): block gate keys are the mean keys of complete blocks; query
   ``i`` attends, in one softmax, to its own block causally (always on) and to the ``top_blocks`` past
   blocks ``j < beta(i)`` with the highest ``q_i . mean(K_j)``; blocks ``>= beta(i)`` are masked with
-  ``-inf`` *before* the top-s choice, so a future block can never push a past one out.
+  ``-inf`` *before* the top-s choice, so a future block can never push a past one out. Its gate can be
+  trained as causal MiTA's router is (``router=``: straight-through gate, routing distillation).
 - ``window``: own block (causally) and the previous block only: the no-retrieval floor at the same
   block size.
 
