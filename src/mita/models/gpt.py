@@ -127,9 +127,9 @@ class GPT(nn.Module):
             "previous token" feature that induction heads otherwise spend a layer learning.
         dropout: after the embedding, in attention output and MLPs.
         attn_kw: the mixer's options (``block_size``, ``topk``, ``landmark_horizon``, ``top_blocks``,
-            ``backend``, ``router``: how ``mita`` learns to route, default ``"gate+distill"``,
-            ``"argmax"`` the router before it, and how ``moba``'s block gate learns); options of other
-            kinds are ignored, so one preset serves all kinds.
+            ``backend``, ``router``: how ``mita`` learns to route and ``moba``'s block gate learns,
+            default ``"gate+distill"``, ``"argmax"`` the router before it); options of other kinds are
+            ignored, so one preset serves all kinds.
 
     The output head shares the token embedding's weight (tied embeddings).
     """

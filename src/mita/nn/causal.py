@@ -192,8 +192,9 @@ class MoBACausal(CausalMixer):
             ``j``, so the gate is credited with its keys' gradient. ``"distill"``: in training, the
             routing distillation loss of :func:`mita.nn.causal_router.block_distillation_loss` (dense
             attention's mass per visible block as the target of ``pi_i``) on ``distill_queries`` queries
-            per sequence, weight ``distill_weight``, attached to the output rows. ``"gate+distill"``:
-            both. ``"argmax"`` (default): MoBA as published, the gate gets no gradient.
+            per sequence, weight ``distill_weight``, attached to the output rows. ``"gate+distill"``
+            (default; it lifts MQAR at N = 512 from 44 / 51 % to 93 %, docs/causal.md): both.
+            ``"argmax"``: MoBA as published, the gate gets no gradient.
         distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
     """
 
@@ -205,7 +206,7 @@ class MoBACausal(CausalMixer):
         self,
         block_size: int = 64,
         top_blocks: int = 1,
-        router: str = "argmax",
+        router: str = "gate+distill",
         distill_weight: float = 1.0,
         distill_queries: int = 32,
     ) -> None:
