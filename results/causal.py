@@ -120,7 +120,7 @@ def mqar_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
             tag = f"mita-{horizon}-k{k}-b{b}" + ("" if shared else "-routed")
             tag += "" if router == "argmax" else f"-{router}"
         elif kind == "moba":
-            opts |= {"top_blocks": max(1, k // b)}
+            opts |= {"top_blocks": max(1, k // b), "router": "argmax"}  # MoBA as published
             tag = f"moba-s{max(1, k // b)}-b{b}"
         elif kind == "full":
             opts, tag = {}, "full"
@@ -157,7 +157,7 @@ def shakespeare_specs(a: argparse.Namespace) -> list[dict[str, Any]]:
         ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "prefix", "router": "argmax"}),
         ("mita", {"block_size": 64, "topk": 64, "landmark_horizon": "frozen", "router": "argmax"}),
         ("full", {}),
-        ("moba", {"block_size": 64, "top_blocks": 1}),
+        ("moba", {"block_size": 64, "top_blocks": 1, "router": "argmax"}),
         ("window", {"block_size": 64}),
     ):
         tag = f"{kind}-{opts['landmark_horizon']}" if kind == "mita" else kind

@@ -15,6 +15,8 @@ KINDS_OPTS = {
     "full": {},
     "window": {"block_size": 4},
     "moba": {"block_size": 4, "top_blocks": 2},
+    "moba-gate": {"block_size": 4, "top_blocks": 2, "router": "gate"},
+    "moba-distilled": {"block_size": 4, "top_blocks": 1, "router": "gate+distill", "distill_queries": 8},
     "mita": {"block_size": 4, "topk": 3, "landmark_horizon": "prefix"},
     "mita-frozen": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen"},
     "mita-routed": {"block_size": 4, "topk": 3, "landmark_horizon": "frozen", "shared": False},

@@ -1,5 +1,6 @@
-"""MiTACausal's routers (``router=``): the forward pass, decoding and causality they keep, the
-distillation loss against a hand computation, and the gradients each one adds."""
+"""MiTACausal's and MoBACausal's routers (``router=``): the forward pass, decoding and causality they
+keep, the distillation losses against hand computations, and the gradients each one adds (MoBA's gate
+against finite differences)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from mita.landmarks import block_mean
-from mita.nn.causal import ROUTERS, MiTACausal
-from mita.nn.causal_router import attach_loss, routing_distillation_loss
+from mita.nn.causal import MOBA_ROUTERS, ROUTERS, MiTACausal, MoBACausal
+from mita.nn.causal_router import attach_loss, block_distillation_loss, routing_distillation_loss
 from mita.ops.causal import CausalRouting
 from mita.ops.causal.common import validate_causal
 from mita.ops.causal.reference import causal_reference_forward
@@ -142,3 +143,136 @@ def test_distillation_keeps_every_output_free_of_later_positions_in_training(hor
 def test_bad_router_options_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         MiTACausal(**kw)
+
+
+# MoBACausal's block gate, trained the same way (router=): the gate scores q . mean(K_j) are the logits
+
+
+def _moba_relaxed(q, k, v, chosen, logpi0, bs):
+    """The function whose gradient ``router="gate"`` gives: MoBA's attention with the block choice
+    ``chosen`` [B, H, N, nc] fixed and the logits of block ``j``'s keys shifted by
+    ``log pi_i(j) - log pi_i(j)|_0`` (``logpi0`` the value at the point of evaluation), by definition."""
+    n, d = q.shape[2], q.shape[3]
+    nc = chosen.shape[-1]
+    gate_keys = k[:, :, : nc * bs].unflatten(2, (nc, bs)).mean(3)
+    pos = torch.arange(n)
+    past = torch.arange(nc)[None, :] < (pos // bs)[:, None]
+    scores = (q @ gate_keys.transpose(-1, -2)).masked_fill(~past, float("-inf"))
+    logpi = torch.where(past.any(-1, keepdim=True), torch.log_softmax(scores, -1), 0.0)
+    shift = torch.where(chosen, logpi - logpi0, 0.0).repeat_interleave(bs, -1)
+    shift = torch.nn.functional.pad(shift, (0, n - nc * bs))
+    own = (pos[None, :] // bs == pos[:, None] // bs) & (pos[None, :] <= pos[:, None])
+    keep = chosen.repeat_interleave(bs, -1)
+    keep = torch.nn.functional.pad(keep, (0, n - nc * bs)) | own
+    logits = (q @ k.transpose(-1, -2)) * d**-0.5 + shift
+    return torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ v, logpi.detach()
+
+
+@pytest.mark.parametrize("router", MOBA_ROUTERS)
+def test_every_moba_router_leaves_inference_and_decoding_as_argmax(router):
+    qkv = _qkv()
+    mixer = MoBACausal(block_size=4, top_blocks=2, router=router).eval()
+    out = mixer(*qkv)
+    assert torch.equal(out, MoBACausal(block_size=4, top_blocks=2, router="argmax").eval()(*qkv))
+    cache, outs, s = mixer.new_cache(), [], 0
+    for c in (5, 1, 3, 4, 6):
+        outs.append(cache.append(*(t[:, :, s : s + c] for t in qkv)))
+        s += c
+    torch.testing.assert_close(torch.cat(outs, 2), out, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("top_blocks", [1, 2])
+def test_moba_gate_and_distill_keep_the_training_forward_and_add_their_gradients(dtype, top_blocks):
+    qkv = [t.to(dtype) for t in _qkv()]
+    opts = {"block_size": 4, "top_blocks": top_blocks}
+    o_arg, g_arg = _grads(MoBACausal(router="argmax", **opts), qkv)
+    o_gate, g_gate = _grads(MoBACausal(router="gate", **opts), qkv)
+    o_dist, g_dist = _grads(MoBACausal(router="distill", distill_weight=0.5, **opts), qkv)
+    o_both, g_both = _grads(MoBACausal(router="gate+distill", distill_weight=0.5, **opts), qkv)
+    for o in (o_gate, o_dist, o_both):
+        assert torch.equal(o, o_arg)  # bit for bit
+    for g in (g_gate, g_dist, g_both):
+        assert torch.equal(g[2], g_arg[2])  # the values' gradient is attention's alone
+    assert not torch.allclose(g_gate[0], g_arg[0]) and not torch.allclose(g_gate[1], g_arg[1])
+    # the distillation's gradient is that of block_distillation_loss alone (the same query sample)
+    q, k, _ = (t.clone().requires_grad_() for t in qkv)
+    gate_keys = k[:, :, :16].unflatten(2, (4, 4)).mean(3)
+    torch.manual_seed(0)
+    terms, rows = block_distillation_loss(
+        q, k, gate_keys, block_size=4, scale=8**-0.5, gate_scale=1.0, queries=32
+    )
+    assert terms.shape == (2, 2, 32) and rows.shape == (2, 32) and bool((rows >= 4).all())
+    dq, dk = torch.autograd.grad(0.5 * terms.mean(), (q, k))
+    tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(g_dist[0], g_arg[0] + dq, **tol)
+    torch.testing.assert_close(g_dist[1], g_arg[1] + dk, **tol)
+    torch.testing.assert_close(g_both[0], g_gate[0] + dq, **tol)
+    torch.testing.assert_close(g_both[1], g_gate[1] + dk, **tol)
+
+
+def test_moba_gate_gradient_matches_finite_differences():
+    """float64, N = 10, b = 2, two blocks per query: the module's Jacobian (autograd through the
+    straight-through gate) equals the central-difference Jacobian of the relaxed function it stands for,
+    and that function's autograd passes gradcheck."""
+    bs = 2
+    q, k, v = _qkv(b=1, h=1, n=10, d=3, seed=5)
+    mixer = MoBACausal(block_size=bs, top_blocks=2, router="gate")
+    chosen = mixer.select(torch.arange(10), q, k)[..., :5]
+    assert chosen.any()
+    _, logpi0 = _moba_relaxed(q, k, v, chosen, 0.0, bs)
+
+    def relaxed(q, k, v):
+        return _moba_relaxed(q, k, v, chosen, logpi0, bs)[0]
+
+    torch.testing.assert_close(relaxed(q, k, v), mixer(q, k, v), rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(relaxed, [t.clone().requires_grad_() for t in (q, k, v)])
+    jac = torch.autograd.functional.jacobian(mixer, (q, k, v))  # 3 x [1, 1, 10, 3, 1, 1, 10, 3]
+    eps = 1e-6
+    for xi, j_auto in enumerate(jac):
+        num = torch.zeros_like(j_auto)
+        for idx in range(q.numel()):
+            args_p, args_m = [[t.clone() for t in (q, k, v)] for _ in range(2)]
+            args_p[xi].view(-1)[idx] += eps
+            args_m[xi].view(-1)[idx] -= eps
+            fd = (relaxed(*args_p) - relaxed(*args_m)) / (2 * eps)
+            num.view(*q.shape, -1)[..., idx] = fd
+        torch.testing.assert_close(j_auto, num, atol=1e-7, rtol=1e-6)
+
+
+def test_block_distillation_loss_by_hand():
+    """b = 2, N = 6: the sampled query sees the complete blocks before its own."""
+    q, k, _ = _qkv(b=1, h=1, n=6, d=3, seed=4)
+    g = k.unflatten(2, (3, 2)).mean(3)
+    gen = torch.Generator().manual_seed(0)
+    i = int(2 + torch.randint(4, (1, 1), generator=torch.Generator().manual_seed(0)))
+    beta = i // 2
+    p = torch.softmax(q[0, 0, i] @ k[0, 0, : 2 * beta].T * 3**-0.5, -1)
+    target = torch.stack([p[2 * j : 2 * j + 2].sum() for j in range(beta)])
+    logpi = torch.log_softmax(0.5 * q[0, 0, i] @ g[0, 0, :beta].T, -1)
+    want = (target * (target.log() - logpi)).sum()
+    got, rows = block_distillation_loss(
+        q, k, g, block_size=2, scale=3**-0.5, gate_scale=0.5, queries=1, generator=gen
+    )
+    assert rows.tolist() == [[i]]
+    torch.testing.assert_close(got[0, 0, 0], want)
+
+
+@pytest.mark.parametrize("router", ["gate", "gate+distill"])
+def test_moba_router_keeps_every_output_free_of_later_positions_in_training(router):
+    mixer = MoBACausal(block_size=4, top_blocks=1, router=router, distill_queries=8)
+    leaves = [t.requires_grad_() for t in _qkv(b=1, h=1, n=13)]
+    torch.manual_seed(0)
+    out = mixer(*leaves)
+    for i in (3, 4, 8, 12):
+        for g in torch.autograd.grad(out[0, 0, i].sum(), leaves, retain_graph=True):
+            assert torch.count_nonzero(g[0, 0, i + 1 :]) == 0, i
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"router": "grouped"}, "router must be one of"), ({"distill_queries": 0}, "distill_queries")],
+)
+def test_bad_moba_router_options_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoBACausal(**kw)

@@ -128,8 +128,8 @@ class GPT(nn.Module):
         dropout: after the embedding, in attention output and MLPs.
         attn_kw: the mixer's options (``block_size``, ``topk``, ``landmark_horizon``, ``top_blocks``,
             ``backend``, ``router``: how ``mita`` learns to route, default ``"gate+distill"``,
-            ``"argmax"`` the router before it); options of other kinds are ignored, so one preset serves
-            all kinds.
+            ``"argmax"`` the router before it, and how ``moba``'s block gate learns, default ``"argmax"``,
+            MoBA as published); options of other kinds are ignored, so one preset serves all kinds.
 
     The output head shares the token embedding's weight (tied embeddings).
     """

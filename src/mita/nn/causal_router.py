@@ -1,5 +1,7 @@
 """Training aids for causal MiTA's router: routing distillation from dense attention, and the identity
-that attaches an auxiliary loss to a tensor.
+that attaches an auxiliary loss to a tensor. The same pieces (:func:`sample_rows`, :func:`dense_teacher`,
+:func:`landmark_mass`, :func:`distillation_kl`) train MoBA's block gate (:func:`block_distillation_loss`)
+and the non-causal module's router (:mod:`mita.nn.router`).
 
 Routing distillation (DeepSeek Sparse Attention's indexer loss, in the factorised form that targets
 routing recall): for a sample of queries ``i`` outside block 0, the teacher is the dense softmax of
@@ -15,7 +17,15 @@ import torch
 
 from ..ops.causal import CausalRouting
 
-__all__ = ["attach_loss", "landmark_mass", "router_kl", "routing_distillation_loss"]
+__all__ = [
+    "attach_loss",
+    "block_distillation_loss",
+    "dense_teacher",
+    "distillation_kl",
+    "landmark_mass",
+    "routing_distillation_loss",
+    "sample_rows",
+]
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -43,6 +53,56 @@ def attach_loss(out: torch.Tensor, losses: torch.Tensor, rows: torch.Tensor) -> 
     loss through an identity too), so no training loop has to know about it. A term computed from
     positions ``<= rows[b, s]`` only keeps the Jacobian of every output row free of later positions."""
     return _AttachLoss.apply(out, losses, rows)
+
+
+def sample_rows(
+    bsz: int, n: int, block_size: int, queries: int, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``[B, S]`` query positions drawn uniformly from ``block_size <= i < n`` (the queries with an
+    earlier block to route to), ``queries`` per sequence."""
+    return block_size + torch.randint(n - block_size, (bsz, queries), device=device, generator=generator)
+
+
+def dense_teacher(
+    qs: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int, scale: float
+) -> torch.Tensor:
+    """The detached dense softmax ``[B, H, S, N]`` of the sampled queries ``qs`` ``[B, H, S, d]`` (at
+    positions ``rows`` ``[B, S]``) over the keys before each query's block, ``t < beta(i) b``."""
+    n = k.shape[2]
+    with torch.no_grad():
+        logits = (qs * scale) @ k.transpose(-1, -2)  # [B, H, S, N]; scaled before: S d, not S N products
+        before = torch.arange(n, device=k.device)[None, :] < ((rows // block_size) * block_size)[:, :, None]
+        return torch.softmax(torch.where(before[:, None], logits, float("-inf")), dim=-1)
+
+
+def landmark_mass(teacher: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+    """The mass ``[B, H, S, n_l]`` of the rows of ``teacher`` ``[B, H, S, N]`` inside each landmark's key
+    set ``key_index`` ``[B, H, n_l, kk]`` (-1 = an unfilled slot), one set per landmark for every row: a
+    product with the sets' 0/1 membership ``[N, n_l]`` (a set holds a key once), not an S-fold gather."""
+    bsz, h, _, n = teacher.shape
+    member = teacher.new_zeros(bsz, h, n + 1, key_index.shape[2])  # row n: the unfilled slots (-1)
+    slots = torch.where(key_index >= 0, key_index, n).transpose(-1, -2)  # [B, H, kk, n_l]
+    member.scatter_(2, slots, 1.0)
+    return teacher @ member[:, :, :n]
+
+
+def distillation_kl(
+    mass: torch.Tensor, router: torch.Tensor, visible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``KL(target || softmax(router))`` per query, ``[B, H, S]``: ``mass`` ``[B, H, S, J]`` (detached,
+    the teacher's mass per routing choice) normalised over the ``visible`` ``[B, S, J]`` choices (None:
+    all) into the target; ``router`` ``[B, H, S, J]`` the router logits (with gradient), invisible
+    choices masked."""
+    with torch.no_grad():
+        if visible is not None:
+            mass = torch.where(visible[:, None], mass, 0.0)
+        target = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+    if visible is not None:
+        router = router.masked_fill(~visible[:, None], float("-inf"))
+    # logits - logsumexp, not log_softmax: torch's CPU (log-)softmax over a short last dimension is slow.
+    logp = router - torch.logsumexp(router, dim=-1, keepdim=True)
+    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), 0.0)
+    return terms.sum(-1)
 
 
 def routing_distillation_loss(
@@ -75,13 +135,11 @@ def routing_distillation_loss(
     nl = landmarks.shape[2]
     if nl == 0 or n <= b:
         return q.new_zeros(bsz, h, 0), torch.zeros(bsz, 0, dtype=torch.long, device=q.device)
-    pos = b + torch.randint(n - b, (bsz, queries), device=q.device, generator=generator)  # [B, S]
+    pos = sample_rows(bsz, n, b, queries, q.device, generator)  # [B, S]
     beta = pos // b
     qs = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))  # [B, H, S, d]
+    teacher = dense_teacher(qs, k, pos, b, scale)
     with torch.no_grad():
-        logits = (qs * scale) @ k.transpose(-1, -2)  # [B, H, S, N]; scaled before: S d, not S N products
-        before = torch.arange(n, device=q.device)[None, :] < (beta * b)[:, :, None]  # [B, S, N]
-        teacher = torch.softmax(torch.where(before[:, None], logits, float("-inf")), dim=-1)
         ki = routing.key_index
         if routing.horizon == "prefix":  # [B, H, nq, n_l, kk]: the sets as the query's block sees them
             ki = ki.gather(2, beta[:, None, :, None, None].expand(-1, h, -1, nl, ki.shape[-1]))
@@ -89,42 +147,48 @@ def routing_distillation_loss(
             mass = torch.where(ki >= 0, mass, 0.0).sum(-1)  # [B, H, S, n_l]
         else:  # [B, H, n_l, kk], one set per landmark for every query
             mass = landmark_mass(teacher, ki)  # [B, H, S, n_l]
-        visible = torch.arange(nl, device=q.device)[None, None, :] < beta[:, :, None]  # [B, S, n_l]
-    return router_kl(qs, landmarks, mass, landmark_scale=landmark_scale, visible=visible), pos
-
-
-def landmark_mass(teacher: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
-    """The mass ``[B, H, S, n_l]`` of the rows of ``teacher`` ``[B, H, S, N]`` inside each landmark's key
-    set ``key_index`` ``[B, H, n_l, kk]`` (-1 = an unfilled slot), one set per landmark for every row: a
-    product with the sets' 0/1 membership ``[N, n_l]`` (a set holds a key once), not an S-fold gather."""
-    bsz, h, _, n = teacher.shape
-    member = teacher.new_zeros(bsz, h, n + 1, key_index.shape[2])  # row n: the unfilled slots (-1)
-    slots = torch.where(key_index >= 0, key_index, n).transpose(-1, -2)  # [B, H, kk, n_l]
-    member.scatter_(2, slots, 1.0)
-    return teacher @ member[:, :, :n]
-
-
-def router_kl(
-    qs: torch.Tensor,
-    landmarks: torch.Tensor,
-    mass: torch.Tensor,
-    *,
-    landmark_scale: float,
-    visible: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``KL(target || pi)`` per query ``[B, H, S]``: ``target`` is the teacher's ``mass`` ``[B, H, S, n_l]``
-    per landmark normalised over the landmarks (detached), ``pi = softmax_j(landmark_scale qs . r_j)`` of
-    the queries ``qs`` ``[B, H, S, d]`` and ``landmarks`` ``[B, H, n_l, d]`` (gradient flows through these
-    logits only). ``visible`` ``[B, S, n_l]`` bool (None: all) restricts both to the landmarks a query
-    may route to."""
-    with torch.no_grad():
-        if visible is not None:
-            mass = torch.where(visible[:, None], mass, 0.0)
-        target = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+    visible = torch.arange(nl, device=q.device)[None, None, :] < beta[:, :, None]  # [B, S, n_l]
     router = (qs @ landmarks.transpose(-1, -2)) * landmark_scale  # [B, H, S, n_l], with gradient
-    if visible is not None:
-        router = router.masked_fill(~visible[:, None], float("-inf"))
-    # logits - logsumexp, not log_softmax: torch's CPU (log-)softmax over a short last dimension is slow.
-    logp = router - torch.logsumexp(router, dim=-1, keepdim=True)
-    terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - logp), 0.0)
-    return terms.sum(-1)
+    return distillation_kl(mass, router, visible), pos
+
+
+def block_distillation_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    gate_keys: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+    gate_scale: float,
+    queries: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(teacher mass per block || block gate)`` of ``queries`` random queries per sequence (MoBA).
+
+    The teacher is the same detached dense softmax as :func:`routing_distillation_loss`'s; its mass
+    inside each complete block ``j < beta(i)``, normalised, is the target of the gate
+    ``pi_i = softmax_{j < beta(i)} (gate_scale q_i . g_j)``.
+
+    Args:
+        q, k: ``[B, H, N, d]``.
+        gate_keys: ``[B, H, n_c, d]``, the gate keys ``g_j`` of the ``n_c = N // block_size`` complete
+            blocks (with gradient where the gate should learn).
+        block_size: b.
+        scale, gate_scale: ``c`` of the key logits, the gate scores' factor.
+        queries: queries sampled per sequence (uniformly among ``b <= i < N``).
+
+    Returns ``(terms [B, H, S], rows [B, S])`` as :func:`routing_distillation_loss` does; the term of row
+    ``i`` depends on positions ``<= i`` only. ``S = 0`` when ``N <= b``.
+    """
+    b = block_size
+    bsz, h, n, d = q.shape
+    nc = gate_keys.shape[2]
+    if nc == 0 or n <= b:
+        return q.new_zeros(bsz, h, 0), torch.zeros(bsz, 0, dtype=torch.long, device=q.device)
+    pos = sample_rows(bsz, n, b, queries, q.device, generator)  # [B, S]
+    qs = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))  # [B, H, S, d]
+    teacher = dense_teacher(qs, k, pos, b, scale)
+    mass = teacher[..., : nc * b].unflatten(-1, (nc, b)).sum(-1)  # [B, H, S, n_c]
+    visible = torch.arange(nc, device=q.device)[None, None, :] < (pos // b)[:, :, None]  # [B, S, n_c]
+    router = (qs @ gate_keys.transpose(-1, -2)) * gate_scale  # [B, H, S, n_c], with gradient
+    return distillation_kl(mass, router, visible), pos

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .causal_router import landmark_mass, router_kl
+from .causal_router import distillation_kl, landmark_mass
 
 __all__ = ["ROUTERS", "routing_distillation_loss"]
 
@@ -64,4 +64,5 @@ def routing_distillation_loss(
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         mass = landmark_mass(torch.softmax(logits, dim=-1), key_index)  # [B, H, S, m]
-    return router_kl(qs, landmarks, mass, landmark_scale=landmark_scale), pos
+    router = (qs @ landmarks.transpose(-1, -2)) * landmark_scale  # [B, H, S, m], with gradient
+    return distillation_kl(mass, router), pos
