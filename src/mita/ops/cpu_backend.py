@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .common import Problem, Routing, sum_groups, without_padding
-from .cpu.dispatch import eager_or_compiled
+from .cpu.dispatch import eager_or_compiled, fake_attention_outputs
 from .torch_backend import _dedup_mask
 
 Tensor = torch.Tensor
@@ -182,9 +182,7 @@ def cpu_attention(
 
 @cpu_attention.register_fake
 def _(q, k, v, qr, shared_values, key_index, expert_index, pad, dup, scale, landmark_scale, routed):
-    b, h, n, _ = q.shape
-    routing = q.new_empty(0 if expert_index is not None else b, h, n, 1, dtype=torch.long)
-    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), routing
+    return fake_attention_outputs(q, v, expert_index)
 
 
 @torch.library.custom_op("mita::cpu_split_backward", mutates_args=())

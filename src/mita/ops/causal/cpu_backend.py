@@ -39,7 +39,7 @@ import torch
 
 from ..common import sum_groups
 from ..cpu.build import availability
-from ..cpu.dispatch import eager_or_compiled
+from ..cpu.dispatch import eager_or_compiled, fake_attention_outputs
 from .common import CausalProblem, CausalRouting, route
 
 Tensor = torch.Tensor
@@ -134,9 +134,7 @@ def cpu_causal_attention(
 @cpu_causal_attention.register_fake
 def _(q, k, v, landmarks, shared_values, key_index, expert_index, scale, landmark_scale, block_size, routed,
       router_gate=False):  # fmt: skip
-    b, h, n, _ = q.shape
-    routing = q.new_empty(0 if expert_index is not None else b, h, n, 1, dtype=torch.long)
-    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), routing
+    return fake_attention_outputs(q, v, expert_index)
 
 
 @torch.library.custom_op("mita::cpu_causal_attention_backward", mutates_args=())

@@ -52,3 +52,13 @@ def eager_or_compiled(
         return Eager.apply(*inputs)
 
     return call
+
+
+def fake_attention_outputs(
+    q: torch.Tensor, v: torch.Tensor, expert_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes of an attention kernel's outputs for ``torch.compile``'s fake tensors: out [B, H, N, dv], its
+    log-sum-exp [B, H, N] and the routing argmax [B, H, N, 1] (empty when the experts were given)."""
+    b, h, n, _ = q.shape
+    routing = q.new_empty(0 if expert_index is not None else b, h, n, 1, dtype=torch.long)
+    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n), routing
