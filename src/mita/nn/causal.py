@@ -70,6 +70,9 @@ class CausalMixer(nn.Module):
     """Base of the causal mixers: :meth:`forward` over a whole sequence, :meth:`new_cache` for decoding."""
 
     kind = ""
+    # [B, N] bool while :func:`mita.nn.causal_router.objective_rows` is active: the rows the training
+    # objective reads, where a learned router's distillation draws its queries.
+    objective_rows: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -238,7 +241,7 @@ class MoBACausal(CausalMixer):
         if "distill" in self.router and self.distill_weight > 0:
             terms, rows = block_distillation_loss(
                 q, k, gate_keys, block_size=bs, scale=d**-0.5, gate_scale=self.gate_scale,
-                queries=self.distill_queries,
+                queries=self.distill_queries, read=self.objective_rows,
             )  # fmt: skip
             if terms.numel():  # the loss is their mean, each term attached to its own query's row
                 out = attach_loss(out, terms * (self.distill_weight / terms.numel()), rows)
@@ -389,7 +392,7 @@ class MiTACausal(CausalMixer):
         if distill and self.distill_weight > 0:
             terms, rows = routing_distillation_loss(
                 q, k, landmarks, routing, scale=q.shape[-1] ** -0.5, landmark_scale=1.0 / q.shape[-1],
-                queries=self.distill_queries,
+                queries=self.distill_queries, read=self.objective_rows,
             )  # fmt: skip
             if terms.numel():  # the loss is their mean, each term attached to its own query's row
                 out = attach_loss(out, terms * (self.distill_weight / terms.numel()), rows)

@@ -13,7 +13,11 @@ loss: the forward output, causality and decoding are unaffected.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 from ..ops.causal import CausalRouting
 
@@ -23,6 +27,7 @@ __all__ = [
     "dense_teacher",
     "distillation_kl",
     "landmark_mass",
+    "objective_rows",
     "routing_distillation_loss",
     "sample_rows",
 ]
@@ -56,11 +61,44 @@ def attach_loss(out: torch.Tensor, losses: torch.Tensor, rows: torch.Tensor) -> 
 
 
 def sample_rows(
-    bsz: int, n: int, block_size: int, queries: int, device: torch.device, generator: torch.Generator | None
+    bsz: int,
+    n: int,
+    block_size: int,
+    queries: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    read: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B, S]`` query positions drawn uniformly from ``block_size <= i < n`` (the queries with an
-    earlier block to route to), ``queries`` per sequence."""
-    return block_size + torch.randint(n - block_size, (bsz, queries), device=device, generator=generator)
+    """``[B, S]`` query positions ``block_size <= i < n`` (the queries with an earlier block to route to),
+    ``queries`` per sequence: uniformly, or, given ``read`` ``[B, n]`` (bool: the rows whose output the
+    training objective reads), uniformly among the read rows, with replacement (a sequence without any
+    read row there: uniformly)."""
+    if read is None:
+        return block_size + torch.randint(n - block_size, (bsz, queries), device=device, generator=generator)
+    if read.shape != (bsz, n):
+        raise ValueError(f"objective rows must be [B, N] = {[bsz, n]}, got {list(read.shape)}")
+    w = read[:, block_size:].to(torch.float32)
+    w = torch.where(w.sum(-1, keepdim=True) > 0, w, 1.0)  # no host sync: a row of zeros falls back
+    return block_size + torch.multinomial(w, queries, replacement=True, generator=generator)
+
+
+@contextmanager
+def objective_rows(model: nn.Module, read: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, the routing distillation of every causal mixer in ``model`` draws its queries
+    among the rows ``read`` ``[B, N]`` (bool) marks, the positions whose output the training objective
+    reads (for token targets, ``targets != ignore_index``); ``None``: among all rows.
+
+    Where only a few positions carry a loss (MQAR: the 32 queries of 512 tokens), uniform sampling spends
+    most of the distillation on rows whose routing nothing depends on.
+    """
+    mixers = [m for m in model.modules() if hasattr(m, "objective_rows")]
+    for m in mixers:
+        m.objective_rows = read
+    try:
+        yield
+    finally:
+        for m in mixers:
+            m.objective_rows = None
 
 
 def dense_teacher(
@@ -115,6 +153,7 @@ def routing_distillation_loss(
     landmark_scale: float,
     queries: int,
     generator: torch.Generator | None = None,
+    read: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``KL(teacher mass per landmark || router)`` of ``queries`` random queries per sequence.
 
@@ -124,6 +163,8 @@ def routing_distillation_loss(
         routing: the op's :class:`~mita.ops.causal.CausalRouting` of this forward (the key sets).
         scale, landmark_scale: ``c`` of the key logits, ``lambda`` of the landmark logits.
         queries: queries sampled per sequence (uniformly among those with a landmark to route to).
+        read: optional ``[B, N]`` bool, the rows the objective reads: queries are drawn among them
+            (:func:`sample_rows`).
 
     Returns ``(terms [B, H, S], rows [B, S])``: each sampled query's KL and its position (its mean is the
     loss). The terms carry gradient to ``q`` and ``landmarks`` only through the router logits, and the
@@ -135,7 +176,7 @@ def routing_distillation_loss(
     nl = landmarks.shape[2]
     if nl == 0 or n <= b:
         return q.new_zeros(bsz, h, 0), torch.zeros(bsz, 0, dtype=torch.long, device=q.device)
-    pos = sample_rows(bsz, n, b, queries, q.device, generator)  # [B, S]
+    pos = sample_rows(bsz, n, b, queries, q.device, generator, read)  # [B, S]
     beta = pos // b
     qs = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))  # [B, H, S, d]
     teacher = dense_teacher(qs, k, pos, b, scale)
@@ -162,6 +203,7 @@ def block_distillation_loss(
     gate_scale: float,
     queries: int,
     generator: torch.Generator | None = None,
+    read: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``KL(teacher mass per block || block gate)`` of ``queries`` random queries per sequence (MoBA).
 
@@ -176,6 +218,7 @@ def block_distillation_loss(
         block_size: b.
         scale, gate_scale: ``c`` of the key logits, the gate scores' factor.
         queries: queries sampled per sequence (uniformly among ``b <= i < N``).
+        read: optional ``[B, N]`` bool, the rows the objective reads (:func:`sample_rows`).
 
     Returns ``(terms [B, H, S], rows [B, S])`` as :func:`routing_distillation_loss` does; the term of row
     ``i`` depends on positions ``<= i`` only. ``S = 0`` when ``N <= b``.
@@ -185,7 +228,7 @@ def block_distillation_loss(
     nc = gate_keys.shape[2]
     if nc == 0 or n <= b:
         return q.new_zeros(bsz, h, 0), torch.zeros(bsz, 0, dtype=torch.long, device=q.device)
-    pos = sample_rows(bsz, n, b, queries, q.device, generator)  # [B, S]
+    pos = sample_rows(bsz, n, b, queries, q.device, generator, read)  # [B, S]
     qs = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))  # [B, H, S, d]
     teacher = dense_teacher(qs, k, pos, b, scale)
     mass = teacher[..., : nc * b].unflatten(-1, (nc, b)).sum(-1)  # [B, H, S, n_c]

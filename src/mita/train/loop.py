@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mita.io import write_json
+from mita.nn.causal_router import objective_rows
 from mita.system import hardware, peak_memory
 
 from . import checkpoint as ckpt
@@ -38,7 +39,7 @@ from .evaluate import eval_sums, segmentation_report
 from .full_first import full_first
 from .heap import release_free_heap
 from .metrics import Clock, Metrics
-from .objective import bits_per_byte, hits, loss_fn
+from .objective import IGNORE_INDEX, bits_per_byte, hits, loss_fn, sparse_targets
 from .recall import mqar_routing_summary
 from .runinfo import format_summary
 from .state import RunState
@@ -60,6 +61,7 @@ class Trainer:
         self.out = Path(config.out)
         self.state = RunState()
         self.segmentation: dict[str, Any] | None = None  # the last evaluation's mIoU & co. (segmenters)
+        self.sparse_targets: bool | None = None  # token targets with positions without a loss (first step)
 
     def run(self) -> dict[str, Any]:
         """Train to the run's last step (or continue a resumed run), evaluate, save, return the summary."""
@@ -138,7 +140,12 @@ class Trainer:
     def _step(self, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step; returns ``(loss, correct, targets)`` as device tensors (no host sync)."""
         parts = self.parts
-        with torch.autocast(self.device.type, dtype=parts.amp_dtype, enabled=self.cfg.amp):
+        if self.sparse_targets is None:  # one host sync per run
+            self.sparse_targets = self.cfg.context_parallel == 1 and sparse_targets(y)
+        # a learned router distils where the loss reads (MQAR: the answers), not on filler rows
+        read = y != IGNORE_INDEX if self.sparse_targets else None
+        autocast = torch.autocast(self.device.type, dtype=parts.amp_dtype, enabled=self.cfg.amp)
+        with objective_rows(parts.model, read), autocast:
             logits = forward(parts.ddp, x)
             loss = loss_fn(logits, y, label_smoothing=parts.preset.label_smoothing)
         parts.optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,11 @@ def hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return ((pred == y) & has_target).sum(), has_target.sum()
 
 
+def sparse_targets(y: torch.Tensor) -> bool:
+    """Whether ``y`` are token targets ``[B, T]`` with positions that carry no loss (one host sync)."""
+    return y.ndim == 2 and bool((y == IGNORE_INDEX).any())
+
+
 def bits_per_byte(loss: float | None, bytes_per_token: float | None) -> float | None:
     """Mean loss (nats per token) as bits per byte of text; None when either is unknown."""
     if loss is None or bytes_per_token is None or not math.isfinite(loss):
