@@ -9,7 +9,13 @@ import torch
 
 from mita.landmarks import block_mean
 from mita.nn.causal import MOBA_ROUTERS, ROUTERS, MiTACausal, MoBACausal
-from mita.nn.causal_router import attach_loss, block_distillation_loss, routing_distillation_loss
+from mita.nn.causal_router import (
+    attach_loss,
+    block_distillation_loss,
+    objective_rows,
+    routing_distillation_loss,
+    sample_rows,
+)
 from mita.ops.causal import CausalRouting
 from mita.ops.causal.common import validate_causal
 from mita.ops.causal.reference import causal_reference_forward
@@ -90,6 +96,70 @@ def test_distillation_loss_by_hand():
     )
     assert rows.tolist() == [[i]]
     torch.testing.assert_close(got[0, 0, 0], want)
+
+
+def test_distillation_draws_its_queries_among_the_rows_the_objective_reads():
+    read = torch.zeros(3, 19, dtype=torch.bool)
+    read[0, [5, 17]] = True
+    read[1, 2] = True  # before block 1 only: nothing to route, so this sequence draws from every row
+    read[2, 4:] = True
+    gen = torch.Generator().manual_seed(0)
+    rows = sample_rows(3, 19, 4, 200, torch.device("cpu"), gen, read)
+    assert set(rows[0].tolist()) == {5, 17}
+    assert set(rows[1].tolist()) == set(range(4, 19)) == set(rows[2].tolist())
+    with pytest.raises(ValueError, match="objective rows must be"):
+        sample_rows(3, 18, 4, 8, torch.device("cpu"), gen, read)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda router: MiTACausal(block_size=4, topk=3, landmark_horizon="frozen", router=router),
+        lambda router: MoBACausal(block_size=4, top_blocks=1, router=router),
+    ],
+    ids=["mita", "moba"],
+)
+def test_objective_rows_reach_the_mixers_distillation_and_are_cleared(make):
+    """With row 9 the only row read, the distillation's gradient is that of row 9's term alone; the
+    forward is unchanged and the rows are gone after the block."""
+    mixer = make("distill")
+    model = torch.nn.Sequential(mixer)
+    qkv = _qkv(b=1, h=2, n=14)
+    plain = _grads(make("argmax"), qkv)
+    read = torch.zeros(1, 14, dtype=torch.bool)
+    read[0, 9] = True
+    with objective_rows(model, read):
+        assert mixer.objective_rows is read
+        out, grads = _grads(mixer, qkv)
+    assert mixer.objective_rows is None
+    assert torch.equal(out, plain[0])
+    q, k = (t.clone().requires_grad_() for t in qkv[:2])
+    if isinstance(mixer, MiTACausal):
+        _, routing = causal_reference_forward(
+            validate_causal(q, k, qkv[2], block_mean(q, 4), topk=3, block_size=4, landmark_horizon="frozen",
+                            experts_per_query=1, scale=None, landmark_scale=None, shared=True, routed=True,
+                            dedup=False, key_padding_mask=None, backend="reference"),
+            q, k, qkv[2], block_mean(q, 4),
+        )  # fmt: skip
+        terms, rows = routing_distillation_loss(
+            q, k, block_mean(q, 4), routing, scale=8**-0.5, landmark_scale=1 / 8, queries=1, read=read
+        )
+    else:
+        terms, rows = block_distillation_loss(
+            q,
+            k,
+            k[:, :, :12].unflatten(2, (3, 4)).mean(3),
+            block_size=4,
+            scale=8**-0.5,
+            gate_scale=1.0,
+            queries=1,
+            read=read,
+        )
+    assert rows.tolist() == [[9]]
+    dq, dk = torch.autograd.grad(terms.mean(), (q, k), allow_unused=True)
+    torch.testing.assert_close(grads[0], plain[1][0] + dq, atol=1e-12, rtol=1e-10)
+    if dk is not None:  # MoBA's gate keys are block means of k
+        torch.testing.assert_close(grads[1], plain[1][1] + dk, atol=1e-12, rtol=1e-10)
 
 
 def test_grouped_changes_the_training_forward_only_and_stays_causal():
