@@ -1,7 +1,8 @@
 """Training-step cost of causal MiTA's routers (``MiTACausal(router=...)``) on the MQAR GPT of
 ``results/causal.py``: every router's model takes one AdamW step per round on the same batch, the
 routers interleaved round by round in one process (so all see the same machine load); the median of
-``--rounds`` rounds (after one warm-up round) is reported, with its ratio to ``argmax``.
+``--rounds`` rounds (after one warm-up round) is reported, with its ratio to ``argmax``. As in ``mita
+train``, the distillation draws its queries among the rows with a target (the answers).
 
     python3 results/router_cost.py --rounds 6 --seq-len 512 --batch-size 16
 """
@@ -21,6 +22,7 @@ from causal import MQAR_MODEL, _batches, _loss  # noqa: E402
 
 from mita.data import build_dataset
 from mita.models import build_model
+from mita.nn.causal_router import objective_rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(a.rounds + 1):  # round 0 warms up
         for router, (m, opt) in built.items():
             t0 = time.perf_counter()
-            loss, _, _ = _loss(m, x, y)
+            with objective_rows(m, y != -100):  # as mita train: the distillation samples the answers
+                loss, _, _ = _loss(m, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

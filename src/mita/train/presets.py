@@ -52,6 +52,9 @@ _GPT_ATTN = {
     "moba": {"block_size": 64, "top_blocks": 1},
     "window": {"block_size": 64},
 }
+# text: MiTA's router learns by the straight-through gate alone; the routing distillation (the GPT's
+# default, which retrieval needs) cost next-byte loss 0.08-0.09 nats at 2,000 steps (docs/causal.md)
+_GPT_TEXT_ATTN = {**_GPT_ATTN, "mita": {**_GPT_ATTN["mita"], "router": "gate"}}
 
 
 def _lra(task: str, batch_size: int, steps: int, warmup_frac: float, description: str) -> Preset:
@@ -102,7 +105,7 @@ PRESETS: dict[str, Preset] = {
         name="gpt-shakespeare",
         builder="gpt",
         model_kwargs={"dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0},
-        attention_kwargs=_GPT_ATTN,
+        attention_kwargs=_GPT_TEXT_ATTN,
         batch_size=4,
         lr=2e-3,
         weight_decay=0.1,
