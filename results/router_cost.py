@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from causal import MQAR_MODEL, _batches, _loss  # noqa: E402
+from causal import MQAR_MODEL  # noqa: E402
 
 from mita.data import build_dataset
 from mita.models import build_model
 from mita.nn.causal_router import objective_rows
+from mita.train.objective import IGNORE_INDEX, loss_fn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     ds = build_dataset("mqar", "train", seed=0, seq_len=a.seq_len, num_pairs=a.pairs, vocab_size=a.vocab)
-    x, y = next(_batches(ds, a.batch_size, 0))
+    x, y = (torch.stack(t) for t in zip(*(ds[i] for i in range(a.batch_size))))
     built = {}
     for router in a.routers:
         torch.manual_seed(0)
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(a.rounds + 1):  # round 0 warms up
         for router, (m, opt) in built.items():
             t0 = time.perf_counter()
-            with objective_rows(m, y != -100):  # as mita train: the distillation samples the answers
-                loss, _, _ = _loss(m, x, y)
+            with objective_rows(m, y != IGNORE_INDEX):  # as mita train: the distillation samples the answers
+                loss = loss_fn(m(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

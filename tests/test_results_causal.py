@@ -212,3 +212,13 @@ def test_the_committed_records_render_the_committed_tables(results_script, tmp_p
     assert len(got) == len(want)
     assert [g for i, g in enumerate(got) if i != 2] == [w for i, w in enumerate(want) if i != 2]
     assert got[2].split(";")[1:] == want[2].split(";")[1:]  # the hardware line: this machine's CPU
+
+
+def test_router_cost_times_every_router(results_script, capsys):
+    cost = results_script("router_cost")
+    argv = ["--rounds", "1", "--seq-len", "64", "--pairs", "4", "--vocab", "32", "--batch-size", "2",
+            "--block-size", "8", "--topk", "8"]  # fmt: skip
+    assert cost.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["argmax", "gate", "distill", "gate+distill"]
+    assert rows[0].endswith("| 1.00× |")
