@@ -10,20 +10,11 @@ train``, the distillation draws its queries among the rows with a target (the an
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from causal import MQAR_MODEL  # noqa: E402
-
-from mita.data import build_dataset
-from mita.models import build_model
-from mita.nn.causal_router import objective_rows
-from mita.train.objective import IGNORE_INDEX, loss_fn
+from causal import MQAR_MODEL, speed_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,32 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routers", nargs="+", default=["argmax", "gate", "distill", "gate+distill"])
     a = p.parse_args(argv)
 
-    torch.set_num_threads(1)
-    ds = build_dataset("mqar", "train", seed=0, seq_len=a.seq_len, num_pairs=a.pairs, vocab_size=a.vocab)
-    x, y = (torch.stack(t) for t in zip(*(ds[i] for i in range(a.batch_size))))
-    built = {}
-    for router in a.routers:
-        torch.manual_seed(0)
-        kw = {**MQAR_MODEL, "block_size": a.block_size, "topk": a.topk, "landmark_horizon": a.horizon}
-        m = build_model("gpt", vocab_size=ds.info.vocab_size, max_len=ds.info.seq_len, attention="mita",
-                        router=router, **kw)  # fmt: skip
-        built[router] = (m, torch.optim.AdamW(m.parameters(), 1e-3))
-    times: dict[str, list[float]] = {r: [] for r in built}
-    for rnd in range(a.rounds + 1):  # round 0 warms up
-        for router, (m, opt) in built.items():
-            t0 = time.perf_counter()
-            with objective_rows(m, y != IGNORE_INDEX):  # as mita train: the distillation samples the answers
-                loss = loss_fn(m(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if rnd:
-                times[router].append(time.perf_counter() - t0)
-    base = statistics.median(times[a.routers[0]])
+    data = {"seq_len": a.seq_len, "num_pairs": a.pairs, "vocab_size": a.vocab}
+    kw = {**MQAR_MODEL, "block_size": a.block_size, "topk": a.topk, "landmark_horizon": a.horizon}
+    models = {router: {**kw, "router": router} for router in a.routers}
+    res = speed_run("mqar", data, models, dict.fromkeys(a.routers, "mita"), a.batch_size, a.rounds)
+    step_ms = {r: 1000 * a.batch_size * a.seq_len / tok for r, tok in res["tokens_per_s"].items()}
+    base = step_ms[a.routers[0]]
     print(f"| router | step ms | vs `{a.routers[0]}` |\n|---|---:|---:|")
-    for router, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| `{router}` | {1000 * med:,.0f} | {med / base:.2f}× |")
+    for router, ms in step_ms.items():
+        print(f"| `{router}` | {ms:,.0f} | {ms / base:.2f}× |")
     return 0
 
 
