@@ -132,6 +132,8 @@ def test_objective_rows_reach_the_mixers_distillation_and_are_cleared(make):
         assert mixer.objective_rows is read
         out, grads = _grads(mixer, qkv)
     assert mixer.objective_rows is None
+    with objective_rows(model, None):  # no rows: the mixers keep their default, the uniform draw
+        assert mixer.objective_rows is None
     assert torch.equal(out, plain[0])
     q, k = (t.clone().requires_grad_() for t in qkv[:2])
     if isinstance(mixer, MiTACausal):

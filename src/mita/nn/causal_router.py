@@ -91,6 +91,9 @@ def objective_rows(model: nn.Module, read: torch.Tensor | None) -> Iterator[None
     Where only a few positions carry a loss (MQAR: the 32 queries of 512 tokens), uniform sampling spends
     most of the distillation on rows whose routing nothing depends on.
     """
+    if read is None:  # the mixers' default: nothing to set, no walk over the modules on every step
+        yield
+        return
     mixers = [m for m in model.modules() if hasattr(m, "objective_rows")]
     for m in mixers:
         m.objective_rows = read
