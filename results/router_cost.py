@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--horizon", default="frozen")
-    p.add_argument("--routers", nargs="+", default=["argmax", "gate", "distill", "gate+distill"])
+    routers = ["argmax", "gate", "distill", "gate+distill", "gate+distill+select"]
+    p.add_argument("--routers", nargs="+", default=routers)
     a = p.parse_args(argv)
 
     data = {"seq_len": a.seq_len, "num_pairs": a.pairs, "vocab_size": a.vocab}

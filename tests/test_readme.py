@@ -161,8 +161,9 @@ def test_readme_results_equal_their_files(label):
 def test_readme_mqar_router_figures_equal_docs():
     quoted = re.search(r"reaches ([\d. /]+) % MQAR accuracy", README.read_text()).group(1)
     table = (ROOT / "docs/causal.md").read_text()
-    # "Distilling where the loss reads": N = 512, frozen, one bold row per seed
-    rows = re.findall(r"^\| 512, 32 \| frozen \| (\d) \| \*\*([\d.]+)\*\* \|", table, flags=re.M)
+    # "Teaching the landmarks' key selection": N = 512, the default router, one bold row per seed
+    default = r"\*\*`gate\+distill\+select`\*\* \(default, `select_weight=0\.1`\)"
+    rows = re.findall(rf"^\| 512, 32 \| {default} \| (\d) \| \*\*([\d.]+)\*\* \|", table, flags=re.M)
     actual = [float(acc) for _, acc in sorted(rows)]
     assert len(actual) == 3
     assert _agrees(_numbers(quoted), actual), f"README {quoted!r}, docs/causal.md {actual}"

@@ -220,5 +220,11 @@ def test_router_cost_times_every_router(results_script, capsys):
             "--block-size", "8", "--topk", "8"]  # fmt: skip
     assert cost.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    assert [r.split("`")[1] for r in rows] == ["argmax", "gate", "distill", "gate+distill"]
+    assert [r.split("`")[1] for r in rows] == [
+        "argmax",
+        "gate",
+        "distill",
+        "gate+distill",
+        "gate+distill+select",
+    ]
     assert rows[0].endswith("| 1.00× |")

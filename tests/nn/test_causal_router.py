@@ -12,9 +12,11 @@ from mita.nn.causal import MOBA_ROUTERS, ROUTERS, MiTACausal, MoBACausal
 from mita.nn.causal_router import (
     attach_loss,
     block_distillation_loss,
+    dense_teacher,
     objective_rows,
     routing_distillation_loss,
     sample_rows,
+    selection_cross_entropy,
 )
 from mita.ops.causal import CausalRouting
 from mita.ops.causal.common import validate_causal
@@ -96,6 +98,72 @@ def test_distillation_loss_by_hand():
     )
     assert rows.tolist() == [[i]]
     torch.testing.assert_close(got[0, 0, 0], want)
+
+
+@pytest.mark.parametrize("horizon", ["frozen", "prefix"])
+def test_selection_cross_entropy_by_hand(horizon):
+    """Each sampled query i, each landmark j it can see, with weight pi_ij: the cross-entropy of the
+    teacher on j's horizon against log_softmax(c r_j . k_t) over that horizon."""
+    q, k, _ = _qkv(b=1, h=2, n=19, d=8, seed=3)
+    r, rows = block_mean(q, 4), torch.tensor([[5, 9, 13, 18, 4]])
+    teacher = dense_teacher(q[:, :, rows[0]], k, rows, 4, 8**-0.5)
+    visible = torch.arange(r.shape[2])[None, None, :] < (rows // 4)[:, :, None]
+    pi = torch.softmax(
+        torch.randn(1, 2, 5, r.shape[2], dtype=q.dtype).masked_fill(~visible[:, None], -torch.inf), -1
+    )
+    got = selection_cross_entropy(teacher, pi, k, r, rows, block_size=4, scale=8**-0.5, horizon=horizon)
+    want = torch.zeros(1, 2, 5, dtype=q.dtype)
+    for h in range(2):
+        for s, i in enumerate(rows[0].tolist()):
+            for j in range(i // 4):
+                end = (j + 1) * 4 if horizon == "frozen" else (i // 4) * 4
+                logs = torch.log_softmax(8**-0.5 * r[0, h, j] @ k[0, h, :end].T, -1)
+                want[0, h, s] -= pi[0, h, s, j] * (teacher[0, h, s, :end] * logs).sum()
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    assert bool((got > 0).all())
+
+
+@pytest.mark.parametrize("horizon", ["prefix", "frozen"])
+def test_select_weight_adds_the_selection_gradient_to_queries_and_keys(horizon):
+    opts = {"block_size": 4, "topk": 3, "landmark_horizon": horizon}
+    qkv = _qkv()
+    o_base, g_base = _grads(MiTACausal(router="gate+distill", **opts), qkv)
+    o_sel, g_sel = _grads(MiTACausal(router="gate+distill+select", select_weight=0.7, **opts), qkv)
+    assert torch.equal(o_sel, o_base) and torch.equal(g_sel[2], g_base[2])
+    q, k, v = (t.clone().requires_grad_() for t in qkv)
+    r = block_mean(q, 4)
+    _, routing = causal_reference_forward(
+        validate_causal(q, k, v, r, topk=3, block_size=4, landmark_horizon=horizon, experts_per_query=1,
+                        scale=None, landmark_scale=None, shared=True, routed=True, dedup=False,
+                        key_padding_mask=None, backend="reference"),
+        q, k, v, r,
+    )  # fmt: skip
+
+    def loss(select_weight):
+        torch.manual_seed(0)
+        terms, _ = routing_distillation_loss(
+            q, k, r, routing, scale=8**-0.5, landmark_scale=1 / 8, queries=32, select_weight=select_weight
+        )
+        return terms.mean()
+
+    dq, dk = torch.autograd.grad(loss(0.7) - loss(0.0), (q, k))
+    assert bool(dk.abs().sum() > 0)
+    torch.testing.assert_close(g_sel[0], g_base[0] + dq, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(g_sel[1], g_base[1] + dk, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("s", [1, 2])
+def test_default_router_gradients_match_the_reference_on_every_backend(backend, s):
+    """The default router (gate, distillation, key selection) in float64, N % b != 0: the fused kernel and
+    the torch backend give the reference's output and every gradient (the same sampled queries)."""
+    opts = {"block_size": 4, "topk": 3, "landmark_horizon": "frozen", "experts_per_query": s}
+    qkv = _qkv()
+    o_ref, g_ref = _grads(MiTACausal(backend="reference", **opts), qkv)
+    o, g = _grads(MiTACausal(backend=backend, **opts), qkv)
+    torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=1e-10)
+    for a, e in zip(g, g_ref):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
 
 
 def test_distillation_draws_its_queries_among_the_rows_the_objective_reads():
@@ -200,10 +268,23 @@ def test_attach_loss_is_an_identity_that_adds_each_term_through_its_row():
         lambda: MiTACausal(
             block_size=4, topk=3, landmark_horizon="frozen", router="gate+distill", distill_queries=8
         ),
+        lambda: MiTACausal(
+            block_size=4, topk=3, landmark_horizon="prefix", router="gate+distill+select", distill_queries=8
+        ),
+        lambda: MiTACausal(
+            block_size=4, topk=3, landmark_horizon="frozen", router="gate+distill+select", distill_queries=8
+        ),
         lambda: MoBACausal(block_size=4, top_blocks=1, router="gate", distill_queries=8),
         lambda: MoBACausal(block_size=4, top_blocks=1, router="gate+distill", distill_queries=8),
     ],
-    ids=["mita-prefix", "mita-frozen", "moba-gate", "moba-gate+distill"],
+    ids=[
+        "mita-prefix",
+        "mita-frozen",
+        "mita-prefix-select",
+        "mita-frozen-select",
+        "moba-gate",
+        "moba-gate+distill",
+    ],
 )
 def test_learned_routers_keep_every_output_free_of_later_positions_in_training(make):
     mixer = make()
@@ -221,6 +302,9 @@ def test_learned_routers_keep_every_output_free_of_later_positions_in_training(m
         ({"router": "topk"}, "router must be one of"),
         ({"router": "grouped", "landmark_horizon": "prefix"}, "grouped"),
         ({"distill_queries": 0}, "distill_queries"),
+        ({"distill_weight": -1.0}, "distill_weight must be a finite number"),
+        ({"select_weight": float("nan")}, "select_weight must be a finite number"),
+        ({"select_weight": float("inf")}, "select_weight must be a finite number"),
     ],
 )
 def test_bad_router_options_raise(kw, match):
@@ -343,7 +427,11 @@ def test_block_distillation_loss_by_hand():
 
 @pytest.mark.parametrize(
     "kw,match",
-    [({"router": "grouped"}, "router must be one of"), ({"distill_queries": 0}, "distill_queries")],
+    [
+        ({"router": "grouped"}, "router must be one of"),
+        ({"distill_queries": 0}, "distill_queries"),
+        ({"distill_weight": float("inf")}, "distill_weight must be a finite number"),
+    ],
 )
 def test_bad_moba_router_options_raise(kw, match):
     with pytest.raises(ValueError, match=match):

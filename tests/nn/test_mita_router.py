@@ -15,11 +15,11 @@ from mita.nn.router import routing_distillation_loss
 OPTS = {"num_landmarks": 4, "topk": 3, "backend": "torch", "dtype": torch.float64}
 
 
-def _pair(**kw):
-    """An argmax and a distill module with the same weights."""
+def _pair(router="distill", **kw):
+    """An argmax and a distilling module with the same weights."""
     torch.manual_seed(0)
     plain = MiTAAttention(16, 2, router="argmax", **OPTS, **kw)
-    distill = MiTAAttention(16, 2, router="distill", distill_weight=0.5, distill_queries=5, **OPTS, **kw)
+    distill = MiTAAttention(16, 2, router=router, distill_weight=0.5, distill_queries=5, **OPTS, **kw)
     distill.load_state_dict(plain.state_dict())
     return plain, distill
 
@@ -40,10 +40,11 @@ def _x(b=2, n=17, seed=2):
     return torch.randn(b, n, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+@pytest.mark.parametrize("router", ["distill", "distill+select"])
 @pytest.mark.parametrize("kw", [{}, {"num_kv_heads": 1}, {"layout": "seq", "prefix_tokens": 0}])
 @pytest.mark.parametrize("padded", [False, True])
-def test_distill_keeps_the_output_and_adds_exactly_its_loss_gradient(kw, padded, monkeypatch):
-    plain, distill = _pair(**kw)
+def test_distill_keeps_the_output_and_adds_exactly_its_loss_gradient(router, kw, padded, monkeypatch):
+    plain, distill = _pair(router, **kw)
     x = _x()
     mask = torch.zeros(2, 17, dtype=torch.bool)
     if padded:
@@ -54,6 +55,7 @@ def test_distill_keeps_the_output_and_adds_exactly_its_loss_gradient(kw, padded,
     def spy(*args, **kwargs):
         terms, rows = routing_distillation_loss(*args, **kwargs)
         captured.append((terms, rows, kwargs["key_padding_mask"]))
+        assert kwargs["select_weight"] == (1.0 if router == "distill+select" else 0.0)
         return terms, rows
 
     monkeypatch.setattr(mita_module, "routing_distillation_loss", spy)
@@ -144,10 +146,52 @@ def test_loss_and_gradient_against_an_explicit_float64_computation():
     assert dk is None  # the teacher is detached
 
 
+def test_selection_term_against_an_explicit_float64_computation():
+    """GQA and one padded sequence (NaN keys): the selection term is
+    ``sum_j pi_ij * -sum_t p_i(t) log softmax_t(c r_j . k_t)`` over the real keys, ``pi`` detached; its
+    gradient reaches the landmarks and the real keys only."""
+    b, h, hkv, n, d, m = 2, 4, 2, 9, 3, 3
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64)
+    r = torch.randn(b, h, m, d, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[1, 6:] = True
+    k[1, :, 6:] = float("nan")
+    k.requires_grad_()
+    ki = torch.zeros(b, h, m, 2, dtype=torch.long)  # the key sets do not enter the selection term
+    c, lam = d**-0.5, 0.7
+    args = dict(scale=c, landmark_scale=lam, queries=6, key_padding_mask=mask)
+    base, rows = routing_distillation_loss(q, k, r, ki, generator=torch.Generator().manual_seed(3), **args)
+    both, rows2 = routing_distillation_loss(
+        q, k, r, ki, generator=torch.Generator().manual_seed(3), select_weight=0.4, **args
+    )
+    assert torch.equal(rows, rows2)
+    want = torch.zeros(b, h, 6, dtype=torch.float64)
+    for bi in range(b):
+        real = [t for t in range(n) if not mask[bi, t]]
+        for hi in range(h):
+            kr = k[bi, hi // 2, real]
+            for s, i in enumerate(rows[bi].tolist()):
+                p = torch.softmax(c * q[bi, hi, i] @ kr.detach().T, 0)
+                pi = torch.softmax(lam * (r[bi, hi] @ q[bi, hi, i]), 0).detach()
+                for j in range(m):
+                    want[bi, hi, s] -= pi[j] * (p * torch.log_softmax(c * r[bi, hi, j] @ kr.T, 0)).sum()
+    torch.testing.assert_close(both - base, 0.4 * want, rtol=1e-10, atol=1e-12)
+    w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((w * (both - base)).sum(), (r, k))
+    ref = torch.autograd.grad((0.4 * w * want).sum(), (r, k))
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    assert bool(torch.isfinite(got[1]).all()) and torch.count_nonzero(got[1][1, :, 6:]) == 0
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
         ({"router": "gate"}, "router must be one of"),
+        ({"router": "distill+select", "routed": False}, "routed=True"),
+        ({"select_weight": float("inf")}, "select_weight"),
         ({"router": "distill", "routed": False}, "routed=True"),
         ({"distill_queries": 0}, "distill_queries"),
         ({"distill_weight": -1.0}, "distill_weight"),

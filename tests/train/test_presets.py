@@ -85,7 +85,7 @@ def test_model_arg_wins_over_the_presets_attention_settings():
 def test_text_trains_mitas_router_by_the_gate_and_mqar_by_the_gpts_default():
     _, text = model_spec(get_preset("shakespeare-char"), get_task("shakespeare-char"), "mita")
     _, mqar = model_spec(get_preset("mqar"), get_task("mqar"), "mita")
-    assert text["router"] == "gate" and "router" not in mqar  # the GPT's default: "gate+distill"
+    assert text["router"] == "gate" and "router" not in mqar  # the GPT's default: "gate+distill+select"
     _, moba = model_spec(get_preset("shakespeare-char"), get_task("shakespeare-char"), "moba")
     assert "router" not in moba
     _, mine = model_spec(

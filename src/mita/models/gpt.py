@@ -127,7 +127,7 @@ class GPT(nn.Module):
             "previous token" feature that induction heads otherwise spend a layer learning.
         dropout: after the embedding, in attention output and MLPs.
         attn_kw: the mixer's options (``block_size``, ``topk``, ``landmark_horizon``, ``top_blocks``,
-            ``backend``, ``router``: how ``mita`` learns to route, default ``"gate+distill"``,
+            ``backend``, ``router``: how ``mita`` learns to route, default ``"gate+distill+select"``,
             ``"argmax"`` the router before it, and how ``moba``'s block gate learns, default ``"argmax"``,
             MoBA as published); options of other kinds are ignored, so one preset serves all kinds.
 

@@ -58,6 +58,13 @@ def _positive_int(name: str, val: Any) -> int:
     return val
 
 
+def _weight(name: str, val: Any) -> float:
+    val = float(val)
+    if not 0 <= val < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {val}")
+    return val
+
+
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
@@ -220,7 +227,7 @@ class MoBACausal(CausalMixer):
         if router not in MOBA_ROUTERS:
             raise ValueError(f"router must be one of {MOBA_ROUTERS} for moba, got {router!r}")
         self.router = router
-        self.distill_weight = float(distill_weight)
+        self.distill_weight = _weight("distill_weight", distill_weight)
         self.distill_queries = _positive_int("distill_queries", distill_queries)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -310,7 +317,7 @@ class MoBACausal(CausalMixer):
 
 
 #: How causal MiTA's router learns (``MiTACausal(router=...)``).
-ROUTERS = ("argmax", "gate", "distill", "gate+distill", "grouped")
+ROUTERS = ("argmax", "gate", "distill", "gate+distill", "distill+select", "gate+distill+select", "grouped")
 
 
 class MiTACausal(CausalMixer):
@@ -328,7 +335,8 @@ class MiTACausal(CausalMixer):
         shared: keep the shared expert (the landmarks' logits and values); ``False`` attends to the routed
             expert and the own block only (SPEC §2.5's ablation; docs/causal.md shows where it matters).
         router: how the routing ``argmax_j q . r_j`` learns (:data:`ROUTERS`; docs/causal.md, "Routing
-            that learns"). ``"gate+distill"`` (default): both of the next two. ``"gate"``: the
+            that learns"). ``"gate+distill+select"`` (default): the next two and ``"+select"``.
+            ``"gate+distill"``: both of the next two. ``"gate"``: the
             straight-through router gate of the op (``router_gate=True``): outputs unchanged bit for bit,
             the chosen landmark is credited with its routed keys' gradient. ``"distill"``: in training, a
             routing distillation loss from dense attention (:mod:`mita.nn.causal_router`) on
@@ -339,8 +347,14 @@ class MiTACausal(CausalMixer):
             training, the routed part takes every visible landmark's keys, each set's logits shifted by
             ``log pi_i(j)`` (the op's ``grouped=True``, on the torch backend); in evaluation the argmax
             as usual. ``"argmax"``: the behaviour before these, where the routing gets no gradient of its
-            own (only the shared logits reach ``q . r_j``).
+            own (only the shared logits reach ``q . r_j``). ``"+select"``: the distillation also
+            teaches the landmarks' key selection (:func:`mita.nn.causal_router.selection_cross_entropy`,
+            weight ``select_weight``): each landmark's attention over its horizon, whose top-k is its
+            routed key set, learns the dense attention of the sampled queries that route to it; without
+            it the selection gets no gradient of its own.
         distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
+        select_weight: the key-selection term's weight (relative to the routing KL), with ``"+select"``.
+            0.1: at 0.3 and above it breaks learning on small blocks (b = 8; docs/causal.md).
 
     Set ``record_routing = True`` to keep the last forward's routing in ``last_routing``.
     """
@@ -354,19 +368,21 @@ class MiTACausal(CausalMixer):
         landmark_horizon: str = "prefix",
         backend: str = "auto",
         shared: bool = True,
-        router: str = "gate+distill",
+        router: str = "gate+distill+select",
         distill_weight: float = 1.0,
         distill_queries: int = 32,
         experts_per_query: int = 1,
+        select_weight: float = 0.1,
     ) -> None:
         super().__init__()
         self.shared = as_bool("shared", shared)
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        self.distill_weight = _weight("distill_weight", distill_weight)
+        self.select_weight = _weight("select_weight", select_weight)
         if router == "grouped" and landmark_horizon != "frozen":
             raise ValueError("router='grouped' needs landmark_horizon='frozen'")
         self.router = router
-        self.distill_weight = float(distill_weight)
         self.distill_queries = _positive_int("distill_queries", distill_queries)
         self.block_size = _positive_int("block_size", block_size)
         self.topk = _positive_int("topk", topk)
@@ -393,6 +409,7 @@ class MiTACausal(CausalMixer):
             terms, rows = routing_distillation_loss(
                 q, k, landmarks, routing, scale=q.shape[-1] ** -0.5, landmark_scale=1.0 / q.shape[-1],
                 queries=self.distill_queries, read=self.objective_rows,
+                select_weight=self.select_weight if "select" in self.router else 0.0,
             )  # fmt: skip
             if terms.numel():  # the loss is their mean, each term attached to its own query's row
                 out = attach_loss(out, terms * (self.distill_weight / terms.numel()), rows)

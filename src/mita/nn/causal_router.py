@@ -30,6 +30,7 @@ __all__ = [
     "objective_rows",
     "routing_distillation_loss",
     "sample_rows",
+    "selection_cross_entropy",
 ]
 
 
@@ -157,8 +158,10 @@ def routing_distillation_loss(
     queries: int,
     generator: torch.Generator | None = None,
     read: torch.Tensor | None = None,
+    select_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``KL(teacher mass per landmark || router)`` of ``queries`` random queries per sequence.
+    """``KL(teacher mass per landmark || router)`` of ``queries`` random queries per sequence, plus
+    ``select_weight`` times :func:`selection_cross_entropy` (the landmarks' key selection) when positive.
 
     Args:
         q, k: ``[B, H, N, d]`` (``k`` already repeated to ``H`` heads).
@@ -168,9 +171,11 @@ def routing_distillation_loss(
         queries: queries sampled per sequence (uniformly among those with a landmark to route to).
         read: optional ``[B, N]`` bool, the rows the objective reads: queries are drawn among them
             (:func:`sample_rows`).
+        select_weight: the weight of the key-selection term (0: none).
 
     Returns ``(terms [B, H, S], rows [B, S])``: each sampled query's KL and its position (its mean is the
-    loss). The terms carry gradient to ``q`` and ``landmarks`` only through the router logits, and the
+    loss). The KL carries gradient to ``q`` and ``landmarks`` only through the router logits (the
+    selection term to ``landmarks`` and ``k`` through the landmarks' key logits), and the
     term of row ``i`` depends on positions ``<= i`` only. ``S = 0`` when no query has a landmark
     (``N <= b``).
     """
@@ -193,7 +198,61 @@ def routing_distillation_loss(
             mass = landmark_mass(teacher, ki)  # [B, H, S, n_l]
     visible = torch.arange(nl, device=q.device)[None, None, :] < beta[:, :, None]  # [B, S, n_l]
     router = (qs @ landmarks.transpose(-1, -2)) * landmark_scale  # [B, H, S, n_l], with gradient
-    return distillation_kl(mass, router, visible), pos
+    terms = distillation_kl(mass, router, visible)
+    if select_weight > 0:
+        with torch.no_grad():
+            pi = torch.softmax(router.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        terms = terms + select_weight * selection_cross_entropy(
+            teacher, pi, k, landmarks, pos, block_size=b, scale=scale, horizon=routing.horizon
+        )
+    return terms, pos
+
+
+def selection_cross_entropy(
+    teacher: torch.Tensor,
+    pi: torch.Tensor,
+    k: torch.Tensor,
+    landmarks: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+    horizon: str,
+) -> torch.Tensor:
+    """The key-selection term ``[B, H, S]`` of the sampled queries: each landmark's attention over its
+    horizon, ``s_j = softmax_{t in H_j} (c r_j . k_t)`` (the distribution whose top-k is its routed key
+    set), is taught the dense attention ``p_i`` of the queries that route to it,
+    ``sum_j pi_ij * CE(p_i on H_j, s_j)`` with the router's probabilities ``pi`` detached.
+
+    The routing distillation teaches a query to pick the landmark that holds its keys; this teaches the
+    landmark to hold them (DeepSeek Sparse Attention's indexer loss, with the landmark as the indexer).
+    A cross-entropy: the KL up to the teacher's entropy, which carries no gradient.
+
+    Args:
+        teacher: ``[B, H, S, N]``, the detached dense softmax of the sampled queries (:func:`dense_teacher`),
+            zero from each query's block on.
+        pi: ``[B, H, S, n_l]``, detached routing probabilities, zero on landmarks the query cannot see.
+        k, landmarks: ``[B, H, N, d]`` and ``[B, H, n_l, d]`` (gradient flows to both).
+        rows: ``[B, S]``, the sampled positions.
+        horizon: ``"frozen"`` (``H_j``: keys ``t < (j + 1) b``) or ``"prefix"`` (``t < beta(i) b``).
+
+    The term of row ``i`` reads landmarks ``j < beta(i)`` and keys ``t < beta(i) b`` only.
+    """
+    n, nl = k.shape[2], landmarks.shape[2]
+    logits = (landmarks * scale) @ k.transpose(-1, -2)  # [B, H, n_l, N], with gradient
+    t = torch.arange(n, device=k.device)
+    if horizon == "frozen":
+        inside = t[None, :] < (torch.arange(1, nl + 1, device=k.device) * block_size)[:, None]  # [n_l, N]
+        logits = logits.masked_fill(~inside, float("-inf"))
+        logs = torch.where(inside, logits - torch.logsumexp(logits, dim=-1, keepdim=True), 0.0)
+        # p_i is zero past beta(i) b, and H_j ends before it for every visible j: sum_t p_i(t) log s_j(t).
+        ce = -(teacher @ logs.transpose(-1, -2))  # [B, H, S, n_l]
+    else:  # H_j(beta) = t < beta b: the normaliser at the query block's start, the teacher's support
+        lse = torch.logcumsumexp(logits, dim=-1)  # [B, H, n_l, N]
+        end = ((rows // block_size) * block_size - 1).clamp_min(0)  # [B, S]
+        lse = lse.gather(-1, end[:, None, None, :].expand(-1, lse.shape[1], nl, -1)).transpose(-1, -2)
+        ce = lse * teacher.sum(-1, keepdim=True) - teacher @ logits.transpose(-1, -2)  # [B, H, S, n_l]
+    return (pi * torch.where(pi > 0, ce, 0.0)).sum(-1)
 
 
 def block_distillation_loss(

@@ -79,7 +79,12 @@ class MiTAAttention(AttentionBase):
             attention (:mod:`mita.nn.router`) on ``distill_queries`` queries per sequence, weight
             ``distill_weight``, attached to the output (unchanged bit for bit) so that its gradient joins
             the task loss's in the same backward pass. Needs the routed experts (``routed=True``).
+            ``"distill+select"``: also the key-selection term (weight ``select_weight``): each landmark's
+            attention over the keys, whose top-k is its routed key set, learns the dense attention of the
+            sampled queries that route to it.
         distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
+        select_weight: the key-selection term's weight (relative to the routing KL), with ``"+select"``
+            (1, as measured on the ViT; causal MiTA's default is 0.1).
 
     Non-causal: causal MiTA (SPEC §5) is the causal mixer :class:`mita.nn.causal.MiTACausal` (the GPT's
     ``attention="mita"``), on :func:`mita.mita_causal_attention`.
@@ -129,6 +134,7 @@ class MiTAAttention(AttentionBase):
         router: str = "argmax",
         distill_weight: float = 1.0,
         distill_queries: int = 32,
+        select_weight: float = 1.0,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -151,11 +157,12 @@ class MiTAAttention(AttentionBase):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
-        if router == "distill" and not routed:
-            raise ValueError("router='distill' trains the routed experts' routing; it needs routed=True")
-        distill_weight = float(distill_weight)
-        if not distill_weight >= 0 or distill_weight == float("inf"):
-            raise ValueError(f"distill_weight must be a finite number >= 0, got {distill_weight}")
+        if router != "argmax" and not routed:
+            raise ValueError(f"router={router!r} trains the routed experts' routing; it needs routed=True")
+        distill_weight, select_weight = float(distill_weight), float(select_weight)
+        for name, w in (("distill_weight", distill_weight), ("select_weight", select_weight)):
+            if not 0 <= w < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {w}")
         distill_queries = as_int("distill_queries", distill_queries)
         self.landmark = LandmarkBuilder(
             dim, num_heads, num_landmarks, landmark_mode, layout, self.grid, conv_kernel, landmark_seed
@@ -168,6 +175,7 @@ class MiTAAttention(AttentionBase):
         self.shared, self.routed = shared, routed
         self.landmark_scale, self.backend, self.dedup = landmark_scale, backend, dedup
         self.router, self.distill_weight, self.distill_queries = router, distill_weight, distill_queries
+        self.select_weight = select_weight
         self.config = cfg
         self.record_routing = False
         self.last_routing: Routing | None = None
@@ -177,7 +185,7 @@ class MiTAAttention(AttentionBase):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tl: TokenLayout
     ) -> torch.Tensor:
-        distill = self.router == "distill" and self.training and torch.is_grad_enabled()
+        distill = self.router != "argmax" and self.training and torch.is_grad_enabled()
         distill = distill and self.distill_weight > 0
         r = self.landmark(q, tl, mask) if distill else None  # the landmarks the loss's router reads
         res = mita_mix(
@@ -194,6 +202,7 @@ class MiTAAttention(AttentionBase):
                 q, k, r, routing.key_index, scale=d**-0.5,
                 landmark_scale=self.landmark_scale if self.landmark_scale is not None else 1.0 / d,
                 queries=self.distill_queries, key_padding_mask=mask,
+                select_weight=self.select_weight if self.router == "distill+select" else 0.0,
             )  # fmt: skip
             out = attach_loss(out, terms * (self.distill_weight / terms.numel()), rows)
         if not self.record_routing:

@@ -18,8 +18,10 @@ from .causal_router import distillation_kl, landmark_mass
 __all__ = ["ROUTERS", "routing_distillation_loss"]
 
 #: How non-causal MiTA's router learns (``MiTAAttention(router=...)``): ``"argmax"``, the op alone (the
-#: routing gets no gradient); ``"distill"``, plus the routing distillation loss of this module.
-ROUTERS = ("argmax", "distill")
+#: routing gets no gradient); ``"distill"``, plus the routing distillation loss of this module;
+#: ``"distill+select"``, plus its key-selection term (each landmark's attention, whose top-k is its
+#: routed key set, learns the dense attention of the sampled queries that route to it).
+ROUTERS = ("argmax", "distill", "distill+select")
 
 
 def routing_distillation_loss(
@@ -33,6 +35,7 @@ def routing_distillation_loss(
     queries: int,
     key_padding_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    select_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``KL(teacher mass per landmark || router)`` of ``queries`` random queries per sequence.
 
@@ -45,9 +48,13 @@ def routing_distillation_loss(
         queries: queries sampled per sequence, uniformly with replacement among its unpadded positions.
         key_padding_mask: ``[B, N]`` bool, True = padding: padded keys are outside the teacher, padded
             queries are not sampled.
+        select_weight: the weight of the key-selection term (0: none):
+            ``sum_j pi_ij * CE(p_i, softmax_t(c r_j . k_t))`` with the router's ``pi`` detached, as
+            :func:`mita.nn.causal_router.selection_cross_entropy` over every unpadded key.
 
-    Returns ``(terms [B, H, S], rows [B, S])``: each sampled query's KL and its position (their mean is the
-    loss). The terms carry gradient to ``q`` and ``landmarks`` only through the router logits.
+    Returns ``(terms [B, H, S], rows [B, S])``: each sampled query's KL (plus the selection term) and its
+    position (their mean is the loss). The KL carries gradient to ``q`` and ``landmarks`` only through
+    the router logits; the selection term to ``landmarks`` and ``k`` through the landmarks' key logits.
     """
     bsz, h, n, d = q.shape
     hkv = k.shape[1]
@@ -63,6 +70,20 @@ def routing_distillation_loss(
         logits = (grouped @ k[:, :, None].transpose(-1, -2)).view(bsz, h, queries, n)  # [B, H, S, N]
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        mass = landmark_mass(torch.softmax(logits, dim=-1), key_index)  # [B, H, S, m]
+        teacher = torch.softmax(logits, dim=-1)
+        mass = landmark_mass(teacher, key_index)  # [B, H, S, m]
     router = (qs @ landmarks.transpose(-1, -2)) * landmark_scale  # [B, H, S, m], with gradient
-    return distillation_kl(mass, router), pos
+    terms = distillation_kl(mass, router)
+    if select_weight > 0:
+        m = landmarks.shape[2]
+        grouped = (landmarks * scale).view(bsz, hkv, h // hkv, m, d)
+        kk = k if key_padding_mask is None else k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+        sel = (grouped @ kk[:, :, None].transpose(-1, -2)).view(bsz, h, m, n)  # [B, H, m, N], with gradient
+        if key_padding_mask is not None:  # padded keys (zeroed above: whatever they hold never matters)
+            sel = sel.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        logs = sel - torch.logsumexp(sel, dim=-1, keepdim=True)
+        if key_padding_mask is not None:  # the teacher is 0 there: 0 * -inf would be NaN
+            logs = logs.masked_fill(key_padding_mask[:, None, None, :], 0.0)
+        pi = torch.softmax(router.detach(), dim=-1)
+        terms = terms - select_weight * (pi * (teacher @ logs.transpose(-1, -2))).sum(-1)
+    return terms, pos
