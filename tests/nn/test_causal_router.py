@@ -166,6 +166,13 @@ def test_default_router_gradients_match_the_reference_on_every_backend(backend, 
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
 
 
+def test_default_select_weight_scales_with_the_block():
+    """The term reaches each query through its block mean (1/b of it per query): min(1, b / 64)."""
+    assert MiTACausal(block_size=8).select_weight == 0.125
+    assert MiTACausal(block_size=64).select_weight == 1.0 == MiTACausal(block_size=256).select_weight
+    assert MiTACausal(block_size=8, select_weight=0.7).select_weight == 0.7
+
+
 def test_distillation_draws_its_queries_among_the_rows_the_objective_reads():
     read = torch.zeros(3, 19, dtype=torch.bool)
     read[0, [5, 17]] = True

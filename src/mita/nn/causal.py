@@ -354,7 +354,10 @@ class MiTACausal(CausalMixer):
             it the selection gets no gradient of its own.
         distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
         select_weight: the key-selection term's weight (relative to the routing KL), with ``"+select"``.
-            0.1: at 0.3 and above it breaks learning on small blocks (b = 8; docs/causal.md).
+            ``None`` (default): ``min(1, block_size / 64)``. The term reaches each query through its
+            block mean, ``1 / b`` of it per query, so small blocks take less: at b = 8 a weight of 0.3
+            or more breaks learning, 0.1 does not; at b = 64 weight 1 is the best measured
+            (docs/causal.md, "Teaching the landmarks' key selection").
 
     Set ``record_routing = True`` to keep the last forward's routing in ``last_routing``.
     """
@@ -372,19 +375,21 @@ class MiTACausal(CausalMixer):
         distill_weight: float = 1.0,
         distill_queries: int = 32,
         experts_per_query: int = 1,
-        select_weight: float = 0.1,
+        select_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.shared = as_bool("shared", shared)
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
         self.distill_weight = _weight("distill_weight", distill_weight)
+        self.block_size = _positive_int("block_size", block_size)
+        if select_weight is None:
+            select_weight = min(1.0, self.block_size / 64)
         self.select_weight = _weight("select_weight", select_weight)
         if router == "grouped" and landmark_horizon != "frozen":
             raise ValueError("router='grouped' needs landmark_horizon='frozen'")
         self.router = router
         self.distill_queries = _positive_int("distill_queries", distill_queries)
-        self.block_size = _positive_int("block_size", block_size)
         self.topk = _positive_int("topk", topk)
         self.experts_per_query = as_int("experts_per_query", experts_per_query)
         if router == "grouped" and self.experts_per_query != 1:
