@@ -312,6 +312,8 @@ def test_learned_routers_keep_every_output_free_of_later_positions_in_training(m
         ({"distill_weight": -1.0}, "distill_weight must be a finite number"),
         ({"select_weight": float("nan")}, "select_weight must be a finite number"),
         ({"select_weight": float("inf")}, "select_weight must be a finite number"),
+        ({"select_weight": "1"}, "select_weight must be a finite number"),
+        ({"distill_weight": True}, "distill_weight must be a finite number"),
     ],
 )
 def test_bad_router_options_raise(kw, match):

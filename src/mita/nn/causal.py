@@ -33,7 +33,7 @@ from torch import nn
 
 from ..landmarks import block_mean
 from ..ops import MiTACache, mita_causal_attention
-from ..ops.arguments import as_bool, as_horizon, as_int
+from ..ops.arguments import as_bool, as_horizon, as_int, as_weight
 from .causal_router import attach_loss, block_distillation_loss, routing_distillation_loss
 from .registry import check_kwargs
 
@@ -55,13 +55,6 @@ __all__ = [
 def _positive_int(name: str, val: Any) -> int:
     if isinstance(val, bool) or not isinstance(val, int) or val < 1:
         raise ValueError(f"{name} must be a positive int, got {val!r}")
-    return val
-
-
-def _weight(name: str, val: Any) -> float:
-    val = float(val)
-    if not 0 <= val < float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {val}")
     return val
 
 
@@ -227,7 +220,7 @@ class MoBACausal(CausalMixer):
         if router not in MOBA_ROUTERS:
             raise ValueError(f"router must be one of {MOBA_ROUTERS} for moba, got {router!r}")
         self.router = router
-        self.distill_weight = _weight("distill_weight", distill_weight)
+        self.distill_weight = as_weight("distill_weight", distill_weight)
         self.distill_queries = _positive_int("distill_queries", distill_queries)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -381,11 +374,11 @@ class MiTACausal(CausalMixer):
         self.shared = as_bool("shared", shared)
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
-        self.distill_weight = _weight("distill_weight", distill_weight)
+        self.distill_weight = as_weight("distill_weight", distill_weight)
         self.block_size = _positive_int("block_size", block_size)
         if select_weight is None:
             select_weight = min(1.0, self.block_size / 64)
-        self.select_weight = _weight("select_weight", select_weight)
+        self.select_weight = as_weight("select_weight", select_weight)
         if router == "grouped" and landmark_horizon != "frozen":
             raise ValueError("router='grouped' needs landmark_horizon='frozen'")
         self.router = router

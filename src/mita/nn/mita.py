@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops import Routing, mita_attention
 from ..ops.api import BACKENDS
-from ..ops.arguments import as_bool, as_experts, as_int, as_scale
+from ..ops.arguments import as_bool, as_experts, as_int, as_scale, as_weight
 from .base import AttentionBase, config_of
 from .causal_router import attach_loss
 from .landmark_modes import LandmarkBuilder, landmark_mode_arg
@@ -159,10 +159,8 @@ class MiTAAttention(AttentionBase):
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
         if router != "argmax" and not routed:
             raise ValueError(f"router={router!r} trains the routed experts' routing; it needs routed=True")
-        distill_weight, select_weight = float(distill_weight), float(select_weight)
-        for name, w in (("distill_weight", distill_weight), ("select_weight", select_weight)):
-            if not 0 <= w < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {w}")
+        distill_weight = as_weight("distill_weight", distill_weight)
+        select_weight = as_weight("select_weight", select_weight)
         distill_queries = as_int("distill_queries", distill_queries)
         self.landmark = LandmarkBuilder(
             dim, num_heads, num_landmarks, landmark_mode, layout, self.grid, conv_kernel, landmark_seed

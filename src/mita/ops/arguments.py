@@ -43,6 +43,14 @@ def as_scale(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def as_weight(name: str, value: Any) -> float:
+    """A loss weight: a finite real number ``>= 0``, as a float."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not ok or not 0 <= float(value) < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def as_experts(shared: Any, routed: Any) -> tuple[bool, bool]:
     """``shared`` and ``routed`` as bools; at least one expert must stay on."""
     shared, routed = as_bool("shared", shared), as_bool("routed", routed)
