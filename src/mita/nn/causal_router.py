@@ -31,6 +31,7 @@ __all__ = [
     "routing_distillation_loss",
     "sample_rows",
     "selection_cross_entropy",
+    "weighted_cross_entropy",
 ]
 
 
@@ -243,15 +244,26 @@ def selection_cross_entropy(
     t = torch.arange(n, device=k.device)
     if horizon == "frozen":
         inside = t[None, :] < (torch.arange(1, nl + 1, device=k.device) * block_size)[:, None]  # [n_l, N]
-        logits = logits.masked_fill(~inside, float("-inf"))
-        logs = torch.where(inside, logits - torch.logsumexp(logits, dim=-1, keepdim=True), 0.0)
-        # p_i is zero past beta(i) b, and H_j ends before it for every visible j: sum_t p_i(t) log s_j(t).
-        ce = -(teacher @ logs.transpose(-1, -2))  # [B, H, S, n_l]
+        # p_i is zero past beta(i) b, and H_j ends before it for every visible j
+        return weighted_cross_entropy(teacher, pi, logits, inside)
     else:  # H_j(beta) = t < beta b: the normaliser at the query block's start, the teacher's support
         lse = torch.logcumsumexp(logits, dim=-1)  # [B, H, n_l, N]
         end = ((rows // block_size) * block_size - 1).clamp_min(0)  # [B, S]
         lse = lse.gather(-1, end[:, None, None, :].expand(-1, lse.shape[1], nl, -1)).transpose(-1, -2)
         ce = lse * teacher.sum(-1, keepdim=True) - teacher @ logits.transpose(-1, -2)  # [B, H, S, n_l]
+    return (pi * torch.where(pi > 0, ce, 0.0)).sum(-1)
+
+
+def weighted_cross_entropy(
+    teacher: torch.Tensor, pi: torch.Tensor, logits: torch.Tensor, inside: torch.Tensor
+) -> torch.Tensor:
+    """``sum_j pi_ij * -sum_t p_i(t) log softmax_{t inside j}(logits_jt)``, ``[B, H, S]``: ``teacher``
+    ``[B, H, S, N]`` (zero outside each landmark's keys it is weighed against), ``pi`` ``[B, H, S, m]``,
+    ``logits`` ``[B, H, m, N]`` and ``inside`` (bool, broadcastable to ``logits``: the keys landmark ``j``
+    selects among). The key-selection term of causal (frozen horizon) and non-causal MiTA."""
+    logits = logits.masked_fill(~inside, float("-inf"))
+    logs = torch.where(inside, logits - torch.logsumexp(logits, dim=-1, keepdim=True), 0.0)
+    ce = -(teacher @ logs.transpose(-1, -2))  # [B, H, S, m]
     return (pi * torch.where(pi > 0, ce, 0.0)).sum(-1)
 
 

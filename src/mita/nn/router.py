@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .causal_router import distillation_kl, landmark_mass
+from .causal_router import distillation_kl, landmark_mass, weighted_cross_entropy
 
 __all__ = ["ROUTERS", "routing_distillation_loss"]
 
@@ -79,11 +79,10 @@ def routing_distillation_loss(
         grouped = (landmarks * scale).view(bsz, hkv, h // hkv, m, d)
         kk = k if key_padding_mask is None else k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         sel = (grouped @ kk[:, :, None].transpose(-1, -2)).view(bsz, h, m, n)  # [B, H, m, N], with gradient
-        if key_padding_mask is not None:  # padded keys (zeroed above: whatever they hold never matters)
-            sel = sel.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        logs = sel - torch.logsumexp(sel, dim=-1, keepdim=True)
-        if key_padding_mask is not None:  # the teacher is 0 there: 0 * -inf would be NaN
-            logs = logs.masked_fill(key_padding_mask[:, None, None, :], 0.0)
+        # padded keys are outside every landmark's choice (zeroed above: what they hold never matters)
+        inside = torch.ones(1, 1, 1, n, dtype=torch.bool, device=k.device)
+        if key_padding_mask is not None:
+            inside = ~key_padding_mask[:, None, None, :]
         pi = torch.softmax(router.detach(), dim=-1)
-        terms = terms - select_weight * (pi * (teacher @ logs.transpose(-1, -2))).sum(-1)
+        terms = terms + select_weight * weighted_cross_entropy(teacher, pi, sel, inside)
     return terms, pos
