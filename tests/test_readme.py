@@ -162,7 +162,7 @@ def test_readme_mqar_router_figures_equal_docs():
     quoted = re.search(r"reaches ([\d. /]+) % MQAR accuracy", README.read_text()).group(1)
     table = (ROOT / "docs/causal.md").read_text()
     # "Teaching the landmarks' key selection": N = 512, the default router, one bold row per seed
-    default = r"\*\*`gate\+distill\+select`\*\* \(default: `select_weight=1` at b = 64\)"
+    default = r"\*\*`gate\+distill\+select`\*\* \(default: `select_weight=0.3` at b = 64\)"
     rows = re.findall(rf"^\| 512, 32 \| {default} \| (\d) \| \*\*([\d.]+)\*\* \|", table, flags=re.M)
     actual = [float(acc) for _, acc in sorted(rows)]
     assert len(actual) == 3

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from mita.data import get_task
+from mita.data import build_dataset, get_task
 from mita.train import cli
 from mita.train import report as train_report
+from mita.train.checkpoint import load_model
 from mita.train.presets import causal_overrides, get_preset, model_spec
+from mita.train.recall import mqar_routing_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,3 +230,39 @@ def test_router_cost_times_every_router(results_script, capsys):
         "gate+distill+select",
     ]
     assert rows[0].endswith("| 1.00× |")
+
+
+def _tiny_mqar_run(out: Path, horizon: str) -> None:
+    argv = ["--task", "mqar", "--attention", "mita", "--data-arg", "seq_len=64", "--data-arg", "num_pairs=8",
+            "--data-arg", "vocab_size=32", "--max-steps", "2", "--batch-size", "2", "--block-size", "8",
+            "--topk", "4", "--landmark-horizon", horizon, "--test-size", "4", "--device", "cpu",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+
+
+def test_recall_split_groups_add_up_to_the_trainers_recall(results_script, tmp_path, capsys):
+    """The per-block rows of ``results/mqar_recall_split.py`` partition the queries, and its "all" row is
+    the trainer's routing recall and coverage of the first layer on the same test sequences."""
+    split_script = results_script("mqar_recall_split")
+    _tiny_mqar_run(tmp_path / "run", "frozen")
+    rows, b = split_script.split(str(tmp_path / "run"), 3)
+    assert b == 8
+    by_key = [r for r in rows if r[0].startswith("needed key")]
+    by_query = [r for r in rows if r[0].startswith("query in")]
+    total = rows[-1]
+    assert rows[-1][0] == "all" and sum(r[1] for r in by_key) == total[1] == sum(r[1] for r in by_query)
+    assert all(r[2] <= r[3] + 1e-9 for r in rows)  # a routed hit is a covered key
+    model, _ = load_model(tmp_path / "run")
+    ds = build_dataset("mqar", "test", seed=0, seq_len=64, num_pairs=8, vocab_size=32)
+    first = mqar_routing_summary(model, ds, n_examples=3)[0]
+    assert total[2] == pytest.approx(first["recall_any_head"])
+    assert total[3] == pytest.approx(first["coverage_any_head"])
+    assert split_script.main([str(tmp_path / "run"), "--examples", "3"]) == 0
+    assert "| needed key in block 0 |" in capsys.readouterr().out
+
+
+def test_recall_split_refuses_a_prefix_run(results_script, tmp_path):
+    split_script = results_script("mqar_recall_split")
+    _tiny_mqar_run(tmp_path / "run", "prefix")
+    with pytest.raises(ValueError, match="frozen key sets"):
+        split_script.split(str(tmp_path / "run"), 2)

@@ -5,7 +5,7 @@ model answers.
 
 Measured with this loop (best layer's recall minus chance, then test accuracy; seeds 0 / 1 / 2; the
 distillation draws its queries among the answers' rows, as ``mita train`` does): default
-(``"gate+distill+select"``, ``select_weight = min(1, b/64) = 0.125``) 0.10 / 0.07 / 0.11, accuracy 0.92 /
+(``"gate+distill+select"``, ``select_weight = min(0.3, b/64) = 0.125``) 0.10 / 0.07 / 0.11, accuracy 0.92 /
 0.95 / 0.93; ``"gate+distill"`` 0.54 / 0.42 / 0.33, 0.91 / 0.88 / 0.86; the old ``"argmax"`` 0.31 / -0.00 /
 0.28, 0.76 / 0.45 / 0.70. The key selection raises the chance line itself (more landmarks hold each
 needed key), hence its smaller margin; 0.05 is about four standard errors of a recall measured on these

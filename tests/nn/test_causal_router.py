@@ -167,9 +167,9 @@ def test_default_router_gradients_match_the_reference_on_every_backend(backend, 
 
 
 def test_default_select_weight_scales_with_the_block():
-    """The term reaches each query through its block mean (1/b of it per query): min(1, b / 64)."""
+    """The term reaches each query through its block mean (1/b of it per query): min(0.3, b / 64)."""
     assert MiTACausal(block_size=8).select_weight == 0.125
-    assert MiTACausal(block_size=64).select_weight == 1.0 == MiTACausal(block_size=256).select_weight
+    assert MiTACausal(block_size=64).select_weight == 0.3 == MiTACausal(block_size=256).select_weight
     assert MiTACausal(block_size=8, select_weight=0.7).select_weight == 0.7
 
 

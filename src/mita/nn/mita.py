@@ -84,7 +84,7 @@ class MiTAAttention(AttentionBase):
             sampled queries that route to it.
         distill_weight, distill_queries: the distillation loss's weight and sampled queries per sequence.
         select_weight: the key-selection term's weight (relative to the routing KL), with ``"+select"``
-            (1, as measured on the ViT; causal MiTA scales its default with the block, min(1, b / 64)).
+            (1, as measured on the ViT; causal MiTA scales its default with the block, min(0.3, b / 64)).
 
     Non-causal: causal MiTA (SPEC §5) is the causal mixer :class:`mita.nn.causal.MiTACausal` (the GPT's
     ``attention="mita"``), on :func:`mita.mita_causal_attention`.

@@ -1,0 +1,92 @@
+"""Where a trained causal-MiTA MQAR model's routing fails: the first MiTA layer's routing recall and coverage
+(:func:`mita.train.recall.routing_recall`'s terms) split by the block that holds the needed key and by the
+query's block, on the first ``--examples`` test sequences of the run's own MQAR configuration.
+
+MQAR puts its pairs first, so at N = 2048 with 128 pairs they fill blocks 0-3 (b = 64); a key in block
+``u`` is visible to the landmarks ``j >= u`` only under the frozen horizon, and it competes with the pairs
+of every earlier block for a place in their top-k.
+
+    python3 results/mqar_recall_split.py runs/mqar-2048-s0 runs/mqar-2048-s1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from mita.data import build_dataset
+from mita.nn.causal import MiTACausal
+from mita.train.checkpoint import load_model
+from mita.train.recall import needed_positions
+
+
+@torch.no_grad()
+def split(run: str, examples: int) -> tuple[list[tuple[str, int, float, float]], int]:
+    """Rows ``(label, queries, recall, coverage)`` (any head, first MiTA layer) and the block size."""
+    model, meta = load_model(run)
+    if meta["task"] != "mqar":
+        raise ValueError(f"{run}: an MQAR run is needed, got task {meta['task']!r}")
+    mixers = [m for m in model.modules() if isinstance(m, MiTACausal)]
+    if not mixers:
+        raise ValueError(f"{run}: the model has no causal MiTA layer")
+    if mixers[0].landmark_horizon != "frozen":
+        raise ValueError(
+            f"{run}: the split reads frozen key sets; this run used {mixers[0].landmark_horizon!r}"
+        )
+    ds = build_dataset("mqar", "test", seed=0, **meta.get("data_kwargs", {}))
+    xs, ys = zip(*(ds[i] for i in range(min(examples, len(ds)))))
+    x, y = torch.stack(xs), torch.stack(ys)
+    mixers[0].record_routing = True
+    model.eval()(x)
+    routing = mixers[0].last_routing
+    b = int(routing.block_size)
+    bi, qi, need = needed_positions(x, y)
+    far = (need >= 0) & (need // b != qi // b)
+    bi, qi, need = bi[far], qi[far], need[far]
+    chosen = routing.expert_index[bi, :, qi]  # [Q, H, s]
+    sets = routing.key_index[bi]  # [Q, H, n_l, k]
+    visible = torch.arange(sets.shape[2])[None, None, :] < (qi // b)[:, None, None]
+    cover = (sets == need[:, None, None, None]).any(-1) & visible  # [Q, H, n_l]
+    hit = (cover.gather(2, chosen.clamp_min(0)) & (chosen >= 0)).any(-1).any(-1)  # [Q]
+    covered = cover.any(-1).any(-1)
+    rows = []
+    for label, groups in (("needed key in block", need // b), ("query in block", qi // b)):
+        edges = sorted(set(groups.tolist()))
+        if label == "query in block":  # coarse bins: one row per quarter of the query blocks
+            lo, hi = edges[0], edges[-1] + 1
+            step = max(1, (hi - lo + 3) // 4)
+            bins = [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+        else:
+            bins = [(u, u + 1) for u in edges]
+        for a, z in bins:
+            sel = (groups >= a) & (groups < z)
+            name = f"{label} {a}" if z == a + 1 else f"{label} {a}-{z - 1}"
+            rows.append(
+                (name, int(sel.sum()), float(hit[sel].float().mean()), float(covered[sel].float().mean()))
+            )
+    rows.append(("all", len(hit), float(hit.float().mean()), float(covered.float().mean())))
+    return rows, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print one markdown table per run: queries, recall and coverage by group."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="mita train run directories (MQAR, causal MiTA, frozen horizon)")
+    p.add_argument("--examples", type=int, default=32, help="test sequences (default 32)")
+    a = p.parse_args(argv)
+    if a.examples < 1:
+        p.error("--examples must be >= 1")
+    torch.set_num_threads(1)
+    for run in a.runs:
+        rows, b = split(run, a.examples)
+        print(f"\n{run} (first MiTA layer, b = {b}, {a.examples} test sequences, any head)\n")
+        print("| group | queries | recall | coverage |\n|---|---:|---:|---:|")
+        for name, n, rec, cov in rows:
+            print(f"| {name} | {n} | {rec:.3f} | {cov:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
