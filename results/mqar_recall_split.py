@@ -19,7 +19,7 @@ import torch
 from mita.data import build_dataset
 from mita.nn.causal import MiTACausal
 from mita.train.checkpoint import load_model
-from mita.train.recall import needed_positions
+from mita.train.recall import needed_positions, routing_recall
 
 
 @torch.no_grad()
@@ -43,30 +43,26 @@ def split(run: str, examples: int) -> tuple[list[tuple[str, int, float, float]],
     routing = mixers[0].last_routing
     b = int(routing.block_size)
     bi, qi, need = needed_positions(x, y)
-    far = (need >= 0) & (need // b != qi // b)
+    far = (need >= 0) & (need // b != qi // b)  # what routing_recall counts (not its own-block queries)
     bi, qi, need = bi[far], qi[far], need[far]
-    chosen = routing.expert_index[bi, :, qi]  # [Q, H, s]
-    sets = routing.key_index[bi]  # [Q, H, n_l, k]
-    visible = torch.arange(sets.shape[2])[None, None, :] < (qi // b)[:, None, None]
-    cover = (sets == need[:, None, None, None]).any(-1) & visible  # [Q, H, n_l]
-    hit = (cover.gather(2, chosen.clamp_min(0)) & (chosen >= 0)).any(-1).any(-1)  # [Q]
-    covered = cover.any(-1).any(-1)
-    rows = []
-    for label, groups in (("needed key in block", need // b), ("query in block", qi // b)):
-        edges = sorted(set(groups.tolist()))
-        if label == "query in block":  # coarse bins: one row per quarter of the query blocks
-            lo, hi = edges[0], edges[-1] + 1
-            step = max(1, (hi - lo + 3) // 4)
-            bins = [(a, min(a + step, hi)) for a in range(lo, hi, step)]
-        else:
-            bins = [(u, u + 1) for u in edges]
-        for a, z in bins:
-            sel = (groups >= a) & (groups < z)
-            name = f"{label} {a}" if z == a + 1 else f"{label} {a}-{z - 1}"
-            rows.append(
-                (name, int(sel.sum()), float(hit[sel].float().mean()), float(covered[sel].float().mean()))
+
+    def row(name: str, sel: torch.Tensor) -> tuple[str, int, float, float]:
+        r = routing_recall(routing, bi[sel], qi[sel], need[sel])
+        return name, int(sel.sum()), r["recall_any_head"], r["coverage_any_head"]
+
+    rows = [row(f"needed key in block {u}", need // b == u) for u in sorted(set((need // b).tolist()))]
+    blocks = qi // b  # the query blocks in four coarse bins
+    lo, hi = int(blocks.min()), int(blocks.max()) + 1
+    step = max(1, (hi - lo + 3) // 4)
+    for a in range(lo, hi, step):
+        z = min(a + step, hi)
+        rows.append(
+            row(
+                f"query in block {a}-{z - 1}" if z > a + 1 else f"query in block {a}",
+                (blocks >= a) & (blocks < z),
             )
-    rows.append(("all", len(hit), float(hit.float().mean()), float(covered.float().mean())))
+        )
+    rows.append(row("all", torch.ones_like(need, dtype=torch.bool)))
     return rows, b
 
 
