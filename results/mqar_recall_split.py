@@ -4,7 +4,8 @@ query's block, on the first ``--examples`` test sequences of the run's own MQAR 
 
 MQAR puts its pairs first, so at N = 2048 with 128 pairs they fill blocks 0-3 (b = 64); a key in block
 ``u`` is visible to the landmarks ``j >= u`` only under the frozen horizon, and it competes with the pairs
-of every earlier block for a place in their top-k.
+of every earlier block for a place in their top-k. The last rows split each head's queries by the
+landmark it chose: one of the pair blocks' own landmarks, or a later one (recall there is that head's).
 
     python3 results/mqar_recall_split.py runs/mqar-2048-s0 runs/mqar-2048-s1
 """
@@ -24,7 +25,8 @@ from mita.train.recall import needed_positions, routing_recall
 
 @torch.no_grad()
 def split(run: str, examples: int) -> tuple[list[tuple[str, int, float, float]], int]:
-    """Rows ``(label, queries, recall, coverage)`` (any head, first MiTA layer) and the block size."""
+    """Rows ``(label, queries, recall, coverage)`` (any head, first MiTA layer; the chosen-landmark rows per
+    head) and the block size."""
     model, meta = load_model(run)
     if meta["task"] != "mqar":
         raise ValueError(f"{run}: an MQAR run is needed, got task {meta['task']!r}")
@@ -63,6 +65,20 @@ def split(run: str, examples: int) -> tuple[list[tuple[str, int, float, float]],
             )
         )
     rows.append(row("all", torch.ones_like(need, dtype=torch.bool)))
+    # Which landmark each head chose: one of the blocks that hold pairs, or a later one. Each head's rows
+    # are routing_recall on that head alone (its own hit rate and coverage).
+    pair_blocks = int((need // b).max()) + 1 if len(need) else 0
+    for h in range(routing.expert_index.shape[1]):
+        one = routing._replace(
+            expert_index=routing.expert_index[:, h : h + 1], key_index=routing.key_index[:, h : h + 1]
+        )
+        chosen = one.expert_index[bi, 0, qi, 0]
+        for name, sel in (
+            (f"head {h} routed to a pair block's landmark (j < {pair_blocks})", chosen < pair_blocks),
+            (f"head {h} routed to a later landmark (j >= {pair_blocks})", chosen >= pair_blocks),
+        ):
+            r = routing_recall(one, bi[sel], qi[sel], need[sel])
+            rows.append((name, int(sel.sum()), r["recall_any_head"], r["coverage_any_head"]))
     return rows, b
 
 

@@ -241,22 +241,29 @@ def _tiny_mqar_run(out: Path, horizon: str) -> None:
 
 
 def test_recall_split_groups_add_up_to_the_trainers_recall(results_script, tmp_path, capsys):
-    """The per-block rows of ``results/mqar_recall_split.py`` partition the queries, and its "all" row is
-    the trainer's routing recall and coverage of the first layer on the same test sequences."""
+    """The per-block rows of ``results/mqar_recall_split.py`` partition the queries, its "all" row is the
+    trainer's routing recall and coverage of the first layer on the same test sequences, and each head's
+    chosen-landmark rows partition the queries into that head's hits."""
     split_script = results_script("mqar_recall_split")
     _tiny_mqar_run(tmp_path / "run", "frozen")
     rows, b = split_script.split(str(tmp_path / "run"), 3)
     assert b == 8
     by_key = [r for r in rows if r[0].startswith("needed key")]
     by_query = [r for r in rows if r[0].startswith("query in")]
-    total = rows[-1]
-    assert rows[-1][0] == "all" and sum(r[1] for r in by_key) == total[1] == sum(r[1] for r in by_query)
+    total = next(r for r in rows if r[0] == "all")
+    assert sum(r[1] for r in by_key) == total[1] == sum(r[1] for r in by_query)
     assert all(r[2] <= r[3] + 1e-9 for r in rows)  # a routed hit is a covered key
+    heads = sorted({r[0].split()[1] for r in rows if r[0].startswith("head ")})
+    by_head = [[r for r in rows if r[0].startswith(f"head {h} routed")] for h in heads]
+    assert all(len(rs) == 2 and sum(r[1] for r in rs) == total[1] for rs in by_head)  # each head's choices
+    hits = sum(r[1] * r[2] for rs in by_head for r in rs if r[1])
     model, _ = load_model(tmp_path / "run")
     ds = build_dataset("mqar", "test", seed=0, seq_len=64, num_pairs=8, vocab_size=32)
     first = mqar_routing_summary(model, ds, n_examples=3)[0]
     assert total[2] == pytest.approx(first["recall_any_head"])
     assert total[3] == pytest.approx(first["coverage_any_head"])
+    # each head's rows count that head's own hits: together, the trainer's mean over heads
+    assert len(heads) == 2 and hits / (2 * total[1]) == pytest.approx(first["recall_mean_head"])
     assert split_script.main([str(tmp_path / "run"), "--examples", "3"]) == 0
     assert "| needed key in block 0 |" in capsys.readouterr().out
 
