@@ -19,6 +19,7 @@ import torch
 
 from mita.data import build_dataset
 from mita.nn.causal import MiTACausal
+from mita.ops.causal import CausalRouting
 from mita.train.checkpoint import load_model
 from mita.train.recall import needed_positions, routing_recall
 
@@ -48,8 +49,8 @@ def split(run: str, examples: int) -> tuple[list[tuple[str, int, float, float]],
     far = (need >= 0) & (need // b != qi // b)  # what routing_recall counts (not its own-block queries)
     bi, qi, need = bi[far], qi[far], need[far]
 
-    def row(name: str, sel: torch.Tensor) -> tuple[str, int, float, float]:
-        r = routing_recall(routing, bi[sel], qi[sel], need[sel])
+    def row(name: str, sel: torch.Tensor, of: CausalRouting = routing) -> tuple[str, int, float, float]:
+        r = routing_recall(of, bi[sel], qi[sel], need[sel])
         return name, int(sel.sum()), r["recall_any_head"], r["coverage_any_head"]
 
     rows = [row(f"needed key in block {u}", need // b == u) for u in sorted(set((need // b).tolist()))]
@@ -73,12 +74,12 @@ def split(run: str, examples: int) -> tuple[list[tuple[str, int, float, float]],
             expert_index=routing.expert_index[:, h : h + 1], key_index=routing.key_index[:, h : h + 1]
         )
         chosen = one.expert_index[bi, 0, qi, 0]
-        for name, sel in (
-            (f"head {h} routed to a pair block's landmark (j < {pair_blocks})", chosen < pair_blocks),
-            (f"head {h} routed to a later landmark (j >= {pair_blocks})", chosen >= pair_blocks),
-        ):
-            r = routing_recall(one, bi[sel], qi[sel], need[sel])
-            rows.append((name, int(sel.sum()), r["recall_any_head"], r["coverage_any_head"]))
+        rows.append(
+            row(f"head {h} routed to a pair block's landmark (j < {pair_blocks})", chosen < pair_blocks, one)
+        )
+        rows.append(
+            row(f"head {h} routed to a later landmark (j >= {pair_blocks})", chosen >= pair_blocks, one)
+        )
     return rows, b
 
 
