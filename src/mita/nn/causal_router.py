@@ -247,9 +247,13 @@ def selection_cross_entropy(
         # p_i is zero past beta(i) b, and H_j ends before it for every visible j
         return weighted_cross_entropy(teacher, pi, logits, inside)
     else:  # H_j(beta) = t < beta b: the normaliser at the query block's start, the teacher's support
-        lse = torch.logcumsumexp(logits, dim=-1)  # [B, H, n_l, N]
-        end = ((rows // block_size) * block_size - 1).clamp_min(0)  # [B, S]
-        lse = lse.gather(-1, end[:, None, None, :].expand(-1, lse.shape[1], nl, -1)).transpose(-1, -2)
+        # per-block log-sum-exps, then their running total over blocks: a cumulative log-sum-exp over
+        # every key position costs ~20x more (its backward) and is read only at block ends
+        nc = n // block_size
+        lse = logits[..., : nc * block_size].unflatten(-1, (nc, block_size)).logsumexp(-1)
+        lse = torch.logcumsumexp(lse, dim=-1)  # [B, H, n_l, n_c]: keys t < (u + 1) b
+        last = (rows // block_size - 1).clamp_min(0)  # [B, S]: the last block before the query's
+        lse = lse.gather(-1, last[:, None, None, :].expand(-1, lse.shape[1], nl, -1)).transpose(-1, -2)
         ce = lse * teacher.sum(-1, keepdim=True) - teacher @ logits.transpose(-1, -2)  # [B, H, S, n_l]
     return (pi * torch.where(pi > 0, ce, 0.0)).sum(-1)
 
